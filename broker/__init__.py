@@ -1,0 +1,1 @@
+"""The RemoteLLM broker: OpenAI-compatible API, connector relay, key portal."""

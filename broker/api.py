@@ -1,0 +1,273 @@
+"""The OpenAI-compatible API: ``/v1/*`` relayed by model to a connector."""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import time
+from typing import Any
+
+import structlog
+from quart import Blueprint, Response, request
+
+from broker.dispatch import DispatchError
+from broker.errors import error_response
+from broker.keys import UserKey, bearer
+from broker.responder import Outcome, Responder
+from broker.state import BrokerState
+from shared.logging import get_logger
+from shared.protocol import REQUEST_ID_HEADER, RequestItem
+
+log = get_logger("broker.api")
+
+_REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+# Client headers worth passing to the local LLM (never Authorization: the user's key stays here).
+_FORWARD_HEADERS = ("accept", "openai-beta", "user-agent")
+
+
+class BodyError(Exception):
+    def __init__(self, status: int, message: str, code: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+
+
+def new_request_id() -> str:
+    return "req_" + secrets.token_hex(12)
+
+
+def request_id_for(header: str | None) -> str:
+    if header and _REQUEST_ID_OK.match(header):
+        return header
+    return new_request_id()
+
+
+async def read_body(limit: int) -> bytes:
+    """The request body, refusing more than ``limit`` bytes before reading them all."""
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise BodyError(413, f"request body exceeds {limit} bytes", "request_too_large")
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in request.body:
+        size += len(chunk)
+        if size > limit:
+            raise BodyError(413, f"request body exceeds {limit} bytes", "request_too_large")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def parse_json_object(raw: bytes) -> tuple[str, dict[str, Any]]:
+    if not raw.strip():
+        raise BodyError(400, "the request body is empty; send a JSON object", "invalid_json")
+    try:
+        text = raw.decode("utf-8")
+        body = json.loads(text)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise BodyError(400, f"the request body is not valid JSON: {exc}", "invalid_json") from exc
+    if not isinstance(body, dict):
+        raise BodyError(400, "the request body must be a JSON object", "invalid_json")
+    return text, body
+
+
+def create_api_blueprint(state: BrokerState) -> Blueprint:
+    bp = Blueprint("api", __name__)
+    settings = state.settings
+    hub = state.hub
+
+    def authenticate(rid: str) -> UserKey | Response:
+        key = bearer(request.headers.get("Authorization"))
+        if key is None:
+            return error_response(
+                401,
+                "Missing API key: send 'Authorization: Bearer <key>'.",
+                "authentication_error",
+                code="missing_api_key",
+                headers={REQUEST_ID_HEADER: rid},
+            )
+        user = state.keys.user(key)
+        if user is None:
+            return error_response(
+                401,
+                "Incorrect API key provided.",
+                "authentication_error",
+                code="invalid_api_key",
+                headers={REQUEST_ID_HEADER: rid},
+            )
+        if user.blocked:
+            return error_response(
+                403,
+                "This API key is blocked.",
+                "permission_error",
+                code="key_blocked",
+                headers={REQUEST_ID_HEADER: rid, "x-should-retry": "false"},
+            )
+        return user
+
+    def model_entry(model: str, owners: list[str]) -> dict[str, Any]:
+        return {
+            "id": model,
+            "object": "model",
+            "created": int(state.started),
+            "owned_by": "remotellm",
+            "connectors": len(owners),
+        }
+
+    @bp.get("/v1/models")
+    async def list_models() -> Response:
+        rid = request_id_for(request.headers.get(REQUEST_ID_HEADER))
+        user = authenticate(rid)
+        if isinstance(user, Response):
+            return user
+        live = hub.dispatcher.live_models()
+        data = [model_entry(m, owners) for m, owners in sorted(live.items())]
+        response = Response(
+            json.dumps({"object": "list", "data": data}), content_type="application/json"
+        )
+        response.headers[REQUEST_ID_HEADER] = rid
+        return response
+
+    @bp.get("/v1/models/<path:model_id>")
+    async def get_model(model_id: str) -> Response:
+        rid = request_id_for(request.headers.get(REQUEST_ID_HEADER))
+        user = authenticate(rid)
+        if isinstance(user, Response):
+            return user
+        owners = hub.dispatcher.live_models().get(model_id)
+        if owners is None:
+            return error_response(
+                404,
+                f"The model '{model_id}' does not exist",
+                "invalid_request_error",
+                code="model_not_found",
+                param="model",
+                headers={REQUEST_ID_HEADER: rid},
+            )
+        response = Response(
+            json.dumps(model_entry(model_id, owners)), content_type="application/json"
+        )
+        response.headers[REQUEST_ID_HEADER] = rid
+        return response
+
+    @bp.post("/v1/<path:rest>")
+    async def relay(rest: str) -> Response:
+        started = time.perf_counter()
+        rid = request_id_for(request.headers.get(REQUEST_ID_HEADER))
+        structlog.contextvars.bind_contextvars(request_id=rid)
+        try:
+            return await _relay(rest, rid, started)
+        finally:
+            structlog.contextvars.unbind_contextvars("request_id")
+
+    async def _relay(rest: str, rid: str, started: float) -> Response:
+        user = authenticate(rid)
+        if isinstance(user, Response):
+            return user
+        if hub.dispatcher.draining:
+            return error_response(
+                503,
+                "The broker is shutting down; retry shortly.",
+                "server_error",
+                code="shutting_down",
+                headers={REQUEST_ID_HEADER: rid, "Retry-After": "2"},
+            )
+        try:
+            raw = await read_body(settings.max_request_body)
+            text, body = parse_json_object(raw)
+        except BodyError as exc:
+            return error_response(
+                exc.status, exc.message, code=exc.code, headers={REQUEST_ID_HEADER: rid}
+            )
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            return error_response(
+                400,
+                "you must provide a model parameter",
+                code="missing_model",
+                param="model",
+                headers={REQUEST_ID_HEADER: rid},
+            )
+        stream = body.get("stream") is True
+        headers = {REQUEST_ID_HEADER: rid, "content-type": "application/json"}
+        for name in _FORWARD_HEADERS:
+            value = request.headers.get(name)
+            if value:
+                headers[name] = value
+        item = RequestItem(
+            request_id=rid,
+            model=model,
+            path="/v1/" + rest,
+            body=text,
+            headers=headers,
+            stream=stream,
+            timeout_s=settings.total_timeout,
+        )
+        try:
+            pending, channel = hub.submit(item)
+        except DispatchError as exc:
+            extra = {REQUEST_ID_HEADER: rid}
+            if exc.status == 503:
+                extra["Retry-After"] = "2"
+            log.info("request_refused", model=model, status=exc.status, code=exc.code)
+            return error_response(
+                exc.status,
+                exc.message,
+                "invalid_request_error" if exc.status == 404 else "server_error",
+                code=exc.code,
+                param="model" if exc.status == 404 else None,
+                headers=extra,
+            )
+        pending.user_key_id = user.id
+
+        def done(outcome: Outcome) -> None:
+            log.info(
+                "request_done",
+                request_id=rid,
+                model=model,
+                user=user.id,
+                connector=pending.session_id,
+                stream=stream,
+                status=outcome.status,
+                ttfb_ms=outcome.ttfb_ms,
+                duration_ms=round((time.perf_counter() - started) * 1000.0, 3),
+                overhead_ms=outcome.overhead_ms,
+                bytes_out=outcome.bytes_out,
+                error=outcome.error,
+                attempts=pending.dispatches,
+            )
+
+        responder = Responder(
+            hub=hub,
+            pending=pending,
+            channel=channel,
+            stream=stream,
+            commit_after=settings.stream_commit_after,
+            heartbeat=settings.heartbeat,
+            started=started,
+            on_done=done,
+        )
+        return await responder.respond()
+
+    @bp.route("/v1/<path:rest>", methods=["GET", "PUT", "PATCH", "DELETE"])
+    async def other(rest: str) -> Response:
+        rid = request_id_for(request.headers.get(REQUEST_ID_HEADER))
+        user = authenticate(rid)
+        if isinstance(user, Response):
+            return user
+        if request.method == "GET":
+            return error_response(
+                404,
+                f"Unknown endpoint /v1/{rest}",
+                code="unknown_url",
+                headers={REQUEST_ID_HEADER: rid},
+            )
+        return error_response(
+            405,
+            f"Method {request.method} is not allowed on /v1/{rest}",
+            code="method_not_allowed",
+            headers={REQUEST_ID_HEADER: rid},
+        )
+
+    return bp

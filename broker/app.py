@@ -1,0 +1,145 @@
+"""``create_app(settings)``: the broker's Quart app (API, relay) and its health app."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+from quart import Quart, Response
+from werkzeug.exceptions import HTTPException
+
+from broker.api import create_api_blueprint
+from broker.dispatch import Timings
+from broker.errors import error_response, type_for_status
+from broker.hub import RelayHub
+from broker.keys import KeyStore
+from broker.relay import create_relay_blueprint
+from broker.settings import BrokerSettings
+from broker.state import BrokerState
+from shared.logging import get_logger
+
+log = get_logger("broker.app")
+
+
+def timings_from(settings: BrokerSettings) -> Timings:
+    return Timings(
+        lease=settings.lease,
+        session_ttl=settings.session_ttl,
+        queue_wait=settings.queue_wait,
+        queue_max=settings.queue_max,
+        first_byte_timeout=settings.first_byte_timeout,
+        idle_timeout=settings.idle_timeout,
+        total_timeout=settings.total_timeout,
+        max_redispatch=settings.max_redispatch,
+    )
+
+
+def build_state(settings: BrokerSettings, keys: KeyStore | None = None) -> BrokerState:
+    if keys is None:
+        keys = KeyStore(
+            static_user_keys=settings.user_api_keys,
+            static_connector_tokens=settings.connector_tokens,
+            connector_config=settings.connector_config,
+            data_dir=settings.data_dir,
+        )
+    return BrokerState(settings=settings, hub=RelayHub(timings_from(settings)), keys=keys)
+
+
+def create_app(settings: BrokerSettings, state: BrokerState | None = None) -> Quart:
+    """The public app: OpenAI API under /v1 and the connector relay under /relay/v1."""
+    if state is None:
+        state = build_state(settings)
+    app = Quart("remotellm-broker")
+    # Long generations and uploads must never be cut by a framework default (60 s).
+    app.config["RESPONSE_TIMEOUT"] = None
+    app.config["BODY_TIMEOUT"] = None
+    # Bodies are bounded per route (API: max_request_body; uploads: per frame and response).
+    app.config["MAX_CONTENT_LENGTH"] = None
+    app.extensions["remotellm"] = state
+    app.register_blueprint(create_api_blueprint(state))
+    app.register_blueprint(create_relay_blueprint(state))
+    reloader: list[asyncio.Task[None]] = []
+
+    @app.before_serving
+    async def start() -> None:
+        state.started = time.time()
+        await state.hub.start()
+        reloader.append(asyncio.create_task(_reload_keys(state)))
+
+    @app.after_serving
+    async def stop() -> None:
+        for task in reloader:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await state.hub.stop()
+
+    @app.errorhandler(HTTPException)
+    async def http_error(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        code = {404: "unknown_url", 405: "method_not_allowed", 413: "request_too_large"}.get(
+            status, "http_error"
+        )
+        return error_response(
+            status, exc.description or exc.name, type_for_status(status), code=code
+        )
+
+    @app.errorhandler(Exception)
+    async def unexpected(exc: Exception) -> Response:
+        log.exception("unhandled_error", error_type=type(exc).__name__)
+        return error_response(500, "internal error in the broker", "server_error", code="internal")
+
+    return app
+
+
+async def _reload_keys(state: BrokerState) -> None:
+    while True:
+        await asyncio.sleep(2.0)
+        state.keys.reload()
+
+
+def create_health_app(state: BrokerState) -> Quart:
+    """Liveness and readiness for load balancers and service managers (health port)."""
+    app = Quart("remotellm-broker-health")
+
+    @app.get("/health")
+    async def health() -> Response:
+        d = state.hub.dispatcher
+        sessions = [
+            {
+                "name": s.name,
+                "models": sorted(s.models),
+                "capacity": s.capacity,
+                "active": len(s.active),
+                "upload_mode": s.upload_mode.value,
+                "version": s.version,
+                "served": s.served,
+            }
+            for s in d.sessions.values()
+        ]
+        body = {
+            "status": "draining" if d.draining else "ok",
+            "uptime_s": round(time.time() - state.started, 1) if state.started else 0.0,
+            "connectors": sessions,
+            "models": sorted(d.live_models()),
+            "in_flight": d.in_flight(),
+            "queued": d.queue_depth(),
+            "redispatched": d.redispatched,
+        }
+        return Response(_dumps(body), content_type="application/json")
+
+    @app.get("/ready")
+    async def ready() -> Response:
+        d = state.hub.dispatcher
+        ok = state.started > 0 and not d.draining
+        body = {"ready": ok, "connectors": len(d.sessions)}
+        return Response(_dumps(body), status=200 if ok else 503, content_type="application/json")
+
+    return app
+
+
+def _dumps(body: object) -> str:
+    import json
+
+    return json.dumps(body)

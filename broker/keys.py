@@ -1,0 +1,233 @@
+"""User API keys and connector tokens: stored hashed, looked up by hash, reloaded on change.
+
+Sources, all merged:
+- static keys and tokens from flags or the environment;
+- ``connectors.yaml`` (operator-edited: plain tokens mapped to an upstream LLM key);
+- ``credentials.yaml`` in the data dir (generated at first start: only SHA-256 hashes).
+
+A key is 32 random bytes of hex, so a plain SHA-256 is a safe verifier: there is nothing
+to brute-force. Lookups go through a dict keyed by the hash, so the comparison never
+depends on how much of a guessed key matches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from shared.errors import ConfigError
+from shared.logging import get_logger
+
+log = get_logger("broker.keys")
+
+CREDENTIALS_FILE = "credentials.yaml"
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def new_user_key() -> str:
+    return "sk-" + secrets.token_hex(16)
+
+
+def new_connector_token() -> str:
+    return "ct-" + secrets.token_hex(24)
+
+
+@dataclass(frozen=True, slots=True)
+class UserKey:
+    id: str
+    name: str
+    blocked: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectorIdentity:
+    id: str
+    name: str | None
+    upstream_api_key: str | None
+
+
+def write_yaml_atomic(path: Path, data: Any) -> None:
+    """Write an operator-editable YAML file: temp file + rename, mode 600."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            yaml.safe_dump(data, fh, sort_keys=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping")
+    return data
+
+
+def _mtime(path: Path | None) -> float | None:
+    if path is None:
+        return None
+    try:
+        return path.stat().st_mtime_ns / 1e9
+    except OSError:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class GeneratedCredentials:
+    user_key: str | None
+    connector_token: str | None
+
+
+class KeyStore:
+    def __init__(
+        self,
+        *,
+        static_user_keys: list[str],
+        static_connector_tokens: list[str],
+        connector_config: Path | None,
+        data_dir: Path,
+    ) -> None:
+        self._static_users = {
+            hash_secret(k): UserKey(id=f"static-{i + 1}", name=f"static key {i + 1}")
+            for i, k in enumerate(static_user_keys)
+        }
+        self._static_connectors = {
+            hash_secret(t): ConnectorIdentity(
+                id=f"static-{i + 1}", name=None, upstream_api_key=None
+            )
+            for i, t in enumerate(static_connector_tokens)
+        }
+        self.connector_config = connector_config
+        self.credentials_path = data_dir / CREDENTIALS_FILE
+        self._users: dict[str, UserKey] = {}
+        self._connectors: dict[str, ConnectorIdentity] = {}
+        self._stamps: tuple[float | None, float | None] = (None, None)
+        self.reload(force=True)
+
+    # -- loading --------------------------------------------------------------------------
+
+    def reload(self, force: bool = False) -> bool:
+        """Re-read the YAML files if they changed; keep the old view if a file is broken."""
+        stamps = (_mtime(self.connector_config), _mtime(self.credentials_path))
+        if not force and stamps == self._stamps:
+            return False
+        try:
+            users, connectors = self._load()
+        except ConfigError as exc:
+            if force:
+                raise
+            log.error("key_reload_failed", error=str(exc))
+            self._stamps = stamps
+            return False
+        self._users, self._connectors, self._stamps = users, connectors, stamps
+        if not force:
+            log.info("keys_reloaded", users=len(users), connectors=len(connectors))
+        return True
+
+    def _load(self) -> tuple[dict[str, UserKey], dict[str, ConnectorIdentity]]:
+        users = dict(self._static_users)
+        connectors = dict(self._static_connectors)
+        if self.connector_config is not None:
+            if not self.connector_config.exists():
+                raise ConfigError(f"connector config {self.connector_config} does not exist")
+            data = _read_yaml(self.connector_config)
+            entries = data.get("connectors") or []
+            if not isinstance(entries, list):
+                raise ConfigError(f"{self.connector_config}: 'connectors' must be a list")
+            for i, entry in enumerate(entries):
+                if not isinstance(entry, dict) or not isinstance(entry.get("token"), str):
+                    raise ConfigError(f"{self.connector_config}: entry {i + 1} needs a token")
+                name = entry.get("name")
+                key = entry.get("llm_api_key")
+                connectors[hash_secret(entry["token"])] = ConnectorIdentity(
+                    id=f"config-{i + 1}",
+                    name=str(name) if name else None,
+                    upstream_api_key=str(key) if key else None,
+                )
+        if self.credentials_path.exists():
+            data = _read_yaml(self.credentials_path)
+            for entry in data.get("users") or []:
+                if isinstance(entry, dict) and isinstance(entry.get("key_sha256"), str):
+                    users[entry["key_sha256"]] = UserKey(
+                        id=str(entry.get("id", "user")),
+                        name=str(entry.get("name", "user")),
+                        blocked=bool(entry.get("blocked", False)),
+                    )
+            for entry in data.get("connectors") or []:
+                if isinstance(entry, dict) and isinstance(entry.get("token_sha256"), str):
+                    key = entry.get("llm_api_key")
+                    connectors[entry["token_sha256"]] = ConnectorIdentity(
+                        id=str(entry.get("id", "connector")),
+                        name=entry.get("name"),
+                        upstream_api_key=str(key) if key else None,
+                    )
+        return users, connectors
+
+    def ensure_credentials(self) -> GeneratedCredentials:
+        """Create a user key and/or connector token when none exists; return the new ones."""
+        user_key = None if self._users else new_user_key()
+        token = None if self._connectors else new_connector_token()
+        if user_key is None and token is None:
+            return GeneratedCredentials(None, None)
+        data: dict[str, Any] = (
+            _read_yaml(self.credentials_path) if self.credentials_path.exists() else {}
+        )
+        if user_key is not None:
+            data.setdefault("users", []).append(
+                {
+                    "id": "user-1",
+                    "name": "default",
+                    "key_sha256": hash_secret(user_key),
+                    "blocked": False,
+                }
+            )
+        if token is not None:
+            data.setdefault("connectors", []).append(
+                {"id": "connector-1", "name": None, "token_sha256": hash_secret(token)}
+            )
+        write_yaml_atomic(self.credentials_path, data)
+        self.reload(force=True)
+        return GeneratedCredentials(user_key, token)
+
+    # -- lookups --------------------------------------------------------------------------
+
+    @property
+    def has_users(self) -> bool:
+        return bool(self._users)
+
+    @property
+    def has_connectors(self) -> bool:
+        return bool(self._connectors)
+
+    def user(self, key: str) -> UserKey | None:
+        return self._users.get(hash_secret(key))
+
+    def connector(self, token: str) -> ConnectorIdentity | None:
+        return self._connectors.get(hash_secret(token))
+
+
+def bearer(header: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header."""
+    if not header:
+        return None
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        return None
+    return value.strip()

@@ -1,0 +1,254 @@
+"""Relay endpoints for connectors (``/relay/v1/``): sessions, long-poll, uploads, probe."""
+
+from __future__ import annotations
+
+import time
+
+import structlog
+from pydantic import ValidationError
+from quart import Blueprint, Response, request
+
+from broker.api import BodyError, read_body
+from broker.channel import ResponseChannel
+from broker.dispatch import LeaseError, Pending, UnknownSession
+from broker.errors import error_response
+from broker.keys import ConnectorIdentity, bearer
+from broker.state import BrokerState
+from broker.upload import FrameApplier, PartAssembler, UploadTooLarge
+from shared.errors import FrameError
+from shared.logging import get_logger
+from shared.protocol import (
+    PROTOCOL_VERSION,
+    RELAY_PREFIX,
+    ModelsUpdate,
+    PollResponse,
+    ProbeResult,
+    RegisterRequest,
+    RegisterResponse,
+    UploadMode,
+    UploadResult,
+)
+
+log = get_logger("broker.relay")
+
+_OK = UploadResult(status="ok").model_dump_json()
+_CANCELLED = UploadResult(status="cancelled").model_dump_json()
+_DUPLICATE = UploadResult(status="duplicate").model_dump_json()
+
+
+def _json(body: str, status: int = 200) -> Response:
+    return Response(body, status=status, content_type="application/json")
+
+
+def create_relay_blueprint(state: BrokerState) -> Blueprint:
+    bp = Blueprint("relay", __name__, url_prefix=RELAY_PREFIX)
+    settings = state.settings
+    hub = state.hub
+    assemblers: dict[str, PartAssembler] = {}
+
+    def identify() -> ConnectorIdentity | Response:
+        token = bearer(request.headers.get("Authorization"))
+        ident = state.keys.connector(token) if token else None
+        if ident is None:
+            return error_response(
+                401, "invalid connector token", "authentication_error", code="invalid_token"
+            )
+        return ident
+
+    def unknown_session() -> Response:
+        return error_response(
+            404,
+            "unknown session: register again",
+            "invalid_request_error",
+            code="session_unknown",
+        )
+
+    def owned(ident: ConnectorIdentity, session_id: str) -> bool:
+        session = hub.dispatcher.sessions.get(session_id)
+        return session is not None and session.owner == ident.id
+
+    @bp.post("/sessions")
+    async def register() -> Response:
+        ident = identify()
+        if isinstance(ident, Response):
+            return ident
+        try:
+            req = RegisterRequest.model_validate_json(await request.get_data())
+        except ValidationError as exc:
+            return error_response(400, f"invalid registration: {exc}", code="invalid_request")
+        if req.protocol != PROTOCOL_VERSION:
+            return error_response(
+                400,
+                f"protocol {req.protocol} is not supported (broker speaks {PROTOCOL_VERSION})",
+                code="protocol_mismatch",
+            )
+        mode = UploadMode.STREAM if req.upload_mode is UploadMode.AUTO else req.upload_mode
+        session = hub.register(
+            name=ident.name or req.name,
+            models=req.models,
+            capacity=req.capacity,
+            version=req.version,
+            upload_mode=mode,
+            upstream_api_key=ident.upstream_api_key,
+            owner=ident.id,
+        )
+        log.info(
+            "session_registered",
+            session=session.id,
+            connector=session.name,
+            models=sorted(session.models),
+            capacity=session.capacity,
+            upload_mode=mode.value,
+            version=req.version,
+        )
+        reply = RegisterResponse(
+            session_id=session.id,
+            poll_wait_s=settings.poll_wait,
+            lease_s=settings.lease,
+            session_ttl_s=settings.session_ttl,
+            heartbeat_s=settings.heartbeat,
+            upload_mode=mode,
+            max_part_bytes=settings.max_part_bytes,
+        )
+        return _json(reply.model_dump_json())
+
+    @bp.delete("/sessions/<session_id>")
+    async def deregister(session_id: str) -> Response:
+        ident = identify()
+        if isinstance(ident, Response):
+            return ident
+        if not owned(ident, session_id):
+            return unknown_session()
+        hub.deregister(session_id)
+        log.info("session_closed", session=session_id)
+        return Response("", status=204)
+
+    @bp.put("/sessions/<session_id>/models")
+    async def update_models(session_id: str) -> Response:
+        ident = identify()
+        if isinstance(ident, Response):
+            return ident
+        if not owned(ident, session_id):
+            return unknown_session()
+        try:
+            update = ModelsUpdate.model_validate_json(await request.get_data())
+        except ValidationError as exc:
+            return error_response(400, f"invalid models update: {exc}", code="invalid_request")
+        hub.dispatcher.update_models(session_id, update.models, hub.clock())
+        log.info("session_models", session=session_id, models=sorted(update.models))
+        return Response("", status=204)
+
+    @bp.post("/sessions/<session_id>/poll")
+    async def poll(session_id: str) -> Response:
+        ident = identify()
+        if isinstance(ident, Response):
+            return ident
+        if not owned(ident, session_id):
+            return unknown_session()
+        try:
+            items = await hub.poll(session_id, settings.poll_wait)
+        except UnknownSession:
+            return unknown_session()
+        return _json(PollResponse(items=items).model_dump_json())
+
+    def lease(ident: ConnectorIdentity, session_id: str, request_id: str) -> Pending | Response:
+        if not owned(ident, session_id):
+            return unknown_session()
+        try:
+            return hub.ack(session_id, request_id)
+        except UnknownSession:
+            return unknown_session()
+        except LeaseError:
+            return error_response(
+                409,
+                "this request is not leased to the session (it expired or was cancelled)",
+                code="lease_lost",
+            )
+
+    def applier_for(pending: Pending) -> FrameApplier:
+        channel = pending.sink
+        assert isinstance(channel, ResponseChannel)
+        return FrameApplier(hub, pending, channel, settings.max_response_body)
+
+    @bp.post("/sessions/<session_id>/responses/<request_id>")
+    async def upload_stream(session_id: str, request_id: str) -> Response:
+        ident = identify()
+        if isinstance(ident, Response):
+            return ident
+        pending = lease(ident, session_id, request_id)
+        if isinstance(pending, Response):
+            return pending
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        applier = applier_for(pending)
+        try:
+            async for chunk in request.body:
+                applier.feed(chunk)
+                if applier.done or applier.cancelled:
+                    break
+            if not applier.done and not applier.cancelled:
+                applier.abort(502, "connector_lost", "the connector's upload ended early")
+        except (FrameError, UploadTooLarge) as exc:
+            log.warning("upload_rejected", error=str(exc))
+            applier.abort(502, "bad_upload", f"the connector sent a bad response: {exc}")
+            return error_response(400, str(exc), code="bad_upload")
+        finally:
+            # Runs also when Quart cancels us because the connector disconnected.
+            if not applier.done and not applier.cancelled:
+                applier.abort(502, "connector_lost", "the connector disconnected mid-response")
+            hub.finish(request_id)
+            structlog.contextvars.unbind_contextvars("request_id")
+        return _json(_CANCELLED if applier.cancelled and not applier.done else _OK)
+
+    @bp.post("/sessions/<session_id>/responses/<request_id>/parts/<int:seq>")
+    async def upload_part(session_id: str, request_id: str, seq: int) -> Response:
+        ident = identify()
+        if isinstance(ident, Response):
+            return ident
+        assembler = assemblers.get(request_id)
+        if assembler is None:
+            pending = lease(ident, session_id, request_id)
+            if isinstance(pending, Response):
+                return pending
+            assembler = PartAssembler(applier_for(pending))
+            assemblers[request_id] = assembler
+        elif assembler.applier.pending.session_id != session_id:
+            return error_response(409, "this request is leased elsewhere", code="lease_lost")
+        try:
+            data = await read_body(settings.max_part_bytes * 16 + 1024 * 1024)
+        except BodyError as exc:
+            return error_response(exc.status, exc.message, code=exc.code)
+        applier = assembler.applier
+        try:
+            fresh = assembler.add(seq, data)
+        except (FrameError, UploadTooLarge) as exc:
+            applier.abort(502, "bad_upload", f"the connector sent a bad response: {exc}")
+            assemblers.pop(request_id, None)
+            hub.finish(request_id)
+            return error_response(400, str(exc), code="bad_upload")
+        if applier.done or applier.cancelled:
+            assemblers.pop(request_id, None)
+            hub.finish(request_id)
+            if applier.cancelled and not applier.done:
+                return _json(_CANCELLED)
+        return _json(_OK if fresh else _DUPLICATE)
+
+    @bp.post("/probe")
+    async def probe() -> Response:
+        """Measures whether a chunked body sent with gaps arrives incrementally."""
+        ident = identify()
+        if isinstance(ident, Response):
+            return ident
+        arrivals: list[float] = []
+        size = 0
+        async for chunk in request.body:
+            if chunk:
+                arrivals.append(time.perf_counter())
+                size += len(chunk)
+                if size > 1024 * 1024:
+                    return error_response(413, "probe body too large", code="too_large")
+        spread = (arrivals[-1] - arrivals[0]) * 1000.0 if arrivals else 0.0
+        # The connector sends its pieces ~300 ms apart: a buffering proxy delivers them at once.
+        result = ProbeResult(incremental=spread >= 100.0, chunks=len(arrivals), spread_ms=spread)
+        return _json(result.model_dump_json())
+
+    return bp

@@ -1,0 +1,130 @@
+"""Broker settings: declared once; CLI flags, env variables, YAML keys and docs derive from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
+
+from shared.settings import FileAwareSettings, split_list
+
+SECONDS = 1.0
+MIB = 1024 * 1024
+
+
+def _default_data_dir() -> Path:
+    return Path.home() / ".local" / "share" / "remotellm" / "broker"
+
+
+class BrokerSettings(FileAwareSettings):
+    model_config = SettingsConfigDict(env_prefix="REMOTELLM_BROKER_", extra="ignore")
+
+    host: str = Field("0.0.0.0", description="Address the API, relay and portal listen on.")
+    port: int = Field(8443, ge=0, le=65535, description="Port for the API, relay and portal.")
+    health_host: str = Field("127.0.0.1", description="Address of the health server.")
+    health_port: int = Field(
+        8080, ge=0, le=65535, description="Port serving /health and /ready (0 turns it off)."
+    )
+    public_url: str | None = Field(
+        None,
+        description="The broker's URL as connectors and API users reach it (shown in the "
+        "start-up banner; default: derived from host and port).",
+    )
+    data_dir: Path = Field(
+        default_factory=_default_data_dir,
+        description="Where generated keys (hashed) are kept across restarts.",
+        json_schema_extra={"doc_default": "~/.local/share/remotellm/broker"},
+    )
+    user_api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Static API key accepted from API users (repeatable; env: comma-separated).",
+        json_schema_extra={"flag": "--user-api-key"},
+    )
+    connector_tokens: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Static token accepted from connectors (repeatable; env: comma-separated).",
+        json_schema_extra={"flag": "--connector-token"},
+    )
+    connector_config: Path | None = Field(
+        None,
+        description="YAML file `connectors: [{token, llm_api_key?, name?}]`, reloaded on change.",
+    )
+    generate_credentials: bool = Field(
+        True,
+        description="With no key or token configured, create a user key and a connector token "
+        "in the data dir and print them once (otherwise refuse to start).",
+    )
+    certfile: Path | None = Field(None, description="TLS certificate (PEM) to serve HTTPS.")
+    keyfile: Path | None = Field(None, description="TLS private key (PEM).")
+    log_level: str = Field("info", description="debug, info, warning or error.")
+    log_format: Literal["auto", "json", "console"] = Field(
+        "auto", description="json, console, or auto (console on a TTY, else JSON)."
+    )
+    poll_wait: float = Field(
+        25 * SECONDS, gt=0, description="Seconds a long-poll is held when there is no work."
+    )
+    lease: float = Field(
+        15 * SECONDS,
+        gt=0,
+        description="Seconds a connector has to start answering a request it was handed before "
+        "the request goes to another connector.",
+    )
+    max_redispatch: int = Field(
+        2, ge=0, description="How often a request whose lease expired is handed out again."
+    )
+    session_ttl: float = Field(
+        60 * SECONDS, gt=0, description="Seconds a connector session lives without a poll."
+    )
+    heartbeat: float = Field(
+        15 * SECONDS,
+        gt=0,
+        description="Seconds of silence after which heartbeats are sent (uploads and SSE).",
+    )
+    stream_commit_after: float = Field(
+        10 * SECONDS,
+        ge=0,
+        description="Seconds a streaming request waits for the upstream head before the broker "
+        "answers 200 text/event-stream and keeps it alive with SSE comments.",
+    )
+    queue_max: int = Field(256, ge=1, description="Requests that may wait per model.")
+    queue_wait: float = Field(
+        60 * SECONDS, gt=0, description="Seconds a request may wait for a free connector."
+    )
+    first_byte_timeout: float = Field(
+        600 * SECONDS,
+        gt=0,
+        description="Seconds from hand-out to the upstream's response head.",
+    )
+    idle_timeout: float = Field(
+        300 * SECONDS, gt=0, description="Seconds without any upload frame before a request fails."
+    )
+    total_timeout: float = Field(
+        3600 * SECONDS, gt=0, description="Seconds a relayed request may take in all."
+    )
+    max_request_body: int = Field(
+        8 * MIB, ge=1024, description="Largest API request body in bytes (413 above)."
+    )
+    max_response_body: int = Field(
+        256 * MIB, ge=1024, description="Largest relayed response in bytes."
+    )
+    max_part_bytes: int = Field(
+        64 * 1024, ge=1024, description="Parts mode: bytes per part the connector aims for."
+    )
+    drain_timeout: float = Field(
+        30 * SECONDS, ge=0, description="Seconds to let in-flight streams finish on SIGTERM."
+    )
+
+    @field_validator("user_api_keys", "connector_tokens", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        return split_list(value)
+
+    @property
+    def advertised_url(self) -> str:
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        scheme = "https" if self.certfile else "http"
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"{scheme}://{host}:{self.port}"

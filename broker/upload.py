@@ -1,0 +1,90 @@
+"""Applies a connector's upload frames to the waiting API handler's channel.
+
+Used by both upload modes: stream mode feeds it one chunked body, parts mode feeds it the
+parts in sequence order (``PartAssembler`` restores the order and drops repeats).
+"""
+
+from __future__ import annotations
+
+from broker.channel import ResponseChannel
+from broker.dispatch import Pending, State
+from broker.hub import RelayHub
+from shared.errors import FrameError
+from shared.framing import FrameDecoder, FrameType, decode_end, decode_head
+
+
+class UploadTooLarge(Exception):
+    pass
+
+
+class FrameApplier:
+    __slots__ = ("_clock", "channel", "decoder", "done", "hub", "limit", "pending", "received")
+
+    def __init__(self, hub: RelayHub, pending: Pending, channel: ResponseChannel, limit: int):
+        self.hub = hub
+        self.pending = pending
+        self.channel = channel
+        self.decoder = FrameDecoder()
+        self.limit = limit
+        self.received = 0
+        self.done = False
+        self._clock = hub.clock
+
+    @property
+    def cancelled(self) -> bool:
+        return self.pending.state is State.DONE
+
+    def feed(self, data: bytes) -> None:
+        """Apply every frame completed by ``data``. Raises FrameError, UploadTooLarge."""
+        if self.done:
+            return
+        self.pending.last_activity = self._clock()
+        channel = self.channel
+        for frame in self.decoder.feed(data):
+            kind = frame.type
+            if kind is FrameType.DATA:
+                self.received += len(frame.payload)
+                if self.received > self.limit:
+                    raise UploadTooLarge(f"response exceeds {self.limit} bytes")
+                channel.data(frame.payload)
+            elif kind is FrameType.HEAD:
+                self.pending.head_received = True
+                channel.head(decode_head(frame.payload))
+            elif kind is FrameType.END:
+                channel.end(decode_end(frame.payload))
+                self.done = True
+                return
+            # HEARTBEAT: activity was recorded above.
+
+    def abort(self, status: int, code: str, message: str) -> None:
+        if not self.done:
+            self.done = True
+            self.channel.fail(status, code, message)
+
+
+class PartAssembler:
+    """Parts mode: apply parts in sequence order, exactly once."""
+
+    __slots__ = ("applier", "held", "max_held", "next_seq")
+
+    def __init__(self, applier: FrameApplier, max_held: int = 256) -> None:
+        self.applier = applier
+        self.next_seq = 0
+        self.held: dict[int, bytes] = {}
+        self.max_held = max_held
+
+    def add(self, seq: int, data: bytes) -> bool:
+        """Returns False for a repeated part (already applied or already held)."""
+        if seq < self.next_seq or seq in self.held:
+            return False
+        if seq > self.next_seq:
+            if len(self.held) >= self.max_held:
+                raise FrameError("too many parts out of order")
+            self.held[seq] = data
+            return True
+        self.applier.feed(data)
+        self.next_seq += 1
+        while self.next_seq in self.held:
+            self.applier.feed(self.held.pop(self.next_seq))
+            self.next_seq += 1
+        return True

@@ -1,0 +1,330 @@
+"""The connector's main loop: register, keep one long-poll outstanding, serve, drain.
+
+``Connector`` has ``run`` (until stopped) and ``request_stop`` (graceful: stop taking new
+work, finish in-flight requests within the drain timeout, deregister).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+import structlog
+
+from connector.backoff import Backoff
+from connector.broker_client import BrokerClient
+from connector.errors import BrokerRejected, BrokerUnavailable, LeaseLost, SessionLost
+from connector.pipe import FramePipe
+from connector.settings import ConnectorSettings
+from connector.upstream import Upstream, UpstreamError
+from shared import framing
+from shared.logging import get_logger
+from shared.protocol import (
+    CancelItem,
+    RegisterRequest,
+    RegisterResponse,
+    RequestItem,
+    UploadMode,
+)
+
+log = get_logger("connector.runner")
+
+VERSION = "0.1.0"
+PART_INTERVAL = 0.1  # seconds between parts after the first (DESIGN.md: 100-250 ms)
+
+
+@dataclass
+class Status:
+    """What the health server reports."""
+
+    session_id: str | None = None
+    upload_mode: str | None = None
+    models: list[str] = field(default_factory=list)
+    last_poll_ok: float = 0.0
+    broker_error: str | None = None
+    llm_ok: bool = False
+    llm_error: str | None = None
+    llm_checked: float = 0.0
+    served: int = 0
+    failed: int = 0
+    reconnects: int = 0
+
+
+class Connector:
+    def __init__(
+        self,
+        settings: ConnectorSettings,
+        broker: BrokerClient | None = None,
+        upstream: Upstream | None = None,
+    ) -> None:
+        self.settings = settings
+        self.broker = broker or BrokerClient(settings)
+        self.upstream = upstream or Upstream(settings)
+        self.status = Status()
+        self.session: RegisterResponse | None = None
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self._stopping = asyncio.Event()
+        self._poll_task: asyncio.Task[object] | None = None
+        self._backoff = Backoff()
+        self._draining = False
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        if not self._stopping.is_set():
+            log.info("connector_stopping", in_flight=len(self.tasks))
+            self._stopping.set()
+            if self._poll_task is not None and not self._draining:
+                self._poll_task.cancel()
+
+    async def run(self) -> None:
+        refresher = asyncio.create_task(self._refresh_models())
+        try:
+            await self._serve_until_stopped()
+            await self._drain()
+        finally:
+            refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await refresher
+            await self.broker.aclose()
+            await self.upstream.aclose()
+            log.info("connector_stopped", served=self.status.served)
+
+    async def _serve_until_stopped(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                if self.session is None:
+                    await self._register()
+                await self._poll_once()
+                self._backoff.reset()
+            except SessionLost:
+                log.info("session_lost", session=self.status.session_id)
+                self._lose_session()
+            except (BrokerUnavailable, BrokerRejected) as exc:
+                await self._broker_trouble(exc)
+            except asyncio.CancelledError:
+                if not self._stopping.is_set():
+                    raise
+
+    def _lose_session(self) -> None:
+        self.session = None
+        self.status.session_id = None
+        self.status.reconnects += 1
+
+    async def _broker_trouble(self, exc: Exception) -> None:
+        self.status.broker_error = str(exc)
+        delay = self._backoff.next_delay()
+        if isinstance(exc, BrokerRejected):
+            # A wrong token will not fix itself quickly: wait at least 5 s between tries.
+            delay = max(delay, 5.0)
+            log.error("broker_rejected", error=str(exc), retry_in_s=round(delay, 2))
+        else:
+            log.warning("broker_unreachable", error=str(exc), retry_in_s=round(delay, 2))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), delay)
+
+    async def _register(self) -> None:
+        s = self.settings
+        models = await self._current_models()
+        mode = s.upload_mode
+        if mode is UploadMode.AUTO:
+            mode = await self._probe_mode()
+        reply = await self.broker.register(
+            RegisterRequest(
+                name=s.name, models=models, capacity=s.capacity, version=VERSION, upload_mode=mode
+            )
+        )
+        self.session = reply
+        self.status.session_id = reply.session_id
+        self.status.upload_mode = reply.upload_mode.value
+        self.status.models = models
+        self.status.broker_error = None
+        self._backoff.reset()
+        log.info(
+            "registered",
+            session=reply.session_id,
+            models=models,
+            upload_mode=reply.upload_mode.value,
+            poll_wait_s=reply.poll_wait_s,
+        )
+
+    async def _probe_mode(self) -> UploadMode:
+        result = await self.broker.probe()
+        mode = UploadMode.STREAM if result.incremental else UploadMode.PARTS
+        log.info(
+            "upload_probe",
+            incremental=result.incremental,
+            spread_ms=round(result.spread_ms, 1),
+            upload_mode=mode.value,
+        )
+        return mode
+
+    async def _current_models(self) -> list[str]:
+        if self.settings.models:
+            return list(self.settings.models)
+        try:
+            models = await self.upstream.models()
+        except UpstreamError as exc:
+            self._llm_state(False, str(exc))
+            log.warning("model_discovery_failed", error=str(exc))
+            return list(self.status.models)
+        self._llm_state(True, None)
+        return models
+
+    def _llm_state(self, ok: bool, error: str | None) -> None:
+        self.status.llm_ok = ok
+        self.status.llm_error = error
+        self.status.llm_checked = time.monotonic()
+
+    async def _refresh_models(self) -> None:
+        """Keep the served models current with what the local LLM lists."""
+        while True:
+            await asyncio.sleep(self.settings.model_refresh)
+            if self.settings.models or self.session is None or self._draining:
+                continue
+            models = await self._current_models()
+            if sorted(models) != sorted(self.status.models) and self.session is not None:
+                try:
+                    await self.broker.update_models(self.session.session_id, models)
+                    self.status.models = models
+                    log.info("models_changed", models=models)
+                except (BrokerUnavailable, BrokerRejected, SessionLost) as exc:
+                    log.warning("models_update_failed", error=str(exc))
+
+    async def _poll_once(self) -> None:
+        session = self.session
+        assert session is not None
+        self._poll_task = asyncio.create_task(
+            self.broker.poll(session.session_id, session.poll_wait_s)
+        )
+        try:
+            items = await self._poll_task
+        finally:
+            self._poll_task = None
+        self.status.last_poll_ok = time.monotonic()
+        self.status.broker_error = None
+        assert isinstance(items, list)
+        for item in items:
+            if isinstance(item, CancelItem):
+                self._cancel(item.request_id)
+            elif isinstance(item, RequestItem):
+                self._start(item, session)
+
+    async def _poll_while_draining(self) -> None:
+        while self.session is not None:
+            try:
+                await self._poll_once()
+            except (BrokerUnavailable, BrokerRejected, SessionLost):
+                await asyncio.sleep(1.0)
+
+    # -- requests -------------------------------------------------------------------------
+
+    def _cancel(self, request_id: str) -> None:
+        task = self.tasks.get(request_id)
+        if task is not None:
+            log.info("request_cancelled", request_id=request_id)
+            task.cancel()
+
+    def _start(self, item: RequestItem, session: RegisterResponse) -> None:
+        old = self.tasks.get(item.request_id)
+        if old is not None:
+            old.cancel()
+        task = asyncio.create_task(self._serve(item, session), name=f"req-{item.request_id}")
+        self.tasks[item.request_id] = task
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        request_id = task.get_name().removeprefix("req-")
+        if self.tasks.get(request_id) is task:
+            del self.tasks[request_id]
+
+    async def _serve(self, item: RequestItem, session: RegisterResponse) -> None:
+        structlog.contextvars.bind_contextvars(request_id=item.request_id, model=item.model)
+        pipe = FramePipe(session.heartbeat_s)
+        reader = asyncio.create_task(self.upstream.pump(item, pipe))
+        try:
+            if session.upload_mode is UploadMode.PARTS:
+                await self._upload_parts(item, session, pipe)
+            else:
+                result = await self.broker.upload_stream(
+                    session.session_id, item.request_id, pipe.frames()
+                )
+                if result.status == "cancelled":
+                    log.info("request_cancelled_by_broker")
+            self.status.served += 1
+        except LeaseLost:
+            log.info("lease_lost")
+        except (BrokerUnavailable, BrokerRejected, SessionLost) as exc:
+            self.status.failed += 1
+            log.warning("upload_failed", error=str(exc))
+        except asyncio.CancelledError:
+            pass
+        finally:
+            # Closing the upstream request makes llama.cpp, vLLM and Ollama stop generating.
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+
+    async def _upload_parts(
+        self, item: RequestItem, session: RegisterResponse, pipe: FramePipe
+    ) -> None:
+        """Parts mode: small sequenced POSTs; the first at once, then every ~100 ms or 64 KiB."""
+        send = self.broker.upload_part
+        sid, rid = session.session_id, item.request_id
+        limit = session.max_part_bytes
+        loop = asyncio.get_running_loop()
+        # Part 0 acknowledges the lease at once, even before the LLM answers.
+        result = await send(sid, rid, 0, framing.HEARTBEAT_FRAME)
+        seq = 1
+        last_sent = loop.time()
+        data_sent = False
+        while result.status != "cancelled":
+            chunk = await pipe.get(session.heartbeat_s)
+            blob = bytearray(chunk or framing.HEARTBEAT_FRAME)
+            if data_sent and not pipe.ended:
+                wait = PART_INTERVAL - (loop.time() - last_sent)
+                if wait > 0 and len(blob) < limit:
+                    await asyncio.sleep(wait)
+                    blob += pipe.drain()
+            result = await send(sid, rid, seq, bytes(blob))
+            seq += 1
+            last_sent = loop.time()
+            data_sent = data_sent or pipe.has_data
+            if pipe.ended and not pipe.buffered:
+                return
+
+    async def _drain(self) -> None:
+        """Graceful stop: no new work, finish what runs (bounded), deregister.
+
+        The session stays and keeps polling with no models routed to it, so cancels for the
+        requests still running reach us while they finish.
+        """
+        self._draining = True
+        session = self.session
+        if session is not None and self.tasks:
+            log.info("draining", in_flight=len(self.tasks))
+            poller: asyncio.Task[None] | None = None
+            with contextlib.suppress(BrokerUnavailable, BrokerRejected, SessionLost):
+                await self.broker.update_models(session.session_id, [])
+                poller = asyncio.create_task(self._poll_while_draining())
+            deadline = time.monotonic() + self.settings.drain_timeout
+            while self.tasks and (remaining := deadline - time.monotonic()) > 0:
+                await asyncio.wait(
+                    list(self.tasks.values()),
+                    timeout=remaining,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+            if poller is not None:
+                poller.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await poller
+            if self.tasks:
+                log.warning("drain_timeout", cancelled=len(self.tasks))
+                for task in list(self.tasks.values()):
+                    task.cancel()
+                await asyncio.wait(list(self.tasks.values()), timeout=5.0)
+        if session is not None:
+            with contextlib.suppress(BrokerUnavailable, BrokerRejected, SessionLost):
+                await self.broker.deregister(session.session_id)

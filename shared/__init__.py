@@ -1,0 +1,1 @@
+"""Code shared by the broker and the connector: protocol models, framing, errors, logging."""

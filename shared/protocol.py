@@ -1,0 +1,117 @@
+"""The relay protocol (v1) between connector and broker, as pydantic models.
+
+Every relay call carries ``Authorization: Bearer <connector token>``. Paths live under
+``/relay/v1/``; see ``docs/protocol.md`` for the full exchange.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+PROTOCOL_VERSION = 1
+RELAY_PREFIX = f"/relay/v{PROTOCOL_VERSION}"
+
+# Headers the broker puts on relay responses and the API side.
+REQUEST_ID_HEADER = "x-request-id"
+OVERHEAD_HEADER = "x-remotellm-overhead-ms"
+
+
+class UploadMode(StrEnum):
+    """How the connector uploads a response: one chunked POST, or small sequenced POSTs."""
+
+    STREAM = "stream"
+    PARTS = "parts"
+    AUTO = "auto"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class RegisterRequest(_Model):
+    name: str = Field(min_length=1, max_length=200)
+    models: list[str] = Field(default_factory=list, max_length=1000)
+    capacity: int = Field(ge=1, le=100_000)
+    version: str = "unknown"
+    protocol: int = PROTOCOL_VERSION
+    upload_mode: UploadMode = UploadMode.STREAM
+
+
+class RegisterResponse(_Model):
+    session_id: str
+    poll_wait_s: float
+    lease_s: float
+    session_ttl_s: float
+    heartbeat_s: float
+    upload_mode: UploadMode
+    max_part_bytes: int
+    protocol: int = PROTOCOL_VERSION
+
+
+class ModelsUpdate(_Model):
+    models: list[str] = Field(max_length=1000)
+
+
+class RequestItem(_Model):
+    """A request handed to a connector: forward ``body`` to the local LLM at ``path``."""
+
+    type: Literal["request"] = "request"
+    request_id: str
+    model: str
+    method: str = "POST"
+    path: str
+    body: str
+    headers: dict[str, str] = Field(default_factory=dict)
+    upstream_api_key: str | None = None
+    stream: bool = False
+    timeout_s: float = 600.0
+    attempt: int = 1
+
+
+class CancelItem(_Model):
+    """Stop working on ``request_id``: its API user went away or it was given to another."""
+
+    type: Literal["cancel"] = "cancel"
+    request_id: str
+
+
+WorkItem = Annotated[RequestItem | CancelItem, Field(discriminator="type")]
+
+
+class PollResponse(_Model):
+    items: list[WorkItem] = Field(default_factory=list)
+
+
+class UploadResult(_Model):
+    """The broker's answer to an upload (stream mode) or a part (parts mode)."""
+
+    status: Literal["ok", "cancelled", "duplicate"] = "ok"
+
+
+class ProbeResult(_Model):
+    """Whether a chunked body sent with gaps reached the broker incrementally."""
+
+    incremental: bool
+    chunks: int
+    spread_ms: float
+
+
+class ResponseHead(_Model):
+    """First frame of an upload: the upstream's status and headers."""
+
+    status: int
+    headers: list[tuple[str, str]] = Field(default_factory=list)
+    upstream_ms: float = 0.0
+
+
+class ResponseEnd(_Model):
+    """Last frame of an upload: a clean end, or an error with a reason."""
+
+    ok: bool = True
+    error: str | None = None
+    error_type: str | None = None
+    status: int | None = None
+    upstream_ms: float = 0.0

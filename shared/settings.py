@@ -1,0 +1,180 @@
+"""Settings plumbing shared by broker and connector.
+
+Each component declares its settings once, as a pydantic-settings class whose fields carry
+their help text. From that one declaration come the environment variables, the YAML config
+file keys, the click options (``options_from_settings``) and the README tables
+(``markdown_table``). Precedence: command line > environment > config file > defaults.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar, get_args, get_origin
+
+import click
+import yaml
+from pydantic import ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
+
+from shared.errors import ConfigError
+
+_CONFIG_FILE: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
+    "remotellm_config_file", default=None
+)
+
+S = TypeVar("S", bound=BaseSettings)
+
+
+def split_list(value: Any) -> Any:
+    """Repeatable options come from the environment as comma-separated lists."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class YamlFileSource(PydanticBaseSettingsSource):
+    """Reads the ``--config`` YAML file (keys are field names, dashes or underscores)."""
+
+    def __init__(self, settings_cls: type[BaseSettings]) -> None:
+        super().__init__(settings_cls)
+        path = _CONFIG_FILE.get()
+        self._data: dict[str, Any] = {}
+        if path is not None:
+            try:
+                loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            except (OSError, yaml.YAMLError) as exc:
+                raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+            if not isinstance(loaded, dict):
+                raise ConfigError(f"config file {path} must hold a mapping of settings")
+            self._data = {str(k).replace("-", "_"): v for k, v in loaded.items()}
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return {k: v for k, v in self._data.items() if k in self.settings_cls.model_fields}
+
+
+class FileAwareSettings(BaseSettings):
+    """Base class: sources are init (command line) > environment > YAML config file."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, YamlFileSource(settings_cls))
+
+
+@contextmanager
+def _config_file(path: Path | None) -> Iterator[None]:
+    token = _CONFIG_FILE.set(path)
+    try:
+        yield
+    finally:
+        _CONFIG_FILE.reset(token)
+
+
+def load_settings(cls: type[S], config_file: Path | None, overrides: dict[str, Any]) -> S:
+    """Build settings: ``overrides`` (the command line) win over env, file and defaults."""
+    given = {k: v for k, v in overrides.items() if v is not None and v != ()}
+    with _config_file(config_file):
+        try:
+            return cls(**given)
+        except ValidationError as exc:
+            raise ConfigError(_explain(exc, cls)) from exc
+
+
+def _explain(exc: ValidationError, cls: type[BaseSettings]) -> str:
+    prefix = str(cls.model_config.get("env_prefix", ""))
+    lines = []
+    for err in exc.errors():
+        name = ".".join(str(p) for p in err["loc"]) or "settings"
+        flag = "--" + name.replace("_", "-")
+        env = prefix + name.upper()
+        lines.append(f"{flag} / {env}: {err['msg']}")
+    return "invalid settings:\n  " + "\n  ".join(lines)
+
+
+def _is_list(annotation: Any) -> bool:
+    if get_origin(annotation) is list:
+        return True
+    return any(get_origin(a) is list for a in get_args(annotation))
+
+
+def _is_bool(annotation: Any) -> bool:
+    return annotation is bool
+
+
+def flag_for(name: str, field: FieldInfo) -> str:
+    """The option's flag: the field name with dashes, unless the field names its own."""
+    extra = field.json_schema_extra
+    if isinstance(extra, dict) and isinstance(extra.get("flag"), str):
+        return str(extra["flag"])
+    return "--" + name.replace("_", "-")
+
+
+def options_from_settings(
+    cls: type[BaseSettings], skip: frozenset[str] = frozenset()
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A decorator adding one click option per settings field, each defaulting to None."""
+
+    prefix = str(cls.model_config.get("env_prefix", ""))
+
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        for name, field in reversed(list(cls.model_fields.items())):
+            if name in skip:
+                continue
+            flag = flag_for(name, field)
+            default = default_text(field)
+            shown = f"; default: {default}" if default else ""
+            help_text = f"{field.description or ''}  [env: {prefix}{name.upper()}{shown}]"
+            if _is_list(field.annotation):
+                func = click.option(flag, name, multiple=True, default=None, help=help_text)(func)
+            elif _is_bool(field.annotation):
+                func = click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_text)(
+                    func
+                )
+            else:
+                func = click.option(flag, name, default=None, help=help_text)(func)
+        return func
+
+    return decorate
+
+
+def default_text(field: FieldInfo) -> str:
+    if field.is_required():
+        return "(required)"
+    extra = field.json_schema_extra
+    if isinstance(extra, dict) and isinstance(extra.get("doc_default"), str):
+        return str(extra["doc_default"])
+    default = field.get_default(call_default_factory=True)
+    if default is None or default == []:
+        return ""
+    if isinstance(default, bool):
+        return "true" if default else "false"
+    return str(default)
+
+
+def markdown_table(cls: type[BaseSettings], skip: frozenset[str] = frozenset()) -> str:
+    """The settings as a README table: option, env variable, default, meaning."""
+    prefix = str(cls.model_config.get("env_prefix", ""))
+    rows = ["| option | environment | default | meaning |", "|---|---|---|---|"]
+    for name, field in cls.model_fields.items():
+        if name in skip:
+            continue
+        flag = flag_for(name, field)
+        env = prefix + name.upper()
+        default = default_text(field)
+        shown = f"`{default}`" if default else ""
+        desc = (field.description or "").replace("|", "\\|")
+        rows.append(f"| `{flag}` | `{env}` | {shown} | {desc} |")
+    return "\n".join(rows)

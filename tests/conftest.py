@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from tests.support.fake_llm import FakeLLM
+from tests.support.stack import Stack, start_broker, start_connector
+
+
+@pytest.fixture
+async def fake_llm() -> AsyncIterator[FakeLLM]:
+    fake = FakeLLM()
+    await fake.start()
+    yield fake
+    await fake.stop()
+
+
+@pytest.fixture
+async def stack(tmp_path, fake_llm: FakeLLM) -> AsyncIterator[Stack]:
+    broker = await start_broker(tmp_path / "broker")
+    conn = await start_connector(broker.url, fake_llm.url)
+    s = Stack(broker, [conn])
+    yield s
+    for c in s.connectors:
+        await c.stop()
+    await broker.stop()

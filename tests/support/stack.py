@@ -1,0 +1,118 @@
+"""Start real brokers and connectors in-process (Hypercorn on 127.0.0.1, free ports)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from broker.server import BrokerServer
+from broker.settings import BrokerSettings
+from connector.runner import Connector
+from connector.settings import ConnectorSettings
+from tests.support.net import free_port, wait_for, wait_port
+
+USER_KEY = "sk-" + "1" * 32
+TOKEN = "ct-test-token"
+
+
+@dataclass
+class RunningBroker:
+    settings: BrokerSettings
+    server: BrokerServer
+    task: asyncio.Task[None]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.port}"
+
+    @property
+    def health_url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.health_port}"
+
+    @property
+    def hub(self):  # type: ignore[no-untyped-def]
+        return self.server.state.hub
+
+    async def stop(self) -> None:
+        self.server.request_stop()
+        await asyncio.wait_for(self.task, 20)
+
+
+async def start_broker(data_dir: Path, port: int | None = None, **overrides: Any) -> RunningBroker:
+    values: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": port or free_port(),
+        "health_port": free_port(),
+        "data_dir": data_dir,
+        "user_api_keys": [USER_KEY],
+        "connector_tokens": [TOKEN],
+        "generate_credentials": False,
+        "drain_timeout": 5.0,
+    }
+    values.update(overrides)
+    settings = BrokerSettings(**values)
+    server = BrokerServer(settings)
+    task = asyncio.create_task(server.run())
+    await wait_port(settings.port)
+    return RunningBroker(settings, server, task)
+
+
+@dataclass
+class RunningConnector:
+    connector: Connector
+    task: asyncio.Task[None]
+
+    async def wait_registered(self, timeout: float = 10.0) -> None:
+        await wait_for(lambda: self.connector.status.session_id is not None, timeout)
+
+    async def stop(self) -> None:
+        self.connector.request_stop()
+        await asyncio.wait_for(self.task, 30)
+
+    async def kill(self) -> None:
+        """Die without a goodbye: every task cancelled, connections dropped."""
+        for task in list(self.connector.tasks.values()):
+            task.cancel()
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await self.task
+
+
+async def start_connector(broker_url: str, llm_url: str, **overrides: Any) -> RunningConnector:
+    values: dict[str, Any] = {
+        "broker_url": broker_url,
+        "broker_token": TOKEN,
+        "llm_url": llm_url,
+        "name": "conn-" + str(free_port()),
+        "capacity": 4,
+        "upload_mode": "stream",
+        "drain_timeout": 5.0,
+    }
+    values.update(overrides)
+    connector = Connector(ConnectorSettings(**values))
+    running = RunningConnector(connector, asyncio.create_task(connector.run()))
+    await running.wait_registered()
+    return running
+
+
+@dataclass
+class Stack:
+    broker: RunningBroker
+    connectors: list[RunningConnector] = field(default_factory=list)
+
+    @property
+    def base_url(self) -> str:
+        return self.broker.url + "/v1"
+
+    def client(self, **kw: Any) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            base_url=self.broker.url,
+            headers={"Authorization": f"Bearer {USER_KEY}"},
+            timeout=30.0,
+            **kw,
+        )
