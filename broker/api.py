@@ -44,18 +44,32 @@ def request_id_for(header: str | None) -> str:
     return new_request_id()
 
 
+DRAIN_LIMIT = 64 * 1024 * 1024
+
+
 async def read_body(limit: int) -> bytes:
-    """The request body, refusing more than ``limit`` bytes before reading them all."""
+    """The request body, refusing more than ``limit`` bytes without keeping them.
+
+    An oversized body is still read (and dropped) up to ``DRAIN_LIMIT``: answering before the
+    client finished sending makes the server close a socket with unread data, which resets
+    the connection and the client never sees the 413.
+    """
+    too_large = BodyError(413, f"request body exceeds {limit} bytes", "request_too_large")
     declared = request.content_length
-    if declared is not None and declared > limit:
-        raise BodyError(413, f"request body exceeds {limit} bytes", "request_too_large")
+    if declared is not None and declared > DRAIN_LIMIT:
+        raise too_large
     parts: list[bytes] = []
     size = 0
     async for chunk in request.body:
         size += len(chunk)
         if size > limit:
-            raise BodyError(413, f"request body exceeds {limit} bytes", "request_too_large")
+            parts.clear()
+            if size > DRAIN_LIMIT:
+                raise too_large
+            continue
         parts.append(chunk)
+    if size > limit:
+        raise too_large
     return b"".join(parts)
 
 

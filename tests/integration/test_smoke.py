@@ -20,6 +20,8 @@ async def test_stream_chat(stack: Stack, fake_llm: FakeLLM) -> None:
     stream = await client.chat.completions.create(
         model="fake-model", messages=[{"role": "user", "content": "hi"}], max_tokens=4, stream=True
     )
-    parts = [c.choices[0].delta.content async for c in stream if c.choices and c.choices[0].delta.content]
+    parts = [
+        c.choices[0].delta.content async for c in stream if c.choices and c.choices[0].delta.content
+    ]
     assert parts == ["tok0 ", "tok1 ", "tok2 ", "tok3 "]
     await client.close()

@@ -57,7 +57,9 @@ class FakeLLM:
         @app.get("/v1/models")
         async def models() -> Response:
             data = [{"id": m, "object": "model", "owned_by": "fake"} for m in self.models]
-            return Response(json.dumps({"object": "list", "data": data}), content_type="application/json")
+            return Response(
+                json.dumps({"object": "list", "data": data}), content_type="application/json"
+            )
 
         @app.post("/v1/embeddings")
         async def embeddings() -> Response:
@@ -94,7 +96,13 @@ class FakeLLM:
             await asyncio.sleep(float(prompt.split(":", 1)[1]))
         if prompt.startswith("fail:"):
             status = int(prompt.split(":", 1)[1])
-            err = {"error": {"code": status, "message": f"fake failure {status}", "type": "server_error" if status >= 500 else "invalid_request_error"}}
+            err = {
+                "error": {
+                    "code": status,
+                    "message": f"fake failure {status}",
+                    "type": "server_error" if status >= 500 else "invalid_request_error",
+                }
+            }
             return Response(json.dumps(err), status=status, content_type="application/json")
         if prompt == "echo":
             content = json.dumps({"headers": dict(request.headers), "body_bytes": raw_len})
@@ -109,7 +117,9 @@ class FakeLLM:
             self.completed += 1
             return _json(_completion(model, "".join(f"tok{i} " for i in range(n))))
         return Response(
-            self._stream(model, n, prompt), content_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+            self._stream(model, n, prompt),
+            content_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
         )
 
     async def _stream(self, model: str, n: int, prompt: str):  # type: ignore[no-untyped-def]
@@ -150,7 +160,9 @@ class FakeLLM:
         config.errorlog = None
         config.graceful_timeout = 0.5
         self._stop = asyncio.Event()
-        self._task = asyncio.create_task(serve(self.app(), config, shutdown_trigger=self._stop.wait))
+        self._task = asyncio.create_task(
+            serve(self.app(), config, shutdown_trigger=self._stop.wait)
+        )
         await wait_port(self.port)
 
     async def stop(self) -> None:
@@ -179,7 +191,11 @@ def _completion(model: str, content: str) -> dict[str, Any]:
         "created": int(time.time()),
         "model": model,
         "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": content},
+                "finish_reason": "stop",
+            }
         ],
         "usage": {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8},
     }

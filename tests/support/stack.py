@@ -110,9 +110,7 @@ class Stack:
         return self.broker.url + "/v1"
 
     def client(self, **kw: Any) -> httpx.AsyncClient:
+        kw.setdefault("timeout", 30.0)
         return httpx.AsyncClient(
-            base_url=self.broker.url,
-            headers={"Authorization": f"Bearer {USER_KEY}"},
-            timeout=30.0,
-            **kw,
+            base_url=self.broker.url, headers={"Authorization": f"Bearer {USER_KEY}"}, **kw
         )

@@ -1,0 +1,267 @@
+"""The OpenAI API through broker and connector, driven by the openai SDK."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.support.fake_llm import FakeLLM
+from tests.support.stack import USER_KEY, Stack, start_connector
+
+
+def sdk(stack: Stack, **kw) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=stack.base_url, api_key=USER_KEY, max_retries=0, **kw)
+
+
+async def test_non_stream_chat(stack: Stack) -> None:
+    async with sdk(stack) as client:
+        reply = await client.chat.completions.create(
+            model="fake-model", messages=[{"role": "user", "content": "hi"}], max_tokens=3
+        )
+    assert reply.choices[0].message.content == "tok0 tok1 tok2 "
+
+
+async def test_stream_is_incremental(stack: Stack, fake_llm: FakeLLM) -> None:
+    fake_llm.chunk_delay = 0.1
+    arrivals: list[float] = []
+    parts: list[str] = []
+    async with sdk(stack) as client:
+        started = time.perf_counter()
+        stream = await client.chat.completions.create(
+            model="fake-model",
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=10,
+            stream=True,
+        )
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                arrivals.append(time.perf_counter() - started)
+                parts.append(chunk.choices[0].delta.content)
+    assert parts == [f"tok{i} " for i in range(10)]
+    # Nine gaps of 100 ms upstream: the first chunk must not wait for the last.
+    assert arrivals[-1] - arrivals[0] > 0.6
+
+
+async def test_completions_and_embeddings(stack: Stack) -> None:
+    async with sdk(stack) as client:
+        done = await client.completions.create(model="fake-model", prompt="hi", max_tokens=2)
+        emb = await client.embeddings.create(model="fake-model", input=["a", "b"])
+    assert done.choices[0]
+    assert [d.index for d in emb.data] == [0, 1]
+    assert emb.data[1].embedding[0] == pytest.approx(0.2)
+
+
+async def test_models_listing(stack: Stack) -> None:
+    async with sdk(stack) as client:
+        models = await client.models.list()
+        one = await client.models.retrieve("fake-model")
+        with pytest.raises(openai.NotFoundError):
+            await client.models.retrieve("nope")
+    assert [m.id for m in models.data] == ["fake-model"]
+    assert one.id == "fake-model"
+
+
+async def test_request_id_headers_and_key_injection(stack: Stack, fake_llm: FakeLLM) -> None:
+    async with sdk(stack) as client:
+        raw = await client.chat.completions.with_raw_response.create(
+            model="fake-model",
+            messages=[{"role": "user", "content": "echo"}],
+            extra_headers={"x-request-id": "my-req-42"},
+        )
+    assert raw.headers["x-request-id"] == "my-req-42"
+    assert float(raw.headers["x-remotellm-overhead-ms"]) >= 0.0
+    seen = fake_llm.seen[-1]
+    headers = {k.lower(): v for k, v in seen.headers.items()}
+    assert headers["x-request-id"] == "my-req-42"
+    # The user's key never leaves the broker; no upstream key is configured here.
+    assert USER_KEY not in json.dumps(seen.headers)
+    assert "authorization" not in headers
+
+
+async def test_two_connectors_routed_by_model(tmp_path, stack: Stack) -> None:
+    other = FakeLLM(models=["other-model"])
+    await other.start()
+    conn = await start_connector(stack.broker.url, other.url)
+    stack.connectors.append(conn)
+    try:
+        async with sdk(stack) as client:
+            a = await client.chat.completions.create(
+                model="fake-model", messages=[{"role": "user", "content": "x"}], max_tokens=1
+            )
+            b = await client.chat.completions.create(
+                model="other-model", messages=[{"role": "user", "content": "x"}], max_tokens=1
+            )
+            listed = sorted(m.id for m in (await client.models.list()).data)
+        assert a.model == "fake-model" and b.model == "other-model"
+        assert listed == ["fake-model", "other-model"]
+        assert len(other.seen) == 1
+    finally:
+        await conn.stop()
+        stack.connectors.remove(conn)
+        await other.stop()
+
+
+async def test_same_model_on_two_connectors_shares_load(stack: Stack, fake_llm: FakeLLM) -> None:
+    second_llm = FakeLLM()
+    await second_llm.start()
+    conn = await start_connector(stack.broker.url, second_llm.url, capacity=2)
+    stack.connectors.append(conn)
+    fake_llm.chunk_delay = second_llm.chunk_delay = 0.05
+    try:
+        async with sdk(stack) as client:
+
+            async def one() -> str:
+                r = await client.chat.completions.create(
+                    model="fake-model", messages=[{"role": "user", "content": "x"}], max_tokens=4
+                )
+                return r.choices[0].message.content or ""
+
+            results = await asyncio.gather(*(one() for _ in range(12)))
+        assert all(r == "tok0 tok1 tok2 tok3 " for r in results)
+        # Both connectors took work.
+        assert len(second_llm.seen) >= 1
+        assert len(fake_llm.seen) >= 1
+        assert len(second_llm.seen) + len(fake_llm.seen) == 12
+    finally:
+        await conn.stop()
+        stack.connectors.remove(conn)
+        await second_llm.stop()
+
+
+async def test_large_request_and_response_intact(stack: Stack, fake_llm: FakeLLM) -> None:
+    big_prompt = "x" * (1024 * 1024)
+    async with sdk(stack, timeout=60) as client:
+        r = await client.chat.completions.create(
+            model="fake-model",
+            messages=[{"role": "user", "content": "echo"}, {"role": "user", "content": big_prompt}],
+        )
+    # The fake saw the whole 1 MB body.
+    assert fake_llm.seen[-1].body["messages"][1]["content"] == big_prompt
+    size = 5 * 1024 * 1024
+    async with sdk(stack, timeout=60) as client:
+        r = await client.chat.completions.create(
+            model="fake-model", messages=[{"role": "user", "content": f"big:{size}"}]
+        )
+    content = r.choices[0].message.content or ""
+    assert len(content) == size
+    assert content == ("0123456789abcdef" * (size // 16 + 1))[:size]
+
+
+async def test_utf8_split_across_writes(stack: Stack) -> None:
+    async with sdk(stack) as client:
+        stream = await client.chat.completions.create(
+            model="fake-model", messages=[{"role": "user", "content": "utf8"}], stream=True
+        )
+        text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    assert text == "héllo wörld 你好 🙂 ✓"
+
+
+async def test_hundred_concurrent_streams_in_order(stack: Stack, fake_llm: FakeLLM) -> None:
+    # The default connector has capacity 4; give it more so all run at once.
+    conn = await start_connector(stack.broker.url, fake_llm.url, capacity=100)
+    stack.connectors.append(conn)
+    fake_llm.chunk_delay = 0.01
+    async with sdk(stack, timeout=60, http_client=None) as client:
+
+        async def one(i: int) -> list[str]:
+            stream = await client.chat.completions.create(
+                model="fake-model",
+                messages=[{"role": "user", "content": f"n{i}"}],
+                max_tokens=20,
+                stream=True,
+            )
+            return [
+                c.choices[0].delta.content
+                async for c in stream
+                if c.choices and c.choices[0].delta.content
+            ]
+
+        results = await asyncio.gather(*(one(i) for i in range(100)))
+    expected = [f"tok{i} " for i in range(20)]
+    assert all(r == expected for r in results)
+
+
+async def test_stream_commits_and_heartbeats_while_upstream_is_slow(
+    tmp_path, fake_llm: FakeLLM
+) -> None:
+    from tests.support.stack import start_broker
+
+    broker = await start_broker(tmp_path / "b", stream_commit_after=0.2, heartbeat=0.2)
+    conn = await start_connector(broker.url, fake_llm.url)
+    try:
+        async with httpx.AsyncClient(timeout=30) as client:
+            body = {
+                "model": "fake-model",
+                "stream": True,
+                "max_tokens": 2,
+                "messages": [{"role": "user", "content": "slow-head:1.0"}],
+            }
+            async with client.stream(
+                "POST",
+                broker.url + "/v1/chat/completions",
+                json=body,
+                headers={"Authorization": f"Bearer {USER_KEY}"},
+            ) as response:
+                first_at = None
+                started = time.perf_counter()
+                chunks = []
+                async for chunk in response.aiter_text():
+                    if first_at is None:
+                        first_at = time.perf_counter() - started
+                    chunks.append(chunk)
+            text = "".join(chunks)
+        assert response.status_code == 200
+        assert response.headers["x-accel-buffering"] == "no"
+        assert first_at is not None and first_at < 0.9  # committed before the head came
+        assert ": keepalive" in text
+        assert "tok1 " in text and text.rstrip().endswith("data: [DONE]")
+    finally:
+        await conn.stop()
+        await broker.stop()
+
+
+async def test_parts_mode_relays_a_stream(tmp_path, fake_llm: FakeLLM) -> None:
+    from tests.support.stack import start_broker
+
+    broker = await start_broker(tmp_path / "b")
+    conn = await start_connector(broker.url, fake_llm.url, upload_mode="parts")
+    fake_llm.chunk_delay = 0.03
+    try:
+        assert conn.connector.status.upload_mode == "parts"
+        async with openai.AsyncOpenAI(base_url=broker.url + "/v1", api_key=USER_KEY) as client:
+            stream = await client.chat.completions.create(
+                model="fake-model",
+                messages=[{"role": "user", "content": "x"}],
+                max_tokens=12,
+                stream=True,
+            )
+            parts = [
+                c.choices[0].delta.content
+                async for c in stream
+                if c.choices and c.choices[0].delta.content
+            ]
+            whole = await client.chat.completions.create(
+                model="fake-model", messages=[{"role": "user", "content": "x"}], max_tokens=3
+            )
+        assert parts == [f"tok{i} " for i in range(12)]
+        assert whole.choices[0].message.content == "tok0 tok1 tok2 "
+    finally:
+        await conn.stop()
+        await broker.stop()
+
+
+async def test_auto_mode_picks_stream_on_a_direct_path(tmp_path, fake_llm: FakeLLM) -> None:
+    from tests.support.stack import start_broker
+
+    broker = await start_broker(tmp_path / "b")
+    conn = await start_connector(broker.url, fake_llm.url, upload_mode="auto")
+    try:
+        assert conn.connector.status.upload_mode == "stream"
+    finally:
+        await conn.stop()
+        await broker.stop()

@@ -1,0 +1,233 @@
+"""A real llama.cpp OpenAI-compatible server for end-to-end tests.
+
+llama-cpp-python (``python -m llama_cpp.server``) with a tiny random-weight GGUF model made
+by ``make_tiny_gguf.py``: no model download. The engine lives in a venv of its own (never
+the project venv or uv.lock), installed once into a cache dir and reused across runs:
+
+- the wheel: ``$REMOTELLM_LLAMA_WHEEL`` or ``<repo>/../shared/upstream/llama_cpp_python-*.whl``;
+  without one, ``llama-cpp-python[server]`` from the package index (a slow compile);
+- the model script: ``$REMOTELLM_TINY_GGUF_SCRIPT`` or
+  ``<repo>/../shared/upstream/make_tiny_gguf.py``;
+- the venv: ``$REMOTELLM_LLAMA_VENV`` (default ``~/.cache/remotellm-test/llama-venv``);
+  models are cached beside it.
+
+The server runs as a plain ``subprocess.Popen`` so a session-scoped fixture can own it
+whatever event loop the tests run in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from tests.support.net import free_port
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+UPSTREAM_DIR = REPO_ROOT.parent / "shared" / "upstream"
+INSTALL_TIMEOUT = 30 * 60.0  # the index fallback compiles llama.cpp: minutes on 2 cores
+READY_TIMEOUT = 60.0
+_PROBE = "import llama_cpp, llama_cpp.server.app, gguf, numpy"
+
+
+class LlamaSetupError(RuntimeError):
+    """The llama.cpp engine could not be installed or started (the message says why)."""
+
+
+def venv_dir() -> Path:
+    env = os.environ.get("REMOTELLM_LLAMA_VENV")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "remotellm-test" / "llama-venv"
+
+
+def cache_dir() -> Path:
+    return venv_dir().parent
+
+
+def find_wheel() -> Path | None:
+    env = os.environ.get("REMOTELLM_LLAMA_WHEEL")
+    if env:
+        path = Path(env).expanduser()
+        if not path.is_file():
+            raise LlamaSetupError(f"REMOTELLM_LLAMA_WHEEL={env} is not a file")
+        return path
+    wheels = sorted(UPSTREAM_DIR.glob("llama_cpp_python-*.whl"))
+    return wheels[-1] if wheels else None
+
+
+def find_model_script() -> Path:
+    env = os.environ.get("REMOTELLM_TINY_GGUF_SCRIPT")
+    path = Path(env).expanduser() if env else UPSTREAM_DIR / "make_tiny_gguf.py"
+    if not path.is_file():
+        raise LlamaSetupError(
+            f"make_tiny_gguf.py not found at {path}: the e2e tests need the shared folder "
+            "beside the repo clone (../shared/upstream) or REMOTELLM_TINY_GGUF_SCRIPT"
+        )
+    return path
+
+
+def _python_in(venv: Path) -> Path:
+    return venv / "bin" / "python"
+
+
+def _run(cmd: list[str], what: str, timeout: float) -> None:
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise LlamaSetupError(f"{what} failed: {exc}") from exc
+    if done.returncode != 0:
+        raise LlamaSetupError(
+            f"{what} failed (exit {done.returncode}): {' '.join(cmd)}\n"
+            f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        )
+
+
+def _imports_ok(python: Path) -> bool:
+    if not python.exists():
+        return False
+    probe = subprocess.run(
+        [str(python), "-c", _PROBE], capture_output=True, timeout=120, check=False
+    )
+    return probe.returncode == 0
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """One installer at a time (parallel test runs share the cache)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def ensure_venv() -> Path:
+    """The python of a venv where llama_cpp.server, gguf and numpy import; install if needed."""
+    venv = venv_dir()
+    python = _python_in(venv)
+    with _locked(cache_dir() / "install.lock"):
+        if _imports_ok(python):
+            return python
+        wheel = find_wheel()
+        target = f"{wheel}[server]" if wheel else "llama-cpp-python[server]"
+        uv = shutil.which("uv")
+        if venv.exists():
+            shutil.rmtree(venv)
+        if uv:
+            _run([uv, "venv", "--python", sys.executable, str(venv)], "uv venv", 300)
+            install = [uv, "pip", "install", "--python", str(python), target, "gguf", "numpy"]
+        else:
+            _run([sys.executable, "-m", "venv", str(venv)], "python -m venv", 300)
+            install = [str(python), "-m", "pip", "install", target, "gguf", "numpy"]
+        _run(install, f"installing {target}", INSTALL_TIMEOUT)
+        if not _imports_ok(python):
+            raise LlamaSetupError(f"{venv} still cannot run {_PROBE!r} after installing {target}")
+        return python
+
+
+def ensure_model(python: Path, name: str, *args: str) -> Path:
+    """A GGUF made by make_tiny_gguf.py with ``args``, cached as ``<cache>/<name>.gguf``."""
+    out = cache_dir() / f"{name}.gguf"
+    if out.is_file() and out.stat().st_size > 0:
+        return out
+    script = find_model_script()
+    tmp = out.with_suffix(f".tmp{os.getpid()}.gguf")
+    try:
+        _run([str(python), str(script), "--out", str(tmp), *args], f"making {out.name}", 300)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+@dataclass
+class LlamaServer:
+    """A running ``python -m llama_cpp.server``."""
+
+    alias: str
+    port: int
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    n_ctx: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+
+def start_llama_server(
+    python: Path,
+    model: Path,
+    alias: str,
+    log_dir: Path,
+    *,
+    n_ctx: int = 512,
+    extra: tuple[str, ...] = ("--interrupt_requests", "False"),
+) -> LlamaServer:
+    """Start the server on a free loopback port; return once GET /v1/models lists ``alias``."""
+    port = free_port()
+    log_path = log_dir / f"llama-{alias}-{port}.log"
+    cmd = [
+        str(python),
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        str(model),
+        "--model_alias",
+        alias,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--n_ctx",
+        str(n_ctx),
+        *extra,
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REMOTELLM_")}
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    server = LlamaServer(alias, port, process, log_path, n_ctx)
+    deadline = time.monotonic() + READY_TIMEOUT
+    with httpx.Client(trust_env=False, timeout=2.0) as client:
+        while True:
+            if process.poll() is not None:
+                raise LlamaSetupError(
+                    f"llama_cpp.server exited with {process.returncode}: {' '.join(cmd)}\n"
+                    + server.log_text()[-3000:]
+                )
+            with contextlib.suppress(httpx.HTTPError, ValueError):
+                response = client.get(f"{server.url}/v1/models")
+                ids = [m.get("id") for m in response.json().get("data", [])]
+                if response.status_code == 200 and alias in ids:
+                    return server
+            if time.monotonic() > deadline:
+                server.stop()
+                raise LlamaSetupError(
+                    f"llama_cpp.server did not answer /v1/models within {READY_TIMEOUT} s\n"
+                    + server.log_text()[-3000:]
+                )
+            time.sleep(0.1)
