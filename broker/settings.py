@@ -21,8 +21,8 @@ def _default_data_dir() -> Path:
 class BrokerSettings(FileAwareSettings):
     model_config = SettingsConfigDict(env_prefix="REMOTELLM_BROKER_", extra="ignore")
 
-    host: str = Field("0.0.0.0", description="Address the API, relay and portal listen on.")
-    port: int = Field(8443, ge=0, le=65535, description="Port for the API, relay and portal.")
+    host: str = Field("0.0.0.0", description="Address the API and the relay listen on.")
+    port: int = Field(8443, ge=0, le=65535, description="Port for the API and the relay.")
     health_host: str = Field("127.0.0.1", description="Address of the health server.")
     health_port: int = Field(
         8080, ge=0, le=65535, description="Port serving /health and /ready (0 turns it off)."
