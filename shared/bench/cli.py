@@ -1,0 +1,88 @@
+"""``remotellm-bench``: ``local`` (relay vs direct on loopback) and ``target`` (a deployment)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import platform
+from dataclasses import replace
+from pathlib import Path
+
+import click
+
+from shared.bench.local import PROFILES, run_profile
+from shared.bench.report import table
+from shared.bench.target import run_target, target_table
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Measure what RemoteLLM adds over a direct connection to the LLM."""
+
+
+@main.command()
+@click.option(
+    "--profile",
+    type=click.Choice(sorted(PROFILES)),
+    default="standard",
+    show_default=True,
+    help="Which set of scenarios to run (smoke takes seconds, standard a few minutes).",
+)
+@click.option("--only", multiple=True, help="Run only scenarios whose name contains this text.")
+@click.option(
+    "--scale", type=float, default=1.0, show_default=True, help="Multiply request counts."
+)
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write JSON here.")
+def local(profile: str, only: tuple[str, ...], scale: float, json_path: Path | None) -> None:
+    """Start a fake upstream, a broker and connectors on 127.0.0.1 and compare the same
+    workload direct and relayed, interleaved in one run."""
+    scenarios = PROFILES[profile]
+    if only:
+        scenarios = [s for s in scenarios if any(o in s.name for o in only)]
+    if scale != 1.0:
+        scenarios = [replace(s, requests=max(s.rounds, int(s.requests * scale))) for s in scenarios]
+    click.echo(f"remotellm-bench local: {len(scenarios)} scenarios ({profile})")
+    rows = asyncio.run(run_profile(scenarios))
+    click.echo("")
+    click.echo(table(rows))
+    if json_path is not None:
+        payload = {
+            "machine": {"python": platform.python_version(), "platform": platform.platform()},
+            "rows": [row.summary() for row in rows],
+        }
+        json_path.write_text(json.dumps(payload, indent=2, default=str))
+        click.echo(f"\nJSON written to {json_path}")
+
+
+@main.command()
+@click.option("--base-url", required=True, help="OpenAI base URL, e.g. https://llm.example.com/v1")
+@click.option(
+    "--api-key", required=True, envvar="OPENAI_API_KEY", help="API key (or OPENAI_API_KEY)."
+)
+@click.option("--model", required=True, help="Model to request.")
+@click.option("--requests", "count", type=int, default=20, show_default=True)
+@click.option("--concurrency", type=int, default=4, show_default=True)
+@click.option("--max-tokens", type=int, default=64, show_default=True)
+@click.option("--prompt", default="Count from 1 to 100.", show_default=True)
+@click.option(
+    "--timeout", type=float, default=300.0, show_default=True, help="Seconds per request."
+)
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write JSON here.")
+def target(
+    base_url: str,
+    api_key: str,
+    model: str,
+    count: int,
+    concurrency: int,
+    max_tokens: int,
+    prompt: str,
+    timeout: float,
+    json_path: Path | None,
+) -> None:
+    """Load-test an OpenAI-compatible endpoint: TTFT, inter-token latency, tokens/s, errors."""
+    summary = asyncio.run(
+        run_target(base_url, api_key, model, count, concurrency, max_tokens, prompt, timeout)
+    )
+    click.echo(target_table(summary))
+    if json_path is not None:
+        json_path.write_text(json.dumps(summary, indent=2))

@@ -1,0 +1,100 @@
+"""A minimal HTTP/1.1 load client on asyncio streams.
+
+The benchmark's own client must cost far less than what it measures, so it parses just
+enough HTTP (status line, headers, chunked or sized body) and timestamps the first and last
+body bytes. The same client drives the direct and the relayed runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class Result:
+    ok: bool
+    status: int
+    ttfb: float  # seconds to the first body byte
+    ttlb: float  # seconds to the last body byte
+    body_bytes: int
+    events: int
+    error: str | None = None
+
+
+class Connection:
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def _ensure(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self._reader is None or self._writer is None or self._writer.is_closing():
+            self._reader, self._writer = await asyncio.open_connection(
+                self.host, self.port, limit=1 << 20
+            )
+        return self._reader, self._writer
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            try:
+                await self._writer.wait_closed()
+            except (ConnectionError, OSError):
+                pass
+            self._writer = None
+
+    async def post(self, path: str, body: bytes, headers: dict[str, str]) -> Result:
+        started = time.perf_counter()
+        try:
+            reader, writer = await self._ensure()
+            lines = [f"POST {path} HTTP/1.1", f"Host: {self.host}:{self.port}"]
+            lines += [f"{k}: {v}" for k, v in headers.items()]
+            lines.append(f"Content-Length: {len(body)}")
+            writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = int(head[9:12])
+            chunked = b"chunked" in head.lower()
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line[:15].lower() == b"content-length:":
+                    length = int(line[15:].strip())
+            keep = b"connection: close" not in head.lower()
+            first = 0.0
+            size = 0
+            events = 0
+            if chunked:
+                while True:
+                    size_line = await reader.readuntil(b"\r\n")
+                    n = int(size_line.split(b";")[0], 16)
+                    if n == 0:
+                        await reader.readuntil(b"\r\n")
+                        break
+                    data = await reader.readexactly(n + 2)
+                    if not first:
+                        first = time.perf_counter()
+                    size += n
+                    events += data.count(b"\n\n")
+            elif length:
+                data = await reader.readexactly(length)
+                first = time.perf_counter()
+                size = length
+                events = data.count(b"\n\n")
+            last = time.perf_counter()
+            if not keep:
+                await self.close()
+            return Result(
+                ok=200 <= status < 300,
+                status=status,
+                ttfb=(first or last) - started,
+                ttlb=last - started,
+                body_bytes=size,
+                events=events,
+                error=None if status < 300 else f"HTTP {status}",
+            )
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
+            await self.close()
+            now = time.perf_counter() - started
+            return Result(False, 0, now, now, 0, 0, f"{type(exc).__name__}: {exc}")

@@ -1,0 +1,199 @@
+"""Start the upstream, broker and connectors as processes; read their CPU time and memory."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+KEY = "sk-" + "b" * 32
+TOKEN = "ct-bench"
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def raise_fd_limit() -> None:
+    """1,000 streams need ~4,000 sockets across the processes: lift the soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 65536
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(target, 65536), hard))
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+
+    def cpu_seconds(self) -> float:
+        try:
+            fields = Path(f"/proc/{self.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / _TICK
+
+    def memory_kib(self, key: str = "VmHWM") -> int:
+        try:
+            for line in Path(f"/proc/{self.popen.pid}/status").read_text().splitlines():
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+        except OSError:
+            pass
+        return 0
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(10)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+
+
+async def wait_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listens on port {port}") from None
+            await asyncio.sleep(0.05)
+
+
+def _spawn(name: str, args: list[str], log: Path) -> Proc:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with log.open("ab") as handle:  # the child keeps its own copy of the descriptor
+        popen = subprocess.Popen(  # the benchmark runs its own programs, nothing user-given
+            [sys.executable, *args], stdout=handle, stderr=subprocess.STDOUT, env=env
+        )
+    return Proc(name, popen)
+
+
+@dataclass
+class Setup:
+    """One upstream, one broker and N connectors (stream or parts upload)."""
+
+    connectors: int = 1
+    upload_mode: str = "stream"
+    http2: bool = False
+    capacity: int = 1100
+    procs: list[Proc] = field(default_factory=list)
+    upstream_port: int = 0
+    broker_port: int = 0
+    health_port: int = 0
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="rllm-bench-")))
+
+    @property
+    def broker(self) -> Proc:
+        return self.procs[1]
+
+    @property
+    def connector_procs(self) -> list[Proc]:
+        return self.procs[2:]
+
+    async def start(self) -> None:
+        raise_fd_limit()
+        log = self.workdir / "processes.log"
+        self.upstream_port = free_port()
+        self.procs.append(
+            _spawn(
+                "upstream", ["-m", "shared.bench.upstream", "--port", str(self.upstream_port)], log
+            )
+        )
+        await wait_port(self.upstream_port)
+        self.broker_port, self.health_port = free_port(), free_port()
+        self.procs.append(
+            _spawn(
+                "broker",
+                [
+                    "-m",
+                    "broker",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.broker_port),
+                    "--health-port",
+                    str(self.health_port),
+                    "--data-dir",
+                    str(self.workdir / "data"),
+                    "--user-api-key",
+                    KEY,
+                    "--connector-token",
+                    TOKEN,
+                    "--no-generate-credentials",
+                    "--queue-max",
+                    "5000",
+                    "--log-level",
+                    "warning",
+                    "--log-format",
+                    "json",
+                ],
+                log,
+            )
+        )
+        await wait_port(self.broker_port)
+        for i in range(self.connectors):
+            args = [
+                "-m",
+                "connector",
+                "--broker-url",
+                f"http://127.0.0.1:{self.broker_port}",
+                "--broker-token",
+                TOKEN,
+                "--llm-url",
+                f"http://127.0.0.1:{self.upstream_port}",
+                "--model",
+                "bench",
+                "--name",
+                f"bench-{i}",
+                "--capacity",
+                str(self.capacity),
+                "--upload-mode",
+                self.upload_mode,
+                "--log-level",
+                "warning",
+                "--log-format",
+                "json",
+            ]
+            if self.http2:
+                args.append("--http2")
+            self.procs.append(_spawn(f"connector-{i}", args, log))
+        await self._wait_sessions()
+
+    async def _wait_sessions(self, timeout: float = 30.0) -> None:
+        import json
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError, ValueError, asyncio.IncompleteReadError):
+                reader, writer = await asyncio.open_connection("127.0.0.1", self.health_port)
+                writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                raw = await reader.read()
+                writer.close()
+                body = json.loads(raw.split(b"\r\n\r\n", 1)[1])
+                if len(body.get("connectors", [])) >= self.connectors:
+                    return
+            await asyncio.sleep(0.1)
+        raise TimeoutError("connectors did not register; see " + str(self.workdir))
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
