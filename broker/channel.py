@@ -45,8 +45,9 @@ class ResponseChannel:
         self._push(head)
 
     def data(self, chunk: bytes) -> None:
-        self.bytes_in += len(chunk)
-        self._push(chunk)
+        if not self._closed:
+            self.bytes_in += len(chunk)
+            self._push(chunk)
 
     def end(self, end: ResponseEnd) -> None:
         self._push(end)

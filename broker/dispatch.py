@@ -89,6 +89,7 @@ class Pending:
     head_received: bool = False
     user_key_id: str | None = None
     leased_at: float = 0.0
+    seq: int = 0
 
     @property
     def id(self) -> str:
@@ -204,10 +205,9 @@ class Dispatcher:
             return
         if self._by_name.get(session.name) == session_id:
             del self._by_name[session.name]
-        for rid in list(session.active):
-            pending = self.requests.get(rid)
-            if pending is None:
-                continue
+        # Newest first, each to the front of its queue: the oldest ends up first again.
+        held = [self.requests[rid] for rid in session.active if rid in self.requests]
+        for pending in sorted(held, key=lambda p: p.seq, reverse=True):
             if pending.state is State.LEASED and not pending.user_saw_bytes:
                 self._requeue(pending, now)
             else:
@@ -244,6 +244,7 @@ class Dispatcher:
             queue_deadline=now + t.queue_wait,
             total_deadline=now + t.total_timeout,
             last_activity=now,
+            seq=next(self._seq),
         )
         self.requests[item.request_id] = pending
         queue.append(pending)
@@ -292,7 +293,7 @@ class Dispatcher:
         best: Pending | None = None
         for model in session.models:
             queue = self.queues.get(model)
-            if queue and (best is None or queue[0].created < best.created):
+            if queue and (best is None or queue[0].seq < best.seq):
                 best = queue[0]
         return best
 
@@ -358,7 +359,8 @@ class Dispatcher:
         for session in list(self.sessions.values()):
             if session.polling == 0 and now - session.last_seen > t.session_ttl:
                 self.drop_session(session.id, now, reason="session expired")
-        for pending in list(self.requests.values()):
+        # Newest first, so requeued requests keep their FIFO order at the front of a queue.
+        for pending in sorted(self.requests.values(), key=lambda p: p.seq, reverse=True):
             state = pending.state
             if state is State.QUEUED:
                 if now >= pending.queue_deadline:

@@ -97,8 +97,10 @@ def _explain(exc: ValidationError, cls: type[BaseSettings]) -> str:
     prefix = str(cls.model_config.get("env_prefix", ""))
     lines = []
     for err in exc.errors():
-        name = ".".join(str(p) for p in err["loc"]) or "settings"
-        flag = "--" + name.replace("_", "-")
+        loc = [str(p) for p in err["loc"]]
+        name = loc[0] if loc else "settings"
+        field = cls.model_fields.get(name)
+        flag = flag_for(name, field) if field is not None else "--" + name.replace("_", "-")
         env = prefix + name.upper()
         lines.append(f"{flag} / {env}: {err['msg']}")
     return "invalid settings:\n  " + "\n  ".join(lines)

@@ -1,0 +1,292 @@
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from broker.settings import BrokerSettings
+from connector.settings import ConnectorSettings
+from shared.errors import ConfigError
+from shared.protocol import UploadMode
+from shared.settings import load_settings
+
+pytestmark = pytest.mark.usefixtures("clean_env")
+
+REQUIRED_ENV = {"REMOTELLM_BROKER_URL": "https://b.example", "REMOTELLM_BROKER_TOKEN": "ct-x"}
+
+
+def _yaml(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _flag_named(message: str, flag: str) -> bool:
+    """``flag`` appears as a whole option name (``--model`` does not match ``--models``)."""
+    return re.search(re.escape(flag) + r"(?![\w-])", message) is not None
+
+
+def test_broker_defaults() -> None:
+    s = load_settings(BrokerSettings, None, {})
+    assert (s.host, s.port, s.poll_wait, s.lease, s.max_redispatch) == ("0.0.0.0", 8443, 25, 15, 2)
+    assert s.user_api_keys == [] and s.connector_tokens == []
+    assert s.generate_credentials is True
+    assert s.data_dir == Path.home() / ".local" / "share" / "remotellm" / "broker"
+    assert s.advertised_url == "http://127.0.0.1:8443"
+
+
+def test_connector_defaults(clean_env: pytest.MonkeyPatch) -> None:
+    s = load_settings(ConnectorSettings, None, {"broker_url": "https://b", "broker_token": "t"})
+    assert (s.llm_url, s.capacity, s.upload_mode) == ("http://localhost:11434", 4, UploadMode.AUTO)
+    assert s.models == []
+    assert s.name  # the host name
+    assert s.health_port is None
+
+
+@pytest.mark.parametrize(
+    ("file", "env", "cli", "expected"),
+    [
+        (None, None, None, 8443),
+        (1001, None, None, 1001),
+        (None, 1002, None, 1002),
+        (None, None, 1003, 1003),
+        (1001, 1002, None, 1002),
+        (1001, None, 1003, 1003),
+        (None, 1002, 1003, 1003),
+        (1001, 1002, 1003, 1003),
+    ],
+)
+def test_broker_precedence(
+    clean_env: pytest.MonkeyPatch,
+    tmp_path: Path,
+    file: int | None,
+    env: int | None,
+    cli: int | None,
+    expected: int,
+) -> None:
+    config = _yaml(tmp_path, f"port: {file}\nhost: 10.0.0.1\n") if file else None
+    if env:
+        clean_env.setenv("REMOTELLM_BROKER_PORT", str(env))
+    overrides: dict[str, Any] = {"port": str(cli) if cli else None, "host": None}
+    s = load_settings(BrokerSettings, config, overrides)
+    assert s.port == expected
+    # A field set nowhere but the file still comes from the file.
+    assert s.host == ("10.0.0.1" if file else "0.0.0.0")
+
+
+@pytest.mark.parametrize(
+    ("file", "env", "cli", "expected"),
+    [
+        (None, None, None, 4),
+        (7, None, None, 7),
+        (7, 8, None, 8),
+        (7, 8, 9, 9),
+        (None, 8, 9, 9),
+        (7, None, 9, 9),
+    ],
+)
+def test_connector_precedence(
+    clean_env: pytest.MonkeyPatch,
+    tmp_path: Path,
+    file: int | None,
+    env: int | None,
+    cli: int | None,
+    expected: int,
+) -> None:
+    for k, v in REQUIRED_ENV.items():
+        clean_env.setenv(k, v)
+    config = _yaml(tmp_path, f"capacity: {file}\n") if file else None
+    if env:
+        clean_env.setenv("REMOTELLM_CAPACITY", str(env))
+    s = load_settings(ConnectorSettings, config, {"capacity": str(cli) if cli else None})
+    assert s.capacity == expected
+
+
+def test_required_connector_settings_from_file(tmp_path: Path) -> None:
+    config = _yaml(tmp_path, "broker-url: https://from.file/\nbroker_token: ct-file\n")
+    s = load_settings(ConnectorSettings, config, {})
+    assert (s.broker_url, s.broker_token) == ("https://from.file", "ct-file")
+
+
+def test_yaml_keys_may_use_dashes(tmp_path: Path) -> None:
+    config = _yaml(tmp_path, "poll-wait: 3.5\nuser-api-keys: [sk-a, sk-b]\nunknown_key: 1\n")
+    s = load_settings(BrokerSettings, config, {})
+    assert s.poll_wait == 3.5
+    assert s.user_api_keys == ["sk-a", "sk-b"]
+
+
+@pytest.mark.parametrize(
+    ("cls", "env", "value", "field", "expected"),
+    [
+        (BrokerSettings, "REMOTELLM_BROKER_USER_API_KEYS", "sk-a,sk-b", "user_api_keys",
+         ["sk-a", "sk-b"]),
+        (BrokerSettings, "REMOTELLM_BROKER_USER_API_KEYS", " sk-a , ,sk-b,", "user_api_keys",
+         ["sk-a", "sk-b"]),
+        (BrokerSettings, "REMOTELLM_BROKER_USER_API_KEYS", "sk-only", "user_api_keys",
+         ["sk-only"]),
+        (BrokerSettings, "REMOTELLM_BROKER_CONNECTOR_TOKENS", "ct-1,ct-2,ct-3",
+         "connector_tokens", ["ct-1", "ct-2", "ct-3"]),
+        (ConnectorSettings, "REMOTELLM_MODELS", "llama3:8b,qwen2.5:7b", "models",
+         ["llama3:8b", "qwen2.5:7b"]),
+        (ConnectorSettings, "REMOTELLM_MODELS", "", "models", []),
+    ],
+)  # fmt: skip
+def test_comma_separated_env_lists(
+    clean_env: pytest.MonkeyPatch,
+    cls: type[BrokerSettings | ConnectorSettings],
+    env: str,
+    value: str,
+    field: str,
+    expected: list[str],
+) -> None:
+    for k, v in REQUIRED_ENV.items():
+        clean_env.setenv(k, v)
+    clean_env.setenv(env, value)
+    assert getattr(load_settings(cls, None, {}), field) == expected
+
+
+def test_repeated_cli_option_beats_env(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("REMOTELLM_BROKER_USER_API_KEYS", "sk-env")
+    given = load_settings(BrokerSettings, None, {"user_api_keys": ("sk-a", "sk-b")})
+    assert given.user_api_keys == ["sk-a", "sk-b"]
+    # click passes () for a repeatable option that was not given: the env still counts.
+    absent = load_settings(BrokerSettings, None, {"user_api_keys": ()})
+    assert absent.user_api_keys == ["sk-env"]
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("false", False), ("0", False), ("no", False), ("true", True), ("1", True)],
+)
+def test_bool_from_env(clean_env: pytest.MonkeyPatch, value: str, expected: bool) -> None:
+    clean_env.setenv("REMOTELLM_BROKER_GENERATE_CREDENTIALS", value)
+    assert load_settings(BrokerSettings, None, {}).generate_credentials is expected
+
+
+@pytest.mark.parametrize(
+    ("cls", "source", "name", "value", "flag", "env"),
+    [
+        (BrokerSettings, "cli", "port", "http", "--port", "REMOTELLM_BROKER_PORT"),
+        (BrokerSettings, "env", "port", "70000", "--port", "REMOTELLM_BROKER_PORT"),
+        (BrokerSettings, "file", "port", "-1", "--port", "REMOTELLM_BROKER_PORT"),
+        (BrokerSettings, "cli", "lease", "0", "--lease", "REMOTELLM_BROKER_LEASE"),
+        (BrokerSettings, "env", "queue_max", "0", "--queue-max", "REMOTELLM_BROKER_QUEUE_MAX"),
+        (BrokerSettings, "cli", "log_format", "xml", "--log-format",
+         "REMOTELLM_BROKER_LOG_FORMAT"),
+        (BrokerSettings, "env", "max_request_body", "10", "--max-request-body",
+         "REMOTELLM_BROKER_MAX_REQUEST_BODY"),
+        (BrokerSettings, "file", "user_api_keys", "{a: 1}", "--user-api-key",
+         "REMOTELLM_BROKER_USER_API_KEYS"),
+        (ConnectorSettings, "cli", "capacity", "0", "--capacity", "REMOTELLM_CAPACITY"),
+        (ConnectorSettings, "env", "capacity", "many", "--capacity", "REMOTELLM_CAPACITY"),
+        (ConnectorSettings, "cli", "upload_mode", "carrier-pigeon", "--upload-mode",
+         "REMOTELLM_UPLOAD_MODE"),
+        (ConnectorSettings, "file", "llm_read_timeout", "-5", "--llm-read-timeout",
+         "REMOTELLM_LLM_READ_TIMEOUT"),
+        (ConnectorSettings, "file", "models", "{a: 1}", "--model", "REMOTELLM_MODELS"),
+    ],
+)  # fmt: skip
+def test_invalid_value_names_flag_and_env(
+    clean_env: pytest.MonkeyPatch,
+    tmp_path: Path,
+    cls: type[BrokerSettings | ConnectorSettings],
+    source: str,
+    name: str,
+    value: str,
+    flag: str,
+    env: str,
+) -> None:
+    for k, v in REQUIRED_ENV.items():
+        clean_env.setenv(k, v)
+    config = None
+    overrides: dict[str, Any] = {}
+    if source == "cli":
+        overrides[name] = value
+    elif source == "env":
+        clean_env.setenv(env, value)
+    else:
+        config = _yaml(tmp_path, f"{name}: {value}\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(cls, config, overrides)
+    message = str(info.value)
+    assert _flag_named(message, flag), message
+    assert env in message
+
+
+@pytest.mark.parametrize(
+    ("url", "ok"),
+    [
+        ("https://llm.example.com", True),
+        ("http://127.0.0.1:8443", True),
+        ("ftp://llm.example.com", False),
+        ("llm.example.com", False),
+        ("ws://llm.example.com", False),
+        ("", False),
+    ],
+)
+def test_connector_broker_url_must_be_http(url: str, ok: bool) -> None:
+    overrides = {"broker_url": url, "broker_token": "t"}
+    if ok:
+        assert load_settings(ConnectorSettings, None, overrides).broker_url == url
+    else:
+        with pytest.raises(ConfigError) as info:
+            load_settings(ConnectorSettings, None, overrides)
+        assert _flag_named(str(info.value), "--broker-url")
+        assert "REMOTELLM_BROKER_URL" in str(info.value)
+
+
+def test_urls_lose_trailing_slash() -> None:
+    s = load_settings(
+        ConnectorSettings,
+        None,
+        {"broker_url": "https://b.example/", "broker_token": "t", "llm_url": "http://l:1/"},
+    )
+    assert (s.broker_url, s.llm_url) == ("https://b.example", "http://l:1")
+
+
+def test_llm_url_must_be_http() -> None:
+    with pytest.raises(ConfigError, match="--llm-url"):
+        load_settings(
+            ConnectorSettings,
+            None,
+            {"broker_url": "https://b", "broker_token": "t", "llm_url": "localhost:11434"},
+        )
+
+
+def test_missing_required_connector_settings() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(ConnectorSettings, None, {})
+    message = str(info.value)
+    assert "--broker-url" in message and "REMOTELLM_BROKER_URL" in message
+    assert "--broker-token" in message and "REMOTELLM_BROKER_TOKEN" in message
+
+
+@pytest.mark.parametrize("text", ["port: [unclosed\n", "- a\n- list\n", "just a string\n"])
+def test_bad_config_file(tmp_path: Path, text: str) -> None:
+    with pytest.raises(ConfigError, match="config file"):
+        load_settings(BrokerSettings, _yaml(tmp_path, text), {})
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_settings(BrokerSettings, tmp_path / "nope.yaml", {})
+
+
+def test_config_file_does_not_leak_into_next_load(tmp_path: Path) -> None:
+    load_settings(BrokerSettings, _yaml(tmp_path, "port: 1234\n"), {})
+    assert load_settings(BrokerSettings, None, {}).port == 8443
+
+
+@pytest.mark.parametrize(
+    ("overrides", "url"),
+    [
+        ({}, "http://127.0.0.1:8443"),
+        ({"host": "::", "port": "9000"}, "http://127.0.0.1:9000"),
+        ({"host": "10.1.2.3", "certfile": "/c.pem"}, "https://10.1.2.3:8443"),
+        ({"public_url": "https://llm.example.com/"}, "https://llm.example.com"),
+    ],
+)
+def test_advertised_url(overrides: dict[str, Any], url: str) -> None:
+    assert load_settings(BrokerSettings, None, overrides).advertised_url == url
