@@ -13,6 +13,7 @@ from quart import Blueprint, Response, request
 
 from broker.dispatch import DispatchError
 from broker.errors import error_response
+from broker.forwarded import client_address, parse_networks
 from broker.keys import UserKey, bearer
 from broker.responder import Outcome, Responder
 from broker.state import BrokerState
@@ -90,6 +91,7 @@ def create_api_blueprint(state: BrokerState) -> Blueprint:
     bp = Blueprint("api", __name__)
     settings = state.settings
     hub = state.hub
+    trusted_proxies = parse_networks(settings.trusted_proxies)
 
     def authenticate(rid: str) -> UserKey | Response:
         key = bearer(request.headers.get("Authorization"))
@@ -234,6 +236,9 @@ def create_api_blueprint(state: BrokerState) -> Blueprint:
                 headers=extra,
             )
         pending.user_key_id = user.id
+        client = client_address(
+            request.remote_addr, request.headers.get("X-Forwarded-For"), trusted_proxies
+        )
 
         def done(outcome: Outcome) -> None:
             log.info(
@@ -241,6 +246,7 @@ def create_api_blueprint(state: BrokerState) -> Blueprint:
                 request_id=rid,
                 model=model,
                 user=user.id,
+                client=client,
                 connector=pending.session_id,
                 stream=stream,
                 status=outcome.status,

@@ -12,6 +12,7 @@ from werkzeug.exceptions import HTTPException
 from broker.api import create_api_blueprint
 from broker.dispatch import Timings
 from broker.errors import error_response, type_for_status
+from broker.fastpath import RelayFastPath
 from broker.hub import RelayHub
 from broker.keys import KeyStore
 from broker.relay import create_relay_blueprint
@@ -59,6 +60,8 @@ def create_app(settings: BrokerSettings, state: BrokerState | None = None) -> Qu
     app.extensions["remotellm"] = state
     app.register_blueprint(create_api_blueprint(state))
     app.register_blueprint(create_relay_blueprint(state))
+    # The poll and upload routes are served as plain ASGI in front of Quart (hot path).
+    app.asgi_app = RelayFastPath(app.asgi_app, state)  # type: ignore[method-assign,assignment]
     reloader: list[asyncio.Task[None]] = []
 
     @app.before_serving

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import Callable
 
@@ -105,8 +106,14 @@ class RelayHub:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def poll(self, session_id: str, hold: float) -> list[WorkItem]:
-        """Hold a long-poll until there is work for the session or ``hold`` passes."""
+    async def poll(
+        self, session_id: str, hold: float, abort: asyncio.Future[object] | None = None
+    ) -> list[WorkItem]:
+        """Hold a long-poll until there is work for the session or ``hold`` passes.
+
+        ``abort`` completes when the connector hangs up: the poll then ends without taking
+        work, so nothing is handed to a connection that can no longer carry it.
+        """
         d = self.dispatcher
         session = d.session(session_id)
         loop = asyncio.get_running_loop()
@@ -125,13 +132,15 @@ class RelayHub:
                 waiter = loop.create_future()
                 self._waiters[session_id] = waiter
                 handle = loop.call_later(remaining, _resolve, waiter)
+                if abort is not None:
+                    abort.add_done_callback(functools.partial(_resolve_on, waiter))
                 try:
                     await waiter
                 finally:
                     handle.cancel()
                     if self._waiters.get(session_id) is waiter:
                         del self._waiters[session_id]
-                if session_id not in d.sessions:
+                if session_id not in d.sessions or (abort is not None and abort.done()):
                     return []
                 if self._waiters.get(session_id) is not None:
                     # Superseded by a newer poll of the same session.
@@ -158,6 +167,10 @@ class RelayHub:
         self.dispatcher.finish(request_id)
         if not self.dispatcher.requests:
             self._idle.set()
+
+
+def _resolve_on(waiter: asyncio.Future[None], _: object) -> None:
+    _resolve(waiter)
 
 
 def _resolve(waiter: asyncio.Future[None]) -> None:

@@ -5,9 +5,9 @@ Sources, all merged:
 - ``connectors.yaml`` (operator-edited: plain tokens mapped to an upstream LLM key);
 - ``credentials.yaml`` in the data dir (generated at first start: only SHA-256 hashes).
 
-A key is 16 random bytes (32 hex characters), so a plain SHA-256 is a safe verifier: there is nothing
-to brute-force. Lookups go through a dict keyed by the hash, so the comparison never
-depends on how much of a guessed key matches.
+A key is 16 random bytes (32 hex characters), so a plain SHA-256 is a safe verifier:
+there is nothing to brute-force. Lookups go through a dict keyed by the hash, so the
+comparison never depends on how much of a guessed key matches.
 """
 
 from __future__ import annotations

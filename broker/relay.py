@@ -4,24 +4,17 @@ from __future__ import annotations
 
 import time
 
-import structlog
 from pydantic import ValidationError
 from quart import Blueprint, Response, request
 
-from broker.api import BodyError, read_body
-from broker.channel import ResponseChannel
-from broker.dispatch import LeaseError, Pending, UnknownSession
 from broker.errors import error_response
 from broker.keys import ConnectorIdentity, bearer
 from broker.state import BrokerState
-from broker.upload import FrameApplier, PartAssembler, UploadTooLarge
-from shared.errors import FrameError
 from shared.logging import get_logger
 from shared.protocol import (
     PROTOCOL_VERSION,
     RELAY_PREFIX,
     ModelsUpdate,
-    PollResponse,
     ProbeResult,
     RegisterRequest,
     RegisterResponse,
@@ -44,7 +37,6 @@ def create_relay_blueprint(state: BrokerState) -> Blueprint:
     bp = Blueprint("relay", __name__, url_prefix=RELAY_PREFIX)
     settings = state.settings
     hub = state.hub
-    assemblers: dict[str, PartAssembler] = {}
 
     def identify() -> ConnectorIdentity | Response:
         token = bearer(request.headers.get("Authorization"))
@@ -137,100 +129,6 @@ def create_relay_blueprint(state: BrokerState) -> Blueprint:
         hub.dispatcher.update_models(session_id, update.models, hub.clock())
         log.info("session_models", session=session_id, models=sorted(update.models))
         return Response("", status=204)
-
-    @bp.post("/sessions/<session_id>/poll")
-    async def poll(session_id: str) -> Response:
-        ident = identify()
-        if isinstance(ident, Response):
-            return ident
-        if not owned(ident, session_id):
-            return unknown_session()
-        try:
-            items = await hub.poll(session_id, settings.poll_wait)
-        except UnknownSession:
-            return unknown_session()
-        return _json(PollResponse(items=items).model_dump_json())
-
-    def lease(ident: ConnectorIdentity, session_id: str, request_id: str) -> Pending | Response:
-        if not owned(ident, session_id):
-            return unknown_session()
-        try:
-            return hub.ack(session_id, request_id)
-        except UnknownSession:
-            return unknown_session()
-        except LeaseError:
-            return error_response(
-                409,
-                "this request is not leased to the session (it expired or was cancelled)",
-                code="lease_lost",
-            )
-
-    def applier_for(pending: Pending) -> FrameApplier:
-        channel = pending.sink
-        assert isinstance(channel, ResponseChannel)
-        return FrameApplier(hub, pending, channel, settings.max_response_body)
-
-    @bp.post("/sessions/<session_id>/responses/<request_id>")
-    async def upload_stream(session_id: str, request_id: str) -> Response:
-        ident = identify()
-        if isinstance(ident, Response):
-            return ident
-        pending = lease(ident, session_id, request_id)
-        if isinstance(pending, Response):
-            return pending
-        structlog.contextvars.bind_contextvars(request_id=request_id)
-        applier = applier_for(pending)
-        try:
-            async for chunk in request.body:
-                applier.feed(chunk)
-                if applier.done or applier.cancelled:
-                    break
-            if not applier.done and not applier.cancelled:
-                applier.abort(502, "connector_lost", "the connector's upload ended early")
-        except (FrameError, UploadTooLarge) as exc:
-            log.warning("upload_rejected", error=str(exc))
-            applier.abort(502, "bad_upload", f"the connector sent a bad response: {exc}")
-            return error_response(400, str(exc), code="bad_upload")
-        finally:
-            # Runs also when Quart cancels us because the connector disconnected.
-            if not applier.done and not applier.cancelled:
-                applier.abort(502, "connector_lost", "the connector disconnected mid-response")
-            hub.finish(request_id)
-            structlog.contextvars.unbind_contextvars("request_id")
-        return _json(_CANCELLED if applier.cancelled and not applier.done else _OK)
-
-    @bp.post("/sessions/<session_id>/responses/<request_id>/parts/<int:seq>")
-    async def upload_part(session_id: str, request_id: str, seq: int) -> Response:
-        ident = identify()
-        if isinstance(ident, Response):
-            return ident
-        assembler = assemblers.get(request_id)
-        if assembler is None:
-            pending = lease(ident, session_id, request_id)
-            if isinstance(pending, Response):
-                return pending
-            assembler = PartAssembler(applier_for(pending))
-            assemblers[request_id] = assembler
-        elif assembler.applier.pending.session_id != session_id:
-            return error_response(409, "this request is leased elsewhere", code="lease_lost")
-        try:
-            data = await read_body(settings.max_part_bytes * 16 + 1024 * 1024)
-        except BodyError as exc:
-            return error_response(exc.status, exc.message, code=exc.code)
-        applier = assembler.applier
-        try:
-            fresh = assembler.add(seq, data)
-        except (FrameError, UploadTooLarge) as exc:
-            applier.abort(502, "bad_upload", f"the connector sent a bad response: {exc}")
-            assemblers.pop(request_id, None)
-            hub.finish(request_id)
-            return error_response(400, str(exc), code="bad_upload")
-        if applier.done or applier.cancelled:
-            assemblers.pop(request_id, None)
-            hub.finish(request_id)
-            if applier.cancelled and not applier.done:
-                return _json(_CANCELLED)
-        return _json(_OK if fresh else _DUPLICATE)
 
     @bp.post("/probe")
     async def probe() -> Response:

@@ -12,6 +12,7 @@ from broker.app import build_state, create_app, create_health_app
 from broker.settings import BrokerSettings
 from broker.state import BrokerState
 from shared.logging import get_logger
+from shared.loop import run
 
 log = get_logger("broker.server")
 
@@ -96,4 +97,4 @@ def serve(settings: BrokerSettings, state: BrokerState | None = None) -> None:
             loop.add_signal_handler(sig, server.request_stop)
         await server.run()
 
-    asyncio.run(main())
+    run(main())

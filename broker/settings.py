@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -55,6 +56,11 @@ class BrokerSettings(FileAwareSettings):
         True,
         description="With no key or token configured, create a user key and a connector token "
         "in the data dir and print them once (otherwise refuse to start).",
+    )
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Reverse proxy address or CIDR whose X-Forwarded-For is believed for the "
+        "client address in the logs (repeatable; env: comma-separated).",
     )
     certfile: Path | None = Field(None, description="TLS certificate (PEM) to serve HTTPS.")
     keyfile: Path | None = Field(None, description="TLS private key (PEM).")
@@ -116,10 +122,20 @@ class BrokerSettings(FileAwareSettings):
         30 * SECONDS, ge=0, description="Seconds to let in-flight streams finish on SIGTERM."
     )
 
-    @field_validator("user_api_keys", "connector_tokens", mode="before")
+    @field_validator("user_api_keys", "connector_tokens", "trusted_proxies", mode="before")
     @classmethod
     def _split(cls, value: object) -> object:
         return split_list(value)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _cidrs(cls, value: list[str]) -> list[str]:
+        for cidr in value:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"{cidr!r} is not an IP address or CIDR") from exc
+        return value
 
     @property
     def advertised_url(self) -> str:

@@ -9,13 +9,23 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 import httpx
 from pydantic import ValidationError
 
-from connector.errors import BrokerRejected, BrokerUnavailable, LeaseLost, SessionLost
+from connector import tls
+from connector.errors import (
+    BrokerRejected,
+    BrokerUnavailable,
+    CertificateError,
+    LeaseLost,
+    SessionLost,
+)
+from connector.proxy import choose_proxy
 from connector.settings import ConnectorSettings
 from shared.logging import get_logger
 from shared.protocol import (
@@ -34,14 +44,24 @@ log = get_logger("connector.broker")
 T = TypeVar("T")
 
 
+# A poll that fails after being held this long was cut by something on the way (a proxy's
+# idle timeout), not refused: it is re-issued at once instead of backing off.
+POLL_CUT_AFTER = 1.0
+_CUT_STATUSES = frozenset({502, 503, 504})
+
+
 def tls_verify(settings: ConnectorSettings) -> ssl.SSLContext | bool:
-    """What httpx verifies the broker with: an explicit CA bundle, or the default store."""
-    if settings.insecure:
-        log.warning("tls_verification_disabled", broker_url=settings.broker_url)
+    """What httpx verifies the broker with (see ``connector.tls``); never off silently."""
+    trust = tls.trust_for(settings)
+    if trust.context is None:
+        log.warning(
+            "tls_verification_disabled",
+            broker_url=settings.broker_url,
+            message="--insecure: the broker's TLS certificate is NOT verified; anyone on the "
+            "path can read and change the relayed traffic. Use --ca-bundle instead.",
+        )
         return False
-    if settings.ca_bundle is not None:
-        return ssl.create_default_context(cafile=str(settings.ca_bundle))
-    return True
+    return trust.context
 
 
 def _raise_for(response: httpx.Response) -> None:
@@ -53,6 +73,11 @@ def _raise_for(response: httpx.Response) -> None:
         raise SessionLost(detail)
     if status == 409:
         raise LeaseLost(detail)
+    if status == 407:
+        raise BrokerRejected(
+            f"HTTP 407: the proxy wants credentials: give them as user:pass@ in --proxy or "
+            f"HTTPS_PROXY ({detail})"
+        )
     if status in (400, 401, 403):
         raise BrokerRejected(f"HTTP {status}: {detail}")
     raise BrokerUnavailable(f"HTTP {status}: {detail}")
@@ -63,7 +88,11 @@ def _message(response: httpx.Response) -> str:
         body = response.json()
         return str(body["error"]["message"])
     except (ValueError, KeyError, TypeError):
-        return response.text[:200]
+        pass
+    # The broker answers errors in JSON: anything else came from something on the way.
+    server = response.headers.get("server") or response.headers.get("via") or "unknown"
+    reason = response.reason_phrase or "error"
+    return f"{reason}, answered by {server}, not by the broker (a proxy on the way?)"
 
 
 class BrokerClient:
@@ -74,6 +103,11 @@ class BrokerClient:
     ) -> None:
         self.settings = settings
         self.base = settings.broker_url + RELAY_PREFIX
+        self.poll_cuts = 0
+        self._cert_hint: str | None = None
+        proxy = choose_proxy(settings.broker_url, settings.proxy)
+        if proxy.url is not None and transport is None:
+            log.info("broker_proxy", proxy=proxy.shown, source=proxy.source)
         self._client = httpx.AsyncClient(
             headers={"Authorization": f"Bearer {settings.broker_token}"},
             timeout=httpx.Timeout(connect=15.0, read=60.0, write=60.0, pool=None),
@@ -115,12 +149,26 @@ class BrokerClient:
         try:
             response = await self._retrying(call)
         except httpx.HTTPError as exc:
-            raise BrokerUnavailable(describe(exc)) from exc
+            raise await self._unavailable(exc) from exc
         _raise_for(response)
         return response
 
+    async def _unavailable(self, exc: Exception) -> BrokerUnavailable | CertificateError:
+        """The error to raise for a failed call; a certificate problem is explained once."""
+        error = tls.cert_error(exc)
+        if error is None:
+            return BrokerUnavailable(describe(exc))
+        if self._cert_hint is None:
+            # One extra, unverified handshake to read who issued what we were shown.
+            proxy = choose_proxy(self.settings.broker_url, self.settings.proxy).url
+            info = await tls.inspect_certificate(self.settings.broker_url, proxy)
+            url = urlsplit(self.settings.broker_url)
+            self._cert_hint = tls.explain(error, f"{url.hostname}:{url.port or 443}", info)
+        return CertificateError(self._cert_hint)
+
     async def register(self, req: RegisterRequest) -> RegisterResponse:
         response = await self._send("POST", "/sessions", content=req.model_dump_json().encode())
+        self._cert_hint = None
         try:
             return RegisterResponse.model_validate_json(response.content)
         except ValidationError as exc:
@@ -135,9 +183,20 @@ class BrokerClient:
 
     async def poll(self, session_id: str, hold: float) -> list[WorkItem]:
         # Read timeout = hold + 15 s: a poll answered late is still a poll.
-        response = await self._send(
-            "POST", f"/sessions/{session_id}/poll", content=b"{}", timeout=hold + 15.0
-        )
+        started = time.monotonic()
+        try:
+            response = await self._send(
+                "POST", f"/sessions/{session_id}/poll", content=b"{}", timeout=hold + 15.0
+            )
+        except BrokerUnavailable as exc:
+            held = time.monotonic() - started
+            if held < POLL_CUT_AFTER or not _is_cut(exc):
+                raise
+            # A proxy's idle timeout ended the held poll: ask again at once. Work the broker
+            # handed to the cut poll is not lost: its lease expires and it is handed out again.
+            self.poll_cuts += 1
+            log.info("poll_cut", held_s=round(held, 1), error=str(exc), cuts=self.poll_cuts)
+            return []
         try:
             return PollResponse.model_validate_json(response.content).items
         except ValidationError as exc:
@@ -199,9 +258,12 @@ class BrokerClient:
                 headers={"content-type": "application/octet-stream"},
             )
         except httpx.HTTPError as exc:
-            raise BrokerUnavailable(describe(exc)) from exc
+            raise await self._unavailable(exc) from exc
         _raise_for(response)
-        return ProbeResult.model_validate_json(response.content)
+        try:
+            return ProbeResult.model_validate_json(response.content)
+        except ValidationError as exc:
+            raise BrokerRejected(f"unexpected probe answer: {exc}") from exc
 
 
 def _result(response: httpx.Response) -> UploadResult:
@@ -214,7 +276,16 @@ def _result(response: httpx.Response) -> UploadResult:
 def describe(exc: Exception) -> str:
     """A one-line reason for a network error, with the TLS cause when there is one."""
     text = str(exc) or type(exc).__name__
-    cause = exc.__cause__ or exc.__context__
-    if isinstance(cause, ssl.SSLCertVerificationError):
+    cause = tls.cert_error(exc)
+    if cause is not None:
         text = f"TLS certificate verification failed: {cause.verify_message}"
     return f"{type(exc).__name__}: {text}"
+
+
+def _is_cut(exc: BrokerUnavailable) -> bool:
+    """A held connection ended by the path: a dropped connection or a gateway timeout."""
+    cause = exc.__cause__
+    if isinstance(cause, httpx.RemoteProtocolError | httpx.ReadError | httpx.ReadTimeout):
+        return True
+    text = str(exc)
+    return any(text.startswith(f"HTTP {status}") for status in _CUT_STATUSES)

@@ -5,6 +5,7 @@ Exception tree::
     ConnectorError
     ├── BrokerUnavailable   network error, timeout or 5xx: retry with backoff
     ├── BrokerRejected      bad token, protocol mismatch: retry slowly, tell the operator
+    │   └── CertificateError    the broker's TLS certificate is not trusted (says by whom)
     ├── SessionLost         the broker forgot the session (404): register again
     └── LeaseLost           the request is no longer ours (409): stop working on it
 """
@@ -21,6 +22,10 @@ class BrokerUnavailable(ConnectorError):
 
 
 class BrokerRejected(ConnectorError):
+    pass
+
+
+class CertificateError(BrokerRejected):
     pass
 
 

@@ -288,8 +288,15 @@ class Connector:
                 if wait > 0 and len(blob) < limit:
                     await asyncio.sleep(wait)
                     blob += pipe.drain()
-            result = await send(sid, rid, seq, bytes(blob))
-            seq += 1
+            # Never more than max_part_bytes per POST (frames may span parts): proxies cap
+            # request bodies (nginx: 1 MiB), and a burst from the LLM can be far larger.
+            data = bytes(blob)
+            for start in range(0, len(data), limit):
+                piece = data if len(data) <= limit else data[start : start + limit]
+                result = await send(sid, rid, seq, piece)
+                seq += 1
+                if result.status == "cancelled":
+                    return
             last_sent = loop.time()
             data_sent = data_sent or pipe.has_data
             if pipe.ended and not pipe.buffered:

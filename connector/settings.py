@@ -92,6 +92,13 @@ class ConnectorSettings(FileAwareSettings):
     def _split(cls, value: object) -> object:
         return split_list(value)
 
+    @field_validator("ca_bundle")
+    @classmethod
+    def _readable(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"{value} is not a file (a PEM bundle of CA certificates)")
+        return value
+
     @field_validator("broker_url", "llm_url")
     @classmethod
     def _http_url(cls, value: str) -> str:

@@ -6,6 +6,7 @@ import time
 
 import httpx
 
+from connector.netbackend import use_asyncio_backend
 from connector.pipe import FramePipe
 from connector.settings import ConnectorSettings
 from shared.protocol import REQUEST_ID_HEADER, RequestItem, ResponseEnd, ResponseHead
@@ -36,7 +37,15 @@ class Upstream:
                 max_connections=settings.capacity + 4,
                 max_keepalive_connections=settings.capacity + 4,
             ),
-            transport=transport,
+            transport=transport
+            or use_asyncio_backend(
+                httpx.AsyncHTTPTransport(
+                    limits=httpx.Limits(
+                        max_connections=settings.capacity + 4,
+                        max_keepalive_connections=settings.capacity + 4,
+                    )
+                )
+            ),
             # The local LLM is on this machine or LAN: never send it through the proxy.
             trust_env=False,
         )
