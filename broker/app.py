@@ -19,6 +19,7 @@ from broker.relay import create_relay_blueprint
 from broker.settings import BrokerSettings
 from broker.state import BrokerState
 from shared.logging import get_logger
+from shared.templates import render
 
 log = get_logger("broker.app")
 
@@ -77,6 +78,13 @@ def create_app(settings: BrokerSettings, state: BrokerState | None = None) -> Qu
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await state.hub.stop()
+
+    @app.get("/")
+    async def index() -> Response:
+        """A landing page for people who open the broker's URL in a browser."""
+        models = sorted(state.hub.dispatcher.live_models())
+        page = render("index.html.j2", base_url=settings.advertised_url, models=models)
+        return Response(page, content_type="text/html; charset=utf-8")
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:

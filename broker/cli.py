@@ -13,6 +13,7 @@ from broker.settings import BrokerSettings
 from shared.errors import ConfigError
 from shared.logging import configure_logging, get_logger
 from shared.settings import load_settings, options_from_settings
+from shared.templates import render
 
 
 def connector_command(settings: BrokerSettings, token: str) -> str:
@@ -24,33 +25,18 @@ def connector_command(settings: BrokerSettings, token: str) -> str:
 
 
 def banner(settings: BrokerSettings, creds: GeneratedCredentials, keys: KeyStore) -> str:
-    url = settings.advertised_url
-    lines = ["", "RemoteLLM broker"]
-    if creds.user_key or creds.connector_token:
-        lines.append(
-            f"  Created credentials (stored only as hashes in {keys.credentials_path}; "
-            "shown this once, copy them now):"
-        )
-        if creds.user_key:
-            lines.append(f"    API key for users:  {creds.user_key}")
-        if creds.connector_token:
-            lines.append(f"    Connector token:    {creds.connector_token}")
-            lines += [
-                "  Next, on the machine with the LLM, run the connector:",
-                f"    {connector_command(settings, creds.connector_token)}",
-            ]
-    else:
-        lines.append(
-            f"  Using the keys and tokens configured (and those in {keys.credentials_path})."
-        )
-    lines += [
-        f"  OpenAI base URL for API users: {url}/v1",
-        f"  Health: http://{settings.health_host}:{settings.health_port}/health"
+    token = creds.connector_token
+    return render(
+        "banner.txt.j2",
+        user_key=creds.user_key,
+        connector_token=token,
+        connector_command=connector_command(settings, token) if token else None,
+        credentials_path=keys.credentials_path,
+        base_url=settings.advertised_url,
+        health_url=f"http://{settings.health_host}:{settings.health_port}"
         if settings.health_port
-        else "  Health server: off",
-        "",
-    ]
-    return "\n".join(lines)
+        else None,
+    )
 
 
 def prepare(settings: BrokerSettings) -> tuple[KeyStore, GeneratedCredentials]:

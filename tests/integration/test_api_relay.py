@@ -265,3 +265,12 @@ async def test_auto_mode_picks_stream_on_a_direct_path(tmp_path, fake_llm: FakeL
     finally:
         await conn.stop()
         await broker.stop()
+
+
+async def test_landing_page_lists_live_models(stack: Stack) -> None:
+    async with httpx.AsyncClient(base_url=stack.broker.url) as client:
+        r = await client.get("/")
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/html")
+    assert "<li>fake-model</li>" in r.text
+    assert stack.broker.url + "/v1" in r.text
