@@ -249,3 +249,43 @@ def use_asyncio_backend(transport: httpx.AsyncHTTPTransport) -> httpx.AsyncHTTPT
     if pool is not None and hasattr(pool, "_network_backend"):
         pool._network_backend = AsyncioBackend()
     return transport
+
+
+class ShardedTransport(httpx.AsyncBaseTransport):
+    """Spreads requests over several connection pools.
+
+    httpcore scans every connection of a pool on each request it assigns, so one pool
+    holding ~1,000 streams costs O(n) per request and chunk; pools of a few dozen keep
+    that scan short.
+    """
+
+    def __init__(self, shards: list[httpx.AsyncHTTPTransport]) -> None:
+        self._shards = shards
+        self._next = 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        shard = self._shards[self._next]
+        self._next = (self._next + 1) % len(self._shards)
+        return await shard.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        for shard in self._shards:
+            await shard.aclose()
+
+
+def fast_transport(
+    connections: int, per_shard: int = 32, **options: Any
+) -> httpx.AsyncBaseTransport:
+    """An httpx transport on ``AsyncioBackend``, sharded for many concurrent requests."""
+    count = max(1, -(-connections // per_shard))
+    size = -(-connections // count)
+    shards = [
+        use_asyncio_backend(
+            httpx.AsyncHTTPTransport(
+                limits=httpx.Limits(max_connections=size, max_keepalive_connections=size),
+                **options,
+            )
+        )
+        for _ in range(count)
+    ]
+    return shards[0] if count == 1 else ShardedTransport(shards)

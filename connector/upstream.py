@@ -6,7 +6,7 @@ import time
 
 import httpx
 
-from connector.netbackend import use_asyncio_backend
+from connector.netbackend import fast_transport
 from connector.pipe import FramePipe
 from connector.settings import ConnectorSettings
 from shared.protocol import REQUEST_ID_HEADER, RequestItem, ResponseEnd, ResponseHead
@@ -33,19 +33,7 @@ class Upstream:
                 write=60.0,
                 pool=None,
             ),
-            limits=httpx.Limits(
-                max_connections=settings.capacity + 4,
-                max_keepalive_connections=settings.capacity + 4,
-            ),
-            transport=transport
-            or use_asyncio_backend(
-                httpx.AsyncHTTPTransport(
-                    limits=httpx.Limits(
-                        max_connections=settings.capacity + 4,
-                        max_keepalive_connections=settings.capacity + 4,
-                    )
-                )
-            ),
+            transport=transport or fast_transport(settings.capacity + 4),
             # The local LLM is on this machine or LAN: never send it through the proxy.
             trust_env=False,
         )

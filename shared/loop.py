@@ -7,6 +7,7 @@ token on each side) and cuts the memory of held TLS connections (DESIGN.md secti
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -14,6 +15,8 @@ T = TypeVar("T")
 
 
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    if os.environ.get("REMOTELLM_EVENT_LOOP") == "asyncio":  # for profilers and debugging
+        return None
     try:
         import uvloop
     except ImportError:  # Windows, or a platform without wheels
