@@ -227,6 +227,7 @@ def create_api_blueprint(state: BrokerState) -> Blueprint:
             if exc.status == 503:
                 extra["Retry-After"] = "2"
             log.info("request_refused", model=model, status=exc.status, code=exc.code)
+            state.metrics.request_done(model, exc.status, None, time.perf_counter() - started)
             return error_response(
                 exc.status,
                 exc.message,
@@ -241,6 +242,9 @@ def create_api_blueprint(state: BrokerState) -> Blueprint:
         )
 
         def done(outcome: Outcome) -> None:
+            duration = time.perf_counter() - started
+            ttfb = outcome.ttfb_ms / 1000.0 if outcome.ttfb_ms is not None else None
+            state.metrics.request_done(model, outcome.status, ttfb, duration)
             log.info(
                 "request_done",
                 request_id=rid,
@@ -251,7 +255,7 @@ def create_api_blueprint(state: BrokerState) -> Blueprint:
                 stream=stream,
                 status=outcome.status,
                 ttfb_ms=outcome.ttfb_ms,
-                duration_ms=round((time.perf_counter() - started) * 1000.0, 3),
+                duration_ms=round(duration * 1000.0, 3),
                 overhead_ms=outcome.overhead_ms,
                 bytes_out=outcome.bytes_out,
                 error=outcome.error,

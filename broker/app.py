@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import time
 
+from prometheus_client import CONTENT_TYPE_LATEST
 from quart import Quart, Response
 from werkzeug.exceptions import HTTPException
 
@@ -15,6 +16,7 @@ from broker.errors import error_response, type_for_status
 from broker.fastpath import RelayFastPath
 from broker.hub import RelayHub
 from broker.keys import KeyStore
+from broker.metrics import BrokerMetrics
 from broker.relay import create_relay_blueprint
 from broker.settings import BrokerSettings
 from broker.state import BrokerState
@@ -45,7 +47,8 @@ def build_state(settings: BrokerSettings, keys: KeyStore | None = None) -> Broke
             connector_config=settings.connector_config,
             data_dir=settings.data_dir,
         )
-    return BrokerState(settings=settings, hub=RelayHub(timings_from(settings)), keys=keys)
+    hub = RelayHub(timings_from(settings))
+    return BrokerState(settings=settings, hub=hub, keys=keys, metrics=BrokerMetrics(hub))
 
 
 def create_app(settings: BrokerSettings, state: BrokerState | None = None) -> Quart:
@@ -139,6 +142,10 @@ def create_health_app(state: BrokerState) -> Quart:
             "redispatched": d.redispatched,
         }
         return Response(_dumps(body), content_type="application/json")
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), content_type=CONTENT_TYPE_LATEST)
 
     @app.get("/ready")
     async def ready() -> Response:

@@ -84,6 +84,7 @@ def create_relay_blueprint(state: BrokerState) -> Blueprint:
             upstream_api_key=ident.upstream_api_key,
             owner=ident.id,
         )
+        state.metrics.registrations.inc()
         log.info(
             "session_registered",
             session=session.id,

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from broker.hub import RelayHub
 from broker.keys import KeyStore
+from broker.metrics import BrokerMetrics
 from broker.settings import BrokerSettings
 
 
@@ -14,8 +15,5 @@ class BrokerState:
     settings: BrokerSettings
     hub: RelayHub
     keys: KeyStore
+    metrics: BrokerMetrics
     started: float = 0.0
-    counters: dict[str, int] = field(default_factory=dict)
-
-    def count(self, name: str) -> None:
-        self.counters[name] = self.counters.get(name, 0) + 1

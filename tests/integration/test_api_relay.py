@@ -274,3 +274,28 @@ async def test_landing_page_lists_live_models(stack: Stack) -> None:
     assert r.headers["content-type"].startswith("text/html")
     assert "<li>fake-model</li>" in r.text
     assert stack.broker.url + "/v1" in r.text
+
+
+async def test_health_ready_and_metrics(stack: Stack) -> None:
+    async with stack.client() as client:
+        ok = await client.post(
+            "/v1/chat/completions",
+            json={"model": "fake-model", "messages": [{"role": "user", "content": "x"}]},
+        )
+        assert ok.status_code == 200
+        missing = await client.post(
+            "/v1/chat/completions", json={"model": "nope", "messages": []}
+        )
+        assert missing.status_code == 404
+    async with httpx.AsyncClient(base_url=stack.broker.health_url) as health:
+        h = (await health.get("/health")).json()
+        assert h["status"] == "ok"
+        assert h["models"] == ["fake-model"]
+        assert h["connectors"][0]["upload_mode"] == "stream"
+        assert (await health.get("/ready")).status_code == 200
+        text = (await health.get("/metrics")).text
+    assert 'remotellm_requests_total{model="fake-model",status="200"} 1.0' in text
+    assert 'remotellm_requests_total{model="nope",status="404"} 1.0' in text
+    assert 'remotellm_model_connectors{model="fake-model"} 1.0' in text
+    assert "remotellm_time_to_first_byte_seconds_bucket" in text
+    assert "remotellm_connector_registrations_total 1.0" in text

@@ -1,0 +1,102 @@
+"""Prometheus metrics for the broker, served at ``/metrics`` on the health port.
+
+Counters and histograms are updated once per request at its end (never per chunk); gauges
+that mirror relay state are read from the dispatcher when scraped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from broker.hub import RelayHub
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class _RelayCollector(Collector):
+    def __init__(self, hub: RelayHub) -> None:
+        self.hub = hub
+
+    def collect(self) -> Iterable[Metric]:
+        d = self.hub.dispatcher
+        connectors = GaugeMetricFamily(
+            "remotellm_connectors", "Live connector sessions", labels=["upload_mode"]
+        )
+        modes: dict[str, int] = {}
+        for session in d.sessions.values():
+            modes[session.upload_mode.value] = modes.get(session.upload_mode.value, 0) + 1
+        for mode, count in sorted(modes.items()):
+            connectors.add_metric([mode], count)
+        yield connectors
+        queue = GaugeMetricFamily(
+            "remotellm_queue_depth", "Requests waiting for a connector", labels=["model"]
+        )
+        for model, depth in sorted(d.queue_depth().items()):
+            queue.add_metric([model], depth)
+        yield queue
+        yield GaugeMetricFamily(
+            "remotellm_in_flight", "Requests queued or being relayed", value=d.in_flight()
+        )
+        models = GaugeMetricFamily(
+            "remotellm_model_connectors", "Live connectors serving each model", labels=["model"]
+        )
+        for model, owners in sorted(d.live_models().items()):
+            models.add_metric([model], len(owners))
+        yield models
+
+
+class BrokerMetrics:
+    def __init__(self, hub: RelayHub) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "remotellm_requests",
+            "Relayed API requests by model and final status",
+            ["model", "status"],
+            registry=self.registry,
+        )
+        self.ttfb = Histogram(
+            "remotellm_time_to_first_byte_seconds",
+            "Time from request to the first response byte sent to the API user",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.duration = Histogram(
+            "remotellm_request_duration_seconds",
+            "Time from request to the end of its response",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.registrations = Counter(
+            "remotellm_connector_registrations",
+            "Connector registrations (first connects and reconnects)",
+            registry=self.registry,
+        )
+        self.redispatches = Counter(
+            "remotellm_redispatches",
+            "Requests handed to another connector after their lease expired",
+            registry=self.registry,
+        )
+        self._seen_redispatches = 0
+        self.hub = hub
+        self.registry.register(_RelayCollector(hub))
+
+    def request_done(
+        self, model: str, status: int, ttfb_s: float | None, duration_s: float
+    ) -> None:
+        self.requests.labels(model, str(status)).inc()
+        if ttfb_s is not None:
+            self.ttfb.labels(model).observe(ttfb_s)
+        self.duration.labels(model).observe(duration_s)
+
+    def render(self) -> bytes:
+        total = self.hub.dispatcher.redispatched
+        if total > self._seen_redispatches:
+            self.redispatches.inc(total - self._seen_redispatches)
+            self._seen_redispatches = total
+        return generate_latest(self.registry)
