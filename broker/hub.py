@@ -20,6 +20,7 @@ from shared.protocol import RequestItem, UploadMode, WorkItem
 log = get_logger("broker.hub")
 
 Clock = Callable[[], float]
+DRAIN_POLL_HOLD = 1.0
 
 
 class RelayHub:
@@ -119,12 +120,16 @@ class RelayHub:
         loop = asyncio.get_running_loop()
         # A newer poll of the same session supersedes an older one (a proxy retried it).
         self._wake(session_id)
-        deadline = self.clock() + hold
         session.polling += 1
+        deadline = self.clock() + hold
         try:
             while True:
+                if d.draining:
+                    # Shutting down: still deliver cancels, but answer within a second so
+                    # the server can close (and the connector does not spin).
+                    deadline = min(deadline, self.clock() + DRAIN_POLL_HOLD)
                 items = d.take(session_id, self.clock())
-                if items or d.draining:
+                if items:
                     return items
                 remaining = deadline - self.clock()
                 if remaining <= 0:
