@@ -283,9 +283,7 @@ async def test_health_ready_and_metrics(stack: Stack) -> None:
             json={"model": "fake-model", "messages": [{"role": "user", "content": "x"}]},
         )
         assert ok.status_code == 200
-        missing = await client.post(
-            "/v1/chat/completions", json={"model": "nope", "messages": []}
-        )
+        missing = await client.post("/v1/chat/completions", json={"model": "nope", "messages": []})
         assert missing.status_code == 404
     async with httpx.AsyncClient(base_url=stack.broker.health_url) as health:
         h = (await health.get("/health")).json()
