@@ -25,6 +25,7 @@ from connector.errors import (
     LeaseLost,
     SessionLost,
 )
+from connector.netbackend import fast_transport
 from connector.proxy import choose_proxy
 from connector.settings import ConnectorSettings
 from shared.logging import get_logger
@@ -108,19 +109,21 @@ class BrokerClient:
         proxy = choose_proxy(settings.broker_url, settings.proxy)
         if proxy.url is not None and transport is None:
             log.info("broker_proxy", proxy=proxy.shown, source=proxy.source)
+        if transport is None:
+            # The proxy is resolved above (--proxy, or the environment with NO_PROXY), so
+            # the transport gets it explicitly and the client does not read the env again.
+            transport = fast_transport(
+                settings.capacity * 2 + 8,
+                keepalive_expiry=30.0,
+                proxy=proxy.url,
+                verify=tls_verify(settings),
+                http2=settings.http2,
+            )
         self._client = httpx.AsyncClient(
             headers={"Authorization": f"Bearer {settings.broker_token}"},
             timeout=httpx.Timeout(connect=15.0, read=60.0, write=60.0, pool=None),
-            limits=httpx.Limits(
-                max_connections=settings.capacity * 2 + 8,
-                max_keepalive_connections=settings.capacity + 4,
-                keepalive_expiry=30.0,
-            ),
-            proxy=settings.proxy,
-            verify=tls_verify(settings),
-            http2=settings.http2,
             transport=transport,
-            trust_env=True,
+            trust_env=False,
         )
 
     async def aclose(self) -> None:

@@ -274,7 +274,7 @@ class ShardedTransport(httpx.AsyncBaseTransport):
 
 
 def fast_transport(
-    connections: int, per_shard: int = 32, **options: Any
+    connections: int, per_shard: int = 32, keepalive_expiry: float = 5.0, **options: Any
 ) -> httpx.AsyncBaseTransport:
     """An httpx transport on ``AsyncioBackend``, sharded for many concurrent requests."""
     count = max(1, -(-connections // per_shard))
@@ -282,7 +282,11 @@ def fast_transport(
     shards = [
         use_asyncio_backend(
             httpx.AsyncHTTPTransport(
-                limits=httpx.Limits(max_connections=size, max_keepalive_connections=size),
+                limits=httpx.Limits(
+                    max_connections=size,
+                    max_keepalive_connections=size,
+                    keepalive_expiry=keepalive_expiry,
+                ),
                 **options,
             )
         )
