@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import re
-import secrets
 import time
+import uuid
 from typing import Any
 
 import structlog
@@ -36,7 +36,8 @@ class BodyError(Exception):
 
 
 def new_request_id() -> str:
-    return "req_" + secrets.token_hex(12)
+    # A UUID: llama-cpp-python's server refuses any other x-request-id with a 400.
+    return str(uuid.uuid4())
 
 
 def request_id_for(header: str | None) -> str:

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import time
+import uuid
 
 import httpx
 
 from connector.netbackend import fast_transport
 from connector.pipe import FramePipe
 from connector.settings import ConnectorSettings
-from shared.protocol import REQUEST_ID_HEADER, RequestItem, ResponseEnd, ResponseHead
+from shared.protocol import (
+    REQUEST_ID_HEADER,
+    UPSTREAM_REQUEST_ID_HEADER,
+    RequestItem,
+    ResponseEnd,
+    ResponseHead,
+)
 
 
 class UpstreamError(Exception):
@@ -59,7 +66,11 @@ class Upstream:
         """
         headers = dict(item.headers)
         headers["accept-encoding"] = "identity"
-        headers[REQUEST_ID_HEADER] = item.request_id
+        headers.pop(REQUEST_ID_HEADER, None)
+        headers[UPSTREAM_REQUEST_ID_HEADER] = item.request_id
+        if _is_uuid(item.request_id):
+            # Only a UUID: llama-cpp-python's server answers 400 to any other x-request-id.
+            headers[REQUEST_ID_HEADER] = item.request_id
         key = item.upstream_api_key or self.api_key
         if key:
             headers["authorization"] = f"Bearer {key}"
@@ -112,6 +123,14 @@ class Upstream:
                     f"the local LLM failed {where}: {type(exc).__name__}: {exc}",
                 )
             )
+
+
+def _is_uuid(value: str) -> bool:
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _failure(status: int, error_type: str, message: str) -> ResponseEnd:

@@ -17,6 +17,8 @@ RELAY_PREFIX = f"/relay/v{PROTOCOL_VERSION}"
 # Headers the broker puts on relay responses and the API side.
 REQUEST_ID_HEADER = "x-request-id"
 OVERHEAD_HEADER = "x-remotellm-overhead-ms"
+# Always sent to the local LLM; x-request-id too when the ID is a UUID (the broker's are).
+UPSTREAM_REQUEST_ID_HEADER = "x-remotellm-request-id"
 
 
 class UploadMode(StrEnum):

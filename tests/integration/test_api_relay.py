@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 
 import httpx
 import openai
@@ -73,11 +74,20 @@ async def test_request_id_headers_and_key_injection(stack: Stack, fake_llm: Fake
             messages=[{"role": "user", "content": "echo"}],
             extra_headers={"x-request-id": "my-req-42"},
         )
+        fresh = await client.chat.completions.with_raw_response.create(
+            model="fake-model", messages=[{"role": "user", "content": "echo"}]
+        )
     assert raw.headers["x-request-id"] == "my-req-42"
     assert float(raw.headers["x-remotellm-overhead-ms"]) >= 0.0
+    # A client's own ID reaches the LLM; as x-request-id only when it is a UUID.
+    first = {k.lower(): v for k, v in fake_llm.seen[-2].headers.items()}
+    assert first["x-remotellm-request-id"] == "my-req-42"
+    assert "x-request-id" not in first
+    new_id = fresh.headers["x-request-id"]
+    assert str(uuid.UUID(new_id)) == new_id
     seen = fake_llm.seen[-1]
     headers = {k.lower(): v for k, v in seen.headers.items()}
-    assert headers["x-request-id"] == "my-req-42"
+    assert headers["x-request-id"] == new_id
     # The user's key never leaves the broker; no upstream key is configured here.
     assert USER_KEY not in json.dumps(seen.headers)
     assert "authorization" not in headers
