@@ -19,6 +19,7 @@ import structlog
 
 from broker.channel import ResponseChannel
 from broker.dispatch import LeaseError, Pending, UnknownSession
+from broker.hub import Superseded
 from broker.keys import ConnectorIdentity
 from broker.state import BrokerState
 from broker.upload import FrameApplier, PartAssembler, UploadTooLarge
@@ -36,6 +37,11 @@ ASGIApp = Callable[..., Awaitable[None]]
 
 _SESSIONS = RELAY_PREFIX + "/sessions/"
 _JSON = [(b"content-type", b"application/json")]
+_NDJSON = [
+    (b"content-type", b"application/x-ndjson"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
 _OK = UploadResult(status="ok").model_dump_json().encode()
 _CANCELLED = UploadResult(status="cancelled").model_dump_json().encode()
 _DUPLICATE = UploadResult(status="duplicate").model_dump_json().encode()
@@ -157,18 +163,64 @@ class RelayFastPath:
         session_id = parts[0]
         self._identify(scope, session_id)
         await self._read_all(receive, 64 * 1024)
+        if b"stream=1" in scope.get("query_string", b""):
+            await self._poll_stream(session_id, receive, send)
+            return
         # The next message is http.disconnect: it tells us the connector hung up.
         hangup: asyncio.Future[object] = asyncio.ensure_future(receive())
         try:
             items = await self.state.hub.poll(
                 session_id, self.state.settings.poll_wait, abort=hangup
             )
+        except Superseded:
+            items = []
         except UnknownSession:
             raise HTTPError(404, "unknown session: register again", "session_unknown") from None
         finally:
             if not hangup.done():
                 hangup.cancel()
         await _respond(send, 200, PollResponse(items=items).model_dump_json().encode())
+
+    async def _poll_stream(self, session_id: str, receive: Receive, send: Send) -> None:
+        """Fast path (DESIGN.md 2.9): one poll answer carries work items as they come.
+
+        Each batch is one line of JSON; the answer ends after the hold. The connector uses
+        this only when its probe showed the path delivers responses incrementally.
+        """
+        hub = self.state.hub
+        hangup: asyncio.Future[object] = asyncio.ensure_future(receive())
+        deadline = hub.clock() + self.state.settings.poll_wait
+        started = False
+        try:
+            while not hangup.done():
+                remaining = deadline - hub.clock()
+                if remaining <= 0:
+                    break
+                try:
+                    items = await hub.poll(session_id, remaining, abort=hangup)
+                except Superseded:
+                    break
+                except UnknownSession:
+                    if not started:
+                        raise HTTPError(
+                            404, "unknown session: register again", "session_unknown"
+                        ) from None
+                    break
+                if not started:
+                    await send({"type": "http.response.start", "status": 200, "headers": _NDJSON})
+                    started = True
+                if items:
+                    line = PollResponse(items=items).model_dump_json().encode() + b"\n"
+                    await send({"type": "http.response.body", "body": line, "more_body": True})
+                elif hub.dispatcher.draining:
+                    break
+        finally:
+            if not hangup.done():
+                hangup.cancel()
+        if not started:
+            await send({"type": "http.response.start", "status": 200, "headers": _NDJSON})
+        with contextlib.suppress(Exception):
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _upload_stream(
         self, scope: Scope, receive: Receive, send: Send, parts: list[str]

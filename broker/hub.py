@@ -20,6 +20,12 @@ from shared.protocol import RequestItem, UploadMode, WorkItem
 log = get_logger("broker.hub")
 
 Clock = Callable[[], float]
+
+
+class Superseded(Exception):
+    """A newer poll of the same session took over (a proxy or the connector retried)."""
+
+
 DRAIN_POLL_HOLD = 1.0
 
 
@@ -148,8 +154,7 @@ class RelayHub:
                 if session_id not in d.sessions or (abort is not None and abort.done()):
                     return []
                 if self._waiters.get(session_id) is not None:
-                    # Superseded by a newer poll of the same session.
-                    return []
+                    raise Superseded(session_id)
         finally:
             session.polling -= 1
             session.last_seen = self.clock()

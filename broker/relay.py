@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import AsyncIterator
 
 from pydantic import ValidationError
 from quart import Blueprint, Response, request
@@ -149,5 +151,24 @@ def create_relay_blueprint(state: BrokerState) -> Blueprint:
         # The connector sends its pieces ~300 ms apart: a buffering proxy delivers them at once.
         result = ProbeResult(incremental=spread >= 100.0, chunks=len(arrivals), spread_ms=spread)
         return _json(result.model_dump_json())
+
+    @bp.get("/probe")
+    async def probe_download() -> Response:
+        """Streams three pieces ~300 ms apart: does the path deliver a response as it comes?"""
+        ident = identify()
+        if isinstance(ident, Response):
+            return ident
+
+        async def pieces() -> AsyncIterator[bytes]:
+            for i in range(3):
+                if i:
+                    await asyncio.sleep(0.3)
+                yield b"probe" * 20 + b"\n"
+
+        response = Response(pieces(), content_type="application/octet-stream")
+        response.headers["Cache-Control"] = "no-cache"
+        response.headers["X-Accel-Buffering"] = "no"
+        response.timeout = None
+        return response
 
     return bp

@@ -245,6 +245,69 @@ class BrokerClient:
         assert last is not None
         raise BrokerUnavailable(describe(last)) from last
 
+    async def probe_download(self) -> float:
+        """How far apart (ms) three response pieces sent 300 ms apart arrived."""
+        arrivals: list[float] = []
+        try:
+            async with self._client.stream("GET", f"{self.base}/probe") as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    _raise_for(response)
+                async for chunk in response.aiter_raw():
+                    if chunk:
+                        arrivals.append(time.perf_counter())
+        except httpx.HTTPError as exc:
+            raise await self._unavailable(exc) from exc
+        return (arrivals[-1] - arrivals[0]) * 1000.0 if arrivals else 0.0
+
+    async def poll_stream(
+        self, session_id: str, hold: float, on_items: Callable[[list[WorkItem]], None]
+    ) -> None:
+        """Fast path: one poll whose answer carries batches of items, one JSON line each."""
+        started = time.monotonic()
+        url = f"{self.base}/sessions/{session_id}/poll?stream=1"
+        timeout = httpx.Timeout(connect=15.0, read=hold + 15.0, write=60.0, pool=None)
+        try:
+            async with self._client.stream(
+                "POST",
+                url,
+                content=b"{}",
+                headers={"content-type": "application/json"},
+                timeout=timeout,
+            ) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    _raise_for(response)
+                pending = b""
+                async for chunk in response.aiter_raw():
+                    pending += chunk
+                    while b"\n" in pending:
+                        line, pending = pending.split(b"\n", 1)
+                        if line.strip():
+                            on_items(PollResponse.model_validate_json(line).items)
+            held = time.monotonic() - started
+            if POLL_CUT_AFTER <= held < hold - 1.0:
+                # The answer ended well before its hold: a proxy closed it (or the broker
+                # is shutting down). Either way the next poll goes out at once.
+                self.poll_cuts += 1
+                log.info("poll_cut", held_s=round(held, 1), error="answer ended early")
+        except ValidationError as exc:
+            raise BrokerRejected(f"unexpected poll answer: {exc}") from exc
+        except (httpx.HTTPError, BrokerUnavailable) as exc:
+            # A proxy's gateway timeout (504) or a dropped connection ends a held poll.
+            error = exc if isinstance(exc, BrokerUnavailable) else await self._unavailable(exc)
+            if error is not exc:
+                error.__cause__ = exc
+            held = time.monotonic() - started
+            if (
+                held < POLL_CUT_AFTER
+                or not isinstance(error, BrokerUnavailable)
+                or not _is_cut(error)
+            ):
+                raise error from exc
+            self.poll_cuts += 1
+            log.info("poll_cut", held_s=round(held, 1), error=str(error), cuts=self.poll_cuts)
+
     async def probe(self, pieces: int = 3, gap: float = 0.3) -> ProbeResult:
         """Send a chunked body in pieces ``gap`` apart; the broker says how they arrived."""
 

@@ -59,6 +59,7 @@ class HealthServer:
                 "connected": relay_ok,
                 "session": st.session_id,
                 "upload_mode": st.upload_mode,
+                "poll_mode": st.poll_mode,
                 "last_poll_age_s": round(time.monotonic() - st.last_poll_ok, 1)
                 if st.last_poll_ok
                 else None,

@@ -215,6 +215,8 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
             raise httpcore.ConnectTimeout(f"timed out connecting to {host}:{port}") from exc
         except OSError as exc:
             raise httpcore.ConnectError(str(exc)) from exc
+        # uvloop may call connection_made after create_connection returns: set it here too.
+        protocol.transport = transport
         sock = transport.get_extra_info("socket")
         if sock is not None:
             for option in socket_options or ():
@@ -232,11 +234,12 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
         protocol = _Protocol()
         try:
             async with asyncio.timeout(timeout):
-                await loop.create_unix_connection(lambda: protocol, path)
+                transport, _ = await loop.create_unix_connection(lambda: protocol, path)
         except TimeoutError as exc:
             raise httpcore.ConnectTimeout(f"timed out connecting to {path}") from exc
         except OSError as exc:
             raise httpcore.ConnectError(str(exc)) from exc
+        protocol.transport = transport
         return AsyncioStream(protocol)
 
     async def sleep(self, seconds: float) -> None:

@@ -27,6 +27,7 @@ from shared.protocol import (
     RegisterResponse,
     RequestItem,
     UploadMode,
+    WorkItem,
 )
 
 log = get_logger("connector.runner")
@@ -41,6 +42,7 @@ class Status:
 
     session_id: str | None = None
     upload_mode: str | None = None
+    poll_mode: str | None = None
     models: list[str] = field(default_factory=list)
     last_poll_ok: float = 0.0
     broker_error: str | None = None
@@ -69,6 +71,7 @@ class Connector:
         self._poll_task: asyncio.Task[object] | None = None
         self._backoff = Backoff()
         self._draining = False
+        self.stream_polls = False
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -136,6 +139,7 @@ class Connector:
                 name=s.name, models=models, capacity=s.capacity, version=VERSION, upload_mode=mode
             )
         )
+        self.stream_polls = await self._choose_poll_mode(reply.upload_mode)
         self.session = reply
         self.status.session_id = reply.session_id
         self.status.upload_mode = reply.upload_mode.value
@@ -147,8 +151,22 @@ class Connector:
             session=reply.session_id,
             models=models,
             upload_mode=reply.upload_mode.value,
+            poll_mode=self.status.poll_mode,
             poll_wait_s=reply.poll_wait_s,
         )
+
+    async def _choose_poll_mode(self, upload_mode: UploadMode) -> bool:
+        """Stream polls only where the path delivers responses as they are sent."""
+        wanted = self.settings.poll_mode
+        stream = wanted == "stream"
+        if wanted == "auto":
+            if upload_mode is UploadMode.STREAM:
+                spread = await self.broker.probe_download()
+                stream = spread >= 300.0
+                log.info("poll_probe", spread_ms=round(spread, 1), stream_polls=stream)
+            # A path that buffers uploads (parts mode) is assumed to buffer answers too.
+        self.status.poll_mode = "stream" if stream else "classic"
+        return stream
 
     async def _probe_mode(self) -> UploadMode:
         result = await self.broker.probe()
@@ -196,6 +214,22 @@ class Connector:
     async def _poll_once(self) -> None:
         session = self.session
         assert session is not None
+        if self.stream_polls:
+
+            def dispatch(items: list[WorkItem]) -> None:
+                self.status.last_poll_ok = time.monotonic()
+                self._dispatch(items, session)
+
+            self._poll_task = asyncio.create_task(
+                self.broker.poll_stream(session.session_id, session.poll_wait_s, dispatch)
+            )
+            try:
+                await self._poll_task
+            finally:
+                self._poll_task = None
+            self.status.last_poll_ok = time.monotonic()
+            self.status.broker_error = None
+            return
         self._poll_task = asyncio.create_task(
             self.broker.poll(session.session_id, session.poll_wait_s)
         )
@@ -206,6 +240,9 @@ class Connector:
         self.status.last_poll_ok = time.monotonic()
         self.status.broker_error = None
         assert isinstance(items, list)
+        self._dispatch(items, session)
+
+    def _dispatch(self, items: list[WorkItem], session: RegisterResponse) -> None:
         for item in items:
             if isinstance(item, CancelItem):
                 self._cancel(item.request_id)

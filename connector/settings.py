@@ -53,6 +53,12 @@ class ConnectorSettings(FileAwareSettings):
         description="How responses go back: stream (one chunked POST), parts (small POSTs, for "
         "proxies that buffer request bodies) or auto (probe the path at registration).",
     )
+    poll_mode: Literal["auto", "stream", "classic"] = Field(
+        "auto",
+        description="How work arrives: stream (one long-poll answer carries items as they "
+        "come, saving an HTTP exchange per request), classic (one answer per batch) or auto "
+        "(stream when the probe shows the path delivers responses incrementally).",
+    )
     proxy: str | None = Field(
         None,
         description="Proxy URL for reaching the broker (http://user:pass@host:port); default: "

@@ -307,3 +307,71 @@ async def test_health_ready_and_metrics(stack: Stack) -> None:
     assert 'remotellm_model_connectors{model="fake-model"} 1.0' in text
     assert "remotellm_time_to_first_byte_seconds_bucket" in text
     assert "remotellm_connector_registrations_total 1.0" in text
+
+
+@pytest.mark.parametrize("poll_mode", ["classic", "stream"])
+async def test_both_poll_modes_relay(tmp_path, fake_llm: FakeLLM, poll_mode: str) -> None:
+    from tests.support.stack import start_broker
+
+    broker = await start_broker(tmp_path / "b")
+    conn = await start_connector(broker.url, fake_llm.url, poll_mode=poll_mode)
+    fake_llm.chunk_delay = 0.01
+    try:
+        assert conn.connector.status.poll_mode == poll_mode
+        async with openai.AsyncOpenAI(base_url=broker.url + "/v1", api_key=USER_KEY) as client:
+
+            async def one() -> list[str]:
+                stream = await client.chat.completions.create(
+                    model="fake-model",
+                    messages=[{"role": "user", "content": "x"}],
+                    max_tokens=5,
+                    stream=True,
+                )
+                return [
+                    c.choices[0].delta.content
+                    async for c in stream
+                    if c.choices and c.choices[0].delta.content
+                ]
+
+            results = await asyncio.gather(*(one() for _ in range(10)))
+        assert all(r == [f"tok{i} " for i in range(5)] for r in results)
+        assert len(fake_llm.seen) == 10
+    finally:
+        await conn.stop()
+        await broker.stop()
+
+
+async def test_auto_poll_mode_streams_on_a_direct_path(stack: Stack) -> None:
+    status = stack.connectors[0].connector.status
+    assert status.upload_mode == "stream"
+    assert status.poll_mode == "stream"
+
+
+async def test_superseded_stream_poll_ends(tmp_path) -> None:
+    """Two streaming polls of one session: the older one ends instead of fighting."""
+    from tests.support.stack import TOKEN, start_broker
+
+    broker = await start_broker(tmp_path / "b", poll_wait=3.0)
+    base = broker.url + "/relay/v1"
+    tok = {"Authorization": f"Bearer {TOKEN}"}
+    try:
+        async with httpx.AsyncClient(timeout=30) as raw:
+            reg = await raw.post(
+                base + "/sessions",
+                json={"name": "twice", "models": ["m"], "capacity": 1},
+                headers=tok,
+            )
+            sid = reg.json()["session_id"]
+            url = f"{base}/sessions/{sid}/poll?stream=1"
+            first = asyncio.create_task(raw.post(url, json={}, headers=tok))
+            await asyncio.sleep(0.3)
+            started = time.monotonic()
+            second = asyncio.create_task(raw.post(url, json={}, headers=tok))
+            r1 = await first
+            ended_after = time.monotonic() - started
+            r2 = await second
+        assert r1.status_code == 200 and r2.status_code == 200
+        assert ended_after < 1.0  # the older poll gave way at once
+        assert r1.headers["content-type"] == "application/x-ndjson"
+    finally:
+        await broker.stop()
