@@ -249,3 +249,46 @@ async def test_upstream_key_injected_per_connector(tmp_path, fake_llm: FakeLLM) 
     finally:
         await conn.stop()
         await broker.stop()
+
+
+async def test_garbage_upload_fails_the_request_cleanly(tmp_path) -> None:
+    """A connector that uploads something that is not frames: 400 to it, 502 to the user."""
+    import asyncio
+
+    broker = await start_broker(tmp_path / "b")
+    base = broker.url + "/relay/v1"
+    tok = {"Authorization": f"Bearer {TOKEN}"}
+    try:
+        async with httpx.AsyncClient(timeout=30) as raw:
+            reg = await raw.post(
+                base + "/sessions",
+                json={"name": "broken", "models": ["fake-model"], "capacity": 1},
+                headers=tok,
+            )
+            sid = reg.json()["session_id"]
+            async with httpx.AsyncClient(base_url=broker.url, headers=AUTH, timeout=30) as api:
+                pending = asyncio.create_task(api.post("/v1/chat/completions", json=CHAT))
+                polled = await raw.post(f"{base}/sessions/{sid}/poll", json={}, headers=tok)
+                rid = polled.json()["items"][0]["request_id"]
+                bad = await raw.post(
+                    f"{base}/sessions/{sid}/responses/{rid}",
+                    content=b"\x09\x00\x00\x00\x01x",  # frame type 9 does not exist
+                    headers=tok,
+                )
+                assert_openai_error(bad, 400, "bad_upload")
+                r = await pending
+            assert_openai_error(r, 502, "bad_upload")
+            # A part upload that is not frames either.
+            async with httpx.AsyncClient(base_url=broker.url, headers=AUTH, timeout=30) as api:
+                pending = asyncio.create_task(api.post("/v1/chat/completions", json=CHAT))
+                polled = await raw.post(f"{base}/sessions/{sid}/poll", json={}, headers=tok)
+                rid = polled.json()["items"][0]["request_id"]
+                bad = await raw.post(
+                    f"{base}/sessions/{sid}/responses/{rid}/parts/0",
+                    content=b"\x01\x00\x00\x00\x03{x}",  # a HEAD frame with broken JSON
+                    headers=tok,
+                )
+                assert_openai_error(bad, 400, "bad_upload")
+                assert_openai_error(await pending, 502, "bad_upload")
+    finally:
+        await broker.stop()
