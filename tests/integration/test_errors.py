@@ -292,3 +292,20 @@ async def test_garbage_upload_fails_the_request_cleanly(tmp_path) -> None:
                 assert_openai_error(await pending, 502, "bad_upload")
     finally:
         await broker.stop()
+
+
+async def test_silent_upstream_is_a_clear_504(tmp_path, fake_llm: FakeLLM) -> None:
+    broker = await start_broker(tmp_path / "b")
+    conn = await start_connector(broker.url, fake_llm.url, llm_read_timeout=0.5)
+    try:
+        slow = {"model": "fake-model", "messages": [{"role": "user", "content": "slow-head:2"}]}
+        async with httpx.AsyncClient(base_url=broker.url, headers=AUTH, timeout=30) as client:
+            for stream in (False, True):
+                r = await client.post("/v1/chat/completions", json={**slow, "stream": stream})
+                err = assert_openai_error(r, 504, "upstream_timeout")
+                assert "did not answer in time" in err["message"]
+            # The connector is still serving.
+            assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
+    finally:
+        await conn.stop()
+        await broker.stop()
