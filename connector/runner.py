@@ -298,6 +298,9 @@ class Connector:
             log.warning("upload_failed", error=str(exc))
         except asyncio.CancelledError:
             pass
+        except Exception:  # a bug must not leave the request hanging or kill the connector
+            self.status.failed += 1
+            log.exception("request_failed")
         finally:
             # Closing the upstream request makes llama.cpp, vLLM and Ollama stop generating.
             reader.cancel()
