@@ -17,6 +17,7 @@ from broker.forwarded import client_address, parse_networks
 from broker.keys import UserKey, bearer
 from broker.responder import Outcome, Responder
 from broker.state import BrokerState
+from broker.usage import UsageRecord
 from shared.logging import get_logger
 from shared.protocol import REQUEST_ID_HEADER, RequestItem
 
@@ -168,6 +169,35 @@ def create_api_blueprint(state: BrokerState) -> Blueprint:
         response.headers[REQUEST_ID_HEADER] = rid
         return response
 
+    def record_usage(
+        rid: str,
+        user: UserKey,
+        model: str,
+        stream: bool,
+        status: int,
+        duration: float,
+        connector: str | None,
+        outcome: Outcome | None,
+    ) -> None:
+        if state.usage is None:
+            return
+        state.usage.record(
+            UsageRecord(
+                ts=time.time(),
+                request_id=rid,
+                user_id=user.id,
+                model=model,
+                connector=connector,
+                status=status,
+                stream=stream,
+                tokens_in=outcome.tokens_in if outcome else None,
+                tokens_out=outcome.tokens_out if outcome else None,
+                ttfb_ms=outcome.ttfb_ms if outcome else None,
+                duration_ms=round(duration * 1000.0, 3),
+                bytes_out=outcome.bytes_out if outcome else 0,
+            )
+        )
+
     @bp.post("/v1/<path:rest>")
     async def relay(rest: str) -> Response:
         started = time.perf_counter()
@@ -228,7 +258,9 @@ def create_api_blueprint(state: BrokerState) -> Blueprint:
             if exc.status == 503:
                 extra["Retry-After"] = "2"
             log.info("request_refused", model=model, status=exc.status, code=exc.code)
-            state.metrics.request_done(model, exc.status, None, time.perf_counter() - started)
+            duration = time.perf_counter() - started
+            state.metrics.request_done(model, exc.status, None, duration)
+            record_usage(rid, user, model, stream, exc.status, duration, None, None)
             return error_response(
                 exc.status,
                 exc.message,
@@ -246,6 +278,9 @@ def create_api_blueprint(state: BrokerState) -> Blueprint:
             duration = time.perf_counter() - started
             ttfb = outcome.ttfb_ms / 1000.0 if outcome.ttfb_ms is not None else None
             state.metrics.request_done(model, outcome.status, ttfb, duration)
+            session = hub.dispatcher.sessions.get(pending.session_id or "")
+            connector = session.name if session else pending.session_id
+            record_usage(rid, user, model, stream, outcome.status, duration, connector, outcome)
             log.info(
                 "request_done",
                 request_id=rid,

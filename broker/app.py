@@ -20,6 +20,7 @@ from broker.metrics import BrokerMetrics
 from broker.relay import create_relay_blueprint
 from broker.settings import BrokerSettings
 from broker.state import BrokerState
+from broker.usage import UsageRecorder
 from shared.logging import get_logger
 from shared.templates import render
 
@@ -48,7 +49,10 @@ def build_state(settings: BrokerSettings, keys: KeyStore | None = None) -> Broke
             data_dir=settings.data_dir,
         )
     hub = RelayHub(timings_from(settings))
-    return BrokerState(settings=settings, hub=hub, keys=keys, metrics=BrokerMetrics(hub))
+    usage = UsageRecorder(settings.usage_path) if settings.record_usage else None
+    return BrokerState(
+        settings=settings, hub=hub, keys=keys, metrics=BrokerMetrics(hub), usage=usage
+    )
 
 
 def create_app(settings: BrokerSettings, state: BrokerState | None = None) -> Quart:
@@ -72,6 +76,8 @@ def create_app(settings: BrokerSettings, state: BrokerState | None = None) -> Qu
     async def start() -> None:
         state.started = time.time()
         await state.hub.start()
+        if state.usage is not None:
+            await state.usage.start()
         reloader.append(asyncio.create_task(_reload_keys(state)))
 
     @app.after_serving
@@ -81,6 +87,8 @@ def create_app(settings: BrokerSettings, state: BrokerState | None = None) -> Qu
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await state.hub.stop()
+        if state.usage is not None:
+            await state.usage.stop()
 
     @app.get("/")
     async def index() -> Response:

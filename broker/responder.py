@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -20,6 +21,7 @@ from broker.channel import Event, Failure, ResponseChannel
 from broker.dispatch import Pending
 from broker.errors import error_response, type_for_status
 from broker.hub import RelayHub
+from broker.usage import TAIL_BYTES, extract_tokens
 from shared.errors import error_body, normalize_error_body
 from shared.logging import get_logger
 from shared.protocol import OVERHEAD_HEADER, REQUEST_ID_HEADER, ResponseEnd, ResponseHead
@@ -56,6 +58,8 @@ class Outcome:
     error: str | None = None
     cancelled: bool = False
     overhead_ms: float | None = None
+    tokens_in: int | None = None
+    tokens_out: int | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -223,6 +227,7 @@ class Responder:
         headers[OVERHEAD_HEADER] = self._overhead(end.upstream_ms or head.upstream_ms)
         self._mark_first_byte()
         self.outcome.bytes_out = len(raw)
+        self.outcome.tokens_in, self.outcome.tokens_out = extract_tokens(raw[-TAIL_BYTES:])
         self._finish(head.status)
         response = Response(raw, status=head.status)
         response.headers.update(headers)
@@ -308,6 +313,7 @@ class Responder:
 
     async def _stream_body(self, events: list[Event], status: int) -> AsyncIterator[bytes]:
         tail = b""
+        recent: deque[bytes] = deque(maxlen=16)  # the usage chunk comes last
         get = self.channel.get
         try:
             while True:
@@ -320,11 +326,14 @@ class Responder:
                         chunk = b"".join(pending_bytes)
                         pending_bytes = []
                         tail = chunk[-2:]
+                        recent.append(chunk)
                         self._mark_first_byte()
                         self.outcome.bytes_out += len(chunk)
                         yield chunk
                     if isinstance(event, ResponseEnd):
                         if event.ok:
+                            last = b"".join(recent)[-TAIL_BYTES:]
+                            self.outcome.tokens_in, self.outcome.tokens_out = extract_tokens(last)
                             self._finish(status)
                         else:
                             err_status = event.status or 502
@@ -343,6 +352,7 @@ class Responder:
                 if pending_bytes:
                     chunk = pending_bytes[0] if len(pending_bytes) == 1 else b"".join(pending_bytes)
                     tail = chunk[-2:]
+                    recent.append(chunk)
                     self._mark_first_byte()
                     self.outcome.bytes_out += len(chunk)
                     yield chunk

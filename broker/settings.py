@@ -52,6 +52,16 @@ class BrokerSettings(FileAwareSettings):
         None,
         description="YAML file `connectors: [{token, llm_api_key?, name?}]`, reloaded on change.",
     )
+    record_usage: bool = Field(
+        True,
+        description="Record every request (user, model, connector, status, tokens, timings) "
+        "in SQLite.",
+    )
+    usage_db: Path | None = Field(
+        None,
+        description="SQLite file for usage records.",
+        json_schema_extra={"doc_default": "<data-dir>/usage.sqlite3"},
+    )
     generate_credentials: bool = Field(
         True,
         description="With no key or token configured, create a user key and a connector token "
@@ -136,6 +146,10 @@ class BrokerSettings(FileAwareSettings):
             except ValueError as exc:
                 raise ValueError(f"{cidr!r} is not an IP address or CIDR") from exc
         return value
+
+    @property
+    def usage_path(self) -> Path:
+        return self.usage_db or self.data_dir / "usage.sqlite3"
 
     @property
     def advertised_url(self) -> str:

@@ -8,6 +8,7 @@ from broker.hub import RelayHub
 from broker.keys import KeyStore
 from broker.metrics import BrokerMetrics
 from broker.settings import BrokerSettings
+from broker.usage import UsageRecorder
 
 
 @dataclass
@@ -16,4 +17,5 @@ class BrokerState:
     hub: RelayHub
     keys: KeyStore
     metrics: BrokerMetrics
+    usage: UsageRecorder | None = None
     started: float = 0.0

@@ -375,3 +375,45 @@ async def test_superseded_stream_poll_ends(tmp_path) -> None:
         assert r1.headers["content-type"] == "application/x-ndjson"
     finally:
         await broker.stop()
+
+
+async def test_usage_is_recorded_in_sqlite(tmp_path, fake_llm: FakeLLM) -> None:
+    import sqlite3
+
+    from tests.support.stack import start_broker
+
+    broker = await start_broker(tmp_path / "b")
+    conn = await start_connector(broker.url, fake_llm.url, name="gpu-box")
+    try:
+        async with openai.AsyncOpenAI(base_url=broker.url + "/v1", api_key=USER_KEY) as client:
+            await client.chat.completions.create(
+                model="fake-model", messages=[{"role": "user", "content": "x"}], max_tokens=4
+            )
+            stream = await client.chat.completions.create(
+                model="fake-model",
+                messages=[{"role": "user", "content": "x"}],
+                max_tokens=6,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            async for _ in stream:
+                pass
+            with pytest.raises(openai.NotFoundError):
+                await client.chat.completions.create(
+                    model="fake-model-nope", messages=[{"role": "user", "content": "x"}]
+                )
+    finally:
+        await conn.stop()
+        await broker.stop()  # flushes the usage writer
+    db = sqlite3.connect(tmp_path / "b" / "usage.sqlite3")
+    rows = db.execute(
+        "SELECT user_id, model, connector, status, stream, tokens_in, tokens_out, ttfb_ms "
+        "FROM usage ORDER BY ts"
+    ).fetchall()
+    db.close()
+    assert [r[:7] for r in rows] == [
+        ("static-1", "fake-model", "gpu-box", 200, 0, 3, 5),
+        ("static-1", "fake-model", "gpu-box", 200, 1, 3, 6),
+        ("static-1", "fake-model-nope", None, 404, 0, None, None),
+    ]
+    assert all(r[7] is not None and r[7] > 0 for r in rows[:2])

@@ -116,13 +116,14 @@ class FakeLLM:
             await asyncio.sleep(self.chunk_delay * n)
             self.completed += 1
             return _json(_completion(model, "".join(f"tok{i} " for i in range(n))))
+        usage = bool((body.get("stream_options") or {}).get("include_usage"))
         return Response(
-            self._stream(model, n, prompt),
+            self._stream(model, n, prompt, usage),
             content_type="text/event-stream",
             headers={"Cache-Control": "no-cache"},
         )
 
-    async def _stream(self, model: str, n: int, prompt: str):  # type: ignore[no-untyped-def]
+    async def _stream(self, model: str, n: int, prompt: str, usage: bool = False):  # type: ignore[no-untyped-def]
         self.active += 1
         finished = False
         try:
@@ -143,6 +144,16 @@ class FakeLLM:
                     await asyncio.sleep(self.chunk_delay)
                 yield _chunk(model, f"tok{i} ", index=i).encode()
             yield _chunk(model, "", finish="stop").encode()
+            if usage:
+                counts = {"prompt_tokens": 3, "completion_tokens": n, "total_tokens": 3 + n}
+                payload = {
+                    "id": "chatcmpl-fake",
+                    "object": "chat.completion.chunk",
+                    "model": model,
+                    "choices": [],
+                    "usage": counts,
+                }
+                yield ("data: " + json.dumps(payload) + "\n\n").encode()
             yield b"data: [DONE]\n\n"
             finished = True
         finally:

@@ -1,0 +1,126 @@
+"""Per-request usage records in SQLite, written off the hot path.
+
+``record`` only appends to a list; a background task writes batches from a worker thread
+once a second (and at shutdown), so no request waits for the disk. Token counts come
+from the ``usage`` object the LLM puts at the end of a response (non-streaming bodies,
+and the last chunk of a stream with ``stream_options.include_usage``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import sqlite3
+from dataclasses import astuple, dataclass, fields
+from pathlib import Path
+
+from shared.logging import get_logger
+
+log = get_logger("broker.usage")
+
+_PROMPT = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
+_COMPLETION = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
+TAIL_BYTES = 4096
+
+
+def extract_tokens(tail: bytes) -> tuple[int | None, int | None]:
+    """(prompt tokens, completion tokens) from the last usage object in ``tail``."""
+    prompt = _PROMPT.findall(tail)
+    completion = _COMPLETION.findall(tail)
+    return (
+        int(prompt[-1]) if prompt else None,
+        int(completion[-1]) if completion else None,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecord:
+    ts: float
+    request_id: str
+    user_id: str
+    model: str
+    connector: str | None
+    status: int
+    stream: bool
+    tokens_in: int | None
+    tokens_out: int | None
+    ttfb_ms: float | None
+    duration_ms: float
+    bytes_out: int
+
+
+_COLUMNS = [f.name for f in fields(UsageRecord)]
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS usage (
+    ts REAL NOT NULL,
+    request_id TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    model TEXT NOT NULL,
+    connector TEXT,
+    status INTEGER NOT NULL,
+    stream INTEGER NOT NULL,
+    tokens_in INTEGER,
+    tokens_out INTEGER,
+    ttfb_ms REAL,
+    duration_ms REAL NOT NULL,
+    bytes_out INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS usage_user_ts ON usage (user_id, ts);
+"""
+
+
+class UsageRecorder:
+    def __init__(self, path: Path, flush_interval: float = 1.0) -> None:
+        self.path = path
+        self.flush_interval = flush_interval
+        self._pending: list[UsageRecord] = []
+        self._task: asyncio.Task[None] | None = None
+        self.written = 0
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self._create)
+        self._task = asyncio.create_task(self._run(), name="usage-writer")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self.flush()
+
+    def record(self, record: UsageRecord) -> None:
+        self._pending.append(record)
+
+    async def flush(self) -> None:
+        batch, self._pending = self._pending, []
+        if not batch:
+            return
+        try:
+            await asyncio.to_thread(self._write, batch)
+            self.written += len(batch)
+        except sqlite3.Error as exc:
+            log.error("usage_write_failed", error=str(exc), records=len(batch))
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.flush_interval)
+            await self.flush()
+
+    def _connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.path, timeout=10.0)
+
+    def _create(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.closing(self._connect()) as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.executescript(_SCHEMA)
+            db.commit()
+
+    def _write(self, batch: list[UsageRecord]) -> None:
+        placeholders = ", ".join("?" for _ in _COLUMNS)
+        sql = f"INSERT INTO usage ({', '.join(_COLUMNS)}) VALUES ({placeholders})"
+        with contextlib.closing(self._connect()) as db:
+            db.executemany(sql, [astuple(r) for r in batch])
+            db.commit()
