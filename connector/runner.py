@@ -33,6 +33,7 @@ from shared.protocol import (
 log = get_logger("connector.runner")
 
 VERSION = "0.1.0"
+EMPTY_MODELS_REFRESH = 5.0  # seconds between discoveries while no model is known
 PART_INTERVAL = 0.1  # seconds between parts after the first (DESIGN.md: 100-250 ms)
 
 
@@ -199,7 +200,12 @@ class Connector:
     async def _refresh_models(self) -> None:
         """Keep the served models current with what the local LLM lists."""
         while True:
-            await asyncio.sleep(self.settings.model_refresh)
+            # While the LLM has listed nothing yet (not started, still loading), look again
+            # every few seconds so the connector serves as soon as it is up.
+            wait = self.settings.model_refresh
+            if not self.status.models:
+                wait = min(wait, EMPTY_MODELS_REFRESH)
+            await asyncio.sleep(wait)
             if self.settings.models or self.session is None or self._draining:
                 continue
             models = await self._current_models()

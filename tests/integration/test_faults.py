@@ -239,3 +239,25 @@ async def test_queue_wait_timeout_503(tmp_path, fake_llm: FakeLLM) -> None:
     finally:
         await conn.stop()
         await broker.stop()
+
+
+async def test_connector_started_before_the_llm_serves_once_it_is_up(tmp_path) -> None:
+    from tests.support.net import free_port
+
+    broker = await start_broker(tmp_path / "b")
+    port = free_port()
+    conn = await start_connector(broker.url, f"http://127.0.0.1:{port}")  # nothing there yet
+    llm = FakeLLM(models=["late-model"])
+    try:
+        assert conn.connector.status.models == []
+        await llm.start(port=port)
+        await wait_for(lambda: "late-model" in broker.hub.dispatcher.live_models(), timeout=10)
+        async with httpx.AsyncClient(base_url=broker.url, headers=AUTH, timeout=30) as api:
+            r = await api.post(
+                "/v1/chat/completions", json={**body(False, 2), "model": "late-model"}
+            )
+        assert r.status_code == 200
+    finally:
+        await conn.stop()
+        await llm.stop()
+        await broker.stop()

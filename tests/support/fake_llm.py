@@ -163,8 +163,8 @@ class FakeLLM:
             else:
                 self.disconnects += 1
 
-    async def start(self) -> None:
-        self.port = free_port()
+    async def start(self, port: int | None = None) -> None:
+        self.port = port or free_port()
         config = Config()
         config.bind = [f"127.0.0.1:{self.port}"]
         config.accesslog = None
