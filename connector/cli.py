@@ -46,7 +46,14 @@ async def run_connector(settings: ConnectorSettings) -> None:
 
 
 _CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
-_CONFIG_HELP = "YAML file with any of the settings below (keys as the option names)."
+config_option = click.option(
+    "--config",
+    "config_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    envvar="REMOTELLM_CONFIG",
+    help="YAML file with any of the settings below (keys as the option names).",
+)
 
 
 def _settings(config_file: Path | None, options: dict[str, Any]) -> ConnectorSettings:
@@ -58,14 +65,7 @@ def _settings(config_file: Path | None, options: dict[str, Any]) -> ConnectorSet
 
 
 @click.group(context_settings=_CONTEXT, invoke_without_command=True)
-@click.option(
-    "--config",
-    "config_file",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    envvar="REMOTELLM_CONFIG",
-    help=_CONFIG_HELP,
-)
+@config_option
 @options_from_settings(ConnectorSettings)
 @click.version_option(package_name="remotellm")
 @click.pass_context
@@ -88,14 +88,7 @@ def main(ctx: click.Context, /, config_file: Path | None, **options: Any) -> Non
 
 
 @main.command(context_settings=_CONTEXT)
-@click.option(
-    "--config",
-    "config_file",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    envvar="REMOTELLM_CONFIG",
-    help=_CONFIG_HELP,
-)
+@config_option
 @options_from_settings(ConnectorSettings)
 @click.pass_context
 def check(ctx: click.Context, /, config_file: Path | None, **options: Any) -> None:
