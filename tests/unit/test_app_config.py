@@ -1,0 +1,23 @@
+"""Framework defaults that would cut long generations must stay off (DESIGN.md section 3)."""
+
+from __future__ import annotations
+
+from broker.app import create_app
+from broker.server import hypercorn_config
+from broker.settings import BrokerSettings
+
+
+def test_no_framework_timeout_cuts_long_streams(tmp_path) -> None:
+    settings = BrokerSettings(
+        data_dir=tmp_path, user_api_keys=["sk-x"], connector_tokens=["ct-x"], port=1
+    )
+    app = create_app(settings)
+    # Quart's defaults are 60 s: a long generation or upload would be cut silently.
+    assert app.config["RESPONSE_TIMEOUT"] is None
+    assert app.config["BODY_TIMEOUT"] is None
+    # Bodies are bounded per route instead (API body limit, per-frame and response limits).
+    assert app.config["MAX_CONTENT_LENGTH"] is None
+    config = hypercorn_config("127.0.0.1", 1, settings, tls=False)
+    assert config.read_timeout is None
+    # Connectors reuse connections between polls; proxies keep idle ones ~60 s.
+    assert config.keep_alive_timeout >= 60
