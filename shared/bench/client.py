@@ -8,6 +8,7 @@ body bytes. The same client drives the direct and the relayed runs.
 from __future__ import annotations
 
 import asyncio
+import ssl as ssl_module
 import time
 from dataclasses import dataclass
 
@@ -24,16 +25,17 @@ class Result:
 
 
 class Connection:
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, ssl: ssl_module.SSLContext | None = None) -> None:
         self.host = host
         self.port = port
+        self.ssl = ssl
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
 
     async def _ensure(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         if self._reader is None or self._writer is None or self._writer.is_closing():
             self._reader, self._writer = await asyncio.open_connection(
-                self.host, self.port, limit=1 << 20
+                self.host, self.port, limit=1 << 20, ssl=self.ssl
             )
         return self._reader, self._writer
 

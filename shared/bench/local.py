@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,11 +24,12 @@ class Scenario:
     upload_mode: str = "stream"
     connectors: int = 1
     http2: bool = False
+    tls: bool = False
     rounds: int = 2
 
     @property
-    def setup_key(self) -> tuple[str, int, bool]:
-        return (self.upload_mode, self.connectors, self.http2)
+    def setup_key(self) -> tuple[str, int, bool, bool]:
+        return (self.upload_mode, self.connectors, self.http2, self.tls)
 
 
 @dataclass
@@ -124,12 +126,19 @@ def _body(s: Scenario) -> bytes:
     ).encode()
 
 
-async def _batch(port: int, path: str, s: Scenario, count: int, headers: dict[str, str]) -> Side:
+async def _batch(
+    port: int,
+    path: str,
+    s: Scenario,
+    count: int,
+    headers: dict[str, str],
+    tls: ssl.SSLContext | None = None,
+) -> Side:
     body = _body(s)
     remaining = count
     side = Side()
     workers = min(s.concurrency, count)
-    conns = [Connection("127.0.0.1", port) for _ in range(workers)]
+    conns = [Connection("127.0.0.1", port, tls) for _ in range(workers)]
 
     async def work(conn: Connection) -> None:
         nonlocal remaining
@@ -150,10 +159,15 @@ async def run_scenario(setup: Setup, s: Scenario) -> Row:
     direct_headers = {"Content-Type": "application/json"}
     relay_headers = {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"}
     per_round = max(1, s.requests // s.rounds)
+    tls = None
+    if setup.tls:
+        tls = ssl.create_default_context(cafile=str(setup.workdir / "cert.pem"))
     broker_cpu = connector_cpu = 0.0
     # Warm up both paths (connections, imports, caches) outside the measurement.
     await _batch(setup.upstream_port, "/v1/chat/completions", s, min(2, per_round), direct_headers)
-    await _batch(setup.broker_port, "/v1/chat/completions", s, min(2, per_round), relay_headers)
+    await _batch(
+        setup.broker_port, "/v1/chat/completions", s, min(2, per_round), relay_headers, tls
+    )
     for _ in range(s.rounds):
         part = await _batch(
             setup.upstream_port, "/v1/chat/completions", s, per_round, direct_headers
@@ -162,7 +176,9 @@ async def run_scenario(setup: Setup, s: Scenario) -> Row:
         direct.wall += part.wall
         b0 = setup.broker.cpu_seconds()
         c0 = sum(p.cpu_seconds() for p in setup.connector_procs)
-        part = await _batch(setup.broker_port, "/v1/chat/completions", s, per_round, relay_headers)
+        part = await _batch(
+            setup.broker_port, "/v1/chat/completions", s, per_round, relay_headers, tls
+        )
         broker_cpu += setup.broker.cpu_seconds() - b0
         connector_cpu += sum(p.cpu_seconds() for p in setup.connector_procs) - c0
         relay.results += part.results
@@ -209,18 +225,35 @@ PROFILES: dict[str, list[Scenario]] = {
             delay_ms=5,
             connectors=2,
         ),
+        # The connector's broker connection over TLS: HTTP/1.1 vs HTTP/2 (--http2).
+        Scenario("TLS h1 ttfb c1", concurrency=1, requests=60, chunks=200, tls=True),
+        Scenario("TLS h2 ttfb c1", concurrency=1, requests=60, chunks=200, tls=True, http2=True),
+        Scenario(
+            "TLS h1 c50 paced", concurrency=50, requests=100, chunks=100, delay_ms=5, tls=True
+        ),
+        Scenario(
+            "TLS h2 c50 paced",
+            concurrency=50,
+            requests=100,
+            chunks=100,
+            delay_ms=5,
+            tls=True,
+            http2=True,
+        ),
     ],
 }
 
 
 async def run_profile(scenarios: list[Scenario], progress: bool = True) -> list[Row]:
     rows: list[Row] = []
-    setups: dict[tuple[str, int, bool], Setup] = {}
+    setups: dict[tuple[str, int, bool, bool], Setup] = {}
     try:
         for s in scenarios:
             setup = setups.get(s.setup_key)
             if setup is None:
-                setup = Setup(connectors=s.connectors, upload_mode=s.upload_mode, http2=s.http2)
+                setup = Setup(
+                    connectors=s.connectors, upload_mode=s.upload_mode, http2=s.http2, tls=s.tls
+                )
                 await setup.start()
                 setups[s.setup_key] = setup
             if progress:

@@ -78,6 +78,46 @@ async def wait_port(port: int, timeout: float = 20.0) -> None:
             await asyncio.sleep(0.05)
 
 
+def write_self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 (the connector trusts it with --ca-bundle)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
 def _spawn(name: str, args: list[str], log: Path) -> Proc:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with log.open("ab") as handle:  # the child keeps its own copy of the descriptor
@@ -94,12 +134,17 @@ class Setup:
     connectors: int = 1
     upload_mode: str = "stream"
     http2: bool = False
+    tls: bool = False
     capacity: int = 1100
     procs: list[Proc] = field(default_factory=list)
     upstream_port: int = 0
     broker_port: int = 0
     health_port: int = 0
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="rllm-bench-")))
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls else "http"
 
     @property
     def broker(self) -> Proc:
@@ -120,6 +165,10 @@ class Setup:
         )
         await wait_port(self.upstream_port)
         self.broker_port, self.health_port = free_port(), free_port()
+        tls_args: list[str] = []
+        if self.tls:
+            cert, key = write_self_signed(self.workdir)
+            tls_args = ["--certfile", str(cert), "--keyfile", str(key)]
         self.procs.append(
             _spawn(
                 "broker",
@@ -145,6 +194,7 @@ class Setup:
                     "warning",
                     "--log-format",
                     "json",
+                    *tls_args,
                 ],
                 log,
             )
@@ -155,7 +205,7 @@ class Setup:
                 "-m",
                 "connector",
                 "--broker-url",
-                f"http://127.0.0.1:{self.broker_port}",
+                f"{self.scheme}://127.0.0.1:{self.broker_port}",
                 "--broker-token",
                 TOKEN,
                 "--llm-url",
@@ -175,6 +225,8 @@ class Setup:
             ]
             if self.http2:
                 args.append("--http2")
+            if self.tls:
+                args += ["--ca-bundle", str(self.workdir / "cert.pem")]
             self.procs.append(_spawn(f"connector-{i}", args, log))
         await self._wait_sessions()
 
