@@ -72,6 +72,23 @@ async def _respond(send: Send, status: int, body: bytes) -> None:
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
+# How long to wait for the rest of an upload body before answering anyway. Answering an
+# HTTP/2 stream while its client still sends kills Hypercorn's whole connection (a
+# KeyError on the closed stream: hypercorn issues #329/#365), and over HTTP/1.1 it costs
+# the keep-alive connection.
+DRAIN_AFTER_ANSWER = 5.0
+
+
+async def _drain_body(receive: Receive, timeout: float) -> None:
+    """Read and drop what is left of a request body, for at most ``timeout`` seconds."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            while True:
+                message = await receive()
+                if message["type"] != "http.request" or not message.get("more_body", False):
+                    return
+
+
 class RelayFastPath:
     def __init__(self, app: ASGIApp, state: BrokerState) -> None:
         self.app = app
@@ -231,14 +248,19 @@ class RelayFastPath:
         applier = self._applier(pending)
         structlog.contextvars.bind_contextvars(request_id=request_id)
         status, body = 200, _OK
+        ended = False  # the connector finished sending its body
         try:
             while True:
                 message = await receive()
                 if message["type"] != "http.request":
+                    ended = True
                     break  # the connector disconnected
                 applier.feed(message.get("body", b""))
-                if applier.done or applier.cancelled or not message.get("more_body", False):
+                ended = not message.get("more_body", False)
+                if applier.done or applier.cancelled or ended:
                     break
+            if not ended:
+                await _drain_body(receive, DRAIN_AFTER_ANSWER)
             if applier.cancelled and not applier.done:
                 body = _CANCELLED
         except (FrameError, UploadTooLarge) as exc:
