@@ -74,9 +74,18 @@ async def test_polls_cut_by_a_proxy_lose_and_repeat_nothing(
             if kind == "nginx":
                 assert "upstream timed out" in proxy.log("error.log")
             else:
-                assert "TCP_MISS_ABORTED/504" in proxy.log("access.log") or "/504 " in proxy.log(
-                    "access.log"
-                )
+                # A classic poll cut before its answer is logged as a 504. A streaming poll
+                # whose 200 head is already out is logged as a 200 that lasted less than the
+                # broker's 6 s hold (squid's second field is the duration in ms).
+                polls = [line for line in proxy.log("access.log").splitlines() if "/poll" in line]
+                cut = [
+                    line
+                    for line in polls
+                    if "/504 " in line or "ABORTED" in line or int(line.split()[1]) < 5000
+                ]
+                # (The connector's own count of cuts is asserted above; squid logs a
+                # transaction only when it ends, so not every cut shows up here.)
+                assert cut, "\n".join(polls[-10:])
         finally:
             await conn.stop()
     finally:
