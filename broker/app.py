@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -149,7 +150,7 @@ def create_health_app(state: BrokerState) -> Quart:
             "queued": d.queue_depth(),
             "redispatched": d.redispatched,
         }
-        return Response(_dumps(body), content_type="application/json")
+        return Response(json.dumps(body), content_type="application/json")
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -160,12 +161,7 @@ def create_health_app(state: BrokerState) -> Quart:
         d = state.hub.dispatcher
         ok = state.started > 0 and not d.draining
         body = {"ready": ok, "connectors": len(d.sessions)}
-        return Response(_dumps(body), status=200 if ok else 503, content_type="application/json")
+        status = 200 if ok else 503
+        return Response(json.dumps(body), status=status, content_type="application/json")
 
     return app
-
-
-def _dumps(body: object) -> str:
-    import json
-
-    return json.dumps(body)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -20,7 +21,7 @@ import structlog
 from broker.channel import ResponseChannel
 from broker.dispatch import LeaseError, Pending, UnknownSession
 from broker.hub import Superseded
-from broker.keys import ConnectorIdentity
+from broker.keys import ConnectorIdentity, bearer
 from broker.state import BrokerState
 from broker.upload import FrameApplier, PartAssembler, UploadTooLarge
 from shared.errors import FrameError, error_body
@@ -56,8 +57,6 @@ class HTTPError(Exception):
 
 
 def _dumps(obj: object) -> bytes:
-    import json
-
     return json.dumps(obj).encode()
 
 
@@ -126,13 +125,10 @@ class RelayFastPath:
     # -- helpers --------------------------------------------------------------------------
 
     def _identify(self, scope: Scope, session_id: str) -> ConnectorIdentity:
-        token = None
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                scheme, _, rest = value.decode("latin-1").partition(" ")
-                if scheme.lower() == "bearer" and rest.strip():
-                    token = rest.strip()
-                break
+        header = next(
+            (v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None
+        )
+        token = bearer(header)
         ident = self.state.keys.connector(token) if token else None
         if ident is None:
             raise HTTPError(401, "invalid connector token", "invalid_token", "authentication_error")

@@ -21,14 +21,9 @@ from shared.protocol import (
     RegisterRequest,
     RegisterResponse,
     UploadMode,
-    UploadResult,
 )
 
 log = get_logger("broker.relay")
-
-_OK = UploadResult(status="ok").model_dump_json()
-_CANCELLED = UploadResult(status="cancelled").model_dump_json()
-_DUPLICATE = UploadResult(status="duplicate").model_dump_json()
 
 
 def _json(body: str, status: int = 200) -> Response:

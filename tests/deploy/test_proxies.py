@@ -3,19 +3,14 @@ client going through them (TLS for nginx) get a streamed answer token by token."
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import re
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
+from shared.bench.procs import write_self_signed
 from tests.deploy.helpers import (
     BANNER_KEY,
     BANNER_TOKEN,
@@ -38,42 +33,11 @@ CADDYFILE = DEPLOY / "caddy" / "Caddyfile"
 CHUNK_DELAY = 0.2
 
 
-def make_cert(directory: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
-
-
 def nginx_site(
     tmp_path: Path, *, http_port: int, https_port: int, broker_port: int
 ) -> tuple[Path, Path]:
     """The example, pointed at a test certificate, free ports and the test broker."""
-    cert, key = make_cert(tmp_path)
+    cert, key = write_self_signed(tmp_path)
     text = NGINX_CONF.read_text()
     text = text.replace("/etc/letsencrypt/live/llm.example.com/fullchain.pem", str(cert))
     text = text.replace("/etc/letsencrypt/live/llm.example.com/privkey.pem", str(key))
