@@ -40,6 +40,19 @@ class RegisterRequest(_Model):
     version: str = "unknown"
     protocol: int = PROTOCOL_VERSION
     upload_mode: UploadMode = UploadMode.STREAM
+    # Random per connector process: tells a restart (same name, new process, old session
+    # idle) from two live processes registering one name (a clash worth a warning).
+    instance_id: str = Field(default="", max_length=64)
+    # Where the capacity came from ("--capacity", "llama.cpp /props total_slots", "default").
+    capacity_source: str = Field(default="configured", max_length=200)
+
+
+class Replaced(StrEnum):
+    """What a registration did to an older session of the same identity and name."""
+
+    NONE = "none"
+    RESTART = "restart"  # the old session was idle: its process is gone
+    LIVE = "live"  # the old session was still polling: two processes share one name
 
 
 class RegisterResponse(_Model):
@@ -51,6 +64,12 @@ class RegisterResponse(_Model):
     upload_mode: UploadMode
     max_part_bytes: int
     protocol: int = PROTOCOL_VERSION
+    replaced: Replaced = Replaced.NONE
+
+
+# Error codes of the relay's 404 for a session the broker no longer has.
+SESSION_UNKNOWN = "session_unknown"  # expired or deregistered: register again
+SESSION_REPLACED = "session_replaced"  # another process registered the same name
 
 
 class ModelsUpdate(_Model):
