@@ -207,10 +207,12 @@ class Procs:
         return broker
 
     async def connector(
-        self, broker_url: str, token: str, llm_url: str, name: str, *extra: str
+        self, broker_url: str, token: str, llm_url: str, name: str | None, *extra: str
     ) -> Proc:
+        """``python -m connector``; ``name=None`` leaves the connector its default name."""
+        named = ["--name", name] if name is not None else []
         return await self.start(
-            f"connector {name}",
+            f"connector {name or llm_url}",
             "-m",
             "connector",
             "--broker-url",
@@ -219,8 +221,7 @@ class Procs:
             token,
             "--llm-url",
             llm_url,
-            "--name",
-            name,
+            *named,
             *extra,
         )
 
