@@ -6,7 +6,7 @@ import ipaddress
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from shared.settings import FileAwareSettings, split_list
@@ -146,6 +146,19 @@ class BrokerSettings(FileAwareSettings):
             except ValueError as exc:
                 raise ValueError(f"{cidr!r} is not an IP address or CIDR") from exc
         return value
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> BrokerSettings:
+        # One without the other would serve plain HTTP while the banner says https.
+        if (self.certfile is None) != (self.keyfile is None):
+            given, missing = (
+                ("--certfile", "--keyfile") if self.keyfile is None else ("--keyfile", "--certfile")
+            )
+            raise ValueError(
+                f"{given} needs {missing} too (REMOTELLM_BROKER_CERTFILE and "
+                "REMOTELLM_BROKER_KEYFILE): give both to serve HTTPS, or neither for HTTP"
+            )
+        return self
 
     @property
     def usage_path(self) -> Path:

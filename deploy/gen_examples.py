@@ -54,7 +54,8 @@ YAML_HEADER = """\
 # {component}.yaml: settings of the RemoteLLM {component} ({program} --config FILE).
 #
 # Every option is listed below, commented out, with its default: uncomment and
-# edit what you need. Keys are the option names (dashes or underscores).
+# edit what you need. Keys are the option names (dashes or underscores); a key
+# that is not a setting is an error.
 # Precedence: command-line flags > environment variables > this file > defaults.
 # This file may hold secrets: keep it readable only by the service's user.
 # (Generated from {source} by deploy/gen_examples.py.)

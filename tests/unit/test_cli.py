@@ -101,6 +101,31 @@ def test_missing_config_file_exits_2(tmp_path: Path) -> None:
     assert result.exit_code == 2
 
 
+@pytest.mark.parametrize(
+    ("command", "text", "message"),
+    [
+        (broker_cli.main, "captacity: 8\n", "unknown setting 'captacity' in {path}"),
+        (connector_cli.main, "captacity: 8\n",
+         "unknown setting 'captacity' in {path} (did you mean 'capacity'?)"),
+    ],
+)  # fmt: skip
+def test_misspelled_config_key_exits_2_without_traceback(
+    tmp_path: Path, command: click.Command, text: str, message: str
+) -> None:
+    config = tmp_path / "settings.yaml"
+    config.write_text(text, encoding="utf-8")
+    result = _run(command, ["--config", str(config)])
+    assert result.exit_code == 2
+    assert message.format(path=config) in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_certfile_without_keyfile_exits_2(tmp_path: Path) -> None:
+    result = _run(broker_cli.main, ["--certfile", str(tmp_path / "c.pem")])
+    assert result.exit_code == 2
+    assert "--certfile needs --keyfile too" in result.stderr
+
+
 # -- broker start-up without a server ------------------------------------------------------
 
 
