@@ -50,7 +50,8 @@ class BrokerSettings(FileAwareSettings):
     )
     connector_config: Path | None = Field(
         None,
-        description="YAML file `connectors: [{token, llm_api_key?, name?}]`, reloaded on change.",
+        description="YAML file `connectors: [{token, llm_api_key?, name?, id?}]`, reloaded on "
+        "change.",
     )
     record_usage: bool = Field(
         True,

@@ -70,6 +70,8 @@ CONNECTORS_YAML = """\
 #   token:        the secret the connector sends (its REMOTELLM_BROKER_TOKEN);
 #                 make one with: python3 -c 'import secrets; print("ct-" + secrets.token_hex(24))'
 #   name:         optional, shown in logs and /health
+#   id:           optional, the connector's ID in sessions and usage records (default:
+#                 c- and 8 hex digits of the token's SHA-256, stable when entries move)
 #   llm_api_key:  optional, sent to that connector's local LLM as its API key
 # Tokens from REMOTELLM_BROKER_CONNECTOR_TOKENS and the generated ones in the data dir
 # are accepted as well. Keep this file owned by root, group remotellm, mode 0640.
