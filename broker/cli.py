@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,10 @@ from shared.templates import render
 
 
 def connector_command(settings: BrokerSettings, token: str) -> str:
+    """The connector's command line, with the token in the environment (not in ``ps``)."""
     return (
-        "uv run remotellm-connector "
-        f"--broker-url {settings.advertised_url} --broker-token {token} "
+        f"REMOTELLM_BROKER_TOKEN={shlex.quote(token)} uv run remotellm-connector "
+        f"--broker-url {shlex.quote(settings.advertised_url)} "
         "--llm-url http://localhost:11434"
     )
 

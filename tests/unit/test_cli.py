@@ -176,7 +176,8 @@ def test_prepare_generates_credentials_and_banner_shows_them(tmp_path: Path) -> 
     assert "https://llm.example.com/v1" in banner
     command = broker_cli.connector_command(settings, creds.connector_token)
     assert command in banner
-    assert f"--broker-token {creds.connector_token}" in command
+    assert command.startswith(f"REMOTELLM_BROKER_TOKEN={creds.connector_token} uv run ")
+    assert "--broker-token" not in command
     assert "--broker-url https://llm.example.com" in command
     assert "remotellm-connector" in command
 
