@@ -166,9 +166,14 @@ class BrokerSettings(FileAwareSettings):
         return self.usage_db or self.data_dir / "usage.sqlite3"
 
     @property
+    def serves_tls(self) -> bool:
+        """HTTPS on the API/relay port: the validator above makes it both files or none."""
+        return self.certfile is not None and self.keyfile is not None
+
+    @property
     def advertised_url(self) -> str:
         if self.public_url:
             return self.public_url.rstrip("/")
-        scheme = "https" if self.certfile else "http"
+        scheme = "https" if self.serves_tls else "http"
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
         return f"{scheme}://{host}:{self.port}"
