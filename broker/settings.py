@@ -159,6 +159,9 @@ class BrokerSettings(FileAwareSettings):
                 f"{given} needs {missing} too (REMOTELLM_BROKER_CERTFILE and "
                 "REMOTELLM_BROKER_KEYFILE): give both to serve HTTPS, or neither for HTTP"
             )
+        for flag, path in (("--certfile", self.certfile), ("--keyfile", self.keyfile)):
+            if path is not None and not path.is_file():
+                raise ValueError(f"{flag} {path}: no such file")
         return self
 
     @property

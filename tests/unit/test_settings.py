@@ -179,6 +179,12 @@ def test_certfile_and_keyfile_go_together(
     assert f"{given} needs {missing} too" in str(info.value)
 
 
+def test_certfile_must_exist(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.pem"
+    with pytest.raises(ConfigError, match=f"--certfile {missing}: no such file"):
+        load_settings(BrokerSettings, None, {"certfile": str(missing), "keyfile": __file__})
+
+
 @pytest.mark.parametrize(
     ("cls", "env", "value", "field", "expected"),
     [
@@ -346,7 +352,7 @@ def test_config_file_does_not_leak_into_next_load(tmp_path: Path) -> None:
     [
         ({}, "http://127.0.0.1:8443"),
         ({"host": "::", "port": "9000"}, "http://127.0.0.1:9000"),
-        ({"host": "10.1.2.3", "certfile": "/c.pem", "keyfile": "/k.pem"}, "https://10.1.2.3:8443"),
+        ({"host": "10.1.2.3", "certfile": __file__, "keyfile": __file__}, "https://10.1.2.3:8443"),
         ({"public_url": "https://llm.example.com/"}, "https://llm.example.com"),
     ],
 )
