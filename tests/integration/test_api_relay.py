@@ -11,6 +11,7 @@ import httpx
 import openai
 import pytest
 
+from broker.keys import hash_secret, user_id
 from tests.support.fake_llm import FakeLLM
 from tests.support.stack import USER_KEY, Stack, start_connector
 
@@ -411,9 +412,10 @@ async def test_usage_is_recorded_in_sqlite(tmp_path, fake_llm: FakeLLM) -> None:
         "FROM usage ORDER BY ts"
     ).fetchall()
     db.close()
+    user = user_id(hash_secret(USER_KEY))  # stable: derived from the key, not its position
     assert [r[:7] for r in rows] == [
-        ("static-1", "fake-model", "gpu-box", 200, 0, 3, 5),
-        ("static-1", "fake-model", "gpu-box", 200, 1, 3, 6),
-        ("static-1", "fake-model-nope", None, 404, 0, None, None),
+        (user, "fake-model", "gpu-box", 200, 0, 3, 5),
+        (user, "fake-model", "gpu-box", 200, 1, 3, 6),
+        (user, "fake-model-nope", None, 404, 0, None, None),
     ]
     assert all(r[7] is not None and r[7] > 0 for r in rows[:2])
