@@ -304,7 +304,7 @@ async def test_health_ready_and_metrics(stack: Stack) -> None:
         assert (await health.get("/ready")).status_code == 200
         text = (await health.get("/metrics")).text
     assert 'remotellm_requests_total{model="fake-model",status="200"} 1.0' in text
-    assert 'remotellm_requests_total{model="nope",status="404"} 1.0' in text
+    assert 'remotellm_requests_total{model="(unknown)",status="404"} 1.0' in text
     assert 'remotellm_model_connectors{model="fake-model"} 1.0' in text
     assert "remotellm_time_to_first_byte_seconds_bucket" in text
     assert "remotellm_connector_registrations_total 1.0" in text
