@@ -7,10 +7,9 @@ adapters pass ``now`` and sleep until ``next_deadline()``. What concerns the out
 
 from __future__ import annotations
 
-import bisect
 import itertools
 import secrets
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Protocol
 
@@ -23,6 +22,7 @@ from broker.core.errors import (
     UnknownModel,
     UnknownSession,
 )
+from broker.core.queues import ModelQueue
 from broker.core.records import Failure, Pending, Session, State, Timings
 from broker.core.timers import Deadlines, Kind
 from shared.errors import quote
@@ -59,7 +59,7 @@ class RelayCore:
         self._by_name: dict[tuple[str, str], str] = {}
         self._replaced: OrderedDict[str, str] = OrderedDict()  # session id -> owner
         self._serving: dict[str, set[str]] = {}  # model -> ids of sessions serving it
-        self.queues: dict[str, deque[Pending]] = {}
+        self.queues: dict[str, ModelQueue] = {}
         self.requests: dict[str, Pending] = {}
         self.known_models: set[str] = set()
         self._deadlines = Deadlines()
@@ -171,7 +171,7 @@ class RelayCore:
             pending = self._oldest_for(session)
             if pending is None:
                 break
-            self.queues[pending.model].popleft()
+            self.queues[pending.model].pop()
             items.append(self._lease(pending, session, now))
             free -= 1
         return items
@@ -201,8 +201,9 @@ class RelayCore:
         best: Pending | None = None
         for model in session.models:
             queue = self.queues.get(model)
-            if queue and (best is None or queue[0].seq < best.seq):
-                best = queue[0]
+            head = queue.peek() if queue else None
+            if head is not None and (best is None or head.seq < best.seq):
+                best = head
         return best
 
     def _route(self, session: Session) -> None:
@@ -247,7 +248,7 @@ class RelayCore:
             if model in self.known_models:
                 raise NoConnector(f"no connector serving model '{quote(model)}' is online")
             raise UnknownModel(f"The model '{quote(model)}' does not exist")
-        queue = self.queues.setdefault(model, deque())
+        queue = self.queues.setdefault(model, ModelQueue())
         t = self.timings
         if len(queue) >= t.queue_max:
             raise QueueFull(f"too many requests waiting for model '{quote(model)}'")
@@ -307,7 +308,7 @@ class RelayCore:
             return
         if pending.state is State.QUEUED:
             queue = self.queues.get(pending.model)
-            if queue is not None and pending in queue:
+            if queue is not None:
                 queue.remove(pending)
         pending.state = State.DONE
         session = self.sessions.get(pending.session_id or "")
@@ -423,9 +424,7 @@ class RelayCore:
         pending.session_id = None
         pending.queue_deadline = max(pending.queue_deadline, now + self.timings.lease)
         self._deadlines.add(pending.queue_deadline, Kind.QUEUE, pending.id)
-        # Queues stay in arrival order: a requeued request goes back where it came from.
-        queue = self.queues.setdefault(pending.model, deque())
-        queue.insert(bisect.bisect_left(queue, pending.seq, key=_seq_of), pending)
+        self.queues.setdefault(pending.model, ModelQueue()).put_back(pending)
         self.redispatched += 1
         self._wake_model(pending.model)
 
@@ -467,7 +466,3 @@ class RelayCore:
 
     def in_flight(self) -> int:
         return len(self.requests)
-
-
-def _seq_of(pending: Pending) -> int:
-    return pending.seq
