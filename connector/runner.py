@@ -110,6 +110,7 @@ class Connector:
         self._path: PathVerdict | None = None
         self._reregister = False
         self._clash_warned: str | None = None
+        self._cut_seen = False  # the last streaming poll was cut short
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -187,6 +188,7 @@ class Connector:
         )
 
     def _lose_session(self) -> None:
+        self._cut_seen = False
         self.session = None
         self.status.session_id = None
         self.status.reconnects += 1
@@ -263,6 +265,8 @@ class Connector:
             return await self.upstream.get_json(path, timeout=CAPACITY_PROBE_TIMEOUT)
 
         found = await capacity.detect(get_json)
+        if found == self.capacity:
+            return
         changed = found.value != self.capacity.value
         self.capacity = found
         self._show_capacity()
@@ -361,11 +365,15 @@ class Connector:
             except BrokerUnavailable as exc:
                 if by_proxy(exc):
                     self.forget_path(f"a proxy answered a streaming poll: {exc}")
+                self._cut_seen = False
                 raise
             finally:
                 self._poll_task = None
-            if self.broker.poll_cuts != cuts:
-                self.forget_path("a streaming poll was cut short")
+            if self._cut_seen:
+                # Cut, and the broker is still there: something on the path ends streamed
+                # answers. (A cut followed by a refused connection was the broker going.)
+                self.forget_path("streaming polls are cut short")
+            self._cut_seen = self.broker.poll_cuts != cuts
             self.status.last_poll_ok = time.monotonic()
             self.status.broker_error = None
             return

@@ -207,20 +207,34 @@ class Procs:
         return broker
 
     async def connector(
-        self, broker_url: str, token: str, llm_url: str, name: str, *extra: str
+        self,
+        broker_url: str,
+        token: str | Path,
+        llm_url: str,
+        name: str | None,
+        *extra: str,
     ) -> Proc:
+        """A connector process; ``token`` as a Path is passed as --broker-token-file, and
+        ``name`` None leaves the default name (host name and LLM address)."""
+        secret = (
+            ["--broker-token-file", str(token)]
+            if isinstance(token, Path)
+            else [
+                "--broker-token",
+                token,
+            ]
+        )
+        named = ["--name", name] if name is not None else []
         return await self.start(
-            f"connector {name}",
+            f"connector {name or llm_url}",
             "-m",
             "connector",
             "--broker-url",
             broker_url,
-            "--broker-token",
-            token,
+            *secret,
             "--llm-url",
             llm_url,
-            "--name",
-            name,
+            *named,
             *extra,
         )
 
