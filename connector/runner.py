@@ -52,6 +52,7 @@ UNREACHABLE_RETRY = 1.0
 # back, so two clashing connectors do not replace each other in a tight loop.
 CLASH_RETRY = (2.0, 4.0)
 CLASH_HINT = "pass --name to give each connector its own name"
+CLASH_WARN_EVERY = 60.0  # seconds between connector_name_clash warnings while it lasts
 CAPACITY_PROBE_TIMEOUT = 2.0  # seconds for each question to the engine about its slots
 
 
@@ -109,7 +110,8 @@ class Connector:
         self.stream_polls = False
         self._path: PathVerdict | None = None
         self._reregister = False
-        self._clash_warned: str | None = None
+        self._clash_warned: float | None = None  # when connector_name_clash was last logged
+        self._clashes = 0
         self._cut_seen = False  # the last streaming poll was cut short
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -173,15 +175,20 @@ class Connector:
             await asyncio.wait_for(self._stopping.wait(), delay)
 
     def _warn_clash(self, where: str) -> None:
-        """Two live processes use one name: each registration replaces the other's session."""
-        session = self.status.session_id
-        if session is not None and self._clash_warned == session:
+        """Two live processes use one name: each registration replaces the other's session.
+
+        While the clash lasts it recurs every few seconds: one warning a minute is enough.
+        """
+        self._clashes += 1
+        now = time.monotonic()
+        if self._clash_warned is not None and now - self._clash_warned < CLASH_WARN_EVERY:
             return
-        self._clash_warned = session
+        self._clash_warned = now
         log.warning(
             "connector_name_clash",
             name=self.settings.name,
             seen_in=where,
+            clashes=self._clashes,
             message="another connector with this token registered the same name; each "
             "registration replaces the other's session",
             hint=CLASH_HINT,

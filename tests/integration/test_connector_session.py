@@ -260,3 +260,12 @@ async def test_capacity_asked_again_once_the_llm_answers(monkeypatch: pytest.Mon
     assert registers[0] < relay.calls.index("DELETE /sessions/s-1") < registers[1]
     snap = HealthServer(connector, "127.0.0.1", 0).snapshot()
     assert (snap["capacity"], snap["capacity_source"]) == (3, "llama.cpp /props total_slots")
+
+
+async def test_a_lasting_clash_warns_once_a_minute(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runner, "CLASH_RETRY", (0.05, 0.05))
+    relay = ScriptedRelay(replaced=[Replaced.LIVE] * 4, polls=[_error(404, "session_replaced")] * 3)
+    with structlog.testing.capture_logs() as logs:
+        async with running(relay):
+            await _until(lambda: len(relay.registrations) == 4)
+    assert len(_events(logs, "connector_name_clash")) == 1
