@@ -53,6 +53,7 @@ UNREACHABLE_RETRY = 1.0
 CLASH_RETRY = (2.0, 4.0)
 CLASH_HINT = "pass --name to give each connector its own name"
 CLASH_WARN_EVERY = 60.0  # seconds between connector_name_clash warnings while it lasts
+QUIET_WARN_EVERY = 30.0  # seconds between broker_unreachable warnings after the first few
 CAPACITY_PROBE_TIMEOUT = 2.0  # seconds for each question to the engine about its slots
 
 
@@ -113,6 +114,7 @@ class Connector:
         self._clash_warned: float | None = None  # when connector_name_clash was last logged
         self._clashes = 0
         self._cut_seen = False  # the last streaming poll was cut short
+        self._warned_at = 0.0  # when broker_unreachable was last logged as a warning
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -208,7 +210,18 @@ class Connector:
             delay = max(delay, 5.0)
             log.error("broker_rejected", error=str(exc), retry_in_s=round(delay, 2))
         else:
-            log.warning("broker_unreachable", error=str(exc), retry_in_s=round(delay, 2))
+            # Tries come about every second while the broker is down: warn for the first
+            # few, then once every 30 s (the rest at debug level).
+            now = time.monotonic()
+            loud = self._backoff.attempt <= 3 or now - self._warned_at >= QUIET_WARN_EVERY
+            if loud:
+                self._warned_at = now
+            (log.warning if loud else log.debug)(
+                "broker_unreachable",
+                error=str(exc),
+                retry_in_s=round(delay, 2),
+                tries=self._backoff.attempt,
+            )
         await self._pause(delay)
 
     async def _register(self) -> None:

@@ -216,11 +216,15 @@ async def test_unreachable_broker_is_retried_about_every_second(
 
     settings = _settings()
     connector = Connector(settings, broker=BrokerClient(settings, httpx.MockTransport(refuse)))
-    task = asyncio.create_task(connector.run())
-    await _until(lambda: len(delays) >= 12)
-    connector.request_stop()
-    await asyncio.wait_for(task, 10)
+    with structlog.testing.capture_logs() as logs:
+        task = asyncio.create_task(connector.run())
+        await _until(lambda: len(delays) >= 12)
+        connector.request_stop()
+        await asyncio.wait_for(task, 10)
     assert max(delays) <= runner.UNREACHABLE_RETRY
+    # Frequent tries, but not a warning each: the first few, then one per 30 s.
+    warned = [e for e in _events(logs, "broker_unreachable") if e["log_level"] == "warning"]
+    assert [e["tries"] for e in warned] == [1, 2, 3]
 
 
 async def test_capacity_asked_again_once_the_llm_answers(monkeypatch: pytest.MonkeyPatch) -> None:
