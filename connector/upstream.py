@@ -97,11 +97,13 @@ class Upstream:
         if key:
             headers["authorization"] = f"Bearer {key}"
         started = time.perf_counter()
-        request = self._client.build_request(
-            item.method, item.path, content=item.body.encode(), headers=headers
-        )
         head_sent = False
         try:
+            # Inside the try: a header httpx cannot encode fails here, and must end the
+            # response like any other failure.
+            request = self._client.build_request(
+                item.method, item.path, content=item.body.encode(), headers=headers
+            )
             response = await self._client.send(request, stream=True)
             try:
                 upstream_ms = (time.perf_counter() - started) * 1000.0

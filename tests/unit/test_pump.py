@@ -47,12 +47,14 @@ class Stream(httpx.AsyncByteStream):
             yield chunk
 
 
-async def _pump(handler: httpx.MockTransport) -> list[tuple[FrameType, bytes]]:
+async def _pump(
+    handler: httpx.MockTransport, item: RequestItem = ITEM
+) -> list[tuple[FrameType, bytes]]:
     settings = ConnectorSettings(broker_url="http://b", broker_token="t", llm_url="http://llm")
     upstream = Upstream(settings, transport=handler)
     pipe = FramePipe(heartbeat=10)
     try:
-        await upstream.pump(ITEM, pipe)
+        await upstream.pump(item, pipe)
     finally:
         await upstream.aclose()
     assert pipe.ended
@@ -119,3 +121,14 @@ async def test_a_clean_answer_ends_ok() -> None:
     frames = await _pump(httpx.MockTransport(handle))
     assert [kind for kind, _ in frames] == [FrameType.HEAD, FrameType.DATA, FrameType.END]
     assert _end(frames).ok
+
+
+async def test_a_request_httpx_cannot_build_ends_with_an_error() -> None:
+    """A header value httpx cannot encode fails before anything is sent."""
+    item = ITEM.model_copy(update={"headers": {"x-note": "caf\u00e9 \u2603"}})
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        raise AssertionError("nothing should be sent")
+
+    end = _end(await _pump(httpx.MockTransport(handle), item))
+    assert (end.ok, end.status, end.error_type) == (False, 502, "connector_error")
