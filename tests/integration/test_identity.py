@@ -7,6 +7,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import structlog
 
 from shared.protocol import RELAY_PREFIX, RegisterRequest, RegisterResponse, Replaced
 from tests.support.fake_llm import FakeLLM
@@ -95,3 +96,48 @@ async def test_same_token_same_name_restart_replaces_at_once(
     finally:
         await second.stop()
         await broker.stop()
+
+
+async def test_unexpected_error_in_a_relay_route_is_logged_and_answered_500(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """The relay app's catch-all: a JSON 500 and a log line with the request ID, no silence."""
+    from broker.relay_app import RelayApp
+
+    async def broken(self: RelayApp, call: object) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(RelayApp, "probe_upload", broken)
+    broker = await start_broker(tmp_path / "b")
+    try:
+        async with httpx.AsyncClient(
+            base_url=broker.url, headers={"Authorization": f"Bearer {TOKEN}"}
+        ) as relay:
+            with structlog.testing.capture_logs() as logs:
+                r = await relay.post(f"{RELAY_PREFIX}/probe", content=b"x")
+            assert r.status_code == 500
+            assert r.json()["error"]["code"] == "internal"
+            assert "boom" not in r.text  # details go to the log, not to the client
+            (event,) = [e for e in logs if e["event"] == "relay_unhandled_error"]
+            assert event["error_type"] == "RuntimeError"
+            assert event["path"] == f"{RELAY_PREFIX}/probe"
+            # ...and the broker keeps serving.
+            r = await relay.post(f"{RELAY_PREFIX}/sessions", content=_register("c", ["m"], "i"))
+            assert r.status_code == 200
+    finally:
+        await broker.stop()
+
+
+async def test_relay_routes_answer_wrong_methods_and_paths_in_json(stack) -> None:  # type: ignore[no-untyped-def]
+    async with httpx.AsyncClient(
+        base_url=stack.broker.url + RELAY_PREFIX, headers={"Authorization": f"Bearer {TOKEN}"}
+    ) as relay:
+        r = await relay.get("/sessions")
+        assert r.status_code == 405
+        assert r.json()["error"]["code"] == "method_not_allowed"
+        r = await relay.post("/nowhere/at/all")
+        assert r.status_code == 404
+        assert r.json()["error"]["code"] == "unknown_url"
+        r = await relay.post("/sessions", content=b"{not json")
+        assert r.status_code == 400
+        assert r.json()["error"]["code"] == "invalid_request"
