@@ -18,6 +18,7 @@ from broker.fastpath import RelayFastPath
 from broker.hub import RelayHub
 from broker.keys import KeyStore
 from broker.metrics import BrokerMetrics
+from broker.portal import install_portal
 from broker.relay import create_relay_blueprint
 from broker.settings import BrokerSettings
 from broker.state import BrokerState
@@ -69,6 +70,7 @@ def create_app(settings: BrokerSettings, state: BrokerState | None = None) -> Qu
     app.extensions["remotellm"] = state
     app.register_blueprint(create_api_blueprint(state))
     app.register_blueprint(create_relay_blueprint(state))
+    install_portal(app, state)
     # The poll and upload routes are served as plain ASGI in front of Quart (hot path).
     app.asgi_app = RelayFastPath(app.asgi_app, state)  # type: ignore[method-assign,assignment]
     reloader: list[asyncio.Task[None]] = []
