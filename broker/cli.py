@@ -10,6 +10,7 @@ import click
 
 from broker.keys import GeneratedCredentials, KeyStore
 from broker.settings import BrokerSettings
+from broker.users_cli import users_command
 from shared.errors import ConfigError
 from shared.logging import configure_logging, get_logger
 from shared.settings import load_settings, options_from_settings
@@ -66,7 +67,10 @@ def prepare(settings: BrokerSettings) -> tuple[KeyStore, GeneratedCredentials]:
     return keys, keys.ensure_credentials()
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(
+    invoke_without_command=True,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.option(
     "--config",
     "config_file",
@@ -77,13 +81,18 @@ def prepare(settings: BrokerSettings) -> tuple[KeyStore, GeneratedCredentials]:
 )
 @options_from_settings(BrokerSettings)
 @click.version_option(package_name="remotellm")
-def main(config_file: Path | None, **options: Any) -> None:
+@click.pass_context
+def main(ctx: click.Context, /, config_file: Path | None, **options: Any) -> None:
     """Run the RemoteLLM broker: an OpenAI-compatible API relayed to connectors.
 
     With no options it starts on 0.0.0.0:8443, creates a user API key and a connector
     token in its data dir on first start, and prints them with the connector command to
     run next. Every option can also be set as REMOTELLM_BROKER_<NAME> or in --config.
+    `remotellm-broker [OPTIONS] users ...` manages the key portal's users file instead.
     """
+    if ctx.invoked_subcommand is not None:
+        ctx.obj = (config_file, options)
+        return
     from broker.server import serve
 
     try:
@@ -99,3 +108,6 @@ def main(config_file: Path | None, **options: Any) -> None:
     from broker.app import build_state
 
     serve(settings, build_state(settings, keys))
+
+
+main.add_command(users_command)

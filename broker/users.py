@@ -167,6 +167,7 @@ class UsersStore:
         self._doc = UsersFile()
         self._index: dict[str, UserKey] = {}
         self._stamp: tuple[int, int, int] | None = None
+        self._bad_stamp: tuple[int, int, int] | None = None
         self._used: dict[str, float] = {}
         self.error: str | None = None
         self.reload()
@@ -176,16 +177,17 @@ class UsersStore:
     def reload(self) -> bool:
         """Re-read the file if it changed; keep the last good state if it is broken."""
         stamp = _stamp(self.path)
-        if stamp == self._stamp:
+        if stamp == self._stamp or (stamp is not None and stamp == self._bad_stamp):
             return False
-        self._stamp = stamp
         if stamp is None:
             self._install(UsersFile(), stamp)
             return True
         try:
             doc = parse_users(self.path.read_text(encoding="utf-8"), self.path)
         except (OSError, UsersFileError) as exc:
-            self.error = str(exc)
+            # Logged once per broken version; _stamp stays the good one, so a write
+            # re-reads the file (and refuses) instead of overwriting the operator's edit.
+            self.error, self._bad_stamp = str(exc), stamp
             log.error("users_file_invalid", path=str(self.path), error=str(exc))
             return False
         self._install(doc, stamp)

@@ -13,6 +13,7 @@ from playwright.async_api import Browser, async_playwright
 from tests.portal.fake_gitlab import CLIENT_ID, CLIENT_SECRET, FakeGitLab
 from tests.support.fake_llm import FakeLLM
 from tests.support.stack import Stack, start_broker, start_connector
+from tests.unit.conftest import clean_env
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -81,3 +82,6 @@ async def browser() -> AsyncIterator[Browser]:
 def artifacts() -> Path:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     return ARTIFACTS
+
+
+__all__ = ["clean_env"]
