@@ -53,12 +53,12 @@
     $("stop").disabled = !busy;
   }
 
-  async function stream(body, target) {
-    let text = "";
+  // ``reply.text`` is the raw answer so far, also when the stream is stopped or fails.
+  async function stream(body, target, reply) {
     let pending = false;
     const paint = () => {
       pending = false;
-      target.replaceChildren(window.renderMarkdown(text));
+      target.replaceChildren(window.renderMarkdown(reply.text));
       log.scrollTop = log.scrollHeight;
     };
     const response = await fetch(baseUrl + "/chat/completions", {
@@ -92,14 +92,13 @@
           if (chunk.error) throw new Error(chunk.error.message || "error from the broker");
           const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta;
           if (delta && delta.content) {
-            text += delta.content;
+            reply.text += delta.content;
             if (!pending) { pending = true; requestAnimationFrame(paint); }
           }
         }
       }
     }
     paint();
-    return text;
   }
 
   form.addEventListener("submit", async (event) => {
@@ -116,9 +115,9 @@
     controller = new AbortController();
     setBusy(true);
     say("streaming…");
-    let text = "";
+    const reply = { text: "" };
     try {
-      text = await stream({ model, messages, stream: true }, target);
+      await stream({ model, messages, stream: true }, target, reply);
       say("done");
     } catch (err) {
       if (err.name === "AbortError") {
@@ -128,9 +127,8 @@
         target.textContent = err.message;
         say("failed");
       }
-      text = target.textContent;
     } finally {
-      messages.push({ role: "assistant", content: text });
+      messages.push({ role: "assistant", content: reply.text });
       controller = null;
       setBusy(false);
     }
