@@ -48,13 +48,15 @@ def prepare(settings: BrokerSettings) -> tuple[KeyStore, GeneratedCredentials]:
         connector_config=settings.connector_config,
         data_dir=settings.data_dir,
     )
-    if keys.has_users and keys.has_connectors:
+    # With the key portal on, users get their keys there: no generated user key needed.
+    has_users = keys.has_users or settings.portal_enabled
+    if has_users and keys.has_connectors:
         return keys, GeneratedCredentials(None, None)
     if not settings.generate_credentials:
         missing = [
             name
             for name, ok in (
-                ("--user-api-key", keys.has_users),
+                ("--user-api-key", has_users),
                 ("--connector-token", keys.has_connectors),
             )
             if not ok

@@ -73,7 +73,10 @@ async def test_newcomer_gets_a_working_key_in_under_a_minute(
     started = time.monotonic()
     page = await context.new_page()
     watch = Watch(page)
-    await log_in(page)
+    await page.goto("/portal/")
+    await shoot(page, artifacts, "login")
+    await page.click("#login")
+    await page.wait_for_url("**/portal/keys*")
     key = (await page.text_content("#new-key") or "").strip()
     assert key.startswith("sk-") and len(key) == 35
     await page.click("button[data-copy=new-key]")
@@ -94,6 +97,11 @@ async def test_newcomer_gets_a_working_key_in_under_a_minute(
     await expect(page.locator("li.key[data-key-name=default]")).to_contain_text("last used")
     await expect(page.locator("#usage")).to_contain_text("fake-model")
     await shoot(page, artifacts, "keys")
+    await page.click("nav >> text=connect")
+    await expect(page.locator("#connect-command")).to_contain_text(
+        f"--broker-url {portal_stack.broker.url}"
+    )
+    await shoot(page, artifacts, "connect")
     assert watch.errors == []
 
 

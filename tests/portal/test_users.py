@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from broker import cli as broker_cli
 from broker.keys import KeyStore, hash_secret
 from broker.users import KeyActionRefused, UsersFileError, UsersStore, parse_users
+from shared.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("clean_env")
 
@@ -190,3 +191,20 @@ def test_users_cli_lists_blocks_and_revokes(tmp_path: Path) -> None:
     users.path.write_text("users: {")
     broken = run(broker_cli.main, [*base, "users", "list"])
     assert broken.exit_code == 1 and "not valid YAML" in broken.stderr
+
+
+def test_with_the_portal_on_no_user_key_is_needed_to_start(tmp_path: Path) -> None:
+    from broker.settings import BrokerSettings
+
+    settings = BrokerSettings(
+        data_dir=tmp_path,
+        connector_tokens=["ct-x"],
+        gitlab_client_id="app",
+        generate_credentials=False,
+    )
+    _, creds = broker_cli.prepare(settings)
+    assert creds.user_key is None and creds.connector_token is None
+    with pytest.raises(ConfigError, match="--user-api-key"):
+        broker_cli.prepare(
+            BrokerSettings(data_dir=tmp_path, connector_tokens=["ct-x"], generate_credentials=False)
+        )
