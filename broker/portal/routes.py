@@ -431,7 +431,12 @@ def build_portal(state: BrokerState) -> Portal:
     settings = state.settings
     users = UsersStore(settings.users_path)
     state.keys.attach_users(users.lookup)
-    secret = load_session_secret(settings.session_secret, settings.data_dir)
+    # Nothing to sign with the portal off: do not leave a secret file in the data dir then.
+    secret = (
+        load_session_secret(settings.session_secret, settings.data_dir)
+        if settings.portal_enabled
+        else secrets.token_urlsafe(32)
+    )
     cookies = Cookies(
         secret, settings.session_lifetime, settings.advertised_url.startswith("https://")
     )
