@@ -11,13 +11,15 @@ from typing import Any
 import structlog
 from quart import Blueprint, Response, request
 
-from broker.dispatch import DispatchError
+from broker.core import DispatchError
+from broker.core.response import Outcome, ResponseMachine
 from broker.errors import error_response
 from broker.forwarded import client_address, parse_networks
 from broker.keys import UserKey, bearer
-from broker.responder import Outcome, Responder
+from broker.responder import Responder
 from broker.state import BrokerState
 from broker.usage import UsageRecord
+from shared.errors import quote
 from shared.logging import get_logger
 from shared.protocol import REQUEST_ID_HEADER, RequestItem
 
@@ -47,6 +49,7 @@ def request_id_for(header: str | None) -> str:
     return new_request_id()
 
 
+UNKNOWN_MODEL_LABEL = "(unknown)"
 DRAIN_LIMIT = 64 * 1024 * 1024
 
 
@@ -139,7 +142,7 @@ def create_api_blueprint(state: BrokerState) -> Blueprint:
         user = authenticate(rid)
         if isinstance(user, Response):
             return user
-        live = hub.dispatcher.live_models()
+        live = hub.core.live_models()
         data = [model_entry(m, owners) for m, owners in sorted(live.items())]
         response = Response(
             json.dumps({"object": "list", "data": data}), content_type="application/json"
@@ -153,11 +156,11 @@ def create_api_blueprint(state: BrokerState) -> Blueprint:
         user = authenticate(rid)
         if isinstance(user, Response):
             return user
-        owners = hub.dispatcher.live_models().get(model_id)
+        owners = hub.core.live_models().get(model_id)
         if owners is None:
             return error_response(
                 404,
-                f"The model '{model_id}' does not exist",
+                f"The model '{quote(model_id)}' does not exist",
                 "invalid_request_error",
                 code="model_not_found",
                 param="model",
@@ -201,7 +204,7 @@ def create_api_blueprint(state: BrokerState) -> Blueprint:
 
     @bp.post("/v1/<path:rest>")
     async def relay(rest: str) -> Response:
-        started = time.perf_counter()
+        started = hub.clock()
         rid = request_id_for(request.headers.get(REQUEST_ID_HEADER))
         structlog.contextvars.bind_contextvars(request_id=rid)
         try:
@@ -213,7 +216,7 @@ def create_api_blueprint(state: BrokerState) -> Blueprint:
         user = authenticate(rid)
         if isinstance(user, Response):
             return user
-        if hub.dispatcher.draining:
+        if hub.core.draining:
             return error_response(
                 503,
                 "The broker is shutting down; retry shortly.",
@@ -253,14 +256,16 @@ def create_api_blueprint(state: BrokerState) -> Blueprint:
             timeout_s=settings.total_timeout,
         )
         try:
-            pending, channel = hub.submit(item)
+            pending, channel = hub.submit(item, user=user.id)
         except DispatchError as exc:
             extra = {REQUEST_ID_HEADER: rid}
             if exc.status == 503:
                 extra["Retry-After"] = "2"
-            log.info("request_refused", model=model, status=exc.status, code=exc.code)
-            duration = time.perf_counter() - started
-            state.metrics.request_done(model, exc.status, None, duration)
+            shown = quote(model) if exc.status != 404 else UNKNOWN_MODEL_LABEL
+            log.info("request_refused", model=quote(model), status=exc.status, code=exc.code)
+            duration = hub.clock() - started
+            # A client can name any model: unknown ones share one label, so /metrics stays small.
+            state.metrics.request_done(shown, exc.status, None, duration)
             record_usage(rid, user, model, stream, exc.status, duration, None, None)
             return error_response(
                 exc.status,
@@ -270,17 +275,15 @@ def create_api_blueprint(state: BrokerState) -> Blueprint:
                 param="model" if exc.status == 404 else None,
                 headers=extra,
             )
-        pending.user_key_id = user.id
         client = client_address(
             request.remote_addr, request.headers.get("X-Forwarded-For"), trusted_proxies
         )
 
         def done(outcome: Outcome) -> None:
-            duration = time.perf_counter() - started
+            duration = hub.clock() - started
             ttfb = outcome.ttfb_ms / 1000.0 if outcome.ttfb_ms is not None else None
             state.metrics.request_done(model, outcome.status, ttfb, duration)
-            session = hub.dispatcher.sessions.get(pending.session_id or "")
-            connector = session.name if session else pending.session_id
+            connector = pending.connector
             record_usage(rid, user, model, stream, outcome.status, duration, connector, outcome)
             log.info(
                 "request_done",
@@ -288,7 +291,7 @@ def create_api_blueprint(state: BrokerState) -> Blueprint:
                 model=model,
                 user=user.id,
                 client=client,
-                connector=pending.session_id,
+                connector=pending.connector,
                 stream=stream,
                 status=outcome.status,
                 ttfb_ms=outcome.ttfb_ms,
@@ -299,36 +302,30 @@ def create_api_blueprint(state: BrokerState) -> Blueprint:
                 attempts=pending.dispatches,
             )
 
-        responder = Responder(
-            hub=hub,
+        machine = ResponseMachine(
             pending=pending,
-            channel=channel,
             stream=stream,
+            started=started,
             commit_after=settings.stream_commit_after,
             heartbeat=settings.heartbeat,
-            started=started,
-            on_done=done,
+        )
+        responder = Responder(
+            hub=hub, pending=pending, channel=channel, machine=machine, on_done=done
         )
         return await responder.respond()
 
     @bp.route("/v1/<path:rest>", methods=["GET", "PUT", "PATCH", "DELETE"])
     async def other(rest: str) -> Response:
+        """Every /v1 path but the model list is relayed by POST: other methods get 405."""
         rid = request_id_for(request.headers.get(REQUEST_ID_HEADER))
         user = authenticate(rid)
         if isinstance(user, Response):
             return user
-        if request.method == "GET":
-            return error_response(
-                404,
-                f"Unknown endpoint /v1/{rest}",
-                code="unknown_url",
-                headers={REQUEST_ID_HEADER: rid},
-            )
         return error_response(
             405,
-            f"Method {request.method} is not allowed on /v1/{rest}",
+            f"Method {request.method} is not allowed on /v1/{quote(rest)}; use POST",
             code="method_not_allowed",
-            headers={REQUEST_ID_HEADER: rid},
+            headers={REQUEST_ID_HEADER: rid, "Allow": "POST"},
         )
 
     return bp

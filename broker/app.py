@@ -12,14 +12,14 @@ from quart import Quart, Response
 from werkzeug.exceptions import HTTPException
 
 from broker.api import create_api_blueprint
-from broker.dispatch import Timings
+from broker.asgi import BrokerASGI
+from broker.core import Timings
 from broker.errors import error_response, type_for_status
-from broker.fastpath import RelayFastPath
 from broker.hub import RelayHub
 from broker.keys import KeyStore
 from broker.metrics import BrokerMetrics
 from broker.portal import install_portal
-from broker.relay import create_relay_blueprint
+from broker.relay_app import RelayApp
 from broker.settings import BrokerSettings
 from broker.state import BrokerState
 from broker.usage import UsageRecorder
@@ -69,10 +69,9 @@ def create_app(settings: BrokerSettings, state: BrokerState | None = None) -> Qu
     app.config["MAX_CONTENT_LENGTH"] = None
     app.extensions["remotellm"] = state
     app.register_blueprint(create_api_blueprint(state))
-    app.register_blueprint(create_relay_blueprint(state))
     install_portal(app, state)
-    # The poll and upload routes are served as plain ASGI in front of Quart (hot path).
-    app.asgi_app = RelayFastPath(app.asgi_app, state)  # type: ignore[method-assign,assignment]
+    # /relay/v1/* is one plain ASGI app in front of Quart (docs/architecture.md).
+    app.asgi_app = BrokerASGI(app.asgi_app, RelayApp(state))  # type: ignore[method-assign]
     reloader: list[asyncio.Task[None]] = []
 
     @app.before_serving
@@ -96,7 +95,7 @@ def create_app(settings: BrokerSettings, state: BrokerState | None = None) -> Qu
     @app.get("/")
     async def index() -> Response:
         """A landing page for people who open the broker's URL in a browser."""
-        models = sorted(state.hub.dispatcher.live_models())
+        models = sorted(state.hub.core.live_models())
         page = render("index.html.j2", base_url=settings.advertised_url, models=models)
         return Response(page, content_type="text/html; charset=utf-8")
 
@@ -130,12 +129,14 @@ def create_health_app(state: BrokerState) -> Quart:
 
     @app.get("/health")
     async def health() -> Response:
-        d = state.hub.dispatcher
+        d = state.hub.core
         sessions = [
             {
                 "name": s.name,
+                "identity": s.owner,
                 "models": sorted(s.models),
                 "capacity": s.capacity,
+                "capacity_source": s.capacity_source,
                 "active": len(s.active),
                 "upload_mode": s.upload_mode.value,
                 "version": s.version,
@@ -151,6 +152,7 @@ def create_health_app(state: BrokerState) -> Quart:
             "in_flight": d.in_flight(),
             "queued": d.queue_depth(),
             "redispatched": d.redispatched,
+            "waited_for_slots": dict(d.slot_waits),
         }
         return Response(json.dumps(body), content_type="application/json")
 
@@ -160,7 +162,7 @@ def create_health_app(state: BrokerState) -> Quart:
 
     @app.get("/ready")
     async def ready() -> Response:
-        d = state.hub.dispatcher
+        d = state.hub.core
         ok = state.started > 0 and not d.draining
         body = {"ready": ok, "connectors": len(d.sessions)}
         status = 200 if ok else 503

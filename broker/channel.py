@@ -8,19 +8,10 @@ written to the API user as one.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 
+from broker.core import Failure
+from broker.core.response import Event
 from shared.protocol import ResponseEnd, ResponseHead
-
-
-@dataclass(frozen=True, slots=True)
-class Failure:
-    status: int
-    code: str
-    message: str
-
-
-Event = bytes | ResponseHead | ResponseEnd | Failure
 
 
 class ResponseChannel:
@@ -53,8 +44,8 @@ class ResponseChannel:
         self._push(end)
         self._closed = True
 
-    def fail(self, status: int, code: str, message: str) -> None:
-        self._push(Failure(status, code, message))
+    def fail(self, failure: Failure) -> None:
+        self._push(failure)
         self._closed = True
 
     async def get(self, timeout: float | None = None) -> list[Event]:

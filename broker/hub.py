@@ -1,77 +1,115 @@
-"""The async layer over the dispatcher: poll waiting, the reaper, shutdown.
+"""The asyncio adapter over the relay core: poll waiters, response channels, one timer.
 
-This is the narrow interface behind which the relay state lives (DESIGN.md section 5);
-the in-memory ``Dispatcher`` is the default implementation.
+The core (``broker.core``) holds every piece of relay state and never sees a clock or a
+socket; this module passes it the time, sleeps until its ``next_deadline()`` (one timer
+for everything, re-armed only when a nearer deadline appears), and turns its outcomes into
+asyncio: a woken poll, a failed request's channel, a log line. It is also the narrow
+interface behind which the relay state lives (docs/architecture.md).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import time
 from collections.abc import Callable
 
 from broker.channel import ResponseChannel
-from broker.dispatch import Dispatcher, Pending, Session, Timings
+from broker.core import Failure, Pending, RelayCore, Session, Timings
 from shared.logging import get_logger
-from shared.protocol import RequestItem, UploadMode, WorkItem
+from shared.protocol import Replaced, RequestItem, UploadMode, WorkItem
 
 log = get_logger("broker.hub")
 
 Clock = Callable[[], float]
+
+DRAIN_POLL_HOLD = 1.0
 
 
 class Superseded(Exception):
     """A newer poll of the same session took over (a proxy or the connector retried)."""
 
 
-DRAIN_POLL_HOLD = 1.0
-
-
 class RelayHub:
     def __init__(self, timings: Timings, clock: Clock = time.monotonic) -> None:
         self.clock = clock
-        self.dispatcher = Dispatcher(timings, self._wake)
+        self.core = RelayCore(timings, self)
+        self.channels: dict[str, ResponseChannel] = {}
         self._waiters: dict[str, asyncio.Future[None]] = {}
-        self._reaper: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
         self._idle = asyncio.Event()
         self._idle.set()
-        self.tick_interval = 0.25
+
+    # -- the core's listener --------------------------------------------------------------
+
+    def wake(self, session_id: str) -> None:
+        waiter = self._waiters.get(session_id)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def failed(self, pending: Pending, failure: Failure) -> None:
+        channel = self.channels.pop(pending.id, None)
+        if channel is not None:
+            channel.fail(failure)
+        self._update_idle()
+
+    def session_dropped(self, session: Session, reason: str) -> None:
+        log.info("session_closed", session=session.id, connector=session.name, reason=reason)
+
+    def slots_busy(self, model: str, capacities: dict[str, int], waiting: int) -> None:
+        log.warning(
+            "requests_wait_for_connector_slots",
+            model=model,
+            waiting=waiting,
+            capacities=capacities,
+            hint="every connector slot for this model is busy: raise --capacity where the "
+            "engine can take more, or add connectors",
+        )
+
+    # -- the timer ------------------------------------------------------------------------
+
+    def _schedule(self) -> None:
+        """Arm the one timer for the core's next deadline, if it is nearer than the armed one."""
+        when = self.core.next_deadline()
+        if when is None:
+            return
+        if self._timer is not None:
+            if self._timer_at <= when:
+                return
+            self._timer.cancel()
+        self._timer_at = when
+        delay = max(0.0, when - self.clock())
+        self._timer = asyncio.get_running_loop().call_later(delay, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        try:
+            self.core.expire(self.clock())
+        except Exception:  # the timer must survive anything
+            log.exception("relay_timer_failed")
+        self._schedule()
+        self._update_idle()
 
     # -- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._reaper = asyncio.create_task(self._reap(), name="relay-reaper")
+        self._schedule()
 
     async def stop(self) -> None:
-        if self._reaper is not None:
-            self._reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reaper
-            self._reaper = None
-
-    async def _reap(self) -> None:
-        while True:
-            await asyncio.sleep(self.tick_interval)
-            try:
-                self.dispatcher.tick(self.clock())
-            except Exception:  # the reaper must survive anything
-                log.exception("reaper_failed")
-            self._update_idle()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def _update_idle(self) -> None:
-        if self.dispatcher.requests:
+        if self.core.requests:
             self._idle.clear()
         else:
             self._idle.set()
 
     def begin_drain(self) -> None:
         """Refuse new API requests and release every poll (connectors see empty answers)."""
-        self.dispatcher.draining = True
-        for waiter in self._waiters.values():
-            if not waiter.done():
-                waiter.set_result(None)
+        self.core.begin_drain()
 
     async def wait_idle(self, timeout: float) -> bool:
         self._update_idle()
@@ -86,56 +124,58 @@ class RelayHub:
     def register(
         self,
         *,
+        owner: str,
         name: str,
+        instance_id: str,
         models: list[str],
         capacity: int,
+        capacity_source: str,
         version: str,
         upload_mode: UploadMode,
         upstream_api_key: str | None,
-        owner: str,
-    ) -> Session:
-        return self.dispatcher.register(
+    ) -> tuple[Session, Replaced]:
+        result = self.core.register(
             owner=owner,
             name=name,
+            instance_id=instance_id,
             models=models,
             capacity=capacity,
+            capacity_source=capacity_source,
             version=version,
             upload_mode=upload_mode,
             upstream_api_key=upstream_api_key,
             now=self.clock(),
         )
-
-    def deregister(self, session_id: str) -> None:
-        self.dispatcher.drop_session(session_id, self.clock(), reason="connector stopped")
-
-    def _wake(self, session_id: str) -> None:
-        waiter = self._waiters.get(session_id)
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._schedule()
+        return result
 
     async def poll(
-        self, session_id: str, hold: float, abort: asyncio.Future[object] | None = None
+        self,
+        owner: str,
+        session_id: str,
+        hold: float,
+        abort: asyncio.Future[object] | None = None,
     ) -> list[WorkItem]:
         """Hold a long-poll until there is work for the session or ``hold`` passes.
 
         ``abort`` completes when the connector hangs up: the poll then ends without taking
         work, so nothing is handed to a connection that can no longer carry it.
         """
-        d = self.dispatcher
-        session = d.session(session_id)
+        core = self.core
         loop = asyncio.get_running_loop()
         # A newer poll of the same session supersedes an older one (a proxy retried it).
-        self._wake(session_id)
-        session.polling += 1
+        self.wake(session_id)
+        core.poll_started(owner, session_id, self.clock())
         deadline = self.clock() + hold
         try:
             while True:
-                if d.draining:
+                if core.draining:
                     # Shutting down: still deliver cancels, but answer within a second so
                     # the server can close (and the connector does not spin).
                     deadline = min(deadline, self.clock() + DRAIN_POLL_HOLD)
-                items = d.take(session_id, self.clock())
+                items = core.take(session_id, self.clock())
                 if items:
+                    self._schedule()
                     return items
                 remaining = deadline - self.clock()
                 if remaining <= 0:
@@ -151,32 +191,40 @@ class RelayHub:
                     handle.cancel()
                     if self._waiters.get(session_id) is waiter:
                         del self._waiters[session_id]
-                if session_id not in d.sessions or (abort is not None and abort.done()):
+                if session_id not in core.sessions or (abort is not None and abort.done()):
                     return []
                 if self._waiters.get(session_id) is not None:
                     raise Superseded(session_id)
         finally:
-            session.polling -= 1
-            session.last_seen = self.clock()
+            core.poll_ended(session_id, self.clock())
+            self._schedule()
 
     # -- requests -------------------------------------------------------------------------
 
-    def submit(self, item: RequestItem) -> tuple[Pending, ResponseChannel]:
+    def submit(self, item: RequestItem, user: str | None = None) -> tuple[Pending, ResponseChannel]:
+        pending = self.core.submit(item, self.clock(), user=user)
         channel = ResponseChannel()
-        pending = self.dispatcher.submit(item, channel, self.clock())
+        self.channels[item.request_id] = channel
         self._idle.clear()
+        self._schedule()
         return pending, channel
 
-    def ack(self, session_id: str, request_id: str) -> Pending:
-        return self.dispatcher.ack(session_id, request_id, self.clock())
+    def ack(self, session_id: str, request_id: str) -> tuple[Pending, ResponseChannel]:
+        """The connector's upload for the request began: its lease is acknowledged."""
+        pending = self.core.ack(session_id, request_id, self.clock())
+        self._schedule()
+        return pending, self.channels[request_id]
 
     def cancel(self, request_id: str) -> None:
-        self.dispatcher.cancel(request_id)
+        self.core.cancel(request_id)
+        if request_id not in self.core.requests:
+            self.channels.pop(request_id, None)
+            self._update_idle()
 
     def finish(self, request_id: str) -> None:
-        self.dispatcher.finish(request_id)
-        if not self.dispatcher.requests:
-            self._idle.set()
+        self.core.finish(request_id)
+        self.channels.pop(request_id, None)
+        self._update_idle()
 
 
 def _resolve_on(waiter: asyncio.Future[None], _: object) -> None:

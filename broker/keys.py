@@ -16,7 +16,7 @@ import hashlib
 import os
 import secrets
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,19 @@ CREDENTIALS_FILE = "credentials.yaml"
 
 def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def user_id(key_sha256: str) -> str:
+    """A user's ID where the file gives none: stable however the entries are ordered.
+
+    A short prefix of the key's hash names the entry without revealing the key.
+    """
+    return "u-" + key_sha256[:8]
+
+
+def connector_id(token_sha256: str) -> str:
+    """A connector identity's ID where the file gives none (see ``user_id``)."""
+    return "c-" + token_sha256[:8]
 
 
 def new_user_key() -> str:
@@ -90,6 +103,24 @@ def _mtime(path: Path | None) -> float | None:
         return None
 
 
+def _identity(entry: dict[str, Any], digest: str) -> ConnectorIdentity:
+    name, key = entry.get("name"), entry.get("llm_api_key")
+    return ConnectorIdentity(
+        id=str(entry.get("id") or connector_id(digest)),
+        name=str(name) if name else None,
+        upstream_api_key=str(key) if key else None,
+    )
+
+
+def _unique_ids(path: Path, entries: Iterable[UserKey | ConnectorIdentity]) -> None:
+    # Usage records and sessions are keyed by these IDs: two entries must not share one.
+    seen: set[str] = set()
+    for entry in entries:
+        if entry.id in seen:
+            raise ConfigError(f"{path}: two entries have the id {entry.id!r}; give each its own")
+        seen.add(entry.id)
+
+
 @dataclass(frozen=True, slots=True)
 class GeneratedCredentials:
     user_key: str | None
@@ -106,14 +137,12 @@ class KeyStore:
         data_dir: Path,
     ) -> None:
         self._static_users = {
-            hash_secret(k): UserKey(id=f"static-{i + 1}", name=f"static key {i + 1}")
-            for i, k in enumerate(static_user_keys)
+            digest: UserKey(id=user_id(digest), name=user_id(digest))
+            for digest in map(hash_secret, static_user_keys)
         }
         self._static_connectors = {
-            hash_secret(t): ConnectorIdentity(
-                id=f"static-{i + 1}", name=None, upstream_api_key=None
-            )
-            for i, t in enumerate(static_connector_tokens)
+            digest: ConnectorIdentity(id=connector_id(digest), name=None, upstream_api_key=None)
+            for digest in map(hash_secret, static_connector_tokens)
         }
         self.connector_config = connector_config
         self.credentials_path = data_dir / CREDENTIALS_FILE
@@ -151,40 +180,38 @@ class KeyStore:
         users = dict(self._static_users)
         connectors = dict(self._static_connectors)
         if self.connector_config is not None:
-            if not self.connector_config.exists():
-                raise ConfigError(f"connector config {self.connector_config} does not exist")
-            data = _read_yaml(self.connector_config)
-            entries = data.get("connectors") or []
-            if not isinstance(entries, list):
-                raise ConfigError(f"{self.connector_config}: 'connectors' must be a list")
-            for i, entry in enumerate(entries):
-                if not isinstance(entry, dict) or not isinstance(entry.get("token"), str):
-                    raise ConfigError(f"{self.connector_config}: entry {i + 1} needs a token")
-                name = entry.get("name")
-                key = entry.get("llm_api_key")
-                connectors[hash_secret(entry["token"])] = ConnectorIdentity(
-                    id=f"config-{i + 1}",
-                    name=str(name) if name else None,
-                    upstream_api_key=str(key) if key else None,
-                )
+            connectors.update(self._load_connector_config(self.connector_config))
         if self.credentials_path.exists():
             data = _read_yaml(self.credentials_path)
             for entry in data.get("users") or []:
                 if isinstance(entry, dict) and isinstance(entry.get("key_sha256"), str):
-                    users[entry["key_sha256"]] = UserKey(
-                        id=str(entry.get("id", "user")),
-                        name=str(entry.get("name", "user")),
+                    digest = entry["key_sha256"]
+                    users[digest] = UserKey(
+                        id=str(entry.get("id") or user_id(digest)),
+                        name=str(entry.get("name") or "user"),
                         blocked=bool(entry.get("blocked", False)),
                     )
             for entry in data.get("connectors") or []:
                 if isinstance(entry, dict) and isinstance(entry.get("token_sha256"), str):
-                    key = entry.get("llm_api_key")
-                    connectors[entry["token_sha256"]] = ConnectorIdentity(
-                        id=str(entry.get("id", "connector")),
-                        name=entry.get("name"),
-                        upstream_api_key=str(key) if key else None,
-                    )
+                    connectors[entry["token_sha256"]] = _identity(entry, entry["token_sha256"])
+        _unique_ids(self.credentials_path, users.values())
+        _unique_ids(self.connector_config or self.credentials_path, connectors.values())
         return users, connectors
+
+    @staticmethod
+    def _load_connector_config(path: Path) -> dict[str, ConnectorIdentity]:
+        if not path.exists():
+            raise ConfigError(f"connector config {path} does not exist")
+        entries = _read_yaml(path).get("connectors") or []
+        if not isinstance(entries, list):
+            raise ConfigError(f"{path}: 'connectors' must be a list")
+        found: dict[str, ConnectorIdentity] = {}
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, dict) or not isinstance(entry.get("token"), str):
+                raise ConfigError(f"{path}: entry {i + 1} needs a token")
+            digest = hash_secret(entry["token"])
+            found[digest] = _identity(entry, digest)
+        return found
 
     def ensure_credentials(self) -> GeneratedCredentials:
         """Create a user key and/or connector token when none exists; return the new ones."""
@@ -198,7 +225,7 @@ class KeyStore:
         if user_key is not None:
             data.setdefault("users", []).append(
                 {
-                    "id": "user-1",
+                    "id": user_id(hash_secret(user_key)),
                     "name": "default",
                     "key_sha256": hash_secret(user_key),
                     "blocked": False,
@@ -206,7 +233,7 @@ class KeyStore:
             )
         if token is not None:
             data.setdefault("connectors", []).append(
-                {"id": "connector-1", "name": None, "token_sha256": hash_secret(token)}
+                {"id": connector_id(hash_secret(token)), "token_sha256": hash_secret(token)}
             )
         write_yaml_atomic(self.credentials_path, data)
         self.reload(force=True)

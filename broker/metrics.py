@@ -1,7 +1,7 @@
 """Prometheus metrics for the broker, served at ``/metrics`` on the health port.
 
 Counters and histograms are updated once per request at its end (never per chunk); gauges
-that mirror relay state are read from the dispatcher when scraped.
+that mirror relay state are read from the relay core when scraped.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from broker.hub import RelayHub
@@ -22,7 +22,7 @@ class _RelayCollector(Collector):
         self.hub = hub
 
     def collect(self) -> Iterable[Metric]:
-        d = self.hub.dispatcher
+        d = self.hub.core
         connectors = GaugeMetricFamily(
             "remotellm_connectors", "Live connector sessions", labels=["upload_mode"]
         )
@@ -47,6 +47,14 @@ class _RelayCollector(Collector):
         for model, owners in sorted(d.live_models().items()):
             models.add_metric([model], len(owners))
         yield models
+        waits = CounterMetricFamily(
+            "remotellm_slot_waits",
+            "Requests that had to queue because every connector slot for the model was busy",
+            labels=["model"],
+        )
+        for model, count in sorted(d.slot_waits.items()):
+            waits.add_metric([model], count)
+        yield waits
 
 
 class BrokerMetrics:
@@ -95,7 +103,7 @@ class BrokerMetrics:
         self.duration.labels(model).observe(duration_s)
 
     def render(self) -> bytes:
-        total = self.hub.dispatcher.redispatched
+        total = self.hub.core.redispatched
         if total > self._seen_redispatches:
             self.redispatches.inc(total - self._seen_redispatches)
             self._seen_redispatches = total

@@ -6,7 +6,7 @@ import ipaddress
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from shared.settings import FileAwareSettings, split_list
@@ -51,7 +51,8 @@ class BrokerSettings(FileAwareSettings):
     )
     connector_config: Path | None = Field(
         None,
-        description="YAML file `connectors: [{token, llm_api_key?, name?}]`, reloaded on change.",
+        description="YAML file `connectors: [{token, llm_api_key?, name?, id?}]`, reloaded on "
+        "change.",
     )
     record_usage: bool = Field(
         True,
@@ -186,6 +187,22 @@ class BrokerSettings(FileAwareSettings):
                 raise ValueError(f"{cidr!r} is not an IP address or CIDR") from exc
         return value
 
+    @model_validator(mode="after")
+    def _tls_pair(self) -> BrokerSettings:
+        # One without the other would serve plain HTTP while the banner says https.
+        if (self.certfile is None) != (self.keyfile is None):
+            given, missing = (
+                ("--certfile", "--keyfile") if self.keyfile is None else ("--keyfile", "--certfile")
+            )
+            raise ValueError(
+                f"{given} needs {missing} too (REMOTELLM_BROKER_CERTFILE and "
+                "REMOTELLM_BROKER_KEYFILE): give both to serve HTTPS, or neither for HTTP"
+            )
+        for flag, path in (("--certfile", self.certfile), ("--keyfile", self.keyfile)):
+            if path is not None and not path.is_file():
+                raise ValueError(f"{flag} {path}: no such file")
+        return self
+
     @property
     def usage_path(self) -> Path:
         return self.usage_db or self.data_dir / "usage.sqlite3"
@@ -199,9 +216,14 @@ class BrokerSettings(FileAwareSettings):
         return bool(self.gitlab_client_id)
 
     @property
+    def serves_tls(self) -> bool:
+        """HTTPS on the API/relay port: the validator above makes it both files or none."""
+        return self.certfile is not None and self.keyfile is not None
+
+    @property
     def advertised_url(self) -> str:
         if self.public_url:
             return self.public_url.rstrip("/")
-        scheme = "https" if self.certfile else "http"
+        scheme = "https" if self.serves_tls else "http"
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
         return f"{scheme}://{host}:{self.port}"

@@ -1,14 +1,15 @@
 """Applies a connector's upload frames to the waiting API handler's channel.
 
 Used by both upload modes: stream mode feeds it one chunked body, parts mode feeds it the
-parts in sequence order (``PartAssembler`` restores the order and drops repeats).
+parts in sequence order (``PartAssembler`` restores the order and drops repeats). The
+request's progress (activity, head seen) is reported to the relay core, which owns it.
 """
 
 from __future__ import annotations
 
 from broker.channel import ResponseChannel
-from broker.dispatch import Pending, State
-from broker.hub import RelayHub
+from broker.core import Failure, Pending, RelayCore
+from broker.hub import Clock
 from shared.errors import FrameError
 from shared.framing import FrameDecoder, FrameType, decode_end, decode_head
 
@@ -18,27 +19,35 @@ class UploadTooLarge(Exception):
 
 
 class FrameApplier:
-    __slots__ = ("_clock", "channel", "decoder", "done", "hub", "limit", "pending", "received")
+    __slots__ = ("_clock", "channel", "core", "decoder", "done", "limit", "pending", "received")
 
-    def __init__(self, hub: RelayHub, pending: Pending, channel: ResponseChannel, limit: int):
-        self.hub = hub
+    def __init__(
+        self,
+        core: RelayCore,
+        clock: Clock,
+        pending: Pending,
+        channel: ResponseChannel,
+        limit: int,
+    ) -> None:
+        self.core = core
+        self._clock = clock
         self.pending = pending
         self.channel = channel
         self.decoder = FrameDecoder()
         self.limit = limit
         self.received = 0
         self.done = False
-        self._clock = hub.clock
 
     @property
     def cancelled(self) -> bool:
-        return self.pending.state is State.DONE
+        return self.core.is_cancelled(self.pending.id)
 
     def feed(self, data: bytes) -> None:
         """Apply every frame completed by ``data``. Raises FrameError, UploadTooLarge."""
         if self.done:
             return
-        self.pending.last_activity = self._clock()
+        now = self._clock()
+        self.core.activity(self.pending, now)
         channel = self.channel
         for frame in self.decoder.feed(data):
             kind = frame.type
@@ -48,18 +57,18 @@ class FrameApplier:
                     raise UploadTooLarge(f"response exceeds {self.limit} bytes")
                 channel.data(frame.payload)
             elif kind is FrameType.HEAD:
-                self.pending.head_received = True
+                self.core.head_seen(self.pending, now)
                 channel.head(decode_head(frame.payload))
             elif kind is FrameType.END:
                 channel.end(decode_end(frame.payload))
                 self.done = True
                 return
-            # HEARTBEAT: activity was recorded above.
+            # HEARTBEAT: the activity was recorded above.
 
     def abort(self, status: int, code: str, message: str) -> None:
         if not self.done:
             self.done = True
-            self.channel.fail(status, code, message)
+            self.channel.fail(Failure(status, code, message))
 
 
 class PartAssembler:

@@ -10,28 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import sqlite3
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 
+from broker.core.response import TAIL_BYTES, extract_tokens
 from shared.logging import get_logger
 
+__all__ = ["TAIL_BYTES", "UsageRecord", "UsageRecorder", "extract_tokens"]
+
 log = get_logger("broker.usage")
-
-_PROMPT = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
-_COMPLETION = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
-TAIL_BYTES = 4096
-
-
-def extract_tokens(tail: bytes) -> tuple[int | None, int | None]:
-    """(prompt tokens, completion tokens) from the last usage object in ``tail``."""
-    prompt = _PROMPT.findall(tail)
-    completion = _COMPLETION.findall(tail)
-    return (
-        int(prompt[-1]) if prompt else None,
-        int(completion[-1]) if completion else None,
-    )
 
 
 @dataclass(frozen=True, slots=True)

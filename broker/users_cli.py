@@ -25,7 +25,8 @@ def _when(value: datetime | None) -> str:
 
 
 def _store(ctx: click.Context) -> UsersStore:
-    config_file, options = ctx.obj if ctx.obj else (None, {})
+    options = dict(ctx.obj or {})  # what was given before `users` (see broker.cli.main)
+    config_file = options.pop("config_file", None)
     try:
         settings = load_settings(BrokerSettings, config_file, options)
     except ConfigError as exc:

@@ -54,7 +54,8 @@ YAML_HEADER = """\
 # {component}.yaml: settings of the RemoteLLM {component} ({program} --config FILE).
 #
 # Every option is listed below, commented out, with its default: uncomment and
-# edit what you need. Keys are the option names (dashes or underscores).
+# edit what you need. Keys are the option names (dashes or underscores); a key
+# that is not a setting is an error.
 # Precedence: command-line flags > environment variables > this file > defaults.
 # This file may hold secrets: keep it readable only by the service's user.
 # (Generated from {source} by deploy/gen_examples.py.)
@@ -69,6 +70,8 @@ CONNECTORS_YAML = """\
 #   token:        the secret the connector sends (its REMOTELLM_BROKER_TOKEN);
 #                 make one with: python3 -c 'import secrets; print("ct-" + secrets.token_hex(24))'
 #   name:         optional, shown in logs and /health
+#   id:           optional, the connector's ID in sessions and usage records (default:
+#                 c- and 8 hex digits of the token's SHA-256, stable when entries move)
 #   llm_api_key:  optional, sent to that connector's local LLM as its API key
 # Tokens from REMOTELLM_BROKER_CONNECTOR_TOKENS and the generated ones in the data dir
 # are accepted as well. Keep this file owned by root, group remotellm, mode 0640.

@@ -52,65 +52,7 @@ Environment: UV (path of uv), REMOTELLM_ROOT (stage under this directory).
 EOF
 }
 
-BROKER=0
-CONNECTOR=0
-UNINSTALL=0
-PURGE=0
-START=1
-PREFIX=$DEFAULT_PREFIX
-WHEEL=""
-PYTHON_SPEC=">=3.11"
-SRC_DIR=$(cd "$HERE/.." && pwd)
-
-while [[ $# -gt 0 ]]; do
-    case "$1" in
-    --broker) BROKER=1 ;;
-    --connector) CONNECTOR=1 ;;
-    --prefix)
-        [[ $# -ge 2 ]] || die "--prefix needs a directory"
-        PREFIX=${2%/}
-        shift
-        ;;
-    --prefix=*) PREFIX=${1#--prefix=} PREFIX=${PREFIX%/} ;;
-    --wheel)
-        [[ $# -ge 2 ]] || die "--wheel needs a file"
-        WHEEL=$2
-        shift
-        ;;
-    --wheel=*) WHEEL=${1#--wheel=} ;;
-    --python)
-        [[ $# -ge 2 ]] || die "--python needs a version or a path"
-        PYTHON_SPEC=$2
-        shift
-        ;;
-    --python=*) PYTHON_SPEC=${1#--python=} ;;
-    --no-start) START=0 ;;
-    --uninstall) UNINSTALL=1 ;;
-    --purge) PURGE=1 ;;
-    -h | --help)
-        usage
-        exit 0
-        ;;
-    *)
-        usage >&2
-        die "unknown argument: $1"
-        ;;
-    esac
-    shift
-done
-
-check_prefix "$PREFIX"
-if [[ $PURGE -eq 1 && $UNINSTALL -eq 0 ]]; then
-    die "--purge only goes with --uninstall"
-fi
-if [[ $UNINSTALL -eq 0 && $BROKER -eq 0 && $CONNECTOR -eq 0 ]]; then
-    usage >&2
-    die "say what to install: --broker, --connector or both"
-fi
-if [[ $UNINSTALL -eq 1 && $BROKER -eq 0 && $CONNECTOR -eq 0 ]]; then
-    BROKER=1
-    CONNECTOR=1
-fi
+parse_args "$@"
 
 need_root
 need_cmd systemctl "This script is for systemd-based systems (Debian, Ubuntu, Fedora...)."
@@ -142,16 +84,9 @@ install_broker_config() {
     local env="$TMP_DIR/broker.env"
     cp "$HERE/examples/broker.env.example" "$env"
     if [[ ! -e $ROOT$CONF_DIR/broker.env ]]; then
-        # First install: make the keys here, so that they never appear in a log.
-        REMOTELLM_NEW_USER_KEY=$(new_secret sk- 16)
-        REMOTELLM_NEW_CONNECTOR_TOKEN=$(new_secret ct- 24)
-        export REMOTELLM_NEW_USER_KEY REMOTELLM_NEW_CONNECTOR_TOKEN
-        set_option "$env" "#REMOTELLM_BROKER_USER_API_KEYS=" \
-            "REMOTELLM_BROKER_USER_API_KEYS=" REMOTELLM_NEW_USER_KEY
-        set_option "$env" "#REMOTELLM_BROKER_CONNECTOR_TOKENS=" \
-            "REMOTELLM_BROKER_CONNECTOR_TOKENS=" REMOTELLM_NEW_CONNECTOR_TOKEN
         new_config "$env" "$CONF_DIR/broker.env" 0640 root "$SERVICE_USER"
-        BROKER_NEW_KEYS=1
+        # First install: the broker makes its first key and token, stored hashed.
+        init_credentials
     else
         note "kept $CONF_DIR/broker.env (not overwritten)"
     fi
@@ -194,7 +129,7 @@ run_service() {
 
 do_install() {
     local code_changed units_changed=0 broker_changed=0 connector_changed=0
-    BROKER_NEW_KEYS=0
+    CREDENTIALS_TEXT=""
     find_uv
     if [[ -z $WHEEL && ! -f $SRC_DIR/pyproject.toml ]]; then
         die "no source tree at $SRC_DIR (run the script from a RemoteLLM checkout, or give --wheel)."
@@ -211,13 +146,7 @@ do_install() {
 
     info "Program"
     CHANGED=0
-    build_venv
-    ensure_dir "$PREFIX/examples" 0755 root "$ROOT_GROUP"
-    local example
-    for example in "$HERE"/examples/*.example; do
-        install_file "$example" "$PREFIX/examples/$(basename "$example")" 0644 root \
-            "$ROOT_GROUP"
-    done
+    install_program
     code_changed=$CHANGED
 
     info "Configuration in $CONF_DIR"
@@ -232,7 +161,7 @@ do_install() {
         install_connector_config
         connector_changed=$CHANGED
     fi
-    unset REMOTELLM_NEW_USER_KEY REMOTELLM_NEW_CONNECTOR_TOKEN
+    unset REMOTELLM_NEW_CONNECTOR_TOKEN
 
     info "systemd units in $UNIT_DIR"
     if [[ $BROKER -eq 1 ]]; then
@@ -275,11 +204,7 @@ do_install() {
         note "Nothing changed: everything was already installed and up to date."
     fi
     if [[ $BROKER -eq 1 ]]; then
-        if [[ $BROKER_NEW_KEYS -eq 1 ]]; then
-            note "Broker: an API key for users and a connector token were generated into"
-            note "$CONF_DIR/broker.env (they are not shown here). Read them with:"
-            note "  sudo grep -E '^REMOTELLM_BROKER_(USER_API_KEYS|CONNECTOR_TOKENS)=' $CONF_DIR/broker.env"
-        fi
+        show_credentials
         note "Broker settings: $CONF_DIR/broker.env; connector tokens: $CONF_DIR/connectors.yaml"
         note "Status: systemctl status remotellm-broker; logs: journalctl -u remotellm-broker -f"
         note "Health: curl http://127.0.0.1:8080/ready"

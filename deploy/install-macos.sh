@@ -55,65 +55,7 @@ Environment: UV (path of uv), REMOTELLM_ROOT (stage under this directory).
 EOF
 }
 
-BROKER=0
-CONNECTOR=0
-UNINSTALL=0
-PURGE=0
-START=1
-PREFIX=$DEFAULT_PREFIX
-WHEEL=""
-PYTHON_SPEC=">=3.11"
-SRC_DIR=$(cd "$HERE/.." && pwd)
-
-while [[ $# -gt 0 ]]; do
-    case "$1" in
-    --broker) BROKER=1 ;;
-    --connector) CONNECTOR=1 ;;
-    --prefix)
-        [[ $# -ge 2 ]] || die "--prefix needs a directory"
-        PREFIX=${2%/}
-        shift
-        ;;
-    --prefix=*) PREFIX=${1#--prefix=} PREFIX=${PREFIX%/} ;;
-    --wheel)
-        [[ $# -ge 2 ]] || die "--wheel needs a file"
-        WHEEL=$2
-        shift
-        ;;
-    --wheel=*) WHEEL=${1#--wheel=} ;;
-    --python)
-        [[ $# -ge 2 ]] || die "--python needs a version or a path"
-        PYTHON_SPEC=$2
-        shift
-        ;;
-    --python=*) PYTHON_SPEC=${1#--python=} ;;
-    --no-start) START=0 ;;
-    --uninstall) UNINSTALL=1 ;;
-    --purge) PURGE=1 ;;
-    -h | --help)
-        usage
-        exit 0
-        ;;
-    *)
-        usage >&2
-        die "unknown argument: $1"
-        ;;
-    esac
-    shift
-done
-
-check_prefix "$PREFIX"
-if [[ $PURGE -eq 1 && $UNINSTALL -eq 0 ]]; then
-    die "--purge only goes with --uninstall"
-fi
-if [[ $UNINSTALL -eq 0 && $BROKER -eq 0 && $CONNECTOR -eq 0 ]]; then
-    usage >&2
-    die "say what to install: --broker, --connector or both"
-fi
-if [[ $UNINSTALL -eq 1 && $BROKER -eq 0 && $CONNECTOR -eq 0 ]]; then
-    BROKER=1
-    CONNECTOR=1
-fi
+parse_args "$@"
 
 need_root
 need_cmd launchctl "This script is for macOS; on Linux use deploy/install-linux.sh."
@@ -176,15 +118,9 @@ install_broker_config() {
         export REMOTELLM_CONNECTORS_VALUE="$CONF_DIR/connectors.yaml"
         set_option "$cfg" "#data_dir:" "data_dir: " REMOTELLM_DATA_DIR_VALUE
         set_option "$cfg" "#connector_config:" "connector_config: " REMOTELLM_CONNECTORS_VALUE
-        # First install: make the keys here, so that they never appear in a log.
-        REMOTELLM_NEW_USER_KEY=$(new_secret sk- 16)
-        REMOTELLM_NEW_CONNECTOR_TOKEN=$(new_secret ct- 24)
-        export REMOTELLM_NEW_USER_KEY REMOTELLM_NEW_CONNECTOR_TOKEN
-        set_option "$cfg" "#user_api_keys:" "user_api_keys: " REMOTELLM_NEW_USER_KEY
-        set_option "$cfg" "#connector_tokens:" "connector_tokens: " \
-            REMOTELLM_NEW_CONNECTOR_TOKEN
         new_config "$cfg" "$CONF_DIR/broker.yaml" 0640 root "$SERVICE_USER"
-        BROKER_NEW_KEYS=1
+        # First install: the broker makes its first key and token, stored hashed.
+        init_credentials
     else
         note "kept $CONF_DIR/broker.yaml (not overwritten)"
     fi
@@ -244,7 +180,7 @@ start_daemon() {
 
 do_install() {
     local code_changed broker_changed=0 connector_changed=0 broker_plist=0 connector_plist=0
-    BROKER_NEW_KEYS=0
+    CREDENTIALS_TEXT=""
     find_uv
     if [[ -z $WHEEL && ! -f $SRC_DIR/pyproject.toml ]]; then
         die "no source tree at $SRC_DIR (run the script from a RemoteLLM checkout, or give --wheel)."
@@ -262,13 +198,7 @@ do_install() {
 
     info "Program"
     CHANGED=0
-    build_venv
-    ensure_dir "$PREFIX/examples" 0755 root "$ROOT_GROUP"
-    local example
-    for example in "$HERE"/examples/*.example; do
-        install_file "$example" "$PREFIX/examples/$(basename "$example")" 0644 root \
-            "$ROOT_GROUP"
-    done
+    install_program
     code_changed=$CHANGED
 
     info "Configuration in $CONF_DIR"
@@ -285,7 +215,7 @@ do_install() {
         ensure_log connector
         connector_changed=$CHANGED
     fi
-    unset REMOTELLM_NEW_USER_KEY REMOTELLM_NEW_CONNECTOR_TOKEN
+    unset REMOTELLM_NEW_CONNECTOR_TOKEN
 
     info "launchd daemons in $PLIST_DIR"
     if [[ $BROKER -eq 1 ]]; then
@@ -320,11 +250,7 @@ do_install() {
         note "Nothing changed: everything was already installed and up to date."
     fi
     if [[ $BROKER -eq 1 ]]; then
-        if [[ $BROKER_NEW_KEYS -eq 1 ]]; then
-            note "Broker: an API key for users and a connector token were generated into"
-            note "$CONF_DIR/broker.yaml (they are not shown here). Read them with:"
-            note "  sudo grep -E '^(user_api_keys|connector_tokens):' $CONF_DIR/broker.yaml"
-        fi
+        show_credentials
         note "Broker settings: $CONF_DIR/broker.yaml; connector tokens: $CONF_DIR/connectors.yaml"
         note "Logs: tail -f $LOG_DIR/broker.log; health: curl http://127.0.0.1:8080/ready"
     fi

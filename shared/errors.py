@@ -36,6 +36,11 @@ def error_body(
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
+def quote(text: str, limit: int = 200) -> str:
+    """Client input echoed in an error message, cut to ``limit`` characters."""
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
 def type_for_status(status: int) -> str:
     if status == 401:
         return "authentication_error"

@@ -9,6 +9,7 @@ file keys, the click options (``options_from_settings``) and the README tables
 from __future__ import annotations
 
 import contextvars
+import difflib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,7 +38,12 @@ def split_list(value: Any) -> Any:
 
 
 class YamlFileSource(PydanticBaseSettingsSource):
-    """Reads the ``--config`` YAML file (keys are field names, dashes or underscores)."""
+    """Reads the ``--config`` YAML file.
+
+    Keys are the field names or the flag names, with dashes or underscores. Unlike the
+    environment (where other ``REMOTELLM_*`` variables may belong to something else), every
+    key in the file must be a setting: a misspelled one is an error, not silently ignored.
+    """
 
     def __init__(self, settings_cls: type[BaseSettings]) -> None:
         super().__init__(settings_cls)
@@ -50,13 +56,40 @@ class YamlFileSource(PydanticBaseSettingsSource):
                 raise ConfigError(f"cannot read config file {path}: {exc}") from exc
             if not isinstance(loaded, dict):
                 raise ConfigError(f"config file {path} must hold a mapping of settings")
-            self._data = {str(k).replace("-", "_"): v for k, v in loaded.items()}
+            self._data = _known_keys(settings_cls, path, loaded)
 
     def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
         return self._data.get(field_name), field_name, False
 
     def __call__(self) -> dict[str, Any]:
         return {k: v for k, v in self._data.items() if k in self.settings_cls.model_fields}
+
+
+def _key_names(cls: type[BaseSettings]) -> dict[str, str]:
+    """Every spelling a config file may use for a field (underscored), mapped to the field."""
+    names: dict[str, str] = {}
+    for name, field in cls.model_fields.items():
+        names[name] = name
+        names.setdefault(flag_for(name, field).lstrip("-").replace("-", "_"), name)
+    return names
+
+
+def _known_keys(cls: type[BaseSettings], path: Path, loaded: dict[Any, Any]) -> dict[str, Any]:
+    names = _key_names(cls)
+    data: dict[str, Any] = {}
+    for key, value in loaded.items():
+        field = names.get(str(key).replace("-", "_"))
+        if field is None:
+            raise ConfigError(f"unknown setting {str(key)!r} in {path}{_suggest(str(key), cls)}")
+        if field in data:
+            raise ConfigError(f"setting {field!r} is given twice in {path}")
+        data[field] = value
+    return data
+
+
+def _suggest(key: str, cls: type[BaseSettings]) -> str:
+    close = difflib.get_close_matches(key.replace("-", "_"), list(cls.model_fields), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 class FileAwareSettings(BaseSettings):
@@ -98,7 +131,10 @@ def _explain(exc: ValidationError, cls: type[BaseSettings]) -> str:
     lines = []
     for err in exc.errors():
         loc = [str(p) for p in err["loc"]]
-        name = loc[0] if loc else "settings"
+        if not loc:  # a rule across fields (a model validator): its message names them
+            lines.append(str(err["msg"]).removeprefix("Value error, "))
+            continue
+        name = loc[0]
         field = cls.model_fields.get(name)
         flag = flag_for(name, field) if field is not None else "--" + name.replace("_", "-")
         env = prefix + name.upper()

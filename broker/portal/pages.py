@@ -17,7 +17,7 @@ STATIC_FILES = ("portal.css", "portal.js", "playground.js", "markdown.js")
 
 def live_models(state: BrokerState) -> list[str]:
     """The models live right now (the one place the portal asks the relay core)."""
-    return sorted(state.hub.dispatcher.live_models())
+    return sorted(state.hub.core.live_models())
 
 
 def page(name: str, status: int = 200, **context: object) -> Response:
@@ -59,10 +59,10 @@ def examples(base_url: str, model: str, key: str | None) -> Examples:
 
 
 def connector_command(base_url: str) -> str:
+    """As the broker's banner prints it: the token in the environment, not in ``ps``."""
     return (
-        "uv run remotellm-connector \\\n"
-        f"  --broker-url {base_url} \\\n"
-        "  --broker-token ct-…token from the operator… \\\n"
+        "REMOTELLM_BROKER_TOKEN=ct-PASTE-YOUR-TOKEN \\\n"
+        f"  uv run remotellm-connector --broker-url {base_url} \\\n"
         "  --llm-url http://localhost:11434"
     )
 

@@ -28,6 +28,71 @@ die() {
     exit 1
 }
 
+# parse_args ARGS...: the command line both install scripts take. Sets BROKER, CONNECTOR,
+# UNINSTALL, PURGE, START, PREFIX, WHEEL, PYTHON_SPEC and SRC_DIR; calls the script's usage.
+# Reads HERE and DEFAULT_PREFIX.
+parse_args() {
+    BROKER=0
+    CONNECTOR=0
+    UNINSTALL=0
+    PURGE=0
+    START=1
+    PREFIX=$DEFAULT_PREFIX
+    WHEEL=""
+    PYTHON_SPEC=">=3.11"
+    SRC_DIR=$(cd "$HERE/.." && pwd)
+
+    while [[ $# -gt 0 ]]; do
+        case "$1" in
+        --broker) BROKER=1 ;;
+        --connector) CONNECTOR=1 ;;
+        --prefix)
+            [[ $# -ge 2 ]] || die "--prefix needs a directory"
+            PREFIX=${2%/}
+            shift
+            ;;
+        --prefix=*) PREFIX=${1#--prefix=} PREFIX=${PREFIX%/} ;;
+        --wheel)
+            [[ $# -ge 2 ]] || die "--wheel needs a file"
+            WHEEL=$2
+            shift
+            ;;
+        --wheel=*) WHEEL=${1#--wheel=} ;;
+        --python)
+            [[ $# -ge 2 ]] || die "--python needs a version or a path"
+            PYTHON_SPEC=$2
+            shift
+            ;;
+        --python=*) PYTHON_SPEC=${1#--python=} ;;
+        --no-start) START=0 ;;
+        --uninstall) UNINSTALL=1 ;;
+        --purge) PURGE=1 ;;
+        -h | --help)
+            usage
+            exit 0
+            ;;
+        *)
+            usage >&2
+            die "unknown argument: $1"
+            ;;
+        esac
+        shift
+    done
+
+    check_prefix "$PREFIX"
+    if [[ $PURGE -eq 1 && $UNINSTALL -eq 0 ]]; then
+        die "--purge only goes with --uninstall"
+    fi
+    if [[ $UNINSTALL -eq 0 && $BROKER -eq 0 && $CONNECTOR -eq 0 ]]; then
+        usage >&2
+        die "say what to install: --broker, --connector or both"
+    fi
+    if [[ $UNINSTALL -eq 1 && $BROKER -eq 0 && $CONNECTOR -eq 0 ]]; then
+        BROKER=1
+        CONNECTOR=1
+    fi
+}
+
 cleanup_tmp() {
     if [[ -n $TMP_DIR && -d $TMP_DIR ]]; then
         rm -rf "$TMP_DIR"
@@ -162,9 +227,32 @@ set_option() {
     rm -f "$tmp"
 }
 
-# new_secret PREFIX BYTES: print a random secret like the broker makes its own.
-new_secret() {
-    od -An -N"$2" -tx1 /dev/urandom | tr -d ' \n' | sed "s/^/$1/"
+# init_credentials: the broker's first user API key and connector token, made by the broker
+# itself into its data dir (only their hashes, in credentials.yaml, as its own first start
+# does) unless it has some. Nothing goes into a settings file in plain text. Sets
+# CREDENTIALS_TEXT (what the broker printed, secrets included, to show this once at the end)
+# and REMOTELLM_NEW_CONNECTOR_TOKEN (for a connector installed alongside). Uses PREFIX,
+# DATA_DIR and SERVICE_USER.
+init_credentials() {
+    local data="$ROOT$DATA_DIR/broker"
+    CREDENTIALS_TEXT=$("$ROOT$PREFIX/venv/bin/remotellm-broker" init-credentials \
+        --data-dir "$data") || die "the broker could not create its credentials (see above)."
+    if [[ -e $data/credentials.yaml ]]; then
+        chown "$SERVICE_USER:$SERVICE_USER" "$data/credentials.yaml"
+    fi
+    REMOTELLM_NEW_CONNECTOR_TOKEN=$(printf '%s\n' "$CREDENTIALS_TEXT" |
+        sed -n 's/^ *Connector token: *//p')
+    export REMOTELLM_NEW_CONNECTOR_TOKEN
+}
+
+# show_credentials: print what init_credentials made (the only time the secrets are shown).
+show_credentials() {
+    if [[ -z ${CREDENTIALS_TEXT:-} ]]; then
+        return
+    fi
+    info "Broker credentials"
+    printf '%s\n' "$CREDENTIALS_TEXT"
+    CREDENTIALS_TEXT=""
 }
 
 # base_python_dir VENV: the prefix of the Python the venv was made from.
@@ -238,6 +326,18 @@ and run this script again."
     mkdir -p "$dist"
     cp "$wheel" "$dist/"
     CHANGED=1
+}
+
+# install_program: the venv (build_venv) and the examples next to it. Sets CHANGED=1 when
+# anything changed. Uses HERE, PREFIX and ROOT_GROUP.
+install_program() {
+    local example
+    build_venv
+    ensure_dir "$PREFIX/examples" 0755 root "$ROOT_GROUP"
+    for example in "$HERE"/examples/*.example; do
+        install_file "$example" "$PREFIX/examples/$(basename "$example")" 0644 root \
+            "$ROOT_GROUP"
+    done
 }
 
 # remove_path PATH: remove "$ROOT$PATH" if it exists, saying so.

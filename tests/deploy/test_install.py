@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from broker.keys import KeyStore
 from broker.settings import BrokerSettings
 from connector.settings import ConnectorSettings
 from shared.settings import load_settings
@@ -49,6 +50,7 @@ class Install:
     fakes: Fakes
     script: Path
     first: subprocess.CompletedProcess[str]
+    broker_credentials: tuple[str, str] = ("", "")
 
     def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         self.fakes.clear()
@@ -63,9 +65,38 @@ def mode(path: Path) -> tuple[int, int, int]:
     return stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
 
 
-def assert_no_secret_printed(result: subprocess.CompletedProcess[str], *secrets: str) -> None:
+KEY_LINE = re.compile(r"^    API key for users:  (sk-[0-9a-f]{32})$", re.M)
+TOKEN_LINE = re.compile(r"^    Connector token:    (ct-[0-9a-f]{48})$", re.M)
+
+
+def printed_credentials(result: subprocess.CompletedProcess[str]) -> tuple[str, str]:
+    """The key and token the broker made at install time: shown once, on stdout only."""
+    key, token = KEY_LINE.search(result.stdout), TOKEN_LINE.search(result.stdout)
+    assert key and token, result.stdout
+    for secret in (key.group(1), token.group(1)):
+        assert secret not in result.stderr
+    assert result.stdout.count(key.group(1)) == 1
+    # The token line, and the connector command in its environment form.
+    assert result.stdout.count(token.group(1)) == 2
+    assert f"REMOTELLM_BROKER_TOKEN={token.group(1)} uv run remotellm-connector" in result.stdout
+    return key.group(1), token.group(1)
+
+
+def assert_stored_hashed(data_dir: Path, key: str, token: str) -> None:
+    """credentials.yaml in the data dir holds only hashes, owned by the service user."""
+    credentials = data_dir / "credentials.yaml"
+    assert mode(credentials) == (0o600, NOBODY, NOBODY)
+    text = credentials.read_text()
+    assert key not in text and token not in text
+    keys = KeyStore(
+        static_user_keys=[], static_connector_tokens=[], connector_config=None, data_dir=data_dir
+    )
+    assert keys.user(key) is not None and keys.connector(token) is not None
+
+
+def assert_no_secret_in(text: str, *secrets: str) -> None:
     for secret in secrets:
-        assert secret not in result.stdout + result.stderr
+        assert secret not in text
 
 
 # --- Linux -----------------------------------------------------------------------------
@@ -109,19 +140,19 @@ def test_linux_install(linux: Install) -> None:
         assert unit.read_text() == (DEPLOY / "systemd" / name).read_text()
         assert mode(unit) == (0o644, 0, 0)
 
-    # Fresh keys, made by the script and never printed.
-    broker_env = parse_env_file(p("/etc/remotellm/broker.env"))
-    connector_env = parse_env_file(p("/etc/remotellm/connector.env"))
-    key, token = (
-        broker_env["REMOTELLM_BROKER_USER_API_KEYS"],
-        broker_env["REMOTELLM_BROKER_CONNECTOR_TOKENS"],
-    )
+    # Fresh credentials, made by the broker into its data dir (hashed), shown once; no
+    # secret in broker.env; the connector installed alongside has its token.
+    key, token = printed_credentials(linux.first)
     assert KEY.match(key) and TOKEN.match(token)
+    assert_stored_hashed(p("/var/lib/remotellm/broker"), key, token)
+    broker_text = p("/etc/remotellm/broker.env").read_text()
+    assert_no_secret_in(broker_text, key, token)
+    assert parse_env_file(p("/etc/remotellm/broker.env")) == {}
+    connector_env = parse_env_file(p("/etc/remotellm/connector.env"))
     assert connector_env == {
         "REMOTELLM_BROKER_URL": "http://127.0.0.1:8443",
         "REMOTELLM_BROKER_TOKEN": token,
     }
-    assert_no_secret_printed(linux.first, key, token)
     assert not any(key in c or token in c for c in calls)
 
     # systemd told to load, enable and (re)start both.
@@ -146,6 +177,7 @@ def test_linux_second_run_changes_nothing(linux: Install) -> None:
     assert changed == []
     assert "REMOTELLM_BROKER_LOG_LEVEL=debug" in env_file.read_text()
     assert "Nothing changed" in result.stdout
+    assert not KEY_LINE.search(result.stdout) and not TOKEN_LINE.search(result.stdout)
     calls = linux.fakes.calls()
     assert not [c for c in calls if c.startswith("useradd")]
     # Enabled and running (start does nothing to a running service), not restarted.
@@ -212,12 +244,12 @@ def test_linux_installed_services_relay_confined(
             base_env(**connector_env),
         )
         procs.append(connector)
-        key = broker_env["REMOTELLM_BROKER_USER_API_KEYS"]
+        key, _ = printed_credentials(linux.first)
         base = f"http://127.0.0.1:{port}"
         wait_for("the model", lambda: models_ready(base, key, fake_llm.model), procs)
         text, _ = chat_stream(base, key, fake_llm.model)
         assert text == fake_llm.answer
-        # The keys came from broker.env: nothing generated, nothing printed.
+        # The credentials came from the data dir: nothing generated, nothing printed.
         assert "API key for users" not in broker.stdout()
         assert key not in broker.output() and connector_env["REMOTELLM_BROKER_TOKEN"] not in (
             connector.output()
@@ -300,11 +332,13 @@ def test_macos_add_broker(macos: Install, wheel: Path) -> None:
 
     config = p("/usr/local/etc/remotellm/broker.yaml")
     settings = load_settings(BrokerSettings, config, {})
-    assert len(settings.user_api_keys) == 1 and KEY.match(settings.user_api_keys[0])
-    assert len(settings.connector_tokens) == 1 and TOKEN.match(settings.connector_tokens[0])
+    assert settings.user_api_keys == [] and settings.connector_tokens == []
     assert str(settings.data_dir) == "/usr/local/var/remotellm/broker"
     assert str(settings.connector_config) == "/usr/local/etc/remotellm/connectors.yaml"
-    assert_no_secret_printed(result, *settings.user_api_keys, *settings.connector_tokens)
+    key, token = printed_credentials(result)
+    assert_stored_hashed(p("/usr/local/var/remotellm/broker"), key, token)
+    assert_no_secret_in(config.read_text(), key, token)
+    macos.broker_credentials = (key, token)
     calls = macos.fakes.calls()
     assert "launchctl bootstrap system /Library/LaunchDaemons/com.remotellm.broker.plist" in calls
     assert not [c for c in calls if "com.remotellm.connector" in c]
@@ -313,10 +347,10 @@ def test_macos_add_broker(macos: Install, wheel: Path) -> None:
 def test_macos_configured_connector_starts(macos: Install, wheel: Path) -> None:
     p = macos.path
     connector_yaml = p("/usr/local/etc/remotellm/connector.yaml")
-    token = load_settings(BrokerSettings, p("/usr/local/etc/remotellm/broker.yaml"), {})
+    _, token = macos.broker_credentials
     text = connector_yaml.read_text()
     text = text.replace("#broker_url:", "broker_url: http://127.0.0.1:8443", 1)
-    text = text.replace("#broker_token:", f"broker_token: {token.connector_tokens[0]}", 1)
+    text = text.replace("#broker_token:", f"broker_token: {token}", 1)
     connector_yaml.write_text(text)
     settings = load_settings(ConnectorSettings, connector_yaml, {})
     assert settings.broker_url == "http://127.0.0.1:8443"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.deploy.helpers import DEPLOY, run
+from tests.deploy.helpers import DEPLOY, REPO, run
 
 SCRIPTS = sorted(DEPLOY.rglob("*.sh"))
 INSTALLERS = [DEPLOY / "install-linux.sh", DEPLOY / "install-macos.sh"]
@@ -95,3 +95,92 @@ def test_bad_prefix(script: Path, tmp_path: Path) -> None:
         result = run(["bash", script, "--broker", "--prefix", prefix], check=False, env=env)
         assert result.returncode != 0, prefix
         assert "--prefix" in result.stderr
+
+
+# --- scripts/test: the README's test command ----------------------------------------------
+
+TEST_SCRIPT = REPO / "scripts" / "test"
+PACKAGES = [
+    line.split("#")[0].strip()
+    for line in (REPO / "scripts" / "debian-packages").read_text().splitlines()
+    if line.split("#")[0].strip()
+]
+
+
+@pytest.mark.parametrize(
+    "script", [TEST_SCRIPT, REPO / "scripts" / "check", REPO / ".ci" / "run"], ids=str
+)
+def test_repo_scripts_pass_shellcheck(script: Path) -> None:
+    result = run(["shellcheck", script], check=False, cwd=REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert script.read_text().startswith("#!/usr/bin/env bash\n")
+    assert os.access(script, os.X_OK)
+
+
+def test_package_list_is_declared_once() -> None:
+    assert {"python3-seccomp", "chromium", "redis-server", "squid", "nginx-light"} <= set(PACKAGES)
+    for path in (REPO / ".ci" / "run", REPO / "scripts" / "check", TEST_SCRIPT):
+        assert "python3-seccomp" not in path.read_text(), path
+    # CI and the gate take the newcomer's path.
+    assert "exec bash scripts/check" in (REPO / ".ci" / "run").read_text()
+    assert "exec bash scripts/test" in (REPO / "scripts" / "check").read_text()
+    assert "bash scripts/test" in (REPO / "README.md").read_text().split("```")[1]
+
+
+def _test_script_fakes(tmp_path: Path, uid: int, missing: list[str]) -> Path:
+    """dpkg-query knows every package but ``missing``; apt-get and uv only record."""
+    log = tmp_path / "calls.log"
+    missing_words = " ".join(missing)
+    return fake_bin(
+        tmp_path,
+        id=f'[ "$1" = -u ] && echo {uid} || echo "uid={uid}"',
+        **{
+            "dpkg-query": f'for p in {missing_words}; do [ "$p" = "$3" ] && exit 1; done\n'
+            "printf installed",
+            "apt-get": f'echo "apt-get $*" >> {log}',
+            "uv": f'echo "uv $*" >> {log}',
+        },
+    )
+
+
+def _calls(tmp_path: Path) -> list[str]:
+    log = tmp_path / "calls.log"
+    return log.read_text().splitlines() if log.exists() else []
+
+
+def test_test_script_with_everything_installed_runs_pytest(tmp_path: Path) -> None:
+    bin_dir = _test_script_fakes(tmp_path, uid=1000, missing=[])
+    env = script_env(tmp_path, bin_dir, SYSTEM_PATH)
+    result = run(["bash", TEST_SCRIPT, "tests/unit", "-q"], env=env)
+    assert result.stderr == ""
+    assert _calls(tmp_path) == ["uv sync --frozen", "uv run --frozen pytest tests/unit -q"]
+
+
+def test_test_script_as_root_installs_what_is_missing(tmp_path: Path) -> None:
+    bin_dir = _test_script_fakes(tmp_path, uid=0, missing=["chromium", "redis-server"])
+    env = script_env(tmp_path, bin_dir, SYSTEM_PATH)
+    run(["bash", TEST_SCRIPT, "-x"], env=env)
+    assert _calls(tmp_path) == [
+        "apt-get update -qq",
+        "apt-get install -y -qq --no-install-recommends chromium redis-server",
+        "uv sync --frozen",
+        "uv run --frozen pytest -x",
+    ]
+
+
+def test_test_script_without_root_stops_with_the_command_to_run(tmp_path: Path) -> None:
+    bin_dir = _test_script_fakes(tmp_path, uid=1000, missing=["python3-seccomp", "squid"])
+    env = script_env(tmp_path, bin_dir, SYSTEM_PATH)
+    result = run(["bash", TEST_SCRIPT], check=False, env=env)
+    assert result.returncode == 1
+    assert "    sudo apt-get install -y python3-seccomp squid\n" in result.stderr
+    assert _calls(tmp_path) == []  # nothing installed, no test run
+
+
+def test_test_script_without_uv_says_how_to_get_it(tmp_path: Path) -> None:
+    bin_dir = _test_script_fakes(tmp_path, uid=1000, missing=[])
+    (bin_dir / "uv").unlink()
+    env = script_env(tmp_path, bin_dir, f"{bin_dir}:/usr/bin:/bin")
+    result = run(["bash", TEST_SCRIPT], check=False, env=env)
+    assert result.returncode == 1
+    assert "python3 -m pip install uv" in result.stderr

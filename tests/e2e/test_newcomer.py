@@ -21,23 +21,28 @@ pytestmark = pytest.mark.e2e
 
 KEY_LINE = r"^\s*API key for users:  (sk-[0-9a-f]{32})$"
 TOKEN_LINE = r"^\s*Connector token:    (ct-[0-9a-zA-Z_-]+)$"
-COMMAND_LINE = r"^\s*(uv run remotellm-connector .*)$"
+COMMAND_LINE = r"^\s*(REMOTELLM_BROKER_TOKEN=\S+ uv run remotellm-connector .*)$"
 CONNECTOR_NAME = "newcomer-laptop"
 RECONNECT_WITHIN_S = 10.0
 
 
-def connector_args_from_banner(command: str, broker: Broker, token: str, llm_url: str) -> list[str]:
-    """The printed command as ``python -m connector`` arguments, pointed at our llama."""
+def connector_from_banner(
+    command: str, broker: Broker, token: str, llm_url: str
+) -> tuple[dict[str, str], list[str]]:
+    """The printed command as environment + ``python -m connector`` arguments, at our llama.
+
+    The token is in the environment form, so it never shows in ``ps``.
+    """
     words = shlex.split(command)
-    assert words[:3] == ["uv", "run", "remotellm-connector"], command
-    args = words[3:]
+    assert words[0] == f"REMOTELLM_BROKER_TOKEN={token}", command
+    assert words[1:4] == ["uv", "run", "remotellm-connector"], command
+    args = words[4:]
     flags = dict(zip(args[::2], args[1::2], strict=True))
-    assert set(flags) == {"--broker-url", "--broker-token", "--llm-url"}, command
+    assert set(flags) == {"--broker-url", "--llm-url"}, command
     assert flags["--broker-url"] == broker.url, command
-    assert flags["--broker-token"] == token, command
     flags["--llm-url"] = llm_url
     flags["--name"] = CONNECTOR_NAME
-    return [word for pair in flags.items() for word in pair]
+    return {"REMOTELLM_BROKER_TOKEN": token}, [word for pair in flags.items() for word in pair]
 
 
 def assert_secrets_only_in_banner(
@@ -80,8 +85,9 @@ async def test_newcomer_path(procs: Procs, llama_server: LlamaServer, tmp_path) 
     command = (await broker.proc.wait_line(COMMAND_LINE, stream="stdout")).group(1)
 
     # 2. Run the printed connector command (our interpreter instead of `uv run`).
-    args = connector_args_from_banner(command, broker, token, llama_server.url)
-    connector = await procs.start("connector", "-m", "connector", *args)
+    env, args = connector_from_banner(command, broker, token, llama_server.url)
+    connector = await procs.start("connector", "-m", "connector", *args, env=env)
+    assert token not in " ".join(connector.args)
     await broker.wait_model("tiny", timeout=20.0, connector=CONNECTOR_NAME, watch=connector)
 
     async with openai_client(broker.url, key) as client:

@@ -11,6 +11,7 @@ import httpx
 import openai
 import pytest
 
+from broker.keys import hash_secret, user_id
 from tests.support.fake_llm import FakeLLM
 from tests.support.stack import USER_KEY, Stack, start_connector
 
@@ -303,7 +304,7 @@ async def test_health_ready_and_metrics(stack: Stack) -> None:
         assert (await health.get("/ready")).status_code == 200
         text = (await health.get("/metrics")).text
     assert 'remotellm_requests_total{model="fake-model",status="200"} 1.0' in text
-    assert 'remotellm_requests_total{model="nope",status="404"} 1.0' in text
+    assert 'remotellm_requests_total{model="(unknown)",status="404"} 1.0' in text
     assert 'remotellm_model_connectors{model="fake-model"} 1.0' in text
     assert "remotellm_time_to_first_byte_seconds_bucket" in text
     assert "remotellm_connector_registrations_total 1.0" in text
@@ -411,9 +412,10 @@ async def test_usage_is_recorded_in_sqlite(tmp_path, fake_llm: FakeLLM) -> None:
         "FROM usage ORDER BY ts"
     ).fetchall()
     db.close()
+    user = user_id(hash_secret(USER_KEY))  # stable: derived from the key, not its position
     assert [r[:7] for r in rows] == [
-        ("static-1", "fake-model", "gpu-box", 200, 0, 3, 5),
-        ("static-1", "fake-model", "gpu-box", 200, 1, 3, 6),
-        ("static-1", "fake-model-nope", None, 404, 0, None, None),
+        (user, "fake-model", "gpu-box", 200, 0, 3, 5),
+        (user, "fake-model", "gpu-box", 200, 1, 3, 6),
+        (user, "fake-model-nope", None, 404, 0, None, None),
     ]
     assert all(r[7] is not None and r[7] > 0 for r in rows[:2])

@@ -95,9 +95,24 @@ async def test_oversized_body_413(tmp_path, fake_llm: FakeLLM) -> None:
 
 async def test_unknown_routes_and_methods(stack: Stack) -> None:
     async with stack.client() as client:
-        assert_openai_error(await client.get("/v1/nothing-here"), 404)
-        assert_openai_error(await client.delete("/v1/chat/completions"), 405)
+        # Every /v1 path is relayed by POST: another method is 405 (with Allow), not 404.
+        for method, path in [("GET", "/v1/chat/completions"), ("DELETE", "/v1/embeddings")]:
+            r = await client.request(method, path)
+            assert_openai_error(r, 405, "method_not_allowed")
+            assert r.headers["allow"] == "POST"
         assert_openai_error(await client.get("/no-such-page"), 404)
+
+
+async def test_error_messages_never_echo_much_client_input(stack: Stack) -> None:
+    huge = "m" * 100_000
+    async with stack.client() as client:
+        r = await client.post("/v1/chat/completions", json={**CHAT, "model": huge})
+        err = assert_openai_error(r, 404, "model_not_found")
+        assert len(err["message"]) < 300
+        r = await client.get("/v1/models/" + huge[:8000])
+        assert len(assert_openai_error(r, 404, "model_not_found")["message"]) < 300
+        r = await client.put("/v1/" + huge[:8000])
+        assert len(assert_openai_error(r, 405)["message"]) < 300
 
 
 async def test_known_model_without_connector_503(stack: Stack) -> None:

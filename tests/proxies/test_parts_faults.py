@@ -110,7 +110,7 @@ async def test_parts_survive_failed_and_repeated_posts(tmp_path: Path, fake_llm:
         # The broker recognised the repeats and applied nothing twice.
         assert sum('"duplicate"' in a for a in path.answers) >= 5
         assert len(fake_llm.seen) == 1
-        await wait_for(lambda: broker.hub.dispatcher.in_flight() == 0, 5)
+        await wait_for(lambda: broker.hub.core.in_flight() == 0, 5)
     finally:
         await conn.stop()
         await broker.stop()

@@ -3,7 +3,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-from broker.channel import Failure, ResponseChannel
+from broker.channel import ResponseChannel
+from broker.core import Failure
 from shared.protocol import ResponseEnd, ResponseHead
 
 HEAD = ResponseHead(status=200, headers=[("content-type", "text/event-stream")])
@@ -60,7 +61,7 @@ async def test_pushes_after_end_are_ignored() -> None:
     ch.end(END)
     ch.data(b"late")
     ch.head(HEAD)
-    ch.fail(502, "x", "late failure")
+    ch.fail(Failure(502, "x", "late failure"))
     ch.end(ResponseEnd(ok=False, error="again"))
     assert await ch.get(timeout=1) == [b"a", END]
     assert await ch.get(timeout=0.005) == []
@@ -68,7 +69,7 @@ async def test_pushes_after_end_are_ignored() -> None:
 
 async def test_pushes_after_fail_are_ignored() -> None:
     ch = ResponseChannel()
-    ch.fail(504, "timeout", "the response stalled")
+    ch.fail(Failure(504, "timeout", "the response stalled"))
     ch.data(b"late")
     ch.end(END)
     assert await ch.get(timeout=1) == [Failure(504, "timeout", "the response stalled")]

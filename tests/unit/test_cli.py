@@ -101,6 +101,31 @@ def test_missing_config_file_exits_2(tmp_path: Path) -> None:
     assert result.exit_code == 2
 
 
+@pytest.mark.parametrize(
+    ("command", "text", "message"),
+    [
+        (broker_cli.main, "captacity: 8\n", "unknown setting 'captacity' in {path}"),
+        (connector_cli.main, "captacity: 8\n",
+         "unknown setting 'captacity' in {path} (did you mean 'capacity'?)"),
+    ],
+)  # fmt: skip
+def test_misspelled_config_key_exits_2_without_traceback(
+    tmp_path: Path, command: click.Command, text: str, message: str
+) -> None:
+    config = tmp_path / "settings.yaml"
+    config.write_text(text, encoding="utf-8")
+    result = _run(command, ["--config", str(config)])
+    assert result.exit_code == 2
+    assert message.format(path=config) in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_certfile_without_keyfile_exits_2(tmp_path: Path) -> None:
+    result = _run(broker_cli.main, ["--certfile", str(tmp_path / "c.pem")])
+    assert result.exit_code == 2
+    assert "--certfile needs --keyfile too" in result.stderr
+
+
 # -- broker start-up without a server ------------------------------------------------------
 
 
@@ -151,7 +176,8 @@ def test_prepare_generates_credentials_and_banner_shows_them(tmp_path: Path) -> 
     assert "https://llm.example.com/v1" in banner
     command = broker_cli.connector_command(settings, creds.connector_token)
     assert command in banner
-    assert f"--broker-token {creds.connector_token}" in command
+    assert command.startswith(f"REMOTELLM_BROKER_TOKEN={creds.connector_token} uv run ")
+    assert "--broker-token" not in command
     assert "--broker-url https://llm.example.com" in command
     assert "remotellm-connector" in command
 
@@ -169,3 +195,61 @@ def test_banner_health_line(tmp_path: Path) -> None:
     assert "http://127.0.0.1:8080/health" in broker_cli.banner(on, creds, keys)
     off = _broker_settings(tmp_path, health_port="0")
     assert "Health server: off" in broker_cli.banner(off, creds, keys)
+
+
+# -- init-credentials (what the service installers call) ----------------------------------
+
+KEY_LINE = re.compile(r"^    API key for users:  (sk-[0-9a-f]{32})$", re.M)
+TOKEN_LINE = re.compile(r"^    Connector token:    (ct-[0-9a-f]{48})$", re.M)
+
+
+def test_init_credentials_creates_once_and_prints_secrets_once(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    first = _run(broker_cli.main, ["init-credentials", "--data-dir", str(data_dir)])
+    assert first.exit_code == 0, first.output
+    key_match, token_match = KEY_LINE.search(first.stdout), TOKEN_LINE.search(first.stdout)
+    assert key_match and token_match, first.stdout
+    key, token = key_match.group(1), token_match.group(1)
+    assert f"REMOTELLM_BROKER_TOKEN={token} uv run remotellm-connector" in first.stdout
+
+    # Stored as hashes only, where the broker looks for them.
+    stored = (data_dir / "credentials.yaml").read_text()
+    assert key not in stored and token not in stored
+    settings = _broker_settings(tmp_path)
+    keys, creds = broker_cli.prepare(settings)
+    assert (creds.user_key, creds.connector_token) == (None, None)
+    assert keys.user(key) is not None and keys.connector(token) is not None
+
+    again = _run(broker_cli.main, ["init-credentials", "--data-dir", str(data_dir)])
+    assert again.exit_code == 0
+    assert "nothing created" in again.stdout
+    assert key not in again.stdout and token not in again.stdout
+    assert (data_dir / "credentials.yaml").read_text() == stored
+
+
+def test_init_credentials_ignores_static_keys_and_takes_options_first(
+    tmp_path: Path, clean_env: pytest.MonkeyPatch
+) -> None:
+    clean_env.setenv("REMOTELLM_BROKER_USER_API_KEYS", "sk-static")
+    data_dir = tmp_path / "data"
+    result = _run(
+        broker_cli.main,
+        [
+            "--public-url",
+            "https://llm.example.com",
+            "init-credentials",
+            "--data-dir",
+            str(data_dir),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert KEY_LINE.search(result.stdout)
+    assert "--broker-url https://llm.example.com " in result.stdout
+
+
+def test_init_credentials_bad_config_exits_2(tmp_path: Path) -> None:
+    config = tmp_path / "broker.yaml"
+    config.write_text("data-dirr: /x\n", encoding="utf-8")
+    result = _run(broker_cli.main, ["init-credentials", "--config", str(config)])
+    assert result.exit_code == 2
+    assert "unknown setting 'data-dirr'" in result.stderr and "Traceback" not in result.stderr

@@ -277,3 +277,80 @@ def test_credentials_file_entries_are_honoured(tmp_path: Path) -> None:
 )
 def test_bearer(header: str | None, token: str | None) -> None:
     assert bearer(header) == token
+
+
+# -- stable IDs ------------------------------------------------------------------------------
+
+ID = re.compile(r"^[uc]-[0-9a-f]{8}$")
+
+
+def _ids(ks: KeyStore, users: list[str], tokens: list[str]) -> dict[str, str]:
+    found = {k: ks.user(k) for k in users} | {t: ks.connector(t) for t in tokens}
+    assert all(v is not None for v in found.values())
+    return {k: v.id for k, v in found.items() if v is not None}
+
+
+def test_static_ids_survive_reordering(tmp_path: Path) -> None:
+    users, tokens = ["sk-one", "sk-two", "sk-three"], ["ct-one", "ct-two"]
+    before = _ids(_store(tmp_path, users=users, tokens=tokens), users, tokens)
+    after = _ids(_store(tmp_path, users=users[::-1], tokens=tokens[::-1]), users, tokens)
+    fewer = _ids(_store(tmp_path, users=users[1:], tokens=tokens[1:]), users[1:], tokens[1:])
+    assert before == after
+    assert fewer == {k: before[k] for k in users[1:] + tokens[1:]}
+    assert len(set(before.values())) == len(before)
+    assert all(ID.match(i) for i in before.values())
+    assert before["sk-one"] == "u-" + hash_secret("sk-one")[:8]
+    assert before["ct-one"] == "c-" + hash_secret("ct-one")[:8]
+
+
+def test_ids_hold_no_secret(tmp_path: Path) -> None:
+    secret = "sk-" + "ab" * 16
+    ks = _store(tmp_path, users=[secret], tokens=["ct-" + "cd" * 24])
+    user = ks.user(secret)
+    assert user is not None
+    assert secret[3:11] not in user.id and secret not in user.name
+
+
+def test_connectors_yaml_ids_survive_reordering(tmp_path: Path) -> None:
+    cfg = tmp_path / "connectors.yaml"
+    entries = [{"token": "t1"}, {"token": "t2", "name": "gpu"}, {"token": "t3", "id": "lab"}]
+    _write(cfg, {"connectors": entries})
+    before = _ids(_store(tmp_path, config=cfg), [], ["t1", "t2", "t3"])
+    _write(cfg, {"connectors": entries[::-1]})
+    after = _ids(_store(tmp_path, config=cfg), [], ["t1", "t2", "t3"])
+    assert before == after
+    assert before["t3"] == "lab"
+    assert before["t1"] == "c-" + hash_secret("t1")[:8]
+
+
+def test_same_token_static_or_in_file_has_one_id(tmp_path: Path) -> None:
+    cfg = tmp_path / "connectors.yaml"
+    _write(cfg, {"connectors": [{"token": "t1"}]})
+    from_file = _ids(_store(tmp_path, config=cfg), [], ["t1"])
+    static = _ids(_store(tmp_path / "other", tokens=["t1"]), [], ["t1"])
+    assert from_file == static
+
+
+def test_duplicate_explicit_ids_refused(tmp_path: Path) -> None:
+    cfg = tmp_path / "connectors.yaml"
+    _write(cfg, {"connectors": [{"token": "t1", "id": "x"}, {"token": "t2", "id": "x"}]})
+    with pytest.raises(ConfigError, match="two entries have the id 'x'"):
+        _store(tmp_path, config=cfg)
+
+
+def test_generated_credentials_get_hash_ids(tmp_path: Path) -> None:
+    ks = _store(tmp_path)
+    creds = ks.ensure_credentials()
+    assert creds.user_key is not None and creds.connector_token is not None
+    ids = _ids(ks, [creds.user_key], [creds.connector_token])
+    assert ids[creds.user_key] == "u-" + hash_secret(creds.user_key)[:8]
+    assert ids[creds.connector_token] == "c-" + hash_secret(creds.connector_token)[:8]
+
+
+def test_credentials_entries_without_id_get_distinct_hash_ids(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    users = [{"key_sha256": hash_secret(k)} for k in ("sk-a", "sk-b")]
+    (data_dir / CREDENTIALS_FILE).write_text(yaml.safe_dump({"users": users}))
+    ids = _ids(_store(tmp_path), ["sk-a", "sk-b"], [])
+    assert ids == {k: "u-" + hash_secret(k)[:8] for k in ("sk-a", "sk-b")}

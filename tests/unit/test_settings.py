@@ -111,10 +111,78 @@ def test_required_connector_settings_from_file(tmp_path: Path) -> None:
 
 
 def test_yaml_keys_may_use_dashes(tmp_path: Path) -> None:
-    config = _yaml(tmp_path, "poll-wait: 3.5\nuser-api-keys: [sk-a, sk-b]\nunknown_key: 1\n")
+    config = _yaml(tmp_path, "poll-wait: 3.5\nuser-api-keys: [sk-a, sk-b]\n")
     s = load_settings(BrokerSettings, config, {})
     assert s.poll_wait == 3.5
     assert s.user_api_keys == ["sk-a", "sk-b"]
+
+
+@pytest.mark.parametrize(
+    ("cls", "text", "field", "expected"),
+    [
+        (BrokerSettings, "user-api-key: sk-a\n", "user_api_keys", ["sk-a"]),
+        (BrokerSettings, "connector_token: [ct-a]\n", "connector_tokens", ["ct-a"]),
+        (ConnectorSettings, "model: [m1, m2]\nbroker_url: https://b\nbroker_token: t\n",
+         "models", ["m1", "m2"]),
+    ],
+)  # fmt: skip
+def test_yaml_keys_may_use_flag_names(
+    tmp_path: Path, cls: type[Any], text: str, field: str, expected: object
+) -> None:
+    s = load_settings(cls, _yaml(tmp_path, text), {})
+    assert getattr(s, field) == expected
+
+
+@pytest.mark.parametrize(
+    ("cls", "text", "key", "hint"),
+    [
+        (ConnectorSettings, "captacity: 8\n", "captacity", "capacity"),
+        (BrokerSettings, "pol-wait: 3\n", "pol-wait", "poll_wait"),
+        (BrokerSettings, "port: 1\nqueue_maxx: 3\n", "queue_maxx", "queue_max"),
+        (BrokerSettings, "zzz: 1\n", "zzz", None),
+    ],
+)
+def test_unknown_yaml_key_is_an_error_naming_it(
+    tmp_path: Path, cls: type[Any], text: str, key: str, hint: str | None
+) -> None:
+    config = _yaml(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_settings(cls, config, {})
+    suggestion = f" (did you mean {hint!r}?)" if hint else ""
+    assert str(info.value) == f"unknown setting {key!r} in {config}{suggestion}"
+
+
+def test_yaml_key_given_twice_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="'poll_wait' is given twice"):
+        load_settings(BrokerSettings, _yaml(tmp_path, "poll-wait: 1\npoll_wait: 2\n"), {})
+
+
+def test_unrelated_env_variables_with_the_prefix_are_ignored(
+    clean_env: pytest.MonkeyPatch,
+) -> None:
+    clean_env.setenv("REMOTELLM_BROKER_SOMETHING_ELSE", "1")
+    assert load_settings(BrokerSettings, None, {}).port == 8443
+
+
+@pytest.mark.parametrize(
+    ("overrides", "given", "missing"),
+    [
+        ({"certfile": "/c.pem"}, "--certfile", "--keyfile"),
+        ({"keyfile": "/k.pem"}, "--keyfile", "--certfile"),
+    ],
+)
+def test_certfile_and_keyfile_go_together(
+    overrides: dict[str, Any], given: str, missing: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(BrokerSettings, None, overrides)
+    assert f"{given} needs {missing} too" in str(info.value)
+
+
+def test_certfile_must_exist(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.pem"
+    with pytest.raises(ConfigError, match=f"--certfile {missing}: no such file"):
+        load_settings(BrokerSettings, None, {"certfile": str(missing), "keyfile": __file__})
 
 
 @pytest.mark.parametrize(
@@ -284,7 +352,7 @@ def test_config_file_does_not_leak_into_next_load(tmp_path: Path) -> None:
     [
         ({}, "http://127.0.0.1:8443"),
         ({"host": "::", "port": "9000"}, "http://127.0.0.1:9000"),
-        ({"host": "10.1.2.3", "certfile": "/c.pem"}, "https://10.1.2.3:8443"),
+        ({"host": "10.1.2.3", "certfile": __file__, "keyfile": __file__}, "https://10.1.2.3:8443"),
         ({"public_url": "https://llm.example.com/"}, "https://llm.example.com"),
     ],
 )

@@ -4,8 +4,9 @@ import random
 
 import pytest
 
-from broker.channel import Event, Failure, ResponseChannel
-from broker.dispatch import Pending, Timings
+from broker.channel import ResponseChannel
+from broker.core import Failure, Pending, Timings
+from broker.core.response import Event
 from broker.hub import RelayHub
 from broker.upload import FrameApplier, PartAssembler, UploadTooLarge
 from shared.errors import FrameError
@@ -27,20 +28,23 @@ class Clock:
 def _setup(limit: int = 1 << 20) -> tuple[RelayHub, Pending, ResponseChannel, FrameApplier, Clock]:
     clock = Clock()
     hub = RelayHub(Timings(), clock=clock)
-    session = hub.register(
+    session, _ = hub.register(
+        owner="o",
         name="c1",
+        instance_id="i1",
         models=["m"],
         capacity=1,
+        capacity_source="--capacity",
         version="t",
         upload_mode=UploadMode.PARTS,
         upstream_api_key=None,
-        owner="o",
     )
     item = RequestItem(request_id="r1", model="m", path="/v1/chat/completions", body="{}")
     pending, channel = hub.submit(item)
-    assert [i.request_id for i in hub.dispatcher.take(session.id, clock())] == ["r1"]
+    assert [i.request_id for i in hub.core.take(session.id, clock())] == ["r1"]
     hub.ack(session.id, "r1")
-    return hub, pending, channel, FrameApplier(hub, pending, channel, limit), clock
+    applier = FrameApplier(hub.core, clock, pending, channel, limit)
+    return hub, pending, channel, applier, clock
 
 
 def _body(seed: int) -> bytes:
@@ -98,7 +102,7 @@ async def test_stream_fed_in_random_chunks_reaches_channel_exactly() -> None:
     for chunk in _split(_upload(body, 2), 3):
         applier.feed(chunk)
     assert applier.done
-    assert pending.head_received
+    assert pending.head_seen
     assert applier.received == len(body)
     _check_exact(await _drain(channel), body)
 
@@ -184,17 +188,17 @@ async def test_limit_counts_across_parts() -> None:
 
 async def test_feed_records_activity_and_head() -> None:
     _, pending, _, applier, clock = _setup()
-    assert not pending.head_received
+    assert not pending.head_seen
     clock.now = 150.0
     applier.feed(HEARTBEAT_FRAME)
     assert pending.last_activity == 150.0
-    assert not pending.head_received
+    assert not pending.head_seen
     clock.now = 160.0
     applier.feed(encode_head(HEAD)[:3])  # even a partial frame is a sign of life
     assert pending.last_activity == 160.0
-    assert not pending.head_received
+    assert not pending.head_seen
     applier.feed(encode_head(HEAD)[3:])
-    assert pending.head_received
+    assert pending.head_seen
 
 
 async def test_bytes_after_end_are_ignored() -> None:
@@ -226,7 +230,7 @@ async def test_abort_after_end_changes_nothing() -> None:
     assert await _drain(channel) == [HEAD, END]
 
 
-async def test_cancelled_reflects_dispatcher_state() -> None:
+async def test_cancelled_reflects_core_state() -> None:
     hub, _, _, applier, _ = _setup()
     assert not applier.cancelled
     hub.cancel("r1")

@@ -1,0 +1,37 @@
+"""The relay core: all relay state and every change to it, with no I/O.
+
+Nothing here imports asyncio, Quart, Hypercorn or ``time``: every call that depends on time
+takes ``now``, and the adapters (``broker.hub``, ``broker.responder``) sleep until
+``next_deadline()``. See docs/architecture.md.
+"""
+
+from broker.core.errors import (
+    DispatchError,
+    Draining,
+    LeaseError,
+    NoConnector,
+    QueueFull,
+    SessionReplaced,
+    UnknownModel,
+    UnknownSession,
+)
+from broker.core.records import Failure, Pending, Session, State, Timings
+from broker.core.relay import Listener, RelayCore
+
+__all__ = [
+    "DispatchError",
+    "Draining",
+    "Failure",
+    "LeaseError",
+    "Listener",
+    "NoConnector",
+    "Pending",
+    "QueueFull",
+    "RelayCore",
+    "Session",
+    "SessionReplaced",
+    "State",
+    "Timings",
+    "UnknownModel",
+    "UnknownSession",
+]

@@ -1,0 +1,61 @@
+"""What the relay core refuses, each error carrying the status the adapters answer with.
+
+DispatchError          an API request cannot be accepted (status, code on the class)
+  UnknownModel         404 model_not_found
+  NoConnector          503: the model is known but no live connector serves it
+  QueueFull            503: too many requests already wait for the model
+  Draining             503: the broker is shutting down
+UnknownSession         404 session_unknown: expired, deregistered or not this identity's
+  SessionReplaced      404 session_replaced: another process registered the same name
+LeaseError             409: the request is not leased to this session
+"""
+
+from __future__ import annotations
+
+from shared.protocol import SESSION_REPLACED, SESSION_UNKNOWN
+
+
+class DispatchError(Exception):
+    status = 503
+    code = "unavailable"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class UnknownModel(DispatchError):
+    status = 404
+    code = "model_not_found"
+
+
+class NoConnector(DispatchError):
+    status = 503
+    code = "no_connector"
+
+
+class QueueFull(DispatchError):
+    status = 503
+    code = "queue_full"
+
+
+class Draining(DispatchError):
+    status = 503
+    code = "shutting_down"
+
+
+class UnknownSession(Exception):
+    code = SESSION_UNKNOWN
+    message = "unknown session: register again"
+
+
+class SessionReplaced(UnknownSession):
+    code = SESSION_REPLACED
+    message = (
+        "this session was replaced: another connector process registered the same name "
+        "with the same token (give each connector its own --name)"
+    )
+
+
+class LeaseError(Exception):
+    """An upload names a request this session does not hold."""

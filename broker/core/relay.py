@@ -1,0 +1,468 @@
+"""Sessions, per-model FIFO queues, leases, redispatch, cancels and each request's progress.
+
+Every change to relay state happens here, and nothing here does I/O or reads a clock: the
+adapters pass ``now`` and sleep until ``next_deadline()``. What concerns the outside world
+(a poll to wake, a request that failed, a notice worth logging) goes to the ``Listener``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import Protocol
+
+from broker.core.errors import (
+    Draining,
+    LeaseError,
+    NoConnector,
+    QueueFull,
+    SessionReplaced,
+    UnknownModel,
+    UnknownSession,
+)
+from broker.core.queues import ModelQueue
+from broker.core.records import Failure, Pending, Session, State, Timings
+from broker.core.timers import Deadlines, Kind
+from shared.errors import quote
+from shared.protocol import CancelItem, Replaced, RequestItem, UploadMode, WorkItem
+
+REPLACED_REMEMBERED = 4096
+
+
+class Listener(Protocol):
+    """What the adapter does with the core's outcomes. Called synchronously, never awaited."""
+
+    def wake(self, session_id: str) -> None:
+        """The session may have work (or must answer its poll): resolve its waiter."""
+
+    def failed(self, pending: Pending, failure: Failure) -> None:
+        """The request ended without a response: tell its API handler."""
+
+    def session_dropped(self, session: Session, reason: str) -> None:
+        """A session ended (expired, deregistered, replaced)."""
+
+    def slots_busy(self, model: str, capacities: dict[str, int], waiting: int) -> None:
+        """Requests wait only because every connector slot for ``model`` is busy."""
+
+
+def new_session_id() -> str:
+    return "ses_" + secrets.token_hex(12)
+
+
+class RelayCore:
+    def __init__(self, timings: Timings, listener: Listener) -> None:
+        self.timings = timings
+        self._out = listener
+        self.sessions: dict[str, Session] = {}
+        self._by_name: dict[tuple[str, str], str] = {}
+        self._replaced: OrderedDict[str, str] = OrderedDict()  # session id -> owner
+        self._serving: dict[str, set[str]] = {}  # model -> ids of sessions serving it
+        self.queues: dict[str, ModelQueue] = {}
+        self.requests: dict[str, Pending] = {}
+        self.known_models: set[str] = set()
+        self._deadlines = Deadlines()
+        self._seq = itertools.count()
+        self.draining = False
+        self.redispatched = 0
+        self.slot_waits: dict[str, int] = {}
+        self._slots_noticed: dict[str, float] = {}
+
+    # -- sessions -------------------------------------------------------------------------
+
+    def register(
+        self,
+        *,
+        owner: str,
+        name: str,
+        instance_id: str,
+        models: Iterable[str],
+        capacity: int,
+        capacity_source: str,
+        version: str,
+        upload_mode: UploadMode,
+        upstream_api_key: str | None,
+        now: float,
+    ) -> tuple[Session, Replaced]:
+        """A new session; replaces only the same identity's session of the same name."""
+        replaced = Replaced.NONE
+        old_id = self._by_name.get((owner, name))
+        if old_id is not None:
+            old = self.sessions[old_id]
+            live = old.polling > 0 and old.instance_id != instance_id
+            replaced = Replaced.LIVE if live else Replaced.RESTART
+            self._drop(old, now, "connector registered again")
+            self._replaced[old_id] = owner
+            while len(self._replaced) > REPLACED_REMEMBERED:
+                self._replaced.popitem(last=False)
+        session = Session(
+            id=new_session_id(),
+            owner=owner,
+            name=name,
+            instance_id=instance_id,
+            models=frozenset(models),
+            capacity=capacity,
+            capacity_source=capacity_source,
+            version=version,
+            upload_mode=upload_mode,
+            upstream_api_key=upstream_api_key,
+            created=now,
+            last_seen=now,
+        )
+        self.sessions[session.id] = session
+        self._by_name[(owner, name)] = session.id
+        self._route(session)
+        self._check_ttl(session, now + self.timings.session_ttl)
+        return session, replaced
+
+    def session(self, owner: str, session_id: str) -> Session:
+        """The identity's session, or UnknownSession: another identity's looks just as absent."""
+        session = self.sessions.get(session_id)
+        if session is not None and session.owner == owner:
+            return session
+        if self._replaced.get(session_id) == owner:
+            raise SessionReplaced(session_id)
+        raise UnknownSession(session_id)
+
+    def update_models(self, owner: str, session_id: str, models: Iterable[str], now: float) -> None:
+        session = self.session(owner, session_id)
+        self._unroute(session)
+        session.models = frozenset(models)
+        session.last_seen = now
+        self._route(session)
+        self._out.wake(session_id)
+
+    def deregister(self, owner: str, session_id: str, now: float) -> None:
+        self._drop(self.session(owner, session_id), now, "connector stopped")
+
+    def poll_started(self, owner: str, session_id: str, now: float) -> Session:
+        session = self.session(owner, session_id)
+        session.polling += 1
+        session.last_seen = now
+        return session
+
+    def poll_ended(self, session_id: str, now: float) -> None:
+        session = self.sessions.get(session_id)
+        if session is None:
+            return
+        session.polling -= 1
+        session.last_seen = now
+        if session.polling == 0 and session.ttl_check is None:
+            self._check_ttl(session, now + self.timings.session_ttl)
+
+    def _check_ttl(self, session: Session, when: float) -> None:
+        """Schedule the session's one TTL check (a poll's end moves ``last_seen``, not it)."""
+        session.ttl_check = when
+        self._deadlines.add(when, Kind.SESSION, session.id)
+
+    def take(self, session_id: str, now: float) -> list[WorkItem]:
+        """Work for a poll: every pending cancel, then up to the free capacity, oldest first."""
+        session = self.sessions.get(session_id)
+        if session is None:
+            return []
+        session.last_seen = now
+        items: list[WorkItem] = [CancelItem(request_id=rid) for rid in session.cancels]
+        session.cancels.clear()
+        if self.draining:
+            return items
+        free = session.free
+        while free > 0:
+            pending = self._oldest_for(session)
+            if pending is None:
+                break
+            self.queues[pending.model].pop()
+            items.append(self._lease(pending, session, now))
+            free -= 1
+        return items
+
+    def _lease(self, pending: Pending, session: Session, now: float) -> RequestItem:
+        t = self.timings
+        pending.state = State.LEASED
+        pending.session_id = session.id
+        pending.connector = session.name
+        pending.dispatches += 1
+        pending.leased_at = now
+        pending.lease_deadline = now + t.lease
+        pending.first_byte_deadline = now + t.first_byte_timeout
+        pending.last_activity = now
+        self._deadlines.add(pending.lease_deadline, Kind.LEASE, pending.id)
+        session.active.add(pending.id)
+        session.served += 1
+        item = pending.item
+        if item.attempt != pending.dispatches or item.upstream_api_key != session.upstream_api_key:
+            item = item.model_copy(
+                update={"attempt": pending.dispatches, "upstream_api_key": session.upstream_api_key}
+            )
+            pending.item = item
+        return item
+
+    def _oldest_for(self, session: Session) -> Pending | None:
+        best: Pending | None = None
+        for model in session.models:
+            queue = self.queues.get(model)
+            head = queue.peek() if queue else None
+            if head is not None and (best is None or head.seq < best.seq):
+                best = head
+        return best
+
+    def _route(self, session: Session) -> None:
+        for model in session.models:
+            self._serving.setdefault(model, set()).add(session.id)
+        self.known_models.update(session.models)
+
+    def _unroute(self, session: Session) -> None:
+        for model in session.models:
+            serving = self._serving.get(model)
+            if serving is not None:
+                serving.discard(session.id)
+                if not serving:
+                    del self._serving[model]
+
+    def _drop(self, session: Session, now: float, reason: str) -> None:
+        """Forget a session: requeue what it never acknowledged, fail what it was serving."""
+        del self.sessions[session.id]
+        if self._by_name.get((session.owner, session.name)) == session.id:
+            del self._by_name[(session.owner, session.name)]
+        self._unroute(session)
+        for rid in list(session.active):
+            pending = self.requests.get(rid)
+            if pending is None:
+                continue
+            if pending.state is State.LEASED:
+                self._requeue(pending, now)
+            else:
+                self._fail(pending, 502, "connector_lost", f"the connector went away ({reason})")
+        session.active.clear()
+        self._out.wake(session.id)
+        self._out.session_dropped(session, reason)
+
+    # -- requests -------------------------------------------------------------------------
+
+    def submit(self, item: RequestItem, now: float, user: str | None = None) -> Pending:
+        if self.draining:
+            raise Draining("the broker is shutting down")
+        model = item.model
+        serving = self._serving.get(model)
+        if not serving:
+            if model in self.known_models:
+                raise NoConnector(f"no connector serving model '{quote(model)}' is online")
+            raise UnknownModel(f"The model '{quote(model)}' does not exist")
+        queue = self.queues.setdefault(model, ModelQueue())
+        t = self.timings
+        if len(queue) >= t.queue_max:
+            raise QueueFull(f"too many requests waiting for model '{quote(model)}'")
+        pending = Pending(
+            item=item,
+            created=now,
+            queue_deadline=now + t.queue_wait,
+            total_deadline=now + t.total_timeout,
+            seq=next(self._seq),
+            user=user,
+            last_activity=now,
+        )
+        self.requests[item.request_id] = pending
+        queue.append(pending)
+        self._deadlines.add(pending.queue_deadline, Kind.QUEUE, pending.id)
+        self._deadlines.add(pending.total_deadline, Kind.TOTAL, pending.id)
+        if not self._wake_model(model):
+            self._note_slots_busy(model, serving, len(queue), now)
+        return pending
+
+    def ack(self, session_id: str, request_id: str, now: float) -> Pending:
+        """The connector started uploading the response: the lease is acknowledged."""
+        pending = self.requests.get(request_id)
+        if (
+            pending is None
+            or pending.session_id != session_id
+            or pending.state not in (State.LEASED, State.ACTIVE)
+            or pending.cancelled
+        ):
+            raise LeaseError(request_id)
+        if pending.state is State.LEASED:
+            pending.state = State.ACTIVE
+            self._deadlines.add(pending.first_byte_deadline, Kind.FIRST_BYTE, pending.id)
+            self._deadlines.add(now + self.timings.idle_timeout, Kind.IDLE, pending.id)
+        pending.last_activity = now
+        return pending
+
+    @staticmethod
+    def activity(pending: Pending, now: float) -> None:
+        """A frame arrived for the request (the idle deadline moves lazily)."""
+        pending.last_activity = now
+
+    @staticmethod
+    def head_seen(pending: Pending, now: float) -> None:
+        pending.head_seen = True
+        pending.last_activity = now
+
+    @staticmethod
+    def delivered(pending: Pending, nbytes: int) -> None:
+        """Upstream bytes reached the API user: the request can no longer be redispatched."""
+        pending.delivered += nbytes
+
+    def finish(self, request_id: str) -> None:
+        """The request is over (answered, failed or cancelled): free its slot."""
+        pending = self.requests.pop(request_id, None)
+        if pending is None:
+            return
+        if pending.state is State.QUEUED:
+            queue = self.queues.get(pending.model)
+            if queue is not None:
+                queue.remove(pending)
+        pending.state = State.DONE
+        session = self.sessions.get(pending.session_id or "")
+        if session is not None and request_id in session.active:
+            session.active.discard(request_id)
+            self._out.wake(session.id)
+        self._deadlines.sweep(len(self.requests) + len(self.sessions), self._valid)
+
+    def cancel(self, request_id: str) -> None:
+        """The API user went away: stop the work wherever it is."""
+        pending = self.requests.get(request_id)
+        if pending is None:
+            return
+        pending.cancelled = True
+        session = self.sessions.get(pending.session_id or "")
+        if pending.state in (State.LEASED, State.ACTIVE) and session is not None:
+            session.cancels.append(request_id)
+            self._out.wake(session.id)
+        if pending.state is not State.ACTIVE:
+            # An active upload ends through its upload handler, which frees the slot.
+            self.finish(request_id)
+
+    def is_cancelled(self, request_id: str) -> bool:
+        pending = self.requests.get(request_id)
+        return pending is None or pending.cancelled
+
+    def begin_drain(self) -> None:
+        """Refuse new requests and release every poll."""
+        self.draining = True
+        for session_id in list(self.sessions):
+            self._out.wake(session_id)
+
+    # -- time -----------------------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        """When ``expire`` next has something to do (it may find the entry stale)."""
+        return self._deadlines.next()
+
+    def expire(self, now: float) -> None:
+        """Apply every deadline due at ``now``: sessions, leases, queue waits, timeouts."""
+        for when, kind, key in self._deadlines.due(now):
+            if not self._valid(when, kind, key):
+                continue
+            if kind is Kind.SESSION:
+                self._expire_session(self.sessions[key], now)
+            else:
+                self._expire_request(self.requests[key], kind, now)
+
+    def _expire_session(self, session: Session, now: float) -> None:
+        session.ttl_check = None
+        if session.polling:
+            return  # the poll's end schedules the next check
+        expires = session.last_seen + self.timings.session_ttl
+        if expires <= now:
+            self._drop(session, now, "session expired")
+        else:
+            self._check_ttl(session, expires)
+
+    def _expire_request(self, pending: Pending, kind: Kind, now: float) -> None:
+        if pending.cancelled:
+            # Its API user is gone and the connector never ended the upload: free the slot.
+            self.finish(pending.id)
+            return
+        if kind is Kind.QUEUE:
+            self._fail(pending, 503, "queue_timeout", "no connector became free in time")
+        elif kind is Kind.LEASE:
+            holder = self.sessions.get(pending.session_id or "")
+            if holder is not None:
+                holder.active.discard(pending.id)
+                holder.cancels.append(pending.id)
+            self._requeue(pending, now)
+        elif kind is Kind.TOTAL:
+            self._fail(pending, 504, "timeout", "the request took too long")
+        elif kind is Kind.FIRST_BYTE:
+            self._fail(pending, 504, "timeout", "the local LLM did not answer in time")
+        elif kind is Kind.IDLE:
+            stalls = pending.last_activity + self.timings.idle_timeout
+            if stalls <= now:
+                self._fail(pending, 504, "timeout", "the response stalled")
+            else:
+                self._deadlines.add(stalls, Kind.IDLE, pending.id)
+
+    def _valid(self, when: float, kind: Kind, key: str) -> bool:
+        """Whether a deadline still applies to its record (else it is dropped unseen)."""
+        if kind is Kind.SESSION:
+            session = self.sessions.get(key)
+            return session is not None and session.ttl_check == when
+        pending = self.requests.get(key)
+        if pending is None:
+            return False
+        state = pending.state
+        if kind is Kind.QUEUE:
+            return state is State.QUEUED and when == pending.queue_deadline
+        if kind is Kind.LEASE:
+            return state is State.LEASED and when == pending.lease_deadline
+        if kind is Kind.FIRST_BYTE:
+            return state is State.ACTIVE and not pending.head_seen
+        if kind is Kind.IDLE:
+            return state is State.ACTIVE
+        return True  # TOTAL: any request still in flight
+
+    def _requeue(self, pending: Pending, now: float) -> None:
+        if pending.delivered:
+            self._fail(pending, 502, "connector_lost", "the connector went away mid-response")
+            return
+        if pending.dispatches > self.timings.max_redispatch:
+            self._fail(pending, 502, "connector_lost", "no connector answered the request")
+            return
+        session = self.sessions.get(pending.session_id or "")
+        if session is not None:
+            session.active.discard(pending.id)
+        pending.state = State.QUEUED
+        pending.session_id = None
+        pending.queue_deadline = max(pending.queue_deadline, now + self.timings.lease)
+        self._deadlines.add(pending.queue_deadline, Kind.QUEUE, pending.id)
+        self.queues.setdefault(pending.model, ModelQueue()).put_back(pending)
+        self.redispatched += 1
+        self._wake_model(pending.model)
+
+    def _fail(self, pending: Pending, status: int, code: str, message: str) -> None:
+        self.finish(pending.id)
+        self._out.failed(pending, Failure(status, code, message))
+
+    def _wake_model(self, model: str) -> bool:
+        """Wake the polling sessions with a free slot for ``model``; False if there is none."""
+        woke = False
+        for session_id in self._serving.get(model, ()):
+            session = self.sessions[session_id]
+            if session.free > 0:
+                woke = True
+                if session.polling:
+                    self._out.wake(session_id)
+        return woke
+
+    def _note_slots_busy(self, model: str, serving: set[str], waiting: int, now: float) -> None:
+        self.slot_waits[model] = self.slot_waits.get(model, 0) + 1
+        last = self._slots_noticed.get(model)
+        if last is not None and now - last < self.timings.slots_notice_every:
+            return
+        self._slots_noticed[model] = now
+        capacities = {self.sessions[s].name: self.sessions[s].capacity for s in serving}
+        self._out.slots_busy(model, capacities, waiting)
+
+    # -- views ----------------------------------------------------------------------------
+
+    def live_models(self) -> dict[str, list[str]]:
+        """Model -> names of the live sessions serving it."""
+        return {
+            model: sorted(self.sessions[s].name for s in ids)
+            for model, ids in self._serving.items()
+        }
+
+    def queue_depth(self) -> dict[str, int]:
+        return {model: len(q) for model, q in self.queues.items() if q}
+
+    def in_flight(self) -> int:
+        return len(self.requests)

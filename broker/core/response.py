@@ -1,0 +1,316 @@
+"""The API user's side of one relayed request, as a state machine with no I/O.
+
+Feed it the request's events (the upstream head, body bytes, the end frame, or a failure
+from the core) and the time; it returns what to send: ``Begin`` (status and headers),
+``Body`` and ``Close``. ``next_deadline`` says when ``tick`` has something to do.
+
+Streaming requests begin when the upstream head arrives, or commit to
+``200 text/event-stream`` after ``commit_after`` and keep the stream alive with SSE comments.
+Non-streaming requests are collected and answered whole, so a failure at any point still
+gets a real status. A stream never just stops: an error after it began is one OpenAI-shaped
+SSE ``error`` event followed by ``data: [DONE]``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import Enum
+
+from broker.core.records import Failure, Pending
+from shared.errors import error_body, normalize_error_body, type_for_status
+from shared.protocol import OVERHEAD_HEADER, REQUEST_ID_HEADER, ResponseEnd, ResponseHead
+
+Event = bytes | ResponseHead | ResponseEnd | Failure
+
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "transfer-encoding",
+        "content-length",
+        "content-encoding",
+        "date",
+        "server",
+        "proxy-connection",
+        "upgrade",
+        "trailer",
+        "te",
+        "x-request-id",
+    }
+)
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+DONE_EVENT = b"data: [DONE]\n\n"
+WAITING_COMMENT = b": waiting for the model\n\n"
+KEEPALIVE_COMMENT = b": keepalive\n\n"
+
+_PROMPT = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
+_COMPLETION = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
+TAIL_BYTES = 4096
+
+
+def extract_tokens(tail: bytes) -> tuple[int | None, int | None]:
+    """(prompt tokens, completion tokens) from the last usage object in ``tail``."""
+    prompt = _PROMPT.findall(tail)
+    completion = _COMPLETION.findall(tail)
+    return (
+        int(prompt[-1]) if prompt else None,
+        int(completion[-1]) if completion else None,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Begin:
+    status: int
+    headers: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Body:
+    data: bytes
+    upstream: bool = True  # False for what the broker adds (SSE comments and errors)
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    pass
+
+
+Action = Begin | Body | Close
+CLOSE = Close()
+
+
+@dataclass
+class Outcome:
+    """What happened to one request: logged and recorded once at the end."""
+
+    status: int = 0
+    ttfb_ms: float | None = None
+    bytes_out: int = 0
+    error: str | None = None
+    cancelled: bool = False
+    overhead_ms: float | None = None
+    tokens_in: int | None = None
+    tokens_out: int | None = None
+
+
+class Phase(Enum):
+    WAITING = "waiting"  # nothing sent yet
+    COMMITTED = "committed"  # 200 text/event-stream sent before the head: heartbeats
+    STREAMING = "streaming"  # passing upstream bytes through
+    COLLECTING = "collecting"  # a whole answer or an upstream error body
+    DONE = "done"
+
+
+def sse_error(status: int, message: str, code: str | None, tail: bytes) -> bytes:
+    """An error event (after a blank line if the stream stopped mid-event) and [DONE]."""
+    body = json.dumps(error_body(message, type_for_status(status), code=code)).encode()
+    return _sse_event(body, tail)
+
+
+def _sse_event(body: bytes, tail: bytes) -> bytes:
+    prefix = b"" if not tail or tail.endswith(b"\n\n") else b"\n\n"
+    return prefix + b"data: " + body + b"\n\n" + DONE_EVENT
+
+
+def pass_headers(head: ResponseHead) -> dict[str, str]:
+    return {k: v for k, v in head.headers if k.lower() not in _HOP_BY_HOP}
+
+
+class ResponseMachine:
+    def __init__(
+        self,
+        *,
+        pending: Pending,
+        stream: bool,
+        started: float,
+        commit_after: float,
+        heartbeat: float,
+    ) -> None:
+        self.pending = pending  # read only: for the queue time in the overhead figure
+        self.stream = stream
+        self.started = started
+        self.commit_after = commit_after
+        self.heartbeat = heartbeat
+        self.phase = Phase.WAITING
+        self.outcome = Outcome()
+        self._head: ResponseHead | None = None
+        self._collected: list[bytes] = []
+        self._recent: deque[bytes] = deque(maxlen=16)  # the usage chunk comes last
+        self._tail = b""
+        self._last_beat = started
+        self._committed = False
+
+    @property
+    def done(self) -> bool:
+        return self.phase is Phase.DONE
+
+    @property
+    def begun(self) -> bool:
+        """Whether a status has been sent (later errors go in-band, as SSE)."""
+        return self._committed or self.phase is Phase.STREAMING
+
+    # -- time -----------------------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        if self.phase is Phase.WAITING and self.stream:
+            return self.started + self.commit_after
+        if self._committed and self.phase in (Phase.COMMITTED, Phase.COLLECTING):
+            return self._last_beat + self.heartbeat
+        return None
+
+    def tick(self, now: float) -> list[Action]:
+        deadline = self.next_deadline()
+        if deadline is None or now < deadline:
+            return []
+        self._last_beat = now
+        if self.phase is Phase.WAITING:
+            self.phase = Phase.COMMITTED
+            self._committed = True
+            headers = self._base_headers()
+            headers.update(SSE_HEADERS)
+            headers["Content-Type"] = "text/event-stream"
+            return [Begin(200, headers), Body(WAITING_COMMENT, upstream=False)]
+        return [Body(KEEPALIVE_COMMENT, upstream=False)]
+
+    def abandon(self) -> None:
+        """The API user went away."""
+        if not self.done:
+            self.outcome.cancelled = True
+            self._end(499, "client_disconnected")
+
+    # -- events ---------------------------------------------------------------------------
+
+    def feed(self, events: Iterable[Event], now: float) -> list[Action]:
+        out: list[Action] = []
+        data: list[bytes] = []
+        for event in events:
+            if self.done:
+                break
+            if type(event) is bytes:
+                data.append(event)
+                continue
+            if data:
+                self._on_data(b"".join(data), now, out)
+                data = []
+            if isinstance(event, ResponseHead):
+                self._on_head(event, now, out)
+            elif isinstance(event, ResponseEnd):
+                self._on_end(event, now, out)
+            elif isinstance(event, Failure):
+                self._fail(event.status, event.code, event.message, out)
+        if data and not self.done:
+            self._on_data(data[0] if len(data) == 1 else b"".join(data), now, out)
+        return out
+
+    def _on_head(self, head: ResponseHead, now: float, out: list[Action]) -> None:
+        if self.phase not in (Phase.WAITING, Phase.COMMITTED):
+            return  # a second head is ignored
+        self._head = head
+        self._overhead(now, head.upstream_ms)
+        if head.status >= 400 or not self.stream:
+            self.phase = Phase.COLLECTING
+            return
+        if self.phase is Phase.WAITING:
+            headers = pass_headers(head)
+            headers.update(self._base_headers())
+            headers.update(SSE_HEADERS)
+            headers[OVERHEAD_HEADER] = self._overhead_text()
+            out.append(Begin(head.status, headers))
+        self.phase = Phase.STREAMING
+
+    def _on_data(self, chunk: bytes, now: float, out: list[Action]) -> None:
+        if self.phase is Phase.STREAMING:
+            self._tail = chunk[-2:]
+            self._recent.append(chunk)
+            self._first_byte(now)
+            self.outcome.bytes_out += len(chunk)
+            out.append(Body(chunk))
+        elif self.phase is Phase.COLLECTING:
+            self._collected.append(chunk)
+        # Bytes before a head break the protocol; the end frame will say what happened.
+
+    def _on_end(self, end: ResponseEnd, now: float, out: list[Action]) -> None:
+        head = self._head
+        if head is None or not end.ok:
+            status = end.status or 502
+            if head is None and end.ok:
+                self._fail(502, "bad_upload", "the connector ended without a response", out)
+                return
+            message = end.error or "the upstream failed"
+            self._fail(status, end.error_type or "upstream_error", message, out)
+            return
+        if self.phase is Phase.STREAMING:
+            tail = b"".join(self._recent)[-TAIL_BYTES:]
+            self.outcome.tokens_in, self.outcome.tokens_out = extract_tokens(tail)
+            out.append(CLOSE)
+            self._end(200 if self._committed else head.status)
+            return
+        raw = b"".join(self._collected)
+        if head.status >= 400:
+            self._upstream_error(head, raw, out)
+            return
+        headers = pass_headers(head)
+        headers.update(self._base_headers())
+        self._overhead(now, end.upstream_ms or head.upstream_ms)
+        headers[OVERHEAD_HEADER] = self._overhead_text()
+        self._first_byte(now)
+        self.outcome.bytes_out = len(raw)
+        self.outcome.tokens_in, self.outcome.tokens_out = extract_tokens(raw[-TAIL_BYTES:])
+        out += [Begin(head.status, headers), Body(raw), CLOSE]
+        self._end(head.status)
+
+    def _upstream_error(self, head: ResponseHead, raw: bytes, out: list[Action]) -> None:
+        envelope = json.dumps(normalize_error_body(raw, head.status)).encode()
+        if self._committed:
+            out += [Body(_sse_event(envelope, b""), upstream=False), CLOSE]
+        else:
+            headers = self._base_headers()
+            headers["Content-Type"] = "application/json"
+            headers[OVERHEAD_HEADER] = self._overhead_text()
+            for name, value in head.headers:
+                if name.lower() == "retry-after":
+                    headers["Retry-After"] = value
+            out += [Begin(head.status, headers), Body(envelope, upstream=False), CLOSE]
+        self._end(head.status, "upstream_status")
+
+    def _fail(self, status: int, code: str, message: str, out: list[Action]) -> None:
+        if self.begun:
+            out += [Body(sse_error(status, message, code, self._tail), upstream=False), CLOSE]
+        else:
+            headers = self._base_headers()
+            headers["Content-Type"] = "application/json"
+            if status == 503:
+                headers["Retry-After"] = "1"
+            body = json.dumps(error_body(message, type_for_status(status), code=code)).encode()
+            out += [Begin(status, headers), Body(body, upstream=False), CLOSE]
+        self._end(status, code)
+
+    # -- bookkeeping ----------------------------------------------------------------------
+
+    def _end(self, status: int, error: str | None = None) -> None:
+        self.phase = Phase.DONE
+        self.outcome.status = status
+        if error is not None:
+            self.outcome.error = error
+
+    def _base_headers(self) -> dict[str, str]:
+        return {REQUEST_ID_HEADER: self.pending.id}
+
+    def _first_byte(self, now: float) -> None:
+        if self.outcome.ttfb_ms is None:
+            self.outcome.ttfb_ms = round((now - self.started) * 1000.0, 3)
+
+    def _overhead(self, now: float, upstream_ms: float) -> None:
+        """What the relay itself cost: time so far less the upstream's and the queue's."""
+        pending = self.pending
+        queued = max(0.0, pending.leased_at - pending.created) if pending.leased_at else 0.0
+        elapsed = now - self.started
+        overhead_ms = max(0.0, (elapsed - queued) * 1000.0 - upstream_ms)
+        self.outcome.overhead_ms = round(overhead_ms, 3)
+
+    def _overhead_text(self) -> str:
+        return f"{self.outcome.overhead_ms or 0.0:.3f}"
