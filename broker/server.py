@@ -26,6 +26,8 @@ def hypercorn_config(host: str, port: int, settings: BrokerSettings, tls: bool) 
     # Connectors reuse connections between polls; proxies in between keep them ~60 s.
     config.keep_alive_timeout = 75.0
     config.graceful_timeout = 5.0
+    # A burst of 1,000 new API clients overflows Hypercorn's default backlog of 100.
+    config.backlog = settings.backlog
     if tls and settings.certfile and settings.keyfile:
         config.certfile = str(settings.certfile)
         config.keyfile = str(settings.keyfile)

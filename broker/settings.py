@@ -25,6 +25,14 @@ class BrokerSettings(FileAwareSettings):
 
     host: str = Field("0.0.0.0", description="Address the API and the relay listen on.")
     port: int = Field(8443, ge=0, le=65535, description="Port for the API and the relay.")
+    backlog: int = Field(
+        2048,
+        ge=1,
+        le=65535,
+        description="Listen backlog of the API/relay port: connections the kernel queues "
+        "before the broker accepts them (Hypercorn's 100 resets a burst of new clients; "
+        "Linux caps it at net.core.somaxconn).",
+    )
     health_host: str = Field("127.0.0.1", description="Address of the health server.")
     health_port: int = Field(
         8080, ge=0, le=65535, description="Port serving /health and /ready (0 turns it off)."

@@ -24,6 +24,7 @@ from connector.errors import (
     CertificateError,
     LeaseLost,
     SessionLost,
+    SessionReplaced,
 )
 from connector.netbackend import fast_transport
 from connector.proxy import choose_proxy
@@ -31,6 +32,7 @@ from connector.settings import ConnectorSettings
 from shared.logging import get_logger
 from shared.protocol import (
     RELAY_PREFIX,
+    SESSION_REPLACED,
     ModelsUpdate,
     PollResponse,
     ProbeResult,
@@ -69,8 +71,11 @@ def _raise_for(response: httpx.Response) -> None:
     status = response.status_code
     if status < 400:
         return
-    detail = _message(response)
+    own = _broker_error(response)
+    detail = own[0] if own is not None else _not_broker(response)
     if status == 404:
+        if own is not None and own[1] == SESSION_REPLACED:
+            raise SessionReplaced(detail)
         raise SessionLost(detail)
     if status == 409:
         raise LeaseLost(detail)
@@ -81,15 +86,20 @@ def _raise_for(response: httpx.Response) -> None:
         )
     if status in (400, 401, 403):
         raise BrokerRejected(f"HTTP {status}: {detail}")
-    raise BrokerUnavailable(f"HTTP {status}: {detail}")
+    raise BrokerUnavailable(f"HTTP {status}: {detail}", status=status, from_broker=own is not None)
 
 
-def _message(response: httpx.Response) -> str:
+def _broker_error(response: httpx.Response) -> tuple[str, str | None] | None:
+    """The message and code of the broker's own JSON error, or None (someone else answered)."""
     try:
-        body = response.json()
-        return str(body["error"]["message"])
-    except (ValueError, KeyError, TypeError):
-        pass
+        error = response.json()["error"]
+        code = error.get("code")
+        return str(error["message"]), (str(code) if code is not None else None)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _not_broker(response: httpx.Response) -> str:
     # The broker answers errors in JSON: anything else came from something on the way.
     server = response.headers.get("server") or response.headers.get("via") or "unknown"
     reason = response.reason_phrase or "error"
@@ -101,6 +111,7 @@ class BrokerClient:
         self,
         settings: ConnectorSettings,
         transport: httpx.AsyncBaseTransport | None = None,
+        connections: int = 4,
     ) -> None:
         self.settings = settings
         self.base = settings.broker_url + RELAY_PREFIX
@@ -113,14 +124,14 @@ class BrokerClient:
             # The proxy is resolved above (--proxy, or the environment with NO_PROXY), so
             # the transport gets it explicitly and the client does not read the env again.
             transport = fast_transport(
-                settings.capacity * 2 + 8,
+                connections * 2 + 8,
                 keepalive_expiry=30.0,
                 proxy=proxy.url,
                 verify=tls_verify(settings),
                 http2=settings.http2,
             )
         self._client = httpx.AsyncClient(
-            headers={"Authorization": f"Bearer {settings.broker_token}"},
+            headers={"Authorization": f"Bearer {settings.token}"},
             timeout=httpx.Timeout(connect=15.0, read=60.0, write=60.0, pool=None),
             transport=transport,
             trust_env=False,
@@ -237,11 +248,17 @@ class BrokerClient:
                 await asyncio.sleep(0.05 * (2**attempt))
                 continue
             if response.status_code >= 500:
-                last = BrokerUnavailable(f"HTTP {response.status_code}")
+                last = BrokerUnavailable(
+                    f"HTTP {response.status_code}",
+                    status=response.status_code,
+                    from_broker=_broker_error(response) is not None,
+                )
                 await asyncio.sleep(0.05 * (2**attempt))
                 continue
             _raise_for(response)
             return _result(response)
+        if isinstance(last, BrokerUnavailable):
+            raise last
         assert last is not None
         raise BrokerUnavailable(describe(last)) from last
 
@@ -353,5 +370,4 @@ def _is_cut(exc: BrokerUnavailable) -> bool:
     cause = exc.__cause__
     if isinstance(cause, httpx.RemoteProtocolError | httpx.ReadError | httpx.ReadTimeout):
         return True
-    text = str(exc)
-    return any(text.startswith(f"HTTP {status}") for status in _CUT_STATUSES)
+    return exc.status in _CUT_STATUSES

@@ -357,7 +357,10 @@ def _tunnel_hint(status: int, port: int) -> str:
 
 def _http_hint(text: str) -> str:
     if "HTTP 401" in text:
-        return "the broker does not know this token: check --broker-token"
+        return (
+            "the broker does not know this token: check REMOTELLM_BROKER_TOKEN, "
+            "--broker-token-file or --broker-token"
+        )
     if "HTTP 407" in text:
         return "the proxy wants credentials: --proxy http://USER:PASS@HOST:PORT"
     if "HTTP 403" in text:

@@ -7,6 +7,7 @@ Exception tree::
     ├── BrokerRejected      bad token, protocol mismatch: retry slowly, tell the operator
     │   └── CertificateError    the broker's TLS certificate is not trusted (says by whom)
     ├── SessionLost         the broker forgot the session (404): register again
+    │   └── SessionReplaced     another process registered our name: warn, register later
     └── LeaseLost           the request is no longer ours (409): stop working on it
 """
 
@@ -18,7 +19,13 @@ class ConnectorError(Exception):
 
 
 class BrokerUnavailable(ConnectorError):
-    pass
+    """``status``: the HTTP status, None when nothing answered; ``from_broker``: the answer
+    was the broker's own (its JSON error), not a proxy's or a dropped connection."""
+
+    def __init__(self, message: str, status: int | None = None, from_broker: bool = False) -> None:
+        super().__init__(message)
+        self.status = status
+        self.from_broker = from_broker
 
 
 class BrokerRejected(ConnectorError):
@@ -30,6 +37,10 @@ class CertificateError(BrokerRejected):
 
 
 class SessionLost(ConnectorError):
+    pass
+
+
+class SessionReplaced(SessionLost):
     pass
 
 

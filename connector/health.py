@@ -54,6 +54,7 @@ class HealthServer:
         relay_ok = st.session_id is not None and st.broker_error is None
         return {
             "status": "ok" if relay_ok and st.llm_ok else "degraded",
+            "name": c.settings.name,
             "relay": {
                 "broker_url": c.settings.broker_url,
                 "connected": relay_ok,
@@ -68,7 +69,8 @@ class HealthServer:
             },
             "llm": {"url": c.settings.llm_url, "ok": st.llm_ok, "error": st.llm_error},
             "models": st.models,
-            "capacity": c.settings.capacity,
+            "capacity": st.capacity,
+            "capacity_source": st.capacity_source,
             "in_flight": len(c.tasks),
             "served": st.served,
             "failed": st.failed,

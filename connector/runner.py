@@ -8,14 +8,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import structlog
 
+from connector import capacity
 from connector.backoff import Backoff
 from connector.broker_client import BrokerClient
-from connector.errors import BrokerRejected, BrokerUnavailable, LeaseLost, SessionLost
+from connector.errors import (
+    BrokerRejected,
+    BrokerUnavailable,
+    LeaseLost,
+    SessionLost,
+    SessionReplaced,
+)
 from connector.pipe import FramePipe
 from connector.settings import ConnectorSettings
 from connector.upstream import Upstream, UpstreamError
@@ -25,6 +34,7 @@ from shared.protocol import (
     CancelItem,
     RegisterRequest,
     RegisterResponse,
+    Replaced,
     RequestItem,
     UploadMode,
     WorkItem,
@@ -35,6 +45,25 @@ log = get_logger("connector.runner")
 VERSION = "0.1.0"
 EMPTY_MODELS_REFRESH = 5.0  # seconds between discoveries while no model is known
 PART_INTERVAL = 0.1  # seconds between parts after the first (DESIGN.md: 100-250 ms)
+# While nothing answers (the broker is down or restarting), retry at least this often: a
+# refused connection is cheap, and the connector serves again soon after the broker is up.
+UNREACHABLE_RETRY = 1.0
+# After another process took over our name, wait this long (jittered) before taking it
+# back, so two clashing connectors do not replace each other in a tight loop.
+CLASH_RETRY = (2.0, 4.0)
+CLASH_HINT = "pass --name to give each connector its own name"
+CLASH_WARN_EVERY = 60.0  # seconds between connector_name_clash warnings while it lasts
+QUIET_WARN_EVERY = 30.0  # seconds between broker_unreachable warnings after the first few
+CAPACITY_PROBE_TIMEOUT = 2.0  # seconds for each question to the engine about its slots
+
+
+@dataclass(frozen=True)
+class PathVerdict:
+    """What the probes found about the path to the broker, kept across re-registrations."""
+
+    upload_mode: UploadMode  # what the upload probe chose
+    answered_mode: UploadMode  # what the broker then granted
+    stream_polls: bool
 
 
 @dataclass
@@ -42,6 +71,8 @@ class Status:
     """What the health server reports."""
 
     session_id: str | None = None
+    capacity: int = 0
+    capacity_source: str = ""
     upload_mode: str | None = None
     poll_mode: str | None = None
     models: list[str] = field(default_factory=list)
@@ -63,9 +94,14 @@ class Connector:
         upstream: Upstream | None = None,
     ) -> None:
         self.settings = settings
-        self.broker = broker or BrokerClient(settings)
-        self.upstream = upstream or Upstream(settings)
+        pool = capacity.pool_size(settings.capacity)
+        self.broker = broker or BrokerClient(settings, connections=pool)
+        self.upstream = upstream or Upstream(settings, connections=pool)
+        # Random per process: the broker tells our restart from a second live process.
+        self.instance_id = uuid.uuid4().hex
+        self.capacity = capacity.initial(settings.capacity)
         self.status = Status()
+        self._show_capacity()
         self.session: RegisterResponse | None = None
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self._stopping = asyncio.Event()
@@ -73,6 +109,12 @@ class Connector:
         self._backoff = Backoff()
         self._draining = False
         self.stream_polls = False
+        self._path: PathVerdict | None = None
+        self._reregister = False
+        self._clash_warned: float | None = None  # when connector_name_clash was last logged
+        self._clashes = 0
+        self._cut_seen = False  # the last streaming poll was cut short
+        self._warned_at = 0.0  # when broker_unreachable was last logged as a warning
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -99,48 +141,117 @@ class Connector:
     async def _serve_until_stopped(self) -> None:
         while not self._stopping.is_set():
             try:
+                if self._reregister:
+                    await self._renew_session()
                 if self.session is None:
                     await self._register()
                 await self._poll_once()
                 self._backoff.reset()
+            except SessionReplaced:
+                self._warn_clash("poll")
+                self._lose_session()
+                await self._pause(random.uniform(*CLASH_RETRY))
             except SessionLost:
                 log.info("session_lost", session=self.status.session_id)
                 self._lose_session()
             except (BrokerUnavailable, BrokerRejected) as exc:
                 await self._broker_trouble(exc)
             except asyncio.CancelledError:
-                if not self._stopping.is_set():
+                if self._stopping.is_set():
+                    continue
+                if not self._reregister:
                     raise
 
+    async def _renew_session(self) -> None:
+        """Register again (the capacity changed): end our old session first, so the broker
+        sees a goodbye rather than two registrations of one name."""
+        self._reregister = False
+        old = self.session
+        self._lose_session()
+        if old is not None:
+            with contextlib.suppress(BrokerUnavailable, BrokerRejected, SessionLost):
+                await self.broker.deregister(old.session_id)
+
+    async def _pause(self, delay: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), delay)
+
+    def _warn_clash(self, where: str) -> None:
+        """Two live processes use one name: each registration replaces the other's session.
+
+        While the clash lasts it recurs every few seconds: one warning a minute is enough.
+        """
+        self._clashes += 1
+        now = time.monotonic()
+        if self._clash_warned is not None and now - self._clash_warned < CLASH_WARN_EVERY:
+            return
+        self._clash_warned = now
+        log.warning(
+            "connector_name_clash",
+            name=self.settings.name,
+            seen_in=where,
+            clashes=self._clashes,
+            message="another connector with this token registered the same name; each "
+            "registration replaces the other's session",
+            hint=CLASH_HINT,
+        )
+
     def _lose_session(self) -> None:
+        self._cut_seen = False
         self.session = None
         self.status.session_id = None
         self.status.reconnects += 1
 
     async def _broker_trouble(self, exc: Exception) -> None:
         self.status.broker_error = str(exc)
-        delay = self._backoff.next_delay()
+        delay = self._backoff.next_delay(cap=retry_cap(exc))
         if isinstance(exc, BrokerRejected):
             # A wrong token will not fix itself quickly: wait at least 5 s between tries.
             delay = max(delay, 5.0)
             log.error("broker_rejected", error=str(exc), retry_in_s=round(delay, 2))
         else:
-            log.warning("broker_unreachable", error=str(exc), retry_in_s=round(delay, 2))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), delay)
+            # Tries come about every second while the broker is down: warn for the first
+            # few, then once every 30 s (the rest at debug level).
+            now = time.monotonic()
+            loud = self._backoff.attempt <= 3 or now - self._warned_at >= QUIET_WARN_EVERY
+            if loud:
+                self._warned_at = now
+            (log.warning if loud else log.debug)(
+                "broker_unreachable",
+                error=str(exc),
+                retry_in_s=round(delay, 2),
+                tries=self._backoff.attempt,
+            )
+        await self._pause(delay)
 
     async def _register(self) -> None:
         s = self.settings
         models = await self._current_models()
+        if not self.capacity.detected:
+            await self._detect_capacity()
+        verdict = self._path
         mode = s.upload_mode
         if mode is UploadMode.AUTO:
-            mode = await self._probe_mode()
+            mode = verdict.upload_mode if verdict is not None else await self._probe_mode()
         reply = await self.broker.register(
             RegisterRequest(
-                name=s.name, models=models, capacity=s.capacity, version=VERSION, upload_mode=mode
+                name=s.name,
+                models=models,
+                capacity=self.capacity.value,
+                capacity_source=self.capacity.source,
+                instance_id=self.instance_id,
+                version=VERSION,
+                upload_mode=mode,
             )
         )
-        self.stream_polls = await self._choose_poll_mode(reply.upload_mode)
+        reused = verdict is not None and verdict.answered_mode is reply.upload_mode
+        if verdict is not None and reused:
+            self.stream_polls = verdict.stream_polls
+        else:
+            self.stream_polls = await self._choose_poll_mode(reply.upload_mode)
+        self.status.poll_mode = "stream" if self.stream_polls else "classic"
+        if s.upload_mode is UploadMode.AUTO or s.poll_mode == "auto":
+            self._path = PathVerdict(mode, reply.upload_mode, self.stream_polls)
         self.session = reply
         self.status.session_id = reply.session_id
         self.status.upload_mode = reply.upload_mode.value
@@ -150,11 +261,45 @@ class Connector:
         log.info(
             "registered",
             session=reply.session_id,
+            name=s.name,
             models=models,
+            capacity=self.capacity.value,
+            capacity_source=self.capacity.source,
             upload_mode=reply.upload_mode.value,
             poll_mode=self.status.poll_mode,
+            probes_reused=reused,
             poll_wait_s=reply.poll_wait_s,
+            replaced=reply.replaced.value,
         )
+        if reply.replaced is Replaced.LIVE:
+            self._warn_clash("registration")
+
+    def forget_path(self, reason: str) -> None:
+        """A failure suggests the path to the broker changed: probe again next registration."""
+        if self._path is not None:
+            self._path = None
+            log.info("path_verdict_forgotten", reason=reason)
+
+    async def _detect_capacity(self) -> None:
+        async def get_json(path: str) -> object:
+            return await self.upstream.get_json(path, timeout=CAPACITY_PROBE_TIMEOUT)
+
+        found = await capacity.detect(get_json)
+        if found == self.capacity:
+            return
+        changed = found.value != self.capacity.value
+        self.capacity = found
+        self._show_capacity()
+        log.info("capacity", capacity=found.value, source=found.source)
+        if changed and found.detected and self.session is not None:
+            # The broker knows only what we registered with: register again.
+            self._reregister = True
+            if self._poll_task is not None:
+                self._poll_task.cancel()
+
+    def _show_capacity(self) -> None:
+        self.status.capacity = self.capacity.value
+        self.status.capacity_source = self.capacity.source
 
     async def _choose_poll_mode(self, upload_mode: UploadMode) -> bool:
         """Stream polls only where the path delivers responses as they are sent."""
@@ -166,7 +311,6 @@ class Connector:
                 stream = spread >= 300.0
                 log.info("poll_probe", spread_ms=round(spread, 1), stream_polls=stream)
             # A path that buffers uploads (parts mode) is assumed to buffer answers too.
-        self.status.poll_mode = "stream" if stream else "classic"
         return stream
 
     async def _probe_mode(self) -> UploadMode:
@@ -203,10 +347,14 @@ class Connector:
             # While the LLM has listed nothing yet (not started, still loading), look again
             # every few seconds so the connector serves as soon as it is up.
             wait = self.settings.model_refresh
-            if not self.status.models:
+            if not self.status.models or not self.capacity.detected:
                 wait = min(wait, EMPTY_MODELS_REFRESH)
             await asyncio.sleep(wait)
-            if self.settings.models or self.session is None or self._draining:
+            if self._draining:
+                continue
+            if not self.capacity.detected:
+                await self._detect_capacity()
+            if self.settings.models or self.session is None:
                 continue
             models = await self._current_models()
             if sorted(models) != sorted(self.status.models) and self.session is not None:
@@ -214,6 +362,8 @@ class Connector:
                     await self.broker.update_models(self.session.session_id, models)
                     self.status.models = models
                     log.info("models_changed", models=models)
+                except SessionReplaced:
+                    self._warn_clash("models_update")
                 except (BrokerUnavailable, BrokerRejected, SessionLost) as exc:
                     log.warning("models_update_failed", error=str(exc))
 
@@ -226,13 +376,24 @@ class Connector:
                 self.status.last_poll_ok = time.monotonic()
                 self._dispatch(items, session)
 
+            cuts = self.broker.poll_cuts
             self._poll_task = asyncio.create_task(
                 self.broker.poll_stream(session.session_id, session.poll_wait_s, dispatch)
             )
             try:
                 await self._poll_task
+            except BrokerUnavailable as exc:
+                if by_proxy(exc):
+                    self.forget_path(f"a proxy answered a streaming poll: {exc}")
+                self._cut_seen = False
+                raise
             finally:
                 self._poll_task = None
+            if self._cut_seen:
+                # Cut, and the broker is still there: something on the path ends streamed
+                # answers. (A cut followed by a refused connection was the broker going.)
+                self.forget_path("streaming polls are cut short")
+            self._cut_seen = self.broker.poll_cuts != cuts
             self.status.last_poll_ok = time.monotonic()
             self.status.broker_error = None
             return
@@ -299,9 +460,14 @@ class Connector:
             self.status.served += 1
         except LeaseLost:
             log.info("lease_lost")
+        except SessionReplaced:
+            self.status.failed += 1
+            self._warn_clash("upload")
         except (BrokerUnavailable, BrokerRejected, SessionLost) as exc:
             self.status.failed += 1
             log.warning("upload_failed", error=str(exc))
+            if isinstance(exc, BrokerUnavailable) and by_proxy(exc):
+                self.forget_path(f"a proxy answered an upload: {exc}")
         except asyncio.CancelledError:
             pass
         except Exception:  # a bug must not leave the request hanging or kill the connector
@@ -381,3 +547,18 @@ class Connector:
         if session is not None:
             with contextlib.suppress(BrokerUnavailable, BrokerRejected, SessionLost):
                 await self.broker.deregister(session.session_id)
+
+
+def retry_cap(exc: Exception) -> float | None:
+    """The longest wait before the next try: short while nothing answers at all."""
+    if isinstance(exc, BrokerUnavailable) and exc.status is None:
+        return UNREACHABLE_RETRY
+    if isinstance(exc, BrokerUnavailable) and not exc.from_broker and exc.status in (502, 503, 504):
+        # A reverse proxy in front of the broker answers for it while it is down.
+        return UNREACHABLE_RETRY
+    return None
+
+
+def by_proxy(exc: BrokerUnavailable) -> bool:
+    """Something on the path, not the broker, answered with an error."""
+    return exc.status is not None and not exc.from_broker

@@ -2,17 +2,52 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
 import socket
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from shared.protocol import UploadMode
 from shared.settings import FileAwareSettings, split_list
 
 SECONDS = 1.0
+NAME_MAX = 200  # RegisterRequest.name's limit
+AUTO: Literal["auto"] = "auto"
+
+
+def default_name(llm_url: str, host: str | None = None) -> str:
+    """``<host>:<LLM address>``, e.g. ``gpu-box:localhost-11434``.
+
+    Distinct for each connector on one host (one per engine or GPU, each with its own LLM
+    URL) and the same after a restart, so a restarted connector replaces its own session.
+    """
+    url = urlsplit(llm_url)
+    parts = [url.hostname or "llm"]
+    if url.port is not None:
+        parts.append(str(url.port))
+    parts.extend(p for p in url.path.split("/") if p)
+    address = re.sub(r"[^A-Za-z0-9._-]+", "-", "-".join(parts)).strip("-")
+    name = f"{host or socket.gethostname()}:{address}"
+    if len(name) > NAME_MAX:
+        # Keep long names distinct: cut, then add a short digest of the whole.
+        digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+        name = name[: NAME_MAX - 9] + "-" + digest
+    return name
+
+
+def read_token_file(path: Path) -> str:
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read the token file {path}: {exc}") from exc
+    if not token:
+        raise ValueError(f"the token file {path} is empty")
+    return token
 
 
 class ConnectorSettings(FileAwareSettings):
@@ -21,7 +56,19 @@ class ConnectorSettings(FileAwareSettings):
     broker_url: str = Field(
         description="The broker's URL, http:// or https:// (e.g. https://llm.example.com)."
     )
-    broker_token: str = Field(description="This connector's token, given by the broker operator.")
+    broker_token: str | None = Field(
+        None,
+        repr=False,
+        description="This connector's token, given by the broker operator. A command line is "
+        "visible to every local user (ps): prefer REMOTELLM_BROKER_TOKEN or --broker-token-file.",
+        json_schema_extra={"doc_default": "(required: this or --broker-token-file)"},
+    )
+    broker_token_file: Path | None = Field(
+        None,
+        validate_default=True,
+        description="File holding this connector's token (surrounding whitespace is ignored); "
+        "instead of --broker-token.",
+    )
     llm_url: str = Field(
         "http://localhost:11434",
         description="Base URL of the local OpenAI-compatible LLM server (Ollama, llama.cpp, "
@@ -34,12 +81,17 @@ class ConnectorSettings(FileAwareSettings):
         json_schema_extra={"flag": "--model"},
     )
     name: str = Field(
-        default_factory=socket.gethostname,
-        description="Name of this connector (a restarted connector with the same name replaces "
-        "its old session).",
-        json_schema_extra={"doc_default": "the host name"},
+        "",
+        max_length=NAME_MAX,
+        description="Name of this connector: a restarted connector with the same name replaces "
+        "its old session; two running connectors of one token need different names.",
+        json_schema_extra={"doc_default": "<host>:<LLM address>, e.g. gpu-box:localhost-11434"},
     )
-    capacity: int = Field(4, ge=1, le=10_000, description="Requests served at the same time.")
+    capacity: int | Literal["auto"] = Field(
+        AUTO,
+        description="Requests served at the same time: a number, or auto (ask the engine: "
+        "llama.cpp's llama-server reports its slots; others get 64).",
+    )
     health_port: int | None = Field(
         None, ge=0, le=65535, description="Port for /health and /ready (off when not set)."
     )
@@ -92,6 +144,53 @@ class ConnectorSettings(FileAwareSettings):
     drain_timeout: float = Field(
         30 * SECONDS, ge=0, description="Seconds to finish in-flight requests on SIGTERM."
     )
+
+    @property
+    def token(self) -> str:
+        """The connector token, from --broker-token, the environment or --broker-token-file."""
+        if self.broker_token is None:  # the validators make this unreachable
+            raise ValueError("no connector token")
+        return self.broker_token
+
+    @field_validator("broker_token_file")
+    @classmethod
+    def _one_token(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        given = info.data.get("broker_token")
+        if value is None and not given:
+            raise ValueError(
+                "a connector token is required: set REMOTELLM_BROKER_TOKEN, or give "
+                "--broker-token-file FILE (or --broker-token TOKEN, which ps shows to others)"
+            )
+        if value is not None and given:
+            raise ValueError(
+                "give the token once: --broker-token-file or --broker-token / "
+                "REMOTELLM_BROKER_TOKEN, not both"
+            )
+        if value is not None:
+            read_token_file(value)
+        return value
+
+    @field_validator("capacity", mode="before")
+    @classmethod
+    def _capacity(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip().lower()
+            if text == AUTO:
+                return AUTO
+            if not text.isdigit():
+                raise ValueError(f"must be a positive whole number or auto, not {value!r}")
+            value = int(text)
+        if isinstance(value, int) and not isinstance(value, bool) and not 1 <= value <= 10_000:
+            raise ValueError("must be between 1 and 10000 (or auto)")
+        return value
+
+    @model_validator(mode="after")
+    def _derive(self) -> ConnectorSettings:
+        if self.broker_token_file is not None:
+            self.broker_token = read_token_file(self.broker_token_file)
+        if not self.name.strip():
+            self.name = default_name(self.llm_url)
+        return self
 
     @field_validator("models", mode="before")
     @classmethod

@@ -10,6 +10,7 @@ import httpx
 from connector.netbackend import fast_transport
 from connector.pipe import FramePipe
 from connector.settings import ConnectorSettings
+from shared.logging import get_logger
 from shared.protocol import (
     REQUEST_ID_HEADER,
     UPSTREAM_REQUEST_ID_HEADER,
@@ -20,7 +21,14 @@ from shared.protocol import (
 
 
 class UpstreamError(Exception):
-    pass
+    """A call to the local LLM failed; ``answered``: it did answer (an HTTP error, bad JSON)."""
+
+    def __init__(self, message: str, answered: bool = False) -> None:
+        super().__init__(message)
+        self.answered = answered
+
+
+log = get_logger("connector.upstream")
 
 
 _DROP_RESPONSE_HEADERS = frozenset({"connection", "keep-alive", "transfer-encoding"})
@@ -28,7 +36,10 @@ _DROP_RESPONSE_HEADERS = frozenset({"connection", "keep-alive", "transfer-encodi
 
 class Upstream:
     def __init__(
-        self, settings: ConnectorSettings, transport: httpx.AsyncBaseTransport | None = None
+        self,
+        settings: ConnectorSettings,
+        transport: httpx.AsyncBaseTransport | None = None,
+        connections: int | None = None,
     ) -> None:
         self.url = settings.llm_url
         self.api_key = settings.llm_api_key
@@ -40,7 +51,7 @@ class Upstream:
                 write=60.0,
                 pool=None,
             ),
-            transport=transport or fast_transport(settings.capacity + 4),
+            transport=transport or fast_transport((connections or 4) + 4),
             # The local LLM is on this machine or LAN: never send it through the proxy.
             trust_env=False,
         )
@@ -48,15 +59,26 @@ class Upstream:
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    async def models(self, timeout: float = 5.0) -> list[str]:
-        """The model IDs the local LLM lists at /v1/models."""
+    async def get_json(self, path: str, timeout: float = 5.0) -> object:
+        """GET ``path`` of the local LLM and decode its JSON answer."""
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else None
         try:
-            response = await self._client.get("/v1/models", headers=headers, timeout=timeout)
-            response.raise_for_status()
-            data = response.json().get("data", [])
-        except (httpx.HTTPError, ValueError, AttributeError) as exc:
+            response = await self._client.get(path, headers=headers, timeout=timeout)
+        except httpx.HTTPError as exc:
             raise UpstreamError(f"{type(exc).__name__}: {exc}") from exc
+        try:
+            response.raise_for_status()
+            body: object = response.json()
+        except (httpx.HTTPError, ValueError) as exc:
+            raise UpstreamError(f"{type(exc).__name__}: {exc}", answered=True) from exc
+        return body
+
+    async def models(self, timeout: float = 5.0) -> list[str]:
+        """The model IDs the local LLM lists at /v1/models."""
+        body = await self.get_json("/v1/models", timeout)
+        data = body.get("data", []) if isinstance(body, dict) else None
+        if not isinstance(data, list):
+            raise UpstreamError("/v1/models answered without a data list", answered=True)
         return [str(m["id"]) for m in data if isinstance(m, dict) and "id" in m]
 
     async def pump(self, item: RequestItem, pipe: FramePipe) -> None:
@@ -75,11 +97,13 @@ class Upstream:
         if key:
             headers["authorization"] = f"Bearer {key}"
         started = time.perf_counter()
-        request = self._client.build_request(
-            item.method, item.path, content=item.body.encode(), headers=headers
-        )
         head_sent = False
         try:
+            # Inside the try: a header httpx cannot encode fails here, and must end the
+            # response like any other failure.
+            request = self._client.build_request(
+                item.method, item.path, content=item.body.encode(), headers=headers
+            )
             response = await self._client.send(request, stream=True)
             try:
                 upstream_ms = (time.perf_counter() - started) * 1000.0
@@ -121,6 +145,19 @@ class Upstream:
                     502,
                     "upstream_error",
                     f"the local LLM failed {where}: {type(exc).__name__}: {exc}",
+                )
+            )
+        except Exception as exc:
+            # Anything else (a bug here, an odd transport) must still end the response:
+            # without an END frame the upload only sends heartbeats and the API user waits
+            # for the broker's first-byte or total timeout.
+            log.exception("upstream_pump_failed", head_sent=head_sent)
+            where = "mid-response" if head_sent else "before the answer began"
+            pipe.end(
+                _failure(
+                    502,
+                    "connector_error",
+                    f"the connector failed {where}: {type(exc).__name__}: {exc}",
                 )
             )
 

@@ -74,10 +74,10 @@ ensure_user() {
     note "created system user $SERVICE_USER"
 }
 
-# connector_configured: does connector.env name a broker token (or a YAML config)?
+# connector_configured: does connector.env name a broker token, a token file or a YAML config?
 connector_configured() {
-    grep -Eq '^(REMOTELLM_BROKER_TOKEN=.|REMOTELLM_CONFIG=.)' "$ROOT$CONF_DIR/connector.env" \
-        2>/dev/null
+    grep -Eq '^(REMOTELLM_BROKER_TOKEN=.|REMOTELLM_BROKER_TOKEN_FILE=.|REMOTELLM_CONFIG=.)' \
+        "$ROOT$CONF_DIR/connector.env" 2>/dev/null
 }
 
 install_broker_config() {

@@ -107,7 +107,7 @@ ensure_user() {
 }
 
 connector_configured() {
-    grep -Eq '^broker_token: *[^ ]' "$ROOT$CONF_DIR/connector.yaml" 2>/dev/null
+    grep -Eq '^broker_token(_file)?: *[^ ]' "$ROOT$CONF_DIR/connector.yaml" 2>/dev/null
 }
 
 install_broker_config() {

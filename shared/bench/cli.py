@@ -11,7 +11,8 @@ from pathlib import Path
 import click
 
 from shared.bench.local import PROFILES, run_profile
-from shared.bench.report import table
+from shared.bench.peer import PEERS, PeerOptions
+from shared.bench.report import peer_table, scaling_lines, table
 from shared.bench.target import run_target, target_table
 
 
@@ -26,32 +27,94 @@ def main() -> None:
     type=click.Choice(sorted(PROFILES)),
     default="standard",
     show_default=True,
-    help="Which set of scenarios to run (smoke takes seconds, standard a few minutes).",
+    help="Which set of scenarios to run (smoke takes seconds, standard a few minutes; "
+    "versus is issue 9's side by side, for --peer).",
 )
 @click.option("--only", multiple=True, help="Run only scenarios whose name contains this text.")
 @click.option(
     "--scale", type=float, default=1.0, show_default=True, help="Multiply request counts."
 )
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write JSON here.")
-def local(profile: str, only: tuple[str, ...], scale: float, json_path: Path | None) -> None:
+@click.option(
+    "--peer",
+    type=click.Choice(sorted(PEERS)),
+    help="Also measure this other relay in the same run (direct / peer / ours interleaved); "
+    "needs --peer-python. original: "
+    + PEERS["original"].summary
+    + ". Its code is not part of RemoteLLM: fetch and install it yourself.",
+)
+@click.option(
+    "--peer-python",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Python of the venv the peer is installed in (e.g. /work/peer-venv/bin/python).",
+)
+@click.option(
+    "--peer-src",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Run the peer from this source checkout (its src/ goes on PYTHONPATH) instead of "
+    "the copy installed in --peer-python's venv, which still provides its dependencies.",
+)
+def local(
+    profile: str,
+    only: tuple[str, ...],
+    scale: float,
+    json_path: Path | None,
+    peer: str | None,
+    peer_python: Path | None,
+    peer_src: Path | None,
+) -> None:
     """Start a fake upstream, a broker and connectors on 127.0.0.1 and compare the same
     workload direct and relayed, interleaved in one run."""
+    peer_options = _peer_options(peer, peer_python, peer_src)
     scenarios = PROFILES[profile]
     if only:
         scenarios = [s for s in scenarios if any(o in s.name for o in only)]
     if scale != 1.0:
         scenarios = [replace(s, requests=max(s.rounds, int(s.requests * scale))) for s in scenarios]
-    click.echo(f"remotellm-bench local: {len(scenarios)} scenarios ({profile})")
-    rows = asyncio.run(run_profile(scenarios))
+    against = f", against {peer}" if peer else ""
+    click.echo(f"remotellm-bench local: {len(scenarios)} scenarios ({profile}{against})")
+    rows = asyncio.run(run_profile(scenarios, peer=peer_options))
     click.echo("")
     click.echo(table(rows))
+    if peer_options is not None:
+        click.echo(f"\nSide by side with {peer} (peer first, ours last in every a / b cell):\n")
+        click.echo(peer_table(rows))
+        scaling = scaling_lines(rows)
+        if scaling:
+            click.echo("\nCost per relayed chunk as concurrency grows:\n")
+            click.echo("\n".join(scaling))
     if json_path is not None:
         payload = {
             "machine": {"python": platform.python_version(), "platform": platform.platform()},
+            "profile": profile,
+            "peer": None if peer_options is None else _peer_info(peer_options),
             "rows": [row.summary() for row in rows],
         }
         json_path.write_text(json.dumps(payload, indent=2, default=str))
         click.echo(f"\nJSON written to {json_path}")
+
+
+def _peer_options(peer: str | None, python: Path | None, src: Path | None) -> PeerOptions | None:
+    if peer is None:
+        if python is not None or src is not None:
+            raise click.UsageError("--peer-python and --peer-src need --peer")
+        return None
+    if python is None:
+        raise click.UsageError(f"--peer {peer} needs --peer-python (the venv it is installed in)")
+    options = PeerOptions(peer, python, src)
+    problem = options.problem()
+    if problem is not None:
+        raise click.UsageError(problem)
+    return options
+
+
+def _peer_info(options: PeerOptions) -> dict[str, str | None]:
+    return {
+        "name": options.name,
+        "summary": options.spec.summary,
+        "python": str(options.python),
+        "src": None if options.src is None else str(options.src),
+    }
 
 
 @main.command()

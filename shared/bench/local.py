@@ -7,10 +7,13 @@ import json
 import ssl
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Protocol
 
 from shared.bench.client import Connection, Result
-from shared.bench.procs import KEY, Setup
+from shared.bench.peer import PeerOptions, PeerSetup
+from shared.bench.procs import KEY, Proc, Setup
 
 
 @dataclass(frozen=True)
@@ -64,46 +67,37 @@ class Side:
         return len(self.ok()) / self.wall if self.wall else 0.0
 
 
-@dataclass
-class Row:
-    scenario: Scenario
-    direct: Side
-    relay: Side
-    broker_cpu_s: float
-    connector_cpu_s: float
-    broker_rss_mib: float
-    connector_rss_mib: float
+def _pcts(side: Side, attr: str) -> dict[str, float]:
+    return {q: side.pct(attr, p) for q, p in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))}
 
-    def summary(self) -> dict[str, object]:
-        d, r = self.direct, self.relay
-        chunks = max(1, r.events)
-        reqs = max(1, len(r.ok()))
+
+def _side_summary(side: Side) -> dict[str, object]:
+    return {
+        "ttfb_ms": _pcts(side, "ttfb"),
+        "ttlb_ms": _pcts(side, "ttlb"),
+        "chunks_per_s": side.chunks_per_s,
+        "req_per_s": side.req_per_s,
+        "requests": len(side.results),
+        "errors": side.errors,
+        "first_error": next((r.error for r in side.results if not r.ok), None),
+    }
+
+
+@dataclass
+class Relayed:
+    """One relay's results in one scenario: client view plus its processes' CPU and memory."""
+
+    name: str
+    side: Side
+    broker_cpu_s: float = 0.0
+    connector_cpu_s: float = 0.0
+    broker_rss_mib: float = 0.0
+    connector_rss_mib: float = 0.0
+
+    def cost(self) -> dict[str, float]:
+        chunks = max(1, self.side.events)
+        reqs = max(1, len(self.side.ok()))
         return {
-            "scenario": asdict(self.scenario),
-            "direct": {
-                "ttfb_ms": {
-                    q: d.pct("ttfb", p) for q, p in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))
-                },
-                "ttlb_ms": {
-                    q: d.pct("ttlb", p) for q, p in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))
-                },
-                "chunks_per_s": d.chunks_per_s,
-                "req_per_s": d.req_per_s,
-                "errors": d.errors,
-            },
-            "relay": {
-                "ttfb_ms": {
-                    q: r.pct("ttfb", p) for q, p in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))
-                },
-                "ttlb_ms": {
-                    q: r.pct("ttlb", p) for q, p in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))
-                },
-                "chunks_per_s": r.chunks_per_s,
-                "req_per_s": r.req_per_s,
-                "errors": r.errors,
-            },
-            "ttfb_p50_added_ms": r.pct("ttfb", 0.5) - d.pct("ttfb", 0.5),
-            "throughput_ratio": (r.chunks_per_s / d.chunks_per_s) if d.chunks_per_s else None,
             "broker_us_per_chunk": self.broker_cpu_s * 1e6 / chunks,
             "connector_us_per_chunk": self.connector_cpu_s * 1e6 / chunks,
             "broker_ms_per_request": self.broker_cpu_s * 1e3 / reqs,
@@ -111,6 +105,50 @@ class Row:
             "broker_peak_rss_mib": self.broker_rss_mib,
             "connector_peak_rss_mib": self.connector_rss_mib,
         }
+
+
+@dataclass
+class Row:
+    scenario: Scenario
+    direct: Side
+    ours: Relayed
+    peers: list[Relayed] = field(default_factory=list)
+
+    @property
+    def relay(self) -> Side:
+        return self.ours.side
+
+    @property
+    def broker_rss_mib(self) -> float:
+        return self.ours.broker_rss_mib
+
+    @property
+    def connector_rss_mib(self) -> float:
+        return self.ours.connector_rss_mib
+
+    def added_ttfb_ms(self, relayed: Relayed) -> float:
+        return relayed.side.pct("ttfb", 0.5) - self.direct.pct("ttfb", 0.5)
+
+    def summary(self) -> dict[str, object]:
+        d, r = self.direct, self.relay
+        out: dict[str, object] = {
+            "scenario": asdict(self.scenario),
+            "direct": _side_summary(d),
+            "relay": _side_summary(r),
+            "ttfb_p50_added_ms": self.added_ttfb_ms(self.ours),
+            "throughput_ratio": (r.chunks_per_s / d.chunks_per_s) if d.chunks_per_s else None,
+            **self.ours.cost(),
+        }
+        if self.peers:
+            out["peers"] = {
+                p.name: {
+                    **_side_summary(p.side),
+                    "ttfb_p50_added_ms": self.added_ttfb_ms(p),
+                    **p.cost(),
+                }
+                for p in self.peers
+            }
+        return out
 
 
 def _body(s: Scenario) -> bytes:
@@ -154,44 +192,69 @@ async def _batch(
     return side
 
 
-async def run_scenario(setup: Setup, s: Scenario) -> Row:
-    direct, relay = Side(), Side()
+class RelayProcs(Protocol):
+    """What a measured relay exposes: its API port and its processes (ours or a peer)."""
+
+    @property
+    def broker(self) -> Proc: ...
+
+    @property
+    def connector_procs(self) -> list[Proc]: ...
+
+
+@dataclass
+class _Path:
+    relayed: Relayed
+    procs: RelayProcs
+    port: int
+    tls: ssl.SSLContext | None = None
+
+    async def round(self, s: Scenario, count: int, headers: dict[str, str]) -> None:
+        b0 = self.procs.broker.cpu_seconds()
+        c0 = sum(p.cpu_seconds() for p in self.procs.connector_procs)
+        part = await _batch(self.port, "/v1/chat/completions", s, count, headers, self.tls)
+        r = self.relayed
+        r.broker_cpu_s += self.procs.broker.cpu_seconds() - b0
+        r.connector_cpu_s += sum(p.cpu_seconds() for p in self.procs.connector_procs) - c0
+        r.side.results += part.results
+        r.side.wall += part.wall
+
+    def read_memory(self) -> None:
+        self.relayed.broker_rss_mib = self.procs.broker.memory_kib() / 1024.0
+        self.relayed.connector_rss_mib = (
+            max(p.memory_kib() for p in self.procs.connector_procs) / 1024.0
+        )
+
+
+async def run_scenario(setup: Setup, s: Scenario, peers: Sequence[PeerSetup] = ()) -> Row:
+    direct = Side()
     direct_headers = {"Content-Type": "application/json"}
     relay_headers = {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"}
     per_round = max(1, s.requests // s.rounds)
     tls = None
     if setup.tls:
         tls = ssl.create_default_context(cafile=str(setup.workdir / "cert.pem"))
-    broker_cpu = connector_cpu = 0.0
-    # Warm up both paths (connections, imports, caches) outside the measurement.
+    ours = _Path(Relayed("ours", Side()), setup, setup.broker_port, tls)
+    paths = [_Path(Relayed(p.name, Side()), p, p.broker_port) for p in peers] + [ours]
+    # Warm up every path (connections, imports, caches) outside the measurement.
     await _batch(setup.upstream_port, "/v1/chat/completions", s, min(2, per_round), direct_headers)
-    await _batch(
-        setup.broker_port, "/v1/chat/completions", s, min(2, per_round), relay_headers, tls
-    )
-    for _ in range(s.rounds):
+    for path in paths:
+        await _batch(
+            path.port, "/v1/chat/completions", s, min(2, per_round), relay_headers, path.tls
+        )
+    for index in range(s.rounds):
         part = await _batch(
             setup.upstream_port, "/v1/chat/completions", s, per_round, direct_headers
         )
         direct.results += part.results
         direct.wall += part.wall
-        b0 = setup.broker.cpu_seconds()
-        c0 = sum(p.cpu_seconds() for p in setup.connector_procs)
-        part = await _batch(
-            setup.broker_port, "/v1/chat/completions", s, per_round, relay_headers, tls
-        )
-        broker_cpu += setup.broker.cpu_seconds() - b0
-        connector_cpu += sum(p.cpu_seconds() for p in setup.connector_procs) - c0
-        relay.results += part.results
-        relay.wall += part.wall
-    return Row(
-        scenario=s,
-        direct=direct,
-        relay=relay,
-        broker_cpu_s=broker_cpu,
-        connector_cpu_s=connector_cpu,
-        broker_rss_mib=setup.broker.memory_kib() / 1024.0,
-        connector_rss_mib=max(p.memory_kib() for p in setup.connector_procs) / 1024.0,
-    )
+        # Relays take turns going first, so none always runs right after the direct round.
+        turn = index % len(paths)
+        for path in paths[turn:] + paths[:turn]:
+            await path.round(s, per_round, relay_headers)
+    for path in paths:
+        path.read_memory()
+    return Row(scenario=s, direct=direct, ours=ours.relayed, peers=[p.relayed for p in paths[:-1]])
 
 
 PROFILES: dict[str, list[Scenario]] = {
@@ -241,12 +304,29 @@ PROFILES: dict[str, list[Scenario]] = {
             http2=True,
         ),
     ],
+    # Issue 9's side by side with a peer relay (``--peer``): our connector at --capacity 1100.
+    # Bounded: ~3,000 requests per relayed path, a few minutes for direct + two relays.
+    "versus": [
+        Scenario("ttfb c1 200 chunks", concurrency=1, requests=100, chunks=200),
+        Scenario("unpaced c10 200 chunks", concurrency=10, requests=100, chunks=200),
+        Scenario("c50 paced 5ms", concurrency=50, requests=100, chunks=200, delay_ms=5),
+        Scenario("c100 paced 5ms", concurrency=100, requests=200, chunks=200, delay_ms=5),
+        Scenario("c200 paced 5ms", concurrency=200, requests=400, chunks=200, delay_ms=5),
+        Scenario("c50 paced 50ms 20 chunks", concurrency=50, requests=100, chunks=20, delay_ms=50),
+        # Each round opens all its connections at once: a burst of 1,000 new clients.
+        Scenario(
+            "c1000 paced 50ms 20 chunks", concurrency=1000, requests=2000, chunks=20, delay_ms=50
+        ),
+    ],
 }
 
 
-async def run_profile(scenarios: list[Scenario], progress: bool = True) -> list[Row]:
+async def run_profile(
+    scenarios: list[Scenario], progress: bool = True, peer: PeerOptions | None = None
+) -> list[Row]:
     rows: list[Row] = []
     setups: dict[tuple[str, int, bool, bool], Setup] = {}
+    peers: dict[tuple[str, int, bool, bool], PeerSetup] = {}
     try:
         for s in scenarios:
             setup = setups.get(s.setup_key)
@@ -254,12 +334,22 @@ async def run_profile(scenarios: list[Scenario], progress: bool = True) -> list[
                 setup = Setup(
                     connectors=s.connectors, upload_mode=s.upload_mode, http2=s.http2, tls=s.tls
                 )
-                await setup.start()
                 setups[s.setup_key] = setup
+                await setup.start()
+            # A peer shares our fake upstream; over TLS the client's paths would differ.
+            peer_setup = None
+            if peer is not None and not s.tls:
+                peer_setup = peers.get(s.setup_key)
+                if peer_setup is None:
+                    peer_setup = PeerSetup(peer, setup.upstream_port, connectors=s.connectors)
+                    peers[s.setup_key] = peer_setup
+                    await peer_setup.start()
             if progress:
                 print(f"  running {s.name} ...", flush=True)
-            rows.append(await run_scenario(setup, s))
+            rows.append(await run_scenario(setup, s, [peer_setup] if peer_setup else []))
     finally:
+        for peer_setup in peers.values():
+            peer_setup.stop()
         for setup in setups.values():
             setup.stop()
     return rows

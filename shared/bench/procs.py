@@ -118,13 +118,37 @@ def write_self_signed(directory: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-def _spawn(name: str, args: list[str], log: Path) -> Proc:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+def spawn(
+    name: str,
+    args: list[str],
+    log: Path,
+    python: str = sys.executable,
+    env: dict[str, str] | None = None,
+) -> Proc:
+    """Start ``python *args`` with its output appended to ``log``.
+
+    ``python`` is ours unless a peer relay is benchmarked: then it is the interpreter of the
+    venv the user installed that peer into (``--peer-python``).
+    """
+    child_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     with log.open("ab") as handle:  # the child keeps its own copy of the descriptor
-        popen = subprocess.Popen(  # the benchmark runs its own programs, nothing user-given
-            [sys.executable, *args], stdout=handle, stderr=subprocess.STDOUT, env=env
+        popen = subprocess.Popen(
+            [python, *args], stdout=handle, stderr=subprocess.STDOUT, env=child_env
         )
     return Proc(name, popen)
+
+
+async def get_json(port: int, path: str) -> object:
+    """GET a small JSON document from 127.0.0.1 (health endpoints while starting)."""
+    import json
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        raw = await reader.read()
+    finally:
+        writer.close()
+    return json.loads(raw.split(b"\r\n\r\n", 1)[1])
 
 
 @dataclass
@@ -159,7 +183,7 @@ class Setup:
         log = self.workdir / "processes.log"
         self.upstream_port = free_port()
         self.procs.append(
-            _spawn(
+            spawn(
                 "upstream", ["-m", "shared.bench.upstream", "--port", str(self.upstream_port)], log
             )
         )
@@ -170,7 +194,7 @@ class Setup:
             cert, key = write_self_signed(self.workdir)
             tls_args = ["--certfile", str(cert), "--keyfile", str(key)]
         self.procs.append(
-            _spawn(
+            spawn(
                 "broker",
                 [
                     "-m",
@@ -227,21 +251,15 @@ class Setup:
                 args.append("--http2")
             if self.tls:
                 args += ["--ca-bundle", str(self.workdir / "cert.pem")]
-            self.procs.append(_spawn(f"connector-{i}", args, log))
+            self.procs.append(spawn(f"connector-{i}", args, log))
         await self._wait_sessions()
 
     async def _wait_sessions(self, timeout: float = 30.0) -> None:
-        import json
-
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            with contextlib.suppress(OSError, ValueError, asyncio.IncompleteReadError):
-                reader, writer = await asyncio.open_connection("127.0.0.1", self.health_port)
-                writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                raw = await reader.read()
-                writer.close()
-                body = json.loads(raw.split(b"\r\n\r\n", 1)[1])
-                if len(body.get("connectors", [])) >= self.connectors:
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                body = await get_json(self.health_port, "/health")
+                if isinstance(body, dict) and len(body.get("connectors", [])) >= self.connectors:
                     return
             await asyncio.sleep(0.1)
         raise TimeoutError("connectors did not register; see " + str(self.workdir))

@@ -43,7 +43,6 @@ class Line:
 class Proc:
     name: str
     args: list[str]
-    env: dict[str, str] = field(default_factory=dict)  # on top of child_env()
     lines: list[Line] = field(default_factory=list)
     process: asyncio.subprocess.Process | None = None
     _readers: list[asyncio.Task[None]] = field(default_factory=list)
@@ -57,7 +56,7 @@ class Proc:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             cwd=REPO_ROOT,
-            env=child_env() | self.env,
+            env=child_env(),
         )
         assert self.process.stdout is not None and self.process.stderr is not None
         self._readers = [
@@ -193,8 +192,8 @@ class Procs:
     def __init__(self) -> None:
         self.started: list[Proc] = []
 
-    async def start(self, name: str, *args: str, env: dict[str, str] | None = None) -> Proc:
-        proc = await Proc(name, list(args), env=env or {}).start()
+    async def start(self, name: str, *args: str) -> Proc:
+        proc = await Proc(name, list(args)).start()
         self.started.append(proc)
         return proc
 
@@ -208,9 +207,23 @@ class Procs:
         return broker
 
     async def connector(
-        self, broker_url: str, token: str, llm_url: str, name: str | None, *extra: str
+        self,
+        broker_url: str,
+        token: str | Path,
+        llm_url: str,
+        name: str | None,
+        *extra: str,
     ) -> Proc:
-        """``python -m connector``; ``name=None`` leaves the connector its default name."""
+        """A connector process; ``token`` as a Path is passed as --broker-token-file, and
+        ``name`` None leaves the default name (host name and LLM address)."""
+        secret = (
+            ["--broker-token-file", str(token)]
+            if isinstance(token, Path)
+            else [
+                "--broker-token",
+                token,
+            ]
+        )
         named = ["--name", name] if name is not None else []
         return await self.start(
             f"connector {name or llm_url}",
@@ -218,8 +231,7 @@ class Procs:
             "connector",
             "--broker-url",
             broker_url,
-            "--broker-token",
-            token,
+            *secret,
             "--llm-url",
             llm_url,
             *named,

@@ -21,3 +21,11 @@ def test_no_framework_timeout_cuts_long_streams(tmp_path) -> None:
     assert config.read_timeout is None
     # Connectors reuse connections between polls; proxies keep idle ones ~60 s.
     assert config.keep_alive_timeout >= 60
+
+
+def test_listen_backlog_comes_from_settings(tmp_path) -> None:
+    base = {"data_dir": tmp_path, "user_api_keys": ["sk-x"], "connector_tokens": ["ct-x"]}
+    # The default must hold a burst of 1,000 new connections (Hypercorn's own is 100).
+    assert hypercorn_config("127.0.0.1", 1, BrokerSettings(**base), tls=False).backlog == 2048
+    settings = BrokerSettings(**base, backlog=4096)
+    assert hypercorn_config("127.0.0.1", 1, settings, tls=False).backlog == 4096

@@ -74,3 +74,33 @@ async def test_sleep_returns_the_delay() -> None:
     b = Backoff(base=0.002, cap=0.002, rand=_ceiling)
     assert await b.sleep() == 0.002
     assert b.attempt == 1
+
+
+@pytest.mark.parametrize(
+    ("cap", "expected"),
+    [
+        (1.0, [0.5, 1, 1, 1, 1, 1, 1]),  # nothing answers: at most every second
+        (None, [0.5, 1, 2, 4, 8, 16, 30]),  # the broker answered an error: the full backoff
+        (0.25, [0.25, 0.25, 0.25]),
+    ],
+)
+def test_a_cap_lowers_the_ceiling_of_one_wait(cap: float | None, expected: list[float]) -> None:
+    b = Backoff(base=0.5, cap=30.0, rand=_ceiling)
+    assert [b.next_delay(cap=cap) for _ in expected] == pytest.approx(expected)
+
+
+def test_capped_waits_still_count_attempts() -> None:
+    """Once the broker answers again with errors, the backoff continues from where it is."""
+    b = Backoff(base=0.5, cap=30.0, rand=_ceiling)
+    for _ in range(6):
+        assert b.next_delay(cap=1.0) <= 1.0
+    assert b.next_delay() == 30.0
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_capped_waits_are_jittered(seed: int) -> None:
+    rng = random.Random(seed)
+    b = Backoff(rand=rng.uniform)
+    delays = [b.next_delay(cap=1.0) for _ in range(50)]
+    assert all(0.0 <= d <= 1.0 for d in delays)
+    assert len({round(d, 6) for d in delays}) > 40

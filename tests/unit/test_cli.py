@@ -75,7 +75,8 @@ REQUIRED = ["--broker-url", "https://b.example", "--broker-token", "ct-x"]
 @pytest.mark.parametrize(
     ("args", "flag", "words"),
     [
-        ([*REQUIRED, "--capacity", "0"], "--capacity", "greater than or equal to 1"),
+        ([*REQUIRED, "--capacity", "0"], "--capacity", "between 1 and 10000"),
+        ([*REQUIRED, "--capacity", "lots"], "--capacity", "a positive whole number or auto"),
         ([*REQUIRED, "--upload-mode", "pigeon"], "--upload-mode", "stream"),
         (["--broker-url", "ftp://b", "--broker-token", "t"], "--broker-url", "http"),
         (["--broker-token", "t"], "--broker-url", "required"),

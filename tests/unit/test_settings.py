@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from broker.settings import BrokerSettings
-from connector.settings import ConnectorSettings
+from connector.settings import NAME_MAX, ConnectorSettings, default_name
 from shared.errors import ConfigError
 from shared.protocol import UploadMode
 from shared.settings import load_settings
@@ -39,9 +39,13 @@ def test_broker_defaults() -> None:
 
 def test_connector_defaults(clean_env: pytest.MonkeyPatch) -> None:
     s = load_settings(ConnectorSettings, None, {"broker_url": "https://b", "broker_token": "t"})
-    assert (s.llm_url, s.capacity, s.upload_mode) == ("http://localhost:11434", 4, UploadMode.AUTO)
+    assert (s.llm_url, s.capacity, s.upload_mode) == (
+        "http://localhost:11434",
+        "auto",
+        UploadMode.AUTO,
+    )
     assert s.models == []
-    assert s.name  # the host name
+    assert s.name == default_name("http://localhost:11434")
     assert s.health_port is None
 
 
@@ -79,7 +83,7 @@ def test_broker_precedence(
 @pytest.mark.parametrize(
     ("file", "env", "cli", "expected"),
     [
-        (None, None, None, 4),
+        (None, None, None, "auto"),
         (7, None, None, 7),
         (7, 8, None, 8),
         (7, 8, 9, 9),
@@ -93,7 +97,7 @@ def test_connector_precedence(
     file: int | None,
     env: int | None,
     cli: int | None,
-    expected: int,
+    expected: int | str,
 ) -> None:
     for k, v in REQUIRED_ENV.items():
         clean_env.setenv(k, v)
@@ -358,3 +362,153 @@ def test_config_file_does_not_leak_into_next_load(tmp_path: Path) -> None:
 )
 def test_advertised_url(overrides: dict[str, Any], url: str) -> None:
     assert load_settings(BrokerSettings, None, overrides).advertised_url == url
+
+
+# -- the connector's name ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("llm_url", "expected"),
+    [
+        ("http://localhost:11434", "gpu-box:localhost-11434"),
+        ("http://127.0.0.1:8080", "gpu-box:127.0.0.1-8080"),
+        ("http://localhost:8000/v1", "gpu-box:localhost-8000-v1"),
+        ("https://llm.lan", "gpu-box:llm.lan"),
+        ("http://[::1]:1234", "gpu-box:1-1234"),
+        ("http://user:pw@host:9/a b", "gpu-box:host-9-a-b"),
+    ],
+)
+def test_default_name_is_host_and_llm_address(llm_url: str, expected: str) -> None:
+    assert default_name(llm_url, host="gpu-box") == expected
+
+
+def test_default_names_differ_per_llm_and_repeat_per_restart() -> None:
+    urls = ["http://localhost:11434", "http://localhost:8080", "http://localhost:8000"]
+    names = [default_name(u, host="h") for u in urls]
+    assert len(set(names)) == 3
+    assert names == [default_name(u, host="h") for u in urls]  # a restart: the same names
+
+
+def test_long_default_names_stay_within_limit_and_distinct() -> None:
+    host = "h" * 300
+    a = default_name("http://localhost:1", host=host)
+    b = default_name("http://localhost:2", host=host)
+    assert len(a) <= NAME_MAX and len(b) <= NAME_MAX
+    assert a != b
+
+
+def test_settings_derive_the_name_from_the_llm_url(clean_env: pytest.MonkeyPatch) -> None:
+    for k, v in REQUIRED_ENV.items():
+        clean_env.setenv(k, v)
+    one = load_settings(ConnectorSettings, None, {"llm_url": "http://localhost:8080"})
+    two = load_settings(ConnectorSettings, None, {"llm_url": "http://localhost:8081"})
+    assert one.name != two.name and one.name.endswith(":localhost-8080")
+    given = load_settings(ConnectorSettings, None, {"name": "gpu-0"})
+    assert given.name == "gpu-0"
+
+
+# -- capacity ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [("auto", "auto"), ("AUTO", "auto"), (" 8 ", 8), ("1", 1), (10_000, 10_000), ("64", 64)],
+)
+def test_capacity_accepts_numbers_and_auto(
+    clean_env: pytest.MonkeyPatch, given: object, expected: object
+) -> None:
+    for k, v in REQUIRED_ENV.items():
+        clean_env.setenv(k, v)
+    assert load_settings(ConnectorSettings, None, {"capacity": given}).capacity == expected
+
+
+@pytest.mark.parametrize("given", ["0", "-3", "10001", "many", "4.5", ""])
+def test_capacity_refuses_anything_else(clean_env: pytest.MonkeyPatch, given: str) -> None:
+    for k, v in REQUIRED_ENV.items():
+        clean_env.setenv(k, v)
+    clean_env.setenv("REMOTELLM_CAPACITY", given)
+    with pytest.raises(ConfigError) as info:
+        load_settings(ConnectorSettings, None, {})
+    assert _flag_named(str(info.value), "--capacity")
+    assert "auto" in str(info.value)
+
+
+# -- where the token comes from ---------------------------------------------------------
+
+
+def _token_file(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "token"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("flag", "ct-flag"),
+        ("env", "ct-env"),
+        ("file", "ct-file"),
+        ("yaml", "ct-yaml"),
+    ],
+)
+def test_token_from_each_source(
+    clean_env: pytest.MonkeyPatch, tmp_path: Path, source: str, expected: str
+) -> None:
+    clean_env.setenv("REMOTELLM_BROKER_URL", "https://b.example")
+    given: dict[str, Any] = {}
+    config = None
+    if source == "flag":
+        given["broker_token"] = "ct-flag"
+    elif source == "env":
+        clean_env.setenv("REMOTELLM_BROKER_TOKEN", "ct-env")
+    elif source == "file":
+        given["broker_token_file"] = str(_token_file(tmp_path, "  ct-file\n\n"))
+    else:
+        config = _yaml(tmp_path, "broker_token: ct-yaml\n")
+    s = load_settings(ConnectorSettings, config, given)
+    assert s.token == expected
+
+
+def test_token_file_from_the_environment(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    clean_env.setenv("REMOTELLM_BROKER_URL", "https://b.example")
+    clean_env.setenv("REMOTELLM_BROKER_TOKEN_FILE", str(_token_file(tmp_path, "ct-f\n")))
+    assert load_settings(ConnectorSettings, None, {}).token == "ct-f"
+
+
+@pytest.mark.parametrize(
+    ("setup", "words"),
+    [
+        ("none", "a connector token is required"),
+        ("both", "not both"),
+        ("empty", "is empty"),
+        ("blank", "is empty"),
+        ("missing", "cannot read the token file"),
+        ("directory", "cannot read the token file"),
+    ],
+)
+def test_token_source_errors_are_clear(
+    clean_env: pytest.MonkeyPatch, tmp_path: Path, setup: str, words: str
+) -> None:
+    clean_env.setenv("REMOTELLM_BROKER_URL", "https://b.example")
+    given: dict[str, Any] = {}
+    if setup == "both":
+        given = {"broker_token": "ct-x", "broker_token_file": str(_token_file(tmp_path, "ct-y"))}
+    elif setup == "empty":
+        given = {"broker_token_file": str(_token_file(tmp_path, ""))}
+    elif setup == "blank":
+        given = {"broker_token_file": str(_token_file(tmp_path, " \n\t\n"))}
+    elif setup == "missing":
+        given = {"broker_token_file": str(tmp_path / "nope")}
+    elif setup == "directory":
+        given = {"broker_token_file": str(tmp_path)}
+    with pytest.raises(ConfigError) as info:
+        load_settings(ConnectorSettings, None, given)
+    message = str(info.value)
+    assert words in message
+    assert _flag_named(message, "--broker-token-file")
+    assert "ct-x" not in message and "ct-y" not in message  # a token is never echoed
+
+
+def test_token_is_not_in_the_settings_repr() -> None:
+    s = ConnectorSettings(broker_url="https://b", broker_token="ct-secret-123")
+    assert "ct-secret-123" not in repr(s)
