@@ -44,7 +44,7 @@ log = get_logger("connector.runner")
 
 VERSION = "0.1.0"
 EMPTY_MODELS_REFRESH = 5.0  # seconds between discoveries while no model is known
-PART_INTERVAL = 0.1  # seconds between parts after the first (DESIGN.md: 100-250 ms)
+PART_INTERVAL = 0.1  # seconds between parts after the first (docs/protocol.md: 100-250 ms)
 # While nothing answers (the broker is down or restarting), retry at least this often: a
 # refused connection is cheap, and the connector serves again soon after the broker is up.
 UNREACHABLE_RETRY = 1.0

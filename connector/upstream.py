@@ -7,7 +7,7 @@ import uuid
 
 import httpx
 
-from connector.netbackend import fast_transport
+from connector.llm_transport import llm_transport
 from connector.pipe import FramePipe
 from connector.settings import ConnectorSettings
 from shared.logging import get_logger
@@ -51,7 +51,7 @@ class Upstream:
                 write=60.0,
                 pool=None,
             ),
-            transport=transport or fast_transport((connections or 4) + 4),
+            transport=transport or llm_transport((connections or 4) + 4),
             # The local LLM is on this machine or LAN: never send it through the proxy.
             trust_env=False,
         )

@@ -1,7 +1,8 @@
 """Run an entry point's event loop: uvloop where available, else asyncio's own.
 
 uvloop makes each event-loop wake cheaper (the relay's cost is mostly wakes: one per paced
-token on each side) and cuts the memory of held TLS connections (DESIGN.md section 7).
+token on each side) and cuts the memory of held TLS connections (measured: asyncio's own TLS ~256 KiB per
+connection, uvloop's 62 KiB; docs/performance.md).
 """
 
 from __future__ import annotations

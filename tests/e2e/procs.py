@@ -43,6 +43,7 @@ class Line:
 class Proc:
     name: str
     args: list[str]
+    env: dict[str, str] = field(default_factory=dict)  # on top of child_env()
     lines: list[Line] = field(default_factory=list)
     process: asyncio.subprocess.Process | None = None
     _readers: list[asyncio.Task[None]] = field(default_factory=list)
@@ -56,7 +57,7 @@ class Proc:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             cwd=REPO_ROOT,
-            env=child_env(),
+            env=child_env() | self.env,
         )
         assert self.process.stdout is not None and self.process.stderr is not None
         self._readers = [
@@ -192,8 +193,8 @@ class Procs:
     def __init__(self) -> None:
         self.started: list[Proc] = []
 
-    async def start(self, name: str, *args: str) -> Proc:
-        proc = await Proc(name, list(args)).start()
+    async def start(self, name: str, *args: str, env: dict[str, str] | None = None) -> Proc:
+        proc = await Proc(name, list(args), env=env or {}).start()
         self.started.append(proc)
         return proc
 

@@ -1,4 +1,4 @@
-"""Framework defaults that would cut long generations must stay off (DESIGN.md section 3)."""
+"""Framework defaults that would cut long generations must stay off (docs/architecture.md)."""
 
 from __future__ import annotations
 
