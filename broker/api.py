@@ -198,6 +198,7 @@ def create_api_blueprint(state: BrokerState) -> Blueprint:
                 ttfb_ms=outcome.ttfb_ms if outcome else None,
                 duration_ms=round(duration * 1000.0, 3),
                 bytes_out=outcome.bytes_out if outcome else 0,
+                key_name=user.name,
             )
         )
 

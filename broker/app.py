@@ -18,6 +18,7 @@ from broker.errors import error_response, type_for_status
 from broker.hub import RelayHub
 from broker.keys import KeyStore
 from broker.metrics import BrokerMetrics
+from broker.portal import install_portal
 from broker.relay_app import RelayApp
 from broker.settings import BrokerSettings
 from broker.state import BrokerState
@@ -68,6 +69,7 @@ def create_app(settings: BrokerSettings, state: BrokerState | None = None) -> Qu
     app.config["MAX_CONTENT_LENGTH"] = None
     app.extensions["remotellm"] = state
     app.register_blueprint(create_api_blueprint(state))
+    install_portal(app, state)
     # /relay/v1/* is one plain ASGI app in front of Quart (docs/architecture.md).
     app.asgi_app = BrokerASGI(app.asgi_app, RelayApp(state))  # type: ignore[method-assign]
     reloader: list[asyncio.Task[None]] = []

@@ -11,6 +11,7 @@ import click
 
 from broker.keys import GeneratedCredentials, KeyStore
 from broker.settings import BrokerSettings
+from broker.users_cli import users_command
 from shared.errors import ConfigError
 from shared.logging import configure_logging, get_logger
 from shared.settings import load_settings, options_from_settings
@@ -75,13 +76,15 @@ def prepare(settings: BrokerSettings) -> tuple[KeyStore, GeneratedCredentials]:
         connector_config=settings.connector_config,
         data_dir=settings.data_dir,
     )
-    if keys.has_users and keys.has_connectors:
+    # With the key portal on, users get their keys there: no generated user key needed.
+    has_users = keys.has_users or settings.portal_enabled
+    if has_users and keys.has_connectors:
         return keys, GeneratedCredentials(None, None)
     if not settings.generate_credentials:
         missing = [
             name
             for name, ok in (
-                ("--user-api-key", keys.has_users),
+                ("--user-api-key", has_users),
                 ("--connector-token", keys.has_connectors),
             )
             if not ok
@@ -125,7 +128,8 @@ def main(ctx: click.Context, /, config_file: Path | None, **options: Any) -> Non
     token in its data dir on first start, and prints them with the connector command to
     run next. Every option can also be set as REMOTELLM_BROKER_<NAME> or in --config.
 
-    `remotellm-broker init-credentials` creates those credentials without starting.
+    `remotellm-broker init-credentials` creates those credentials without starting;
+    `remotellm-broker [OPTIONS] users ...` manages the key portal's users file.
     """
     if ctx.invoked_subcommand is not None:
         # Options given before the subcommand apply to it too.
@@ -177,3 +181,6 @@ def init_credentials_command(
     except (ConfigError, OSError) as exc:
         click.echo(f"remotellm-broker: {exc}", err=True)
         sys.exit(2)
+
+
+main.add_command(users_command)

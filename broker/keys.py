@@ -16,7 +16,7 @@ import hashlib
 import os
 import secrets
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -149,7 +149,12 @@ class KeyStore:
         self._users: dict[str, UserKey] = {}
         self._connectors: dict[str, ConnectorIdentity] = {}
         self._stamps: tuple[float | None, float | None] = (None, None)
+        self._more_users: Callable[[str], UserKey | None] | None = None
         self.reload(force=True)
+
+    def attach_users(self, lookup: Callable[[str], UserKey | None]) -> None:
+        """Also accept the keys ``lookup`` knows by hash (the portal's users file)."""
+        self._more_users = lookup
 
     # -- loading --------------------------------------------------------------------------
 
@@ -245,7 +250,11 @@ class KeyStore:
         return bool(self._connectors)
 
     def user(self, key: str) -> UserKey | None:
-        return self._users.get(hash_secret(key))
+        digest = hash_secret(key)
+        found = self._users.get(digest)
+        if found is None and self._more_users is not None:
+            found = self._more_users(digest)
+        return found
 
     def connector(self, token: str) -> ConnectorIdentity | None:
         return self._connectors.get(hash_secret(token))

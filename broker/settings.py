@@ -12,6 +12,7 @@ from pydantic_settings import NoDecode, SettingsConfigDict
 from shared.settings import FileAwareSettings, split_list
 
 SECONDS = 1.0
+HOURS = 3600 * SECONDS
 MIB = 1024 * 1024
 
 
@@ -81,6 +82,38 @@ class BrokerSettings(FileAwareSettings):
         description="Reverse proxy address or CIDR whose X-Forwarded-For is believed for the "
         "client address in the logs (repeatable; env: comma-separated).",
     )
+    # -- key portal (broker/portal/) ------------------------------------------------------
+    gitlab_url: str = Field(
+        "https://gitlab.com",
+        description="GitLab instance the key portal logs users in with (OAuth 2).",
+    )
+    gitlab_client_id: str | None = Field(
+        None,
+        description="Application ID of the GitLab OAuth application; the key portal at "
+        "/portal/ is on when this is set.",
+    )
+    gitlab_client_secret: str | None = Field(
+        None, description="Secret of the GitLab OAuth application."
+    )
+    gitlab_allowed_groups: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="GitLab group (full path) whose members may log in to the portal; checked "
+        "on every login (repeatable; env: comma-separated; default: any GitLab user).",
+        json_schema_extra={"flag": "--gitlab-allowed-group"},
+    )
+    session_secret: str | None = Field(
+        None,
+        description="Key that signs portal session cookies (generated into the data dir when "
+        "not given, so a restart keeps people logged in).",
+        json_schema_extra={"doc_default": "<data-dir>/session_secret"},
+    )
+    session_lifetime: float = Field(12 * HOURS, gt=0, description="Seconds a portal login lasts.")
+    users_file: Path | None = Field(
+        None,
+        description="YAML file of portal users and their keys (hashes only), reloaded on "
+        "change; `remotellm-broker users` edits it too.",
+        json_schema_extra={"doc_default": "<data-dir>/users.yaml"},
+    )
     certfile: Path | None = Field(None, description="TLS certificate (PEM) to serve HTTPS.")
     keyfile: Path | None = Field(None, description="TLS private key (PEM).")
     log_level: str = Field("info", description="debug, info, warning or error.")
@@ -141,7 +174,13 @@ class BrokerSettings(FileAwareSettings):
         30 * SECONDS, ge=0, description="Seconds to let in-flight streams finish on SIGTERM."
     )
 
-    @field_validator("user_api_keys", "connector_tokens", "trusted_proxies", mode="before")
+    @field_validator(
+        "user_api_keys",
+        "connector_tokens",
+        "trusted_proxies",
+        "gitlab_allowed_groups",
+        mode="before",
+    )
     @classmethod
     def _split(cls, value: object) -> object:
         return split_list(value)
@@ -175,6 +214,14 @@ class BrokerSettings(FileAwareSettings):
     @property
     def usage_path(self) -> Path:
         return self.usage_db or self.data_dir / "usage.sqlite3"
+
+    @property
+    def users_path(self) -> Path:
+        return self.users_file or self.data_dir / "users.yaml"
+
+    @property
+    def portal_enabled(self) -> bool:
+        return bool(self.gitlab_client_id)
 
     @property
     def serves_tls(self) -> bool:

@@ -36,6 +36,7 @@ class UsageRecord:
     ttfb_ms: float | None
     duration_ms: float
     bytes_out: int
+    key_name: str | None = None  # which of the user's keys (portal keys are named)
 
 
 _COLUMNS = [f.name for f in fields(UsageRecord)]
@@ -52,7 +53,8 @@ CREATE TABLE IF NOT EXISTS usage (
     tokens_out INTEGER,
     ttfb_ms REAL,
     duration_ms REAL NOT NULL,
-    bytes_out INTEGER NOT NULL
+    bytes_out INTEGER NOT NULL,
+    key_name TEXT
 );
 CREATE INDEX IF NOT EXISTS usage_user_ts ON usage (user_id, ts);
 """
@@ -104,6 +106,10 @@ class UsageRecorder:
         with contextlib.closing(self._connect()) as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(_SCHEMA)
+            # Databases written before key_name existed get the column (NULL for old rows).
+            have = {row[1] for row in db.execute("PRAGMA table_info(usage)")}
+            if "key_name" not in have:
+                db.execute("ALTER TABLE usage ADD COLUMN key_name TEXT")
             db.commit()
 
     def _write(self, batch: list[UsageRecord]) -> None:

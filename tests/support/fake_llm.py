@@ -7,6 +7,8 @@ Behaviour is chosen by the last user message (so any client can steer it):
 - ``big:<bytes>``              a non-streamed answer of about that size
 - ``slow-head:<seconds>``      wait before answering
 - ``echo``                     answer with the request's headers and body length
+- ``say:<text>``               stream exactly ``text`` (one chunk), e.g. markdown or HTML
+- ``tokens:<n>``               like the default, with ``n`` chunks whatever ``max_tokens`` says
 Anything else: ``max_tokens`` chunks (default 5), ``chunk_delay`` seconds apart.
 """
 
@@ -112,6 +114,8 @@ class FakeLLM:
             content = ("0123456789abcdef" * (size // 16 + 1))[:size]
             return _json(_completion(model, content))
         n = int(body.get("max_tokens") or 5)
+        if prompt.startswith("tokens:"):
+            n = int(prompt.split(":", 1)[1])
         if not body.get("stream"):
             await asyncio.sleep(self.chunk_delay * n)
             self.completed += 1
@@ -134,6 +138,12 @@ class FakeLLM:
                 for i in range(0, len(event), 3):
                     yield event[i : i + 3]
                     await asyncio.sleep(0.001)
+                yield b"data: [DONE]\n\n"
+                finished = True
+                return
+            if prompt.startswith("say:"):
+                yield _chunk(model, prompt[4:]).encode()
+                yield _chunk(model, "", finish="stop").encode()
                 yield b"data: [DONE]\n\n"
                 finished = True
                 return

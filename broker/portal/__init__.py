@@ -1,0 +1,22 @@
+"""The key portal at /portal/: GitLab login, personal API keys, a playground.
+
+``install_portal(app, state)`` is all ``create_app`` calls. Modules:
+``oauth`` (GitLab OAuth 2 + PKCE), ``session`` (signed cookies), ``csrf``, ``security``
+(headers, ``next=``), ``pages`` (templates, examples, live models, static files),
+``usage_view`` (a user's usage), ``routes`` (the blueprint). Keys live in ``broker.users``.
+"""
+
+from __future__ import annotations
+
+from quart import Quart
+
+from broker.portal.routes import build_portal, create_portal_blueprint
+from broker.state import BrokerState
+
+
+def install_portal(app: Quart, state: BrokerState) -> None:
+    """Serve /portal/ and let the users file's keys authenticate the API."""
+    app.register_blueprint(create_portal_blueprint(build_portal(state)))
+
+
+__all__ = ["install_portal"]

@@ -1,0 +1,185 @@
+"""GitLab login: OAuth 2 authorization code with PKCE (S256), then who the user is.
+
+authlib builds and checks the protocol messages (grant URI, token request, PKCE
+challenge, state tokens); the HTTP goes through our own ``httpx.AsyncClient``. We do not
+use ``authlib.integrations.httpx_client``: since authlib 1.8 it imports httpx2 when that is
+installed and otherwise warns that plain httpx is deprecated. In this project httpx2 is
+present only as a dev dependency (the openai SDK pulls it in), so that integration would
+run on httpx2 in the tests, on httpx in production with a deprecation warning at every
+start, and outside respx/MockTransport either way. With the protocol core and our own
+client there is one HTTP stack, no warning, and the switch to httpx2 stays one import.
+
+Group membership: GitLab's ``/api/v4/groups`` needs the broad ``read_api`` scope, so when
+``--gitlab-allowed-group`` is set we also ask for ``openid`` and read the ``groups`` claim
+of ``/oauth/userinfo`` (full paths of every group the user belongs to, directly or through
+an ancestor). Without allowed groups the scope is ``read_user`` alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from authlib.common.security import generate_token  # type: ignore[import-untyped]
+from authlib.oauth2.rfc6749.parameters import (  # type: ignore[import-untyped]
+    prepare_grant_uri,
+    prepare_token_request,
+)
+from authlib.oauth2.rfc7636 import create_s256_code_challenge  # type: ignore[import-untyped]
+
+from shared.logging import get_logger
+
+log = get_logger("broker.portal.oauth")
+
+
+class LoginFailed(Exception):
+    """A login that cannot complete; ``kind`` picks the page that explains it."""
+
+    def __init__(self, kind: str, detail: str = "") -> None:
+        super().__init__(f"{kind}: {detail}" if detail else kind)
+        self.kind = kind
+        self.detail = detail
+
+
+# kinds of LoginFailed
+GITLAB_DOWN = "gitlab_down"
+DENIED = "denied"
+STATE_MISMATCH = "state_mismatch"
+CODE_REFUSED = "code_refused"
+NOT_IN_GROUP = "not_in_group"
+
+
+@dataclass(frozen=True, slots=True)
+class Flow:
+    """What the browser carries (signed) from /portal/login to /portal/callback."""
+
+    state: str
+    verifier: str
+    next: str
+
+
+@dataclass(frozen=True, slots=True)
+class GitLabUser:
+    id: int
+    username: str
+    name: str
+    groups: tuple[str, ...]
+
+
+class GitLabOAuth:
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        client_id: str,
+        client_secret: str | None,
+        redirect_uri: str,
+        allowed_groups: list[str],
+        http: httpx.AsyncClient,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.client_id = client_id
+        self.client_secret = client_secret
+        self.redirect_uri = redirect_uri
+        self.allowed_groups = [g.strip("/").lower() for g in allowed_groups]
+        self.scope = "read_user openid" if self.allowed_groups else "read_user"
+        self.http = http
+
+    def start(self, next_path: str) -> tuple[str, Flow]:
+        """The GitLab authorize URL to send the browser to, and the flow to remember."""
+        flow = Flow(state=generate_token(32), verifier=generate_token(64), next=next_path)
+        url = prepare_grant_uri(
+            f"{self.base_url}/oauth/authorize",
+            self.client_id,
+            response_type="code",
+            redirect_uri=self.redirect_uri,
+            scope=self.scope,
+            state=flow.state,
+            code_challenge=create_s256_code_challenge(flow.verifier),
+            code_challenge_method="S256",
+        )
+        return str(url), flow
+
+    async def finish(self, code: str, flow: Flow) -> GitLabUser:
+        """Trade the code for a token, read the user, check the allowed groups."""
+        token = await self._token(code, flow)
+        profile = await self._get("/api/v4/user", token)
+        groups: tuple[str, ...] = ()
+        if self.allowed_groups:
+            info = await self._get("/oauth/userinfo", token)
+            raw = info.get("groups")
+            groups = tuple(str(g) for g in raw) if isinstance(raw, list) else ()
+        try:
+            user = GitLabUser(
+                id=int(profile["id"]),
+                username=str(profile["username"]),
+                name=str(profile.get("name") or profile["username"]),
+                groups=groups,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise LoginFailed(
+                GITLAB_DOWN, "GitLab's /api/v4/user answer lacks id/username"
+            ) from exc
+        if self.allowed_groups and not self.in_allowed_group(user):
+            raise LoginFailed(NOT_IN_GROUP, user.username)
+        return user
+
+    def in_allowed_group(self, user: GitLabUser) -> bool:
+        mine = {g.strip("/").lower() for g in user.groups}
+        return any(g in mine for g in self.allowed_groups)
+
+    async def _token(self, code: str, flow: Flow) -> str:
+        body = prepare_token_request(
+            "authorization_code",
+            code=code,
+            redirect_uri=self.redirect_uri,
+            client_id=self.client_id,
+            client_secret=self.client_secret,
+            code_verifier=flow.verifier,
+        )
+        response = await self._send(
+            "POST",
+            "/oauth/token",
+            content=body,
+            headers={
+                "Content-Type": "application/x-www-form-urlencoded",
+                "Accept": "application/json",
+            },
+        )
+        if 400 <= response.status_code < 500:
+            # invalid_grant: a used, expired or forged code, or a wrong PKCE verifier.
+            log.info("oauth_code_refused", status=response.status_code)
+            raise LoginFailed(CODE_REFUSED, f"GitLab answered {response.status_code}")
+        data = _json(response)
+        token = data.get("access_token")
+        if not isinstance(token, str) or not token:
+            raise LoginFailed(GITLAB_DOWN, "GitLab's token answer has no access_token")
+        return token
+
+    async def _get(self, path: str, token: str) -> dict[str, Any]:
+        response = await self._send("GET", path, headers={"Authorization": f"Bearer {token}"})
+        if response.status_code != 200:
+            raise LoginFailed(GITLAB_DOWN, f"GitLab answered {response.status_code} on {path}")
+        return _json(response)
+
+    async def _send(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        try:
+            response = await self.http.request(method, self.base_url + path, **kw)
+        except httpx.HTTPError as exc:
+            log.warning("gitlab_unreachable", path=path, error_type=type(exc).__name__)
+            raise LoginFailed(GITLAB_DOWN, type(exc).__name__) from exc
+        if response.status_code >= 500:
+            log.warning("gitlab_error", path=path, status=response.status_code)
+            raise LoginFailed(GITLAB_DOWN, f"GitLab answered {response.status_code}")
+        return response
+
+
+def _json(response: httpx.Response) -> dict[str, Any]:
+    try:
+        data = response.json()
+    except ValueError as exc:
+        raise LoginFailed(GITLAB_DOWN, "GitLab's answer is not JSON") from exc
+    if not isinstance(data, dict):
+        raise LoginFailed(GITLAB_DOWN, "GitLab's answer is not a JSON object")
+    return data

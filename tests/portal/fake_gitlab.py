@@ -1,0 +1,156 @@
+"""A small fake GitLab OAuth provider on 127.0.0.1 (the portal tests' only mock).
+
+- ``GET /oauth/authorize``: consents at once (or denies, with ``deny = True``) and redirects
+  back with ``code`` and ``state``; remembers the PKCE challenge with the code.
+- ``POST /oauth/token``: checks client id and secret, redirect URI, the code (once only)
+  and the PKCE verifier (S256); ``token_status`` makes it fail like a GitLab that is down.
+- ``GET /api/v4/user``, ``GET /oauth/userinfo`` (with ``groups``) and ``GET /api/v4/groups``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import secrets
+from dataclasses import dataclass, field
+from urllib.parse import urlencode
+
+from hypercorn.asyncio import serve
+from hypercorn.config import Config
+from quart import Quart, Response, request
+
+from tests.support.net import free_port, wait_port
+
+CLIENT_ID = "portal-test-app"
+CLIENT_SECRET = "portal-test-secret"
+
+
+@dataclass
+class FakeUser:
+    id: int
+    username: str
+    name: str = ""
+    groups: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Grant:
+    user: FakeUser
+    challenge: str
+    redirect_uri: str
+    used: bool = False
+
+
+@dataclass
+class FakeGitLab:
+    user: FakeUser = field(default_factory=lambda: FakeUser(1001, "alice", "Alice A.", ["team"]))
+    deny: bool = False
+    token_status: int | None = None
+    grants: dict[str, Grant] = field(default_factory=dict)
+    tokens: dict[str, FakeUser] = field(default_factory=dict)
+    token_requests: list[dict[str, str]] = field(default_factory=list)
+    authorize_requests: list[dict[str, str]] = field(default_factory=list)
+    port: int = 0
+    _stop: asyncio.Event | None = None
+    _task: asyncio.Task[None] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def app(self) -> Quart:
+        app = Quart("fake-gitlab")
+
+        @app.get("/oauth/authorize")
+        async def authorize() -> Response:
+            args = {k: str(v) for k, v in request.args.items()}
+            self.authorize_requests.append(args)
+            if args.get("client_id") != CLIENT_ID or args.get("response_type") != "code":
+                return Response("unknown client", status=400)
+            if args.get("code_challenge_method") != "S256" or not args.get("code_challenge"):
+                return Response("PKCE required", status=400)
+            back = args["redirect_uri"]
+            if self.deny:
+                query = {"error": "access_denied", "state": args.get("state", "")}
+                return Response("", status=302, headers={"Location": f"{back}?{urlencode(query)}"})
+            code = secrets.token_urlsafe(16)
+            self.grants[code] = Grant(self.user, args["code_challenge"], back)
+            query = {"code": code, "state": args.get("state", "")}
+            return Response("", status=302, headers={"Location": f"{back}?{urlencode(query)}"})
+
+        @app.post("/oauth/token")
+        async def token() -> Response:
+            form = {k: str(v) for k, v in (await request.form).items()}
+            self.token_requests.append(form)
+            if self.token_status is not None:
+                return Response("<html>502 Bad Gateway</html>", status=self.token_status)
+            if form.get("client_id") != CLIENT_ID or form.get("client_secret") != CLIENT_SECRET:
+                return _error(401, "invalid_client")
+            grant = self.grants.get(form.get("code", ""))
+            if grant is None or grant.used or form.get("grant_type") != "authorization_code":
+                return _error(400, "invalid_grant")
+            grant.used = True
+            if form.get("redirect_uri") != grant.redirect_uri:
+                return _error(400, "invalid_grant")
+            digest = hashlib.sha256(form.get("code_verifier", "").encode()).digest()
+            if base64.urlsafe_b64encode(digest).rstrip(b"=").decode() != grant.challenge:
+                return _error(400, "invalid_grant")
+            access = secrets.token_urlsafe(24)
+            self.tokens[access] = grant.user
+            body = {"access_token": access, "token_type": "Bearer", "expires_in": 7200}
+            return _ok(body)
+
+        def who() -> FakeUser | None:
+            auth = request.headers.get("Authorization", "")
+            return self.tokens.get(auth.removeprefix("Bearer ").strip())
+
+        @app.get("/api/v4/user")
+        async def user() -> Response:
+            u = who()
+            if u is None:
+                return _error(401, "invalid_token")
+            return _ok({"id": u.id, "username": u.username, "name": u.name, "state": "active"})
+
+        @app.get("/oauth/userinfo")
+        async def userinfo() -> Response:
+            u = who()
+            if u is None:
+                return _error(401, "invalid_token")
+            return _ok({"sub": str(u.id), "nickname": u.username, "groups": u.groups})
+
+        @app.get("/api/v4/groups")
+        async def groups() -> Response:
+            u = who()
+            if u is None:
+                return _error(401, "invalid_token")
+            return _ok([{"full_path": g} for g in u.groups])
+
+        return app
+
+    async def start(self) -> None:
+        self.port = free_port()
+        config = Config()
+        config.bind = [f"127.0.0.1:{self.port}"]
+        config.accesslog = None
+        config.errorlog = None
+        config.graceful_timeout = 0.5
+        self._stop = asyncio.Event()
+        self._task = asyncio.create_task(
+            serve(self.app(), config, shutdown_trigger=self._stop.wait)
+        )
+        await wait_port(self.port)
+
+    async def stop(self) -> None:
+        assert self._stop is not None and self._task is not None
+        self._stop.set()
+        await asyncio.wait_for(self._task, 10)
+
+
+def _ok(body: object) -> Response:
+    return Response(json.dumps(body), content_type="application/json")
+
+
+def _error(status: int, code: str) -> Response:
+    return Response(json.dumps({"error": code}), status=status, content_type="application/json")
