@@ -19,6 +19,7 @@ from broker.hub import RelayHub
 from broker.keys import KeyStore
 from broker.metrics import BrokerMetrics
 from broker.portal import install_portal
+from broker.portal.security import add_security_headers
 from broker.relay_app import RelayApp
 from broker.settings import BrokerSettings
 from broker.state import BrokerState
@@ -97,7 +98,7 @@ def create_app(settings: BrokerSettings, state: BrokerState | None = None) -> Qu
         """A landing page for people who open the broker's URL in a browser."""
         models = sorted(state.hub.core.live_models())
         page = render("index.html.j2", base_url=settings.advertised_url, models=models)
-        return Response(page, content_type="text/html; charset=utf-8")
+        return add_security_headers(Response(page, content_type="text/html; charset=utf-8"))
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:

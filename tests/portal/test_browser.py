@@ -67,6 +67,23 @@ async def shoot(page: Page, artifacts: Path, name: str) -> None:
     await page.set_viewport_size(DESKTOP)
 
 
+async def test_landing_page_renders_without_errors_and_leads_to_the_portal(
+    context: BrowserContext, artifacts: Path
+) -> None:
+    page = await context.new_page()
+    watch = Watch(page)
+    await page.goto("/")
+    assert await page.locator("h1").inner_text() == "RemoteLLM broker"
+    assert await page.locator(".models li").all_inner_texts() == ["fake-model"]
+    # The stylesheet loaded under the strict CSP (no inline style): the body is styled.
+    font = await page.evaluate("getComputedStyle(document.body).fontFamily")
+    assert "mono" in font.lower(), font
+    await shoot(page, artifacts, "landing")
+    await page.click("text=Log in to the key portal")
+    await page.wait_for_url("**/portal/")
+    assert watch.errors == []
+
+
 async def test_newcomer_gets_a_working_key_in_under_a_minute(
     context: BrowserContext, portal_stack: Stack, artifacts: Path
 ) -> None:

@@ -95,7 +95,7 @@ def _rows(path: Path, user_id: str) -> int:
 
 async def test_every_page_has_strict_headers_and_no_inline_script(portal_stack: Stack) -> None:
     async with portal_client(portal_stack) as client:
-        for path in [*PAGES, "/portal/callback?state=x&code=y"]:
+        for path in ["/", *PAGES, "/portal/callback?state=x&code=y"]:
             r = await client.get(path)
             assert_secure_headers(r)
             if r.status_code < 300 or r.status_code >= 400:
