@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import json
@@ -17,11 +16,9 @@ import secrets
 from dataclasses import dataclass, field
 from urllib.parse import urlencode
 
-from hypercorn.asyncio import serve
-from hypercorn.config import Config
 from quart import Quart, Response, request
 
-from tests.support.net import free_port, wait_port
+from tests.support.loopback import LoopbackApp
 
 CLIENT_ID = "portal-test-app"
 CLIENT_SECRET = "portal-test-secret"
@@ -44,7 +41,7 @@ class Grant:
 
 
 @dataclass
-class FakeGitLab:
+class FakeGitLab(LoopbackApp):
     user: FakeUser = field(default_factory=lambda: FakeUser(1001, "alice", "Alice A.", ["team"]))
     deny: bool = False
     token_status: int | None = None
@@ -52,13 +49,6 @@ class FakeGitLab:
     tokens: dict[str, FakeUser] = field(default_factory=dict)
     token_requests: list[dict[str, str]] = field(default_factory=list)
     authorize_requests: list[dict[str, str]] = field(default_factory=list)
-    port: int = 0
-    _stop: asyncio.Event | None = None
-    _task: asyncio.Task[None] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     def app(self) -> Quart:
         app = Quart("fake-gitlab")
@@ -128,24 +118,6 @@ class FakeGitLab:
             return _ok([{"full_path": g} for g in u.groups])
 
         return app
-
-    async def start(self) -> None:
-        self.port = free_port()
-        config = Config()
-        config.bind = [f"127.0.0.1:{self.port}"]
-        config.accesslog = None
-        config.errorlog = None
-        config.graceful_timeout = 0.5
-        self._stop = asyncio.Event()
-        self._task = asyncio.create_task(
-            serve(self.app(), config, shutdown_trigger=self._stop.wait)
-        )
-        await wait_port(self.port)
-
-    async def stop(self) -> None:
-        assert self._stop is not None and self._task is not None
-        self._stop.set()
-        await asyncio.wait_for(self._task, 10)
 
 
 def _ok(body: object) -> Response:

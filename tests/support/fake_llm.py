@@ -20,11 +20,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from hypercorn.asyncio import serve
-from hypercorn.config import Config
 from quart import Quart, Response, request
 
-from tests.support.net import free_port, wait_port
+from tests.support.loopback import LoopbackApp
 
 
 @dataclass
@@ -35,20 +33,13 @@ class Seen:
 
 
 @dataclass
-class FakeLLM:
+class FakeLLM(LoopbackApp):
     models: list[str] = field(default_factory=lambda: ["fake-model"])
     chunk_delay: float = 0.0
     seen: list[Seen] = field(default_factory=list)
     disconnects: int = 0
     completed: int = 0
     active: int = 0
-    port: int = 0
-    _stop: asyncio.Event | None = None
-    _task: asyncio.Task[None] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     def app(self) -> Quart:
         app = Quart("fake-llm")
@@ -172,24 +163,6 @@ class FakeLLM:
                 self.completed += 1
             else:
                 self.disconnects += 1
-
-    async def start(self, port: int | None = None) -> None:
-        self.port = port or free_port()
-        config = Config()
-        config.bind = [f"127.0.0.1:{self.port}"]
-        config.accesslog = None
-        config.errorlog = None
-        config.graceful_timeout = 0.5
-        self._stop = asyncio.Event()
-        self._task = asyncio.create_task(
-            serve(self.app(), config, shutdown_trigger=self._stop.wait)
-        )
-        await wait_port(self.port)
-
-    async def stop(self) -> None:
-        assert self._stop is not None and self._task is not None
-        self._stop.set()
-        await asyncio.wait_for(self._task, 10)
 
 
 def _prompt(body: dict[str, Any]) -> str:
