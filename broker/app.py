@@ -12,6 +12,7 @@ from quart import Quart, Response
 from werkzeug.exceptions import HTTPException
 
 from broker.api import create_api_blueprint
+from broker.api_relay import ApiRelay
 from broker.asgi import BrokerASGI
 from broker.core import Timings
 from broker.errors import error_response, type_for_status
@@ -71,8 +72,10 @@ def create_app(settings: BrokerSettings, state: BrokerState | None = None) -> Qu
     app.extensions["remotellm"] = state
     app.register_blueprint(create_api_blueprint(state))
     install_portal(app, state)
-    # /relay/v1/* is one plain ASGI app in front of Quart (docs/architecture.md).
-    app.asgi_app = BrokerASGI(app.asgi_app, RelayApp(state))  # type: ignore[method-assign]
+    # /relay/v1/* and POST /v1/* are plain ASGI in front of Quart (docs/architecture.md).
+    app.asgi_app = BrokerASGI(  # type: ignore[method-assign]
+        app.asgi_app, RelayApp(state), ApiRelay(state)
+    )
     reloader: list[asyncio.Task[None]] = []
 
     @app.before_serving

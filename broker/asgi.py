@@ -1,4 +1,8 @@
-"""The broker's one port: ``/relay/v1/*`` to the relay app, everything else to Quart."""
+"""The broker's one port: the relay and the relayed API as plain ASGI, the rest to Quart.
+
+``/relay/v1/*`` goes to the relay app, ``POST /v1/*`` (every relayed API request) to the
+API relay; Quart serves the model list, the pages and everything else.
+"""
 
 from __future__ import annotations
 
@@ -10,17 +14,24 @@ from shared.protocol import RELAY_PREFIX
 ASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
 
 _PREFIX = RELAY_PREFIX + "/"
+_API = "/v1/"
 
 
 class BrokerASGI:
-    __slots__ = ("quart", "relay")
+    __slots__ = ("api", "quart", "relay")
 
-    def __init__(self, quart: ASGIApp, relay: ASGIApp) -> None:
+    def __init__(self, quart: ASGIApp, relay: ASGIApp, api: ASGIApp) -> None:
         self.quart = quart
         self.relay = relay
+        self.api = api
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"].startswith(_PREFIX):
-            await self.relay(scope, receive, send)
-        else:
-            await self.quart(scope, receive, send)
+        if scope["type"] == "http":
+            path: str = scope["path"]
+            if path.startswith(_PREFIX):
+                await self.relay(scope, receive, send)
+                return
+            if scope["method"] == "POST" and path.startswith(_API):
+                await self.api(scope, receive, send)
+                return
+        await self.quart(scope, receive, send)

@@ -44,6 +44,12 @@ class ResponseChannel:
         self._push(end)
         self._closed = True
 
+    def interrupt(self) -> None:
+        """Wake a waiting ``get`` with nothing (its reader has something else to check)."""
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
     def fail(self, failure: Failure) -> None:
         self._push(failure)
         self._closed = True

@@ -324,3 +324,26 @@ async def test_silent_upstream_is_a_clear_504(tmp_path, fake_llm: FakeLLM) -> No
     finally:
         await conn.stop()
         await broker.stop()
+
+
+async def test_unexpected_error_in_the_api_relay_is_logged_and_answered_500(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import structlog
+
+    from broker.api_relay import ApiRelay
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(ApiRelay, "_item", broken)
+    async with stack.client() as client:
+        with structlog.testing.capture_logs() as logs:
+            r = await client.post("/v1/chat/completions", json=CHAT)
+        err = assert_openai_error(r, 500, "internal")
+        assert "boom" not in err["message"]
+        assert r.headers["x-request-id"]
+        (event,) = [e for e in logs if e["event"] == "api_unhandled_error"]
+        assert event["error_type"] == "RuntimeError"
+        monkeypatch.undo()
+        assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200

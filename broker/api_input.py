@@ -1,0 +1,94 @@
+"""What every /v1 route checks first, with no web framework: request ID, key, JSON body.
+
+Errors are ``ApiError``: status, OpenAI-shaped message and code, and the headers to send;
+the Quart routes (``broker.api``) and the plain-ASGI relay route (``broker.api_relay``)
+each turn it into a response.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from typing import Any
+
+from broker.keys import KeyStore, UserKey, bearer
+from shared.errors import error_body, type_for_status
+from shared.protocol import REQUEST_ID_HEADER
+
+_REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str,
+        *,
+        type_: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.type = type_ or type_for_status(status)
+        self.param = param
+        self.headers = headers or {}
+
+    def body(self) -> bytes:
+        envelope = error_body(self.message, self.type, param=self.param, code=self.code)
+        return json.dumps(envelope).encode()
+
+
+def new_request_id() -> str:
+    # A UUID: llama-cpp-python's server refuses any other x-request-id with a 400.
+    return str(uuid.uuid4())
+
+
+def request_id_for(header: str | None) -> str:
+    if header and _REQUEST_ID_OK.match(header):
+        return header
+    return new_request_id()
+
+
+def authenticate(keys: KeyStore, authorization: str | None, rid: str) -> UserKey:
+    """The key's user; ApiError 401 for a missing or wrong key, 403 for a blocked one."""
+    headers = {REQUEST_ID_HEADER: rid}
+    key = bearer(authorization)
+    if key is None:
+        raise ApiError(
+            401,
+            "Missing API key: send 'Authorization: Bearer <key>'.",
+            "missing_api_key",
+            headers=headers,
+        )
+    user = keys.user(key)
+    if user is None:
+        raise ApiError(401, "Incorrect API key provided.", "invalid_api_key", headers=headers)
+    if user.blocked:
+        headers["x-should-retry"] = "false"
+        raise ApiError(403, "This API key is blocked.", "key_blocked", headers=headers)
+    return user
+
+
+def parse_json_object(raw: bytes, rid: str) -> tuple[str, dict[str, Any]]:
+    headers = {REQUEST_ID_HEADER: rid}
+    if not raw.strip():
+        raise ApiError(
+            400, "the request body is empty; send a JSON object", "invalid_json", headers=headers
+        )
+    try:
+        text = raw.decode("utf-8")
+        body = json.loads(text)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ApiError(
+            400, f"the request body is not valid JSON: {exc}", "invalid_json", headers=headers
+        ) from exc
+    if not isinstance(body, dict):
+        raise ApiError(
+            400, "the request body must be a JSON object", "invalid_json", headers=headers
+        )
+    return text, body

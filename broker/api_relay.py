@@ -1,0 +1,348 @@
+"""``POST /v1/*`` relayed by model to a connector, as plain ASGI.
+
+Every relayed request and every chunk of its answer pass through here. Quart's request
+context, routing and response wrapping cost about a tenth of the broker's CPU per request
+on this path (py-spy, docs/performance.md), so it is served directly; Quart keeps the
+model list, the pages and everything else. The response logic is the core's
+``ResponseMachine``; this module only moves its actions onto ASGI messages and watches for
+the API user hanging up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import structlog
+
+from broker.api_input import ApiError, authenticate, parse_json_object, request_id_for
+from broker.channel import ResponseChannel
+from broker.core import DispatchError, Pending
+from broker.core.response import Action, Begin, Body, Close, Outcome, ResponseMachine
+from broker.forwarded import client_address, parse_networks
+from broker.hub import RelayHub
+from broker.keys import UserKey
+from broker.state import BrokerState
+from broker.usage import UsageRecord
+from shared.errors import quote
+from shared.logging import get_logger
+from shared.protocol import REQUEST_ID_HEADER, RequestItem
+
+log = get_logger("broker.api")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+# Client headers worth passing to the local LLM (never Authorization: the user's key stays here).
+_FORWARD_HEADERS = (b"accept", b"openai-beta", b"user-agent")
+UNKNOWN_MODEL_LABEL = "(unknown)"
+# An oversized body is still read (and dropped) up to this much: answering before the
+# client finished sending makes the server close a socket with unread data, which resets
+# the connection and the client never sees the 413.
+DRAIN_LIMIT = 64 * 1024 * 1024
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
+
+
+def _encode(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
+    return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+
+
+async def _send_error(send: Send, exc: ApiError) -> None:
+    body = exc.body()
+    headers = {"content-type": "application/json", **exc.headers}
+    headers["content-length"] = str(len(body))
+    await send({"type": "http.response.start", "status": exc.status, "headers": _encode(headers)})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def read_body(receive: Receive, declared: str | None, limit: int, rid: str) -> bytes:
+    """The request body, refusing more than ``limit`` bytes without keeping them."""
+    too_large = ApiError(
+        413,
+        f"request body exceeds {limit} bytes",
+        "request_too_large",
+        headers={REQUEST_ID_HEADER: rid},
+    )
+    if declared is not None and declared.isdigit() and int(declared) > DRAIN_LIMIT:
+        raise too_large
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            raise asyncio.CancelledError  # the client left while sending
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            parts.clear()
+            if size > DRAIN_LIMIT:
+                raise too_large
+        elif chunk:
+            parts.append(chunk)
+        if not message.get("more_body", False):
+            break
+    if size > limit:
+        raise too_large
+    return b"".join(parts)
+
+
+class ApiRelay:
+    def __init__(self, state: BrokerState) -> None:
+        self.state = state
+        self.hub = state.hub
+        self.trusted_proxies = parse_networks(state.settings.trusted_proxies)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = self.hub.clock()
+        rid = request_id_for(_header(scope, b"x-request-id"))
+        structlog.contextvars.bind_contextvars(request_id=rid)
+        began = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal began
+            began = True
+            await send(message)
+
+        try:
+            await self._relay(scope, receive, tracked, rid, started)
+        except ApiError as exc:
+            await _send_error(send, exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("api_unhandled_error", error_type=type(exc).__name__)
+            if not began:  # mid-answer, the user sees the stream end early
+                failure = ApiError(
+                    500,
+                    "internal error in the broker",
+                    "internal",
+                    headers={REQUEST_ID_HEADER: rid},
+                )
+                await _send_error(send, failure)
+        finally:
+            structlog.contextvars.unbind_contextvars("request_id")
+
+    async def _relay(
+        self, scope: Scope, receive: Receive, send: Send, rid: str, started: float
+    ) -> None:
+        state = self.state
+        user = authenticate(state.keys, _header(scope, b"authorization"), rid)
+        if self.hub.core.draining:
+            raise ApiError(
+                503,
+                "The broker is shutting down; retry shortly.",
+                "shutting_down",
+                headers={REQUEST_ID_HEADER: rid, "Retry-After": "2"},
+            )
+        limit = state.settings.max_request_body
+        raw = await read_body(receive, _header(scope, b"content-length"), limit, rid)
+        text, body = parse_json_object(raw, rid)
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise ApiError(
+                400,
+                "you must provide a model parameter",
+                "missing_model",
+                param="model",
+                headers={REQUEST_ID_HEADER: rid},
+            )
+        item = self._item(scope, rid, model, text, body.get("stream") is True)
+        try:
+            pending, channel = self.hub.submit(item, user=user.id)
+        except DispatchError as exc:
+            self._refused(rid, user, item, exc, started)
+            raise ApiError(
+                exc.status,
+                exc.message,
+                exc.code,
+                type_="invalid_request_error" if exc.status == 404 else "server_error",
+                param="model" if exc.status == 404 else None,
+                headers={REQUEST_ID_HEADER: rid}
+                | ({"Retry-After": "2"} if exc.status == 503 else {}),
+            ) from None
+        client = scope.get("client")
+        forwarded_for = _header(scope, b"x-forwarded-for")
+        address = client_address(client[0] if client else None, forwarded_for, self.trusted_proxies)
+        machine = ResponseMachine(
+            pending=pending,
+            stream=item.stream,
+            started=started,
+            commit_after=state.settings.stream_commit_after,
+            heartbeat=state.settings.heartbeat,
+        )
+        responder = AsgiResponder(self.hub, pending, channel, machine)
+        try:
+            await responder.run(receive, send)
+        finally:
+            self._done(rid, user, item, pending, machine.outcome, address, started)
+
+    def _item(self, scope: Scope, rid: str, model: str, text: str, stream: bool) -> RequestItem:
+        headers = {REQUEST_ID_HEADER: rid, "content-type": "application/json"}
+        for key, value in scope["headers"]:
+            if key in _FORWARD_HEADERS and value:
+                headers[key.decode("latin-1")] = value.decode("latin-1")
+        return RequestItem(
+            request_id=rid,
+            model=model,
+            path=scope["path"],
+            body=text,
+            headers=headers,
+            stream=stream,
+            timeout_s=self.state.settings.total_timeout,
+        )
+
+    # -- the record of each request -------------------------------------------------------
+
+    def _refused(
+        self, rid: str, user: UserKey, item: RequestItem, exc: DispatchError, started: float
+    ) -> None:
+        shown = quote(item.model) if exc.status != 404 else UNKNOWN_MODEL_LABEL
+        log.info("request_refused", model=quote(item.model), status=exc.status, code=exc.code)
+        duration = self.hub.clock() - started
+        # A client can name any model: unknown ones share one label, so /metrics stays small.
+        self.state.metrics.request_done(shown, exc.status, None, duration)
+        self._usage(rid, user, item, exc.status, duration, None, None)
+
+    def _done(
+        self,
+        rid: str,
+        user: UserKey,
+        item: RequestItem,
+        pending: Pending,
+        outcome: Outcome,
+        client: str | None,
+        started: float,
+    ) -> None:
+        duration = self.hub.clock() - started
+        ttfb = outcome.ttfb_ms / 1000.0 if outcome.ttfb_ms is not None else None
+        self.state.metrics.request_done(item.model, outcome.status, ttfb, duration)
+        self._usage(rid, user, item, outcome.status, duration, pending.connector, outcome)
+        log.info(
+            "request_done",
+            request_id=rid,
+            model=item.model,
+            user=user.id,
+            client=client,
+            connector=pending.connector,
+            stream=item.stream,
+            status=outcome.status,
+            ttfb_ms=outcome.ttfb_ms,
+            duration_ms=round(duration * 1000.0, 3),
+            overhead_ms=outcome.overhead_ms,
+            bytes_out=outcome.bytes_out,
+            error=outcome.error,
+            attempts=pending.dispatches,
+        )
+
+    def _usage(
+        self,
+        rid: str,
+        user: UserKey,
+        item: RequestItem,
+        status: int,
+        duration: float,
+        connector: str | None,
+        outcome: Outcome | None,
+    ) -> None:
+        if self.state.usage is None:
+            return
+        self.state.usage.record(
+            UsageRecord(
+                ts=time.time(),
+                request_id=rid,
+                user_id=user.id,
+                model=item.model,
+                connector=connector,
+                status=status,
+                stream=item.stream,
+                tokens_in=outcome.tokens_in if outcome else None,
+                tokens_out=outcome.tokens_out if outcome else None,
+                ttfb_ms=outcome.ttfb_ms if outcome else None,
+                duration_ms=round(duration * 1000.0, 3),
+                bytes_out=outcome.bytes_out if outcome else 0,
+                key_name=user.name,
+            )
+        )
+
+
+class AsgiResponder:
+    """Moves a ResponseMachine's actions onto ASGI messages until it closes or the user leaves."""
+
+    def __init__(
+        self, hub: RelayHub, pending: Pending, channel: ResponseChannel, machine: ResponseMachine
+    ) -> None:
+        self.hub = hub
+        self.pending = pending
+        self.channel = channel
+        self.machine = machine
+
+    async def run(self, receive: Receive, send: Send) -> None:
+        # The body was read: the next message is http.disconnect, when the user hangs up.
+        hangup: asyncio.Future[Message] = asyncio.ensure_future(receive())
+        hangup.add_done_callback(lambda _: self.channel.interrupt())
+        try:
+            await self._pump(send, hangup)
+        finally:
+            if not hangup.done():
+                hangup.cancel()
+            if not self.machine.done:
+                self.machine.abandon()
+                self.hub.cancel(self.pending.id)
+            self.hub.finish(self.pending.id)
+
+    async def _pump(self, send: Send, hangup: asyncio.Future[Message]) -> None:
+        machine = self.machine
+        clock = self.hub.clock
+        core = self.hub.core
+        pending = self.pending
+        actions: list[Action] = []
+        while True:
+            if hangup.done():
+                return
+            if actions and type(actions[-1]) is Close and type(actions[0]) is Begin:
+                await self._send_whole(send, actions)
+                return
+            for action in actions:
+                if type(action) is Body:
+                    if action.upstream:
+                        core.delivered(pending, len(action.data))
+                    await send(
+                        {"type": "http.response.body", "body": action.data, "more_body": True}
+                    )
+                elif type(action) is Begin:
+                    start = {"type": "http.response.start", "status": action.status}
+                    await send(start | {"headers": _encode(action.headers)})
+                elif type(action) is Close:
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    return
+            deadline = machine.next_deadline()
+            timeout = None if deadline is None else max(0.0, deadline - clock())
+            events = await self.channel.get(timeout)
+            now = clock()
+            actions = machine.feed(events, now) if events else []
+            if not machine.done:
+                actions += machine.tick(now)
+
+    async def _send_whole(self, send: Send, actions: list[Action]) -> None:
+        """An answer known whole (non-streaming, or an error before any byte): one write."""
+        begin = actions[0]
+        assert isinstance(begin, Begin)
+        body = b"".join(a.data for a in actions if isinstance(a, Body))
+        if any(isinstance(a, Body) and a.upstream for a in actions):
+            self.hub.core.delivered(self.pending, len(body))
+        headers = dict(begin.headers)
+        headers["content-length"] = str(len(body))
+        await send(
+            {"type": "http.response.start", "status": begin.status, "headers": _encode(headers)}
+        )
+        await send({"type": "http.response.body", "body": body, "more_body": False})
