@@ -46,6 +46,10 @@ UNKNOWN_MODEL_LABEL = "(unknown)"
 DRAIN_LIMIT = 64 * 1024 * 1024
 
 
+class ClientGone(Exception):
+    """The API user hung up before the request body was complete: nothing to answer."""
+
+
 def _header(scope: Scope, name: bytes) -> str | None:
     for key, value in scope["headers"]:
         if key == name:
@@ -80,7 +84,7 @@ async def read_body(receive: Receive, declared: str | None, limit: int, rid: str
     while True:
         message = await receive()
         if message["type"] != "http.request":
-            raise asyncio.CancelledError  # the client left while sending
+            raise ClientGone  # the client left while sending
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
@@ -117,8 +121,8 @@ class ApiRelay:
             await self._relay(scope, receive, tracked, rid, started)
         except ApiError as exc:
             await _send_error(send, exc)
-        except asyncio.CancelledError:
-            raise
+        except ClientGone:
+            log.info("request_abandoned", stage="reading the body")
         except Exception as exc:
             log.exception("api_unhandled_error", error_type=type(exc).__name__)
             if not began:  # mid-answer, the user sees the stream end early
