@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
 
 import structlog
 
 from broker.api_input import ApiError, authenticate, parse_json_object, request_id_for
+from broker.asgi import Message, Receive, Scope, Send
 from broker.channel import ResponseChannel
 from broker.core import DispatchError, Pending
 from broker.core.response import Action, Begin, Body, Close, Outcome, ResponseMachine
@@ -32,10 +31,6 @@ from shared.protocol import REQUEST_ID_HEADER, RequestItem
 
 log = get_logger("broker.api")
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 # Client headers worth passing to the local LLM (never Authorization: the user's key stays here).
 _FORWARD_HEADERS = (b"accept", b"openai-beta", b"user-agent")

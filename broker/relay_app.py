@@ -16,13 +16,14 @@ import contextlib
 import json
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import structlog
 from pydantic import BaseModel, ValidationError
 
+from broker.asgi import Receive, Scope, Send
 from broker.core import LeaseError, UnknownSession
 from broker.hub import Superseded
 from broker.keys import ConnectorIdentity, bearer
@@ -45,10 +46,6 @@ from shared.protocol import (
 
 log = get_logger("broker.relay")
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 _JSON = [(b"content-type", b"application/json")]
 _NDJSON = [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import httpx
+import openai
 
 from tests.support.stack import Stack
 
@@ -33,3 +34,16 @@ def new_key_of(html: str) -> str:
     found = re.search(r'id="new-key" class="secret">(sk-[0-9a-f]{32})<', html)
     assert found, "no new key shown on the page"
     return found.group(1)
+
+
+def sdk(stack: Stack, key: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=stack.base_url, api_key=key, max_retries=0)
+
+
+async def ask(stack: Stack, key: str) -> str:
+    """One chat completion with ``key`` through the openai SDK; the answer's text."""
+    async with sdk(stack, key) as client:
+        reply = await client.chat.completions.create(
+            model="fake-model", messages=[{"role": "user", "content": "hi"}]
+        )
+    return reply.choices[0].message.content or ""

@@ -14,6 +14,7 @@ from playwright.async_api import Browser, BrowserContext, Page, expect
 
 from broker.users import UsersStore
 from tests.portal.fake_gitlab import FakeGitLab, FakeUser
+from tests.portal.helpers import ask
 from tests.support.fake_llm import FakeLLM
 from tests.support.net import wait_for
 from tests.support.stack import Stack
@@ -46,18 +47,6 @@ async def log_in(page: Page) -> None:
     await page.goto("/portal/")
     await page.click("#login")
     await page.wait_for_url("**/portal/keys*")
-
-
-def sdk(stack: Stack, key: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=stack.base_url, api_key=key, max_retries=0)
-
-
-async def chat(stack: Stack, key: str) -> str:
-    async with sdk(stack, key) as client:
-        reply = await client.chat.completions.create(
-            model="fake-model", messages=[{"role": "user", "content": "hello"}]
-        )
-    return reply.choices[0].message.content or ""
 
 
 async def shoot(page: Page, artifacts: Path, name: str) -> None:
@@ -99,7 +88,7 @@ async def test_newcomer_gets_a_working_key_in_under_a_minute(
     await page.click("button[data-copy=new-key]")
     await expect(page.locator("button[data-copy=new-key]")).to_have_text("copied")
     assert await page.evaluate("navigator.clipboard.readText()") == key
-    assert await chat(portal_stack, key) == "tok0 tok1 tok2 tok3 tok4 "
+    assert await ask(portal_stack, key) == "tok0 tok1 tok2 tok3 tok4 "
     assert time.monotonic() - started < 60
     await shoot(page, artifacts, "keys-first-login")
 
@@ -132,15 +121,15 @@ async def test_create_regenerate_and_delete_keys(
     await page.click("#create-key")
     await expect(page.locator("#reveal-title")).to_contain_text("laptop")
     laptop = (await page.text_content("#new-key") or "").strip()
-    assert await chat(portal_stack, laptop)
+    assert await ask(portal_stack, laptop)
 
     await page.click("li.key[data-key-name=laptop] button.regenerate")
     await expect(page.locator("#reveal-title")).to_contain_text("laptop")
     fresh = (await page.text_content("#new-key") or "").strip()
     assert fresh != laptop
     with pytest.raises(openai.AuthenticationError):
-        await chat(portal_stack, laptop)  # the very next call with the old secret
-    assert await chat(portal_stack, fresh)
+        await ask(portal_stack, laptop)  # the very next call with the old secret
+    assert await ask(portal_stack, fresh)
 
     await page.fill("#key-name", "laptop")
     await page.click("#create-key")
@@ -150,7 +139,7 @@ async def test_create_regenerate_and_delete_keys(
     await page.wait_for_url("**/portal/keys")
     assert await page.locator("li.key[data-key-name=laptop]").count() == 0
     with pytest.raises(openai.AuthenticationError):
-        await chat(portal_stack, fresh)
+        await ask(portal_stack, fresh)
 
 
 async def test_playground_streams_stops_and_copies(
@@ -228,7 +217,7 @@ async def test_blocked_user_sees_the_blocked_page_and_the_key_is_refused(
         await page.wait_for_timeout(100)
     await expect(page.locator("h1")).to_have_text("! Your account is blocked")
     with pytest.raises(openai.PermissionDeniedError):
-        await chat(portal_stack, key)
+        await ask(portal_stack, key)
     await page.screenshot(path=str(artifacts / "blocked.png"))
 
 

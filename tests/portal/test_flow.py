@@ -17,24 +17,12 @@ import pytest
 from broker.users import UsersStore
 from tests.portal.conftest import portal_settings
 from tests.portal.fake_gitlab import FakeGitLab, FakeUser
-from tests.portal.helpers import csrf_of, login, new_key_of, portal_client
+from tests.portal.helpers import ask, csrf_of, login, new_key_of, portal_client
 from tests.support.fake_llm import FakeLLM
 from tests.support.net import free_port, wait_for
 from tests.support.stack import USER_KEY, Stack, start_broker
 
 PAGES = ["/portal/", "/portal/keys", "/portal/playground", "/portal/connect"]
-
-
-def sdk(stack: Stack, key: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=stack.base_url, api_key=key, max_retries=0)
-
-
-async def ask(stack: Stack, key: str) -> str:
-    async with sdk(stack, key) as client:
-        reply = await client.chat.completions.create(
-            model="fake-model", messages=[{"role": "user", "content": "hi"}]
-        )
-    return reply.choices[0].message.content or ""
 
 
 def assert_secure_headers(response: httpx.Response) -> None:
