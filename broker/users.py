@@ -176,6 +176,12 @@ class UsersStore:
 
     def reload(self) -> bool:
         """Re-read the file if it changed; keep the last good state if it is broken."""
+        # Under the writers' lock: a reload that saw "no file yet" just before a write
+        # must not install that emptiness after the write (a first login vanished so).
+        with self._lock:
+            return self._reload()
+
+    def _reload(self) -> bool:
         stamp = _stamp(self.path)
         if stamp == self._stamp or (stamp is not None and stamp == self._bad_stamp):
             return False

@@ -208,3 +208,33 @@ def test_with_the_portal_on_no_user_key_is_needed_to_start(tmp_path: Path) -> No
         broker_cli.prepare(
             BrokerSettings(data_dir=tmp_path, connector_tokens=["ct-x"], generate_credentials=False)
         )
+
+
+def test_a_reload_racing_the_first_login_does_not_lose_the_user(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """reload() read "no file yet", a login wrote the file, then reload installed the empty
+    state: the new user vanished until the next reload (a portal page redirected to login)."""
+    import threading
+
+    import broker.users as users_module
+
+    store = UsersStore(tmp_path / "users.yaml")
+    real_stamp = users_module._stamp
+    login = threading.Thread(target=store.login, args=(7, "eve", "Eve"))
+    calls = 0
+
+    def stamp_then_login(path: Path):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        seen = real_stamp(path)
+        if calls == 1:  # inside reload, after it looked at the file
+            login.start()
+            login.join(timeout=0.5)  # a writer that does not wait for the reload finishes here
+        return seen
+
+    monkeypatch.setattr(users_module, "_stamp", stamp_then_login)
+    store.reload()
+    login.join(timeout=10)
+    assert not login.is_alive()
+    assert store.user(7) is not None  # in memory at once, not only after the next reload
