@@ -53,14 +53,14 @@ def create_api_blueprint(state: BrokerState) -> Blueprint:
     @bp.get("/v1/models")
     async def list_models() -> Response:
         rid = checked()
-        live = hub.core.live_models()
+        live = (await hub.view()).live_models
         data = [model_entry(m, owners) for m, owners in sorted(live.items())]
         return _json({"object": "list", "data": data}, rid)
 
     @bp.get("/v1/models/<path:model_id>")
     async def get_model(model_id: str) -> Response:
         rid = checked()
-        owners = hub.core.live_models().get(model_id)
+        owners = (await hub.view()).live_models.get(model_id)
         if owners is None:
             raise ApiError(
                 404,

@@ -17,12 +17,11 @@ import structlog
 
 from broker.api_input import ApiError, authenticate, parse_json_object, request_id_for
 from broker.asgi import Message, Receive, Scope, Send
-from broker.channel import ResponseChannel
 from broker.core import DispatchError, Pending
 from broker.core.response import Action, Begin, Body, Close, Outcome, ResponseMachine
 from broker.forwarded import client_address, parse_networks
-from broker.hub import RelayHub
 from broker.keys import UserKey
+from broker.relay_state import RelayState, ResponseSource
 from broker.state import BrokerState
 from broker.usage import UsageRecord
 from shared.errors import quote
@@ -136,7 +135,7 @@ class ApiRelay:
     ) -> None:
         state = self.state
         user = authenticate(state.keys, _header(scope, b"authorization"), rid)
-        if self.hub.core.draining:
+        if self.hub.draining:
             raise ApiError(
                 503,
                 "The broker is shutting down; retry shortly.",
@@ -157,7 +156,7 @@ class ApiRelay:
             )
         item = self._item(scope, rid, model, text, body.get("stream") is True)
         try:
-            pending, channel = self.hub.submit(item, user=user.id)
+            pending, channel = await self.hub.submit(item, user=user.id)
         except DispatchError as exc:
             self._refused(rid, user, item, exc, started)
             raise ApiError(
@@ -278,7 +277,7 @@ class AsgiResponder:
     """Moves a ResponseMachine's actions onto ASGI messages until it closes or the user leaves."""
 
     def __init__(
-        self, hub: RelayHub, pending: Pending, channel: ResponseChannel, machine: ResponseMachine
+        self, hub: RelayState, pending: Pending, channel: ResponseSource, machine: ResponseMachine
     ) -> None:
         self.hub = hub
         self.pending = pending
@@ -296,13 +295,13 @@ class AsgiResponder:
                 hangup.cancel()
             if not self.machine.done:
                 self.machine.abandon()
-                self.hub.cancel(self.pending.id)
-            self.hub.finish(self.pending.id)
+                await self.hub.cancel(self.pending.id)
+            await self.hub.finish(self.pending.id)
 
     async def _pump(self, send: Send, hangup: asyncio.Future[Message]) -> None:
         machine = self.machine
         clock = self.hub.clock
-        core = self.hub.core
+        hub = self.hub
         pending = self.pending
         actions: list[Action] = []
         while True:
@@ -314,7 +313,7 @@ class AsgiResponder:
             for action in actions:
                 if type(action) is Body:
                     if action.upstream:
-                        core.delivered(pending, len(action.data))
+                        hub.delivered(pending, len(action.data))
                     await send(
                         {"type": "http.response.body", "body": action.data, "more_body": True}
                     )
@@ -338,7 +337,7 @@ class AsgiResponder:
         assert isinstance(begin, Begin)
         body = b"".join(a.data for a in actions if isinstance(a, Body))
         if any(isinstance(a, Body) and a.upstream for a in actions):
-            self.hub.core.delivered(self.pending, len(body))
+            self.hub.delivered(self.pending, len(body))
         headers = dict(begin.headers)
         headers["content-length"] = str(len(body))
         await send(

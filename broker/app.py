@@ -14,7 +14,7 @@ from werkzeug.exceptions import HTTPException
 from broker.api import create_api_blueprint
 from broker.api_relay import ApiRelay
 from broker.asgi import BrokerASGI
-from broker.core import Timings
+from broker.core import StateUnavailable, Timings
 from broker.errors import error_response, type_for_status
 from broker.hub import RelayHub
 from broker.keys import KeyStore
@@ -54,9 +54,7 @@ def build_state(settings: BrokerSettings, keys: KeyStore | None = None) -> Broke
         )
     hub = RelayHub(timings_from(settings))
     usage = UsageRecorder(settings.usage_path) if settings.record_usage else None
-    return BrokerState(
-        settings=settings, hub=hub, keys=keys, metrics=BrokerMetrics(hub), usage=usage
-    )
+    return BrokerState(settings=settings, hub=hub, keys=keys, metrics=BrokerMetrics(), usage=usage)
 
 
 def create_app(settings: BrokerSettings, state: BrokerState | None = None) -> Quart:
@@ -99,7 +97,7 @@ def create_app(settings: BrokerSettings, state: BrokerState | None = None) -> Qu
     @app.get("/")
     async def index() -> Response:
         """A landing page for people who open the broker's URL in a browser."""
-        models = sorted(state.hub.core.live_models())
+        models = sorted((await state.hub.view()).live_models)
         page = render("index.html.j2", base_url=settings.advertised_url, models=models)
         return add_security_headers(Response(page, content_type="text/html; charset=utf-8"))
 
@@ -121,6 +119,18 @@ def create_app(settings: BrokerSettings, state: BrokerState | None = None) -> Qu
     return app
 
 
+def _unavailable(exc: StateUnavailable) -> Response:
+    body = {
+        "error": {"message": exc.message, "type": "server_error", "param": None, "code": exc.code}
+    }
+    return Response(
+        json.dumps(body),
+        status=503,
+        content_type="application/json",
+        headers={"Retry-After": "2"},
+    )
+
+
 async def _reload_keys(state: BrokerState) -> None:
     while True:
         await asyncio.sleep(2.0)
@@ -133,7 +143,10 @@ def create_health_app(state: BrokerState) -> Quart:
 
     @app.get("/health")
     async def health() -> Response:
-        d = state.hub.core
+        try:
+            d = await state.hub.view()
+        except StateUnavailable as exc:
+            return _unavailable(exc)
         sessions = [
             {
                 "name": s.name,
@@ -141,7 +154,7 @@ def create_health_app(state: BrokerState) -> Quart:
                 "models": sorted(s.models),
                 "capacity": s.capacity,
                 "capacity_source": s.capacity_source,
-                "active": len(s.active),
+                "active": s.active,
                 "upload_mode": s.upload_mode.value,
                 "version": s.version,
                 "served": s.served,
@@ -149,26 +162,39 @@ def create_health_app(state: BrokerState) -> Quart:
             for s in d.sessions.values()
         ]
         body = {
-            "status": "draining" if d.draining else "ok",
+            "status": "draining" if state.hub.draining else "ok",
             "uptime_s": round(time.time() - state.started, 1) if state.started else 0.0,
             "connectors": sessions,
-            "models": sorted(d.live_models()),
-            "in_flight": d.in_flight(),
-            "queued": d.queue_depth(),
+            "models": sorted(d.live_models),
+            "in_flight": d.in_flight,
+            "queued": d.queue_depth,
             "redispatched": d.redispatched,
-            "waited_for_slots": dict(d.slot_waits),
+            "waited_for_slots": d.slot_waits,
         }
         return Response(json.dumps(body), content_type="application/json")
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(state.metrics.render(), content_type=CONTENT_TYPE_LATEST)
+        try:
+            view = await state.hub.view()
+        except StateUnavailable as exc:
+            return _unavailable(exc)
+        return Response(state.metrics.render(view), content_type=CONTENT_TYPE_LATEST)
 
     @app.get("/ready")
     async def ready() -> Response:
-        d = state.hub.core
-        ok = state.started > 0 and not d.draining
-        body = {"ready": ok, "connectors": len(d.sessions)}
+        hub = state.hub
+        reachable = await hub.ready()
+        ok = state.started > 0 and not hub.draining and reachable
+        body: dict[str, object] = {"ready": ok}
+        if not reachable:
+            body["reason"] = "the shared relay state (Redis) cannot be reached"
+        else:
+            try:
+                body["connectors"] = len((await hub.view()).sessions)
+            except StateUnavailable:
+                body |= {"ready": False, "reason": "the shared relay state went away"}
+                ok = False
         status = 200 if ok else 503
         return Response(json.dumps(body), status=status, content_type="application/json")
 

@@ -54,6 +54,12 @@ class ResponseChannel:
         self._push(failure)
         self._closed = True
 
+    def touch(self) -> None:
+        """A heartbeat frame: the core already recorded the activity."""
+
+    async def flush(self) -> None:
+        """Pushing already delivered everything (the API handler is in this process)."""
+
     async def get(self, timeout: float | None = None) -> list[Event]:
         """Everything pushed so far; waits for something, or returns [] after ``timeout``."""
         if not self._events:

@@ -12,22 +12,18 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Callable
 
 from broker.channel import ResponseChannel
 from broker.core import Failure, Pending, RelayCore, Session, Timings
+from broker.relay_state import Clock, RelayView, Superseded, session_view
 from shared.logging import get_logger
 from shared.protocol import Replaced, RequestItem, UploadMode, WorkItem
 
 log = get_logger("broker.hub")
 
-Clock = Callable[[], float]
-
 DRAIN_POLL_HOLD = 1.0
 
-
-class Superseded(Exception):
-    """A newer poll of the same session took over (a proxy or the connector retried)."""
+__all__ = ["DRAIN_POLL_HOLD", "Clock", "RelayHub", "Superseded"]
 
 
 class RelayHub:
@@ -107,6 +103,16 @@ class RelayHub:
         else:
             self._idle.set()
 
+    @property
+    def draining(self) -> bool:
+        return self.core.draining
+
+    def local_in_flight(self) -> int:
+        return self.core.in_flight()
+
+    async def ready(self) -> bool:
+        return True
+
     def begin_drain(self) -> None:
         """Refuse new API requests and release every poll (connectors see empty answers)."""
         self.core.begin_drain()
@@ -121,7 +127,7 @@ class RelayHub:
 
     # -- sessions -------------------------------------------------------------------------
 
-    def register(
+    async def register(
         self,
         *,
         owner: str,
@@ -148,6 +154,16 @@ class RelayHub:
         )
         self._schedule()
         return result
+
+    async def session(self, owner: str, session_id: str) -> Session:
+        return self.core.session(owner, session_id)
+
+    async def update_models(self, owner: str, session_id: str, models: list[str]) -> None:
+        self.core.update_models(owner, session_id, models, self.clock())
+
+    async def deregister(self, owner: str, session_id: str) -> None:
+        self.core.deregister(owner, session_id, self.clock())
+        self._schedule()
 
     async def poll(
         self,
@@ -201,7 +217,9 @@ class RelayHub:
 
     # -- requests -------------------------------------------------------------------------
 
-    def submit(self, item: RequestItem, user: str | None = None) -> tuple[Pending, ResponseChannel]:
+    async def submit(
+        self, item: RequestItem, user: str | None = None
+    ) -> tuple[Pending, ResponseChannel]:
         pending = self.core.submit(item, self.clock(), user=user)
         channel = ResponseChannel()
         self.channels[item.request_id] = channel
@@ -209,22 +227,48 @@ class RelayHub:
         self._schedule()
         return pending, channel
 
-    def ack(self, session_id: str, request_id: str) -> tuple[Pending, ResponseChannel]:
+    async def ack(self, session_id: str, request_id: str) -> tuple[Pending, ResponseChannel]:
         """The connector's upload for the request began: its lease is acknowledged."""
         pending = self.core.ack(session_id, request_id, self.clock())
         self._schedule()
         return pending, self.channels[request_id]
 
-    def cancel(self, request_id: str) -> None:
+    async def cancel(self, request_id: str) -> None:
         self.core.cancel(request_id)
         if request_id not in self.core.requests:
             self.channels.pop(request_id, None)
             self._update_idle()
 
-    def finish(self, request_id: str) -> None:
+    async def finish(self, request_id: str) -> None:
         self.core.finish(request_id)
         self.channels.pop(request_id, None)
         self._update_idle()
+
+    def activity(self, pending: Pending, now: float) -> None:
+        self.core.activity(pending, now)
+
+    def head_seen(self, pending: Pending, now: float) -> None:
+        self.core.head_seen(pending, now)
+
+    def delivered(self, pending: Pending, nbytes: int) -> None:
+        self.core.delivered(pending, nbytes)
+
+    def is_cancelled(self, request_id: str) -> bool:
+        return self.core.is_cancelled(request_id)
+
+    # -- views ----------------------------------------------------------------------------
+
+    async def view(self) -> RelayView:
+        core = self.core
+        return RelayView(
+            sessions={sid: session_view(s) for sid, s in core.sessions.items()},
+            live_models=core.live_models(),
+            queue_depth=core.queue_depth(),
+            in_flight=core.in_flight(),
+            redispatched=core.redispatched,
+            slot_waits=dict(core.slot_waits),
+            draining=core.draining,
+        )
 
 
 def _resolve_on(waiter: asyncio.Future[None], _: object) -> None:

@@ -1,7 +1,7 @@
 """Prometheus metrics for the broker, served at ``/metrics`` on the health port.
 
 Counters and histograms are updated once per request at its end (never per chunk); gauges
-that mirror relay state are read from the relay core when scraped.
+that mirror relay state come from a snapshot of the relay state taken for each scrape.
 """
 
 from __future__ import annotations
@@ -12,17 +12,17 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from broker.hub import RelayHub
+from broker.relay_state import RelayView
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
 class _RelayCollector(Collector):
-    def __init__(self, hub: RelayHub) -> None:
-        self.hub = hub
+    def __init__(self) -> None:
+        self.view = RelayView()
 
     def collect(self) -> Iterable[Metric]:
-        d = self.hub.core
+        d = self.view
         connectors = GaugeMetricFamily(
             "remotellm_connectors", "Live connector sessions", labels=["upload_mode"]
         )
@@ -35,16 +35,16 @@ class _RelayCollector(Collector):
         queue = GaugeMetricFamily(
             "remotellm_queue_depth", "Requests waiting for a connector", labels=["model"]
         )
-        for model, depth in sorted(d.queue_depth().items()):
+        for model, depth in sorted(d.queue_depth.items()):
             queue.add_metric([model], depth)
         yield queue
         yield GaugeMetricFamily(
-            "remotellm_in_flight", "Requests queued or being relayed", value=d.in_flight()
+            "remotellm_in_flight", "Requests queued or being relayed", value=d.in_flight
         )
         models = GaugeMetricFamily(
             "remotellm_model_connectors", "Live connectors serving each model", labels=["model"]
         )
-        for model, owners in sorted(d.live_models().items()):
+        for model, owners in sorted(d.live_models.items()):
             models.add_metric([model], len(owners))
         yield models
         waits = CounterMetricFamily(
@@ -58,7 +58,7 @@ class _RelayCollector(Collector):
 
 
 class BrokerMetrics:
-    def __init__(self, hub: RelayHub) -> None:
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "remotellm_requests",
@@ -91,8 +91,8 @@ class BrokerMetrics:
             registry=self.registry,
         )
         self._seen_redispatches = 0
-        self.hub = hub
-        self.registry.register(_RelayCollector(hub))
+        self._relay = _RelayCollector()
+        self.registry.register(self._relay)
 
     def request_done(
         self, model: str, status: int, ttfb_s: float | None, duration_s: float
@@ -102,8 +102,9 @@ class BrokerMetrics:
             self.ttfb.labels(model).observe(ttfb_s)
         self.duration.labels(model).observe(duration_s)
 
-    def render(self) -> bytes:
-        total = self.hub.core.redispatched
+    def render(self, view: RelayView) -> bytes:
+        self._relay.view = view
+        total = view.redispatched
         if total > self._seen_redispatches:
             self.redispatches.inc(total - self._seen_redispatches)
             self._seen_redispatches = total

@@ -24,9 +24,9 @@ import structlog
 from pydantic import BaseModel, ValidationError
 
 from broker.asgi import Receive, Scope, Send
-from broker.core import LeaseError, UnknownSession
-from broker.hub import Superseded
+from broker.core import LeaseError, StateUnavailable, UnknownSession
 from broker.keys import ConnectorIdentity, bearer
+from broker.relay_state import Superseded
 from broker.state import BrokerState
 from broker.upload import FrameApplier, PartAssembler, UploadTooLarge
 from shared.errors import FrameError, error_body
@@ -150,7 +150,6 @@ class RelayApp:
     def __init__(self, state: BrokerState) -> None:
         self.state = state
         self.hub = state.hub
-        self.core = state.hub.core
         self.assemblers: dict[str, PartAssembler] = {}
         # Recently completed parts uploads: a retried last part is a duplicate, not a 409.
         self.finished: OrderedDict[str, None] = OrderedDict()
@@ -180,6 +179,8 @@ class RelayApp:
             await self._error(call, RelayError(404, exc.message, exc.code))
         except LeaseError:
             await self._error(call, _lease_lost())
+        except StateUnavailable as exc:
+            await self._error(call, RelayError(503, exc.message, exc.code, "server_error"))
         except Exception as exc:
             log.exception(
                 "relay_unhandled_error",
@@ -243,7 +244,7 @@ class RelayApp:
             )
         ident = call.ident
         mode = UploadMode.STREAM if req.upload_mode is UploadMode.AUTO else req.upload_mode
-        session, replaced = self.hub.register(
+        session, replaced = await self.hub.register(
             owner=ident.id,
             name=ident.name or req.name,
             instance_id=req.instance_id,
@@ -290,14 +291,14 @@ class RelayApp:
 
     async def deregister(self, call: Call) -> None:
         await call.read(MAX_JSON)
-        self.core.deregister(call.ident.id, call.params[0], self.hub.clock())
+        await self.hub.deregister(call.ident.id, call.params[0])
         await call.start(204, [])
         await call.body(b"")
 
     async def update_models(self, call: Call) -> None:
         update = await call.model(ModelsUpdate)
         session_id = call.params[0]
-        self.core.update_models(call.ident.id, session_id, update.models, self.hub.clock())
+        await self.hub.update_models(call.ident.id, session_id, update.models)
         log.info("session_models", session=session_id, models=sorted(update.models))
         await call.start(204, [])
         await call.body(b"")
@@ -306,7 +307,7 @@ class RelayApp:
 
     async def poll(self, call: Call) -> None:
         session_id = call.params[0]
-        self.core.session(call.ident.id, session_id)  # 404 before reading anything
+        await self.hub.session(call.ident.id, session_id)  # 404 before reading anything
         await call.read(64 * 1024)
         if b"stream=1" in call.scope.get("query_string", b""):
             await self._poll_stream(call, session_id)
@@ -349,7 +350,7 @@ class RelayApp:
                 if items:
                     line = PollResponse(items=items).model_dump_json().encode() + b"\n"
                     await call.body(line, more=True)
-                elif self.core.draining:
+                elif hub.draining:
                     break
         except Superseded:
             pass
@@ -363,15 +364,15 @@ class RelayApp:
 
     # -- uploads --------------------------------------------------------------------------
 
-    def _applier(self, session_id: str, request_id: str) -> FrameApplier:
-        pending, channel = self.hub.ack(session_id, request_id)
+    async def _applier(self, session_id: str, request_id: str) -> FrameApplier:
+        pending, channel = await self.hub.ack(session_id, request_id)
         limit = self.state.settings.max_response_body
-        return FrameApplier(self.core, self.hub.clock, pending, channel, limit)
+        return FrameApplier(self.hub, self.hub.clock, pending, channel, limit)
 
     async def upload_stream(self, call: Call) -> None:
         session_id, request_id = call.params
-        self.core.session(call.ident.id, session_id)
-        applier = self._applier(session_id, request_id)
+        await self.hub.session(call.ident.id, session_id)
+        applier = await self._applier(session_id, request_id)
         structlog.contextvars.bind_contextvars(request_id=request_id)
         status, body = 200, _OK
         ended = False  # the connector finished sending its body
@@ -382,6 +383,7 @@ class RelayApp:
                     ended = True
                     break  # the connector disconnected
                 applier.feed(message.get("body", b""))
+                await applier.flush()
                 ended = not message.get("more_body", False)
                 if applier.done or applier.cancelled or ended:
                     break
@@ -391,12 +393,12 @@ class RelayApp:
                 body = _CANCELLED
         except (FrameError, UploadTooLarge) as exc:
             log.warning("upload_rejected", error=str(exc))
-            applier.abort(502, "bad_upload", f"the connector sent a bad response: {exc}")
+            await applier.abort(502, "bad_upload", f"the connector sent a bad response: {exc}")
             status, body = 400, _json_bytes(error_body(str(exc), code="bad_upload"))
         finally:
             if not applier.done and not applier.cancelled:
-                applier.abort(502, "connector_lost", "the connector's upload ended early")
-            self.hub.finish(request_id)
+                await applier.abort(502, "connector_lost", "the connector's upload ended early")
+            await self.hub.finish(request_id)
         with contextlib.suppress(Exception):  # the connector may be gone already
             await call.respond(status, body)
 
@@ -405,7 +407,7 @@ class RelayApp:
         if not seq_text.isdigit():
             raise RelayError(404, "a part number is a non-negative integer", "unknown_url")
         seq = int(seq_text)
-        self.core.session(call.ident.id, session_id)
+        await self.hub.session(call.ident.id, session_id)
         structlog.contextvars.bind_contextvars(request_id=request_id)
         assembler = self.assemblers.get(request_id)
         if assembler is None and request_id in self.finished:
@@ -413,7 +415,7 @@ class RelayApp:
             await call.respond(200, _DUPLICATE)
             return
         if assembler is None:
-            assembler = PartAssembler(self._applier(session_id, request_id))
+            assembler = PartAssembler(await self._applier(session_id, request_id))
             self.assemblers[request_id] = assembler
             self._prune()
         elif assembler.applier.pending.session_id != session_id:
@@ -421,21 +423,21 @@ class RelayApp:
         data = await call.read(MAX_PART)
         applier = assembler.applier
         try:
-            fresh = assembler.add(seq, data)
+            fresh = await assembler.add(seq, data)
         except (FrameError, UploadTooLarge) as exc:
-            applier.abort(502, "bad_upload", f"the connector sent a bad response: {exc}")
-            self._forget(request_id)
+            await applier.abort(502, "bad_upload", f"the connector sent a bad response: {exc}")
+            await self._forget(request_id)
             raise RelayError(400, str(exc), "bad_upload") from None
         if applier.done or applier.cancelled:
-            self._forget(request_id)
+            await self._forget(request_id)
             if applier.cancelled and not applier.done:
                 await call.respond(200, _CANCELLED)
                 return
         await call.respond(200, _OK if fresh else _DUPLICATE)
 
-    def _forget(self, request_id: str) -> None:
+    async def _forget(self, request_id: str) -> None:
         self.assemblers.pop(request_id, None)
-        self.hub.finish(request_id)
+        await self.hub.finish(request_id)
         self.finished[request_id] = None
         while len(self.finished) > FINISHED_REMEMBERED:
             self.finished.popitem(last=False)
@@ -444,8 +446,8 @@ class RelayApp:
         """Drop assemblers of requests that ended elsewhere (session died, timed out)."""
         if len(self.assemblers) % 64:
             return
-        requests = self.core.requests
-        for rid in [r for r in self.assemblers if r not in requests]:
+        ended = self.hub.is_cancelled
+        for rid in [r for r in self.assemblers if ended(r)]:
             del self.assemblers[rid]
 
     # -- probes ---------------------------------------------------------------------------

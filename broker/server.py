@@ -83,11 +83,11 @@ class BrokerServer:
     async def _drain_on_stop(self) -> None:
         await self._stop.wait()
         hub = self.state.hub
-        log.info("broker_draining", in_flight=hub.core.in_flight())
+        log.info("broker_draining", in_flight=hub.local_in_flight())
         hub.begin_drain()
         finished = await hub.wait_idle(self.settings.drain_timeout)
         if not finished:
-            log.warning("drain_timeout", in_flight=hub.core.in_flight())
+            log.warning("drain_timeout", in_flight=hub.local_in_flight())
         self._servers_stop.set()
 
 

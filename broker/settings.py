@@ -173,6 +173,16 @@ class BrokerSettings(FileAwareSettings):
     drain_timeout: float = Field(
         30 * SECONDS, ge=0, description="Seconds to let in-flight streams finish on SIGTERM."
     )
+    # -- several brokers (docs/scale-out.md) ----------------------------------------------
+    redis_url: str | None = Field(
+        None,
+        description="Redis holding the relay state several brokers share, e.g. "
+        "redis://redis:6379/0 (a password in it is a secret; unset: in this process).",
+    )
+    redis_prefix: str = Field(
+        "remotellm:",
+        description="Prefix of every Redis key and channel (one per deployment sharing a Redis).",
+    )
 
     @field_validator(
         "user_api_keys",

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from broker.hub import RelayHub
 from broker.keys import KeyStore
 from broker.metrics import BrokerMetrics
+from broker.relay_state import RelayState
 from broker.settings import BrokerSettings
 from broker.usage import UsageRecorder
 
@@ -14,7 +14,7 @@ from broker.usage import UsageRecorder
 @dataclass
 class BrokerState:
     settings: BrokerSettings
-    hub: RelayHub
+    hub: RelayState
     keys: KeyStore
     metrics: BrokerMetrics
     usage: UsageRecorder | None = None

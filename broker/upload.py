@@ -2,14 +2,15 @@
 
 Used by both upload modes: stream mode feeds it one chunked body, parts mode feeds it the
 parts in sequence order (``PartAssembler`` restores the order and drops repeats). The
-request's progress (activity, head seen) is reported to the relay core, which owns it.
+request's progress (activity, head seen) is reported to the relay state, which owns it;
+the frames go to a ``FrameSink`` (the API handler's channel in this process, or another
+broker's inbox in the Redis mode: ``flush`` hands over each fed piece in one write).
 """
 
 from __future__ import annotations
 
-from broker.channel import ResponseChannel
-from broker.core import Failure, Pending, RelayCore
-from broker.hub import Clock
+from broker.core import Failure, Pending
+from broker.relay_state import Clock, FrameSink, RelayState
 from shared.errors import FrameError
 from shared.framing import FrameDecoder, FrameType, decode_end, decode_head
 
@@ -19,17 +20,17 @@ class UploadTooLarge(Exception):
 
 
 class FrameApplier:
-    __slots__ = ("_clock", "channel", "core", "decoder", "done", "limit", "pending", "received")
+    __slots__ = ("_clock", "channel", "decoder", "done", "limit", "pending", "received", "state")
 
     def __init__(
         self,
-        core: RelayCore,
+        state: RelayState,
         clock: Clock,
         pending: Pending,
-        channel: ResponseChannel,
+        channel: FrameSink,
         limit: int,
     ) -> None:
-        self.core = core
+        self.state = state
         self._clock = clock
         self.pending = pending
         self.channel = channel
@@ -40,14 +41,14 @@ class FrameApplier:
 
     @property
     def cancelled(self) -> bool:
-        return self.core.is_cancelled(self.pending.id)
+        return self.state.is_cancelled(self.pending.id)
 
     def feed(self, data: bytes) -> None:
         """Apply every frame completed by ``data``. Raises FrameError, UploadTooLarge."""
         if self.done:
             return
         now = self._clock()
-        self.core.activity(self.pending, now)
+        self.state.activity(self.pending, now)
         channel = self.channel
         for frame in self.decoder.feed(data):
             kind = frame.type
@@ -57,18 +58,23 @@ class FrameApplier:
                     raise UploadTooLarge(f"response exceeds {self.limit} bytes")
                 channel.data(frame.payload)
             elif kind is FrameType.HEAD:
-                self.core.head_seen(self.pending, now)
+                self.state.head_seen(self.pending, now)
                 channel.head(decode_head(frame.payload))
             elif kind is FrameType.END:
                 channel.end(decode_end(frame.payload))
                 self.done = True
                 return
-            # HEARTBEAT: the activity was recorded above.
+            else:  # HEARTBEAT: the activity was recorded above
+                channel.touch()
 
-    def abort(self, status: int, code: str, message: str) -> None:
+    async def flush(self) -> None:
+        await self.channel.flush()
+
+    async def abort(self, status: int, code: str, message: str) -> None:
         if not self.done:
             self.done = True
             self.channel.fail(Failure(status, code, message))
+            await self.channel.flush()
 
 
 class PartAssembler:
@@ -82,7 +88,7 @@ class PartAssembler:
         self.held: dict[int, bytes] = {}
         self.max_held = max_held
 
-    def add(self, seq: int, data: bytes) -> bool:
+    async def add(self, seq: int, data: bytes) -> bool:
         """Returns False for a repeated part (already applied or already held)."""
         if seq < self.next_seq or seq in self.held:
             return False
@@ -91,9 +97,12 @@ class PartAssembler:
                 raise FrameError("too many parts out of order")
             self.held[seq] = data
             return True
-        self.applier.feed(data)
-        self.next_seq += 1
-        while self.next_seq in self.held:
-            self.applier.feed(self.held.pop(self.next_seq))
+        try:
+            self.applier.feed(data)
             self.next_seq += 1
+            while self.next_seq in self.held:
+                self.applier.feed(self.held.pop(self.next_seq))
+                self.next_seq += 1
+        finally:
+            await self.applier.flush()
         return True

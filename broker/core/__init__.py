@@ -12,6 +12,7 @@ from broker.core.errors import (
     NoConnector,
     QueueFull,
     SessionReplaced,
+    StateUnavailable,
     UnknownModel,
     UnknownSession,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "Session",
     "SessionReplaced",
     "State",
+    "StateUnavailable",
     "Timings",
     "UnknownModel",
     "UnknownSession",

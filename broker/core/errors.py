@@ -5,6 +5,7 @@ DispatchError          an API request cannot be accepted (status, code on the cl
   NoConnector          503: the model is known but no live connector serves it
   QueueFull            503: too many requests already wait for the model
   Draining             503: the broker is shutting down
+  StateUnavailable     503: the shared relay state (Redis) cannot be reached
 UnknownSession         404 session_unknown: expired, deregistered or not this identity's
   SessionReplaced      404 session_replaced: another process registered the same name
 LeaseError             409: the request is not leased to this session
@@ -42,6 +43,13 @@ class QueueFull(DispatchError):
 class Draining(DispatchError):
     status = 503
     code = "shutting_down"
+
+
+class StateUnavailable(DispatchError):
+    """Raised by a shared-state implementation where its store's errors enter."""
+
+    status = 503
+    code = "state_unavailable"
 
 
 class UnknownSession(Exception):

@@ -15,9 +15,9 @@ from shared.templates import render, template_dir
 STATIC_FILES = ("portal.css", "portal.js", "playground.js", "markdown.js")
 
 
-def live_models(state: BrokerState) -> list[str]:
+async def live_models(state: BrokerState) -> list[str]:
     """The models live right now (the one place the portal asks the relay core)."""
-    return sorted(state.hub.core.live_models())
+    return sorted((await state.hub.view()).live_models)
 
 
 def page(name: str, status: int = 200, **context: object) -> Response:

@@ -255,7 +255,7 @@ def create_portal_blueprint(portal: Portal) -> Blueprint:
     async def keys_page(
         who: Viewer, reveal: tuple[str, str] | None = None, error: str = "", status: int = 200
     ) -> Response:
-        models = pages.live_models(portal.state)
+        models = await pages.live_models(portal.state)
         settings = portal.state.settings
         usage_path = settings.usage_path if settings.record_usage else None
         rows = [(k, users.last_used(k)) for k in who.user.keys]
@@ -332,7 +332,7 @@ def create_portal_blueprint(portal: Portal) -> Blueprint:
             "playground",
             user=who.user,
             csrf=who.csrf,
-            models=pages.live_models(portal.state),
+            models=await pages.live_models(portal.state),
             base_url=portal.base_url,
         )
 
@@ -365,7 +365,7 @@ def create_portal_blueprint(portal: Portal) -> Blueprint:
             user=user,
             csrf=csrf_token(cookies.secret, session) if session else "",
             command=pages.connector_command(portal.state.settings.advertised_url),
-            models=pages.live_models(portal.state),
+            models=await pages.live_models(portal.state),
         )
 
     @bp.get("/portal/static/<name>")

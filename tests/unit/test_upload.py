@@ -25,10 +25,12 @@ class Clock:
         return self.now
 
 
-def _setup(limit: int = 1 << 20) -> tuple[RelayHub, Pending, ResponseChannel, FrameApplier, Clock]:
+async def _setup(
+    limit: int = 1 << 20,
+) -> tuple[RelayHub, Pending, ResponseChannel, FrameApplier, Clock]:
     clock = Clock()
     hub = RelayHub(Timings(), clock=clock)
-    session, _ = hub.register(
+    session, _ = await hub.register(
         owner="o",
         name="c1",
         instance_id="i1",
@@ -40,10 +42,10 @@ def _setup(limit: int = 1 << 20) -> tuple[RelayHub, Pending, ResponseChannel, Fr
         upstream_api_key=None,
     )
     item = RequestItem(request_id="r1", model="m", path="/v1/chat/completions", body="{}")
-    pending, channel = hub.submit(item)
+    pending, channel = await hub.submit(item)
     assert [i.request_id for i in hub.core.take(session.id, clock())] == ["r1"]
-    hub.ack(session.id, "r1")
-    applier = FrameApplier(hub.core, clock, pending, channel, limit)
+    await hub.ack(session.id, "r1")
+    applier = FrameApplier(hub, clock, pending, channel, limit)
     return hub, pending, channel, applier, clock
 
 
@@ -97,7 +99,7 @@ def _check_exact(events: list[Event], body: bytes) -> None:
 
 
 async def test_stream_fed_in_random_chunks_reaches_channel_exactly() -> None:
-    _, pending, channel, applier, _ = _setup()
+    _, pending, channel, applier, _ = await _setup()
     body = _body(1)
     for chunk in _split(_upload(body, 2), 3):
         applier.feed(chunk)
@@ -109,7 +111,7 @@ async def test_stream_fed_in_random_chunks_reaches_channel_exactly() -> None:
 
 @pytest.mark.parametrize("seed", range(8))
 async def test_parts_out_of_order_with_repeats_applied_once_in_order(seed: int) -> None:
-    _, _, channel, applier, _ = _setup()
+    _, _, channel, applier, _ = await _setup()
     body = _body(seed)
     parts = _split(_upload(body, seed), seed + 100)
     rng = random.Random(seed)
@@ -119,7 +121,7 @@ async def test_parts_out_of_order_with_repeats_applied_once_in_order(seed: int) 
     assembler = PartAssembler(applier, max_held=len(parts))
     seen: set[int] = set()
     for seq in deliveries:
-        fresh = assembler.add(seq, parts[seq])
+        fresh = await assembler.add(seq, parts[seq])
         assert fresh == (seq not in seen), seq
         seen.add(seq)
     assert assembler.next_seq == len(parts)
@@ -129,44 +131,44 @@ async def test_parts_out_of_order_with_repeats_applied_once_in_order(seed: int) 
 
 
 async def test_repeat_of_applied_part_is_not_reapplied() -> None:
-    _, _, channel, applier, _ = _setup()
+    _, _, channel, applier, _ = await _setup()
     assembler = PartAssembler(applier)
     first = encode_head(HEAD) + encode_data(b"abc")
-    assert assembler.add(0, first)
-    assert not assembler.add(0, first)
-    assert assembler.add(1, encode_data(b"def"))
-    assert not assembler.add(1, encode_data(b"def"))
-    assert not assembler.add(0, first)
-    assert assembler.add(2, encode_end(END))
+    assert await assembler.add(0, first)
+    assert not await assembler.add(0, first)
+    assert await assembler.add(1, encode_data(b"def"))
+    assert not await assembler.add(1, encode_data(b"def"))
+    assert not await assembler.add(0, first)
+    assert await assembler.add(2, encode_end(END))
     assert await _drain(channel) == [HEAD, b"abc", b"def", END]
 
 
 async def test_held_part_repeated_before_gap_fills() -> None:
-    _, _, channel, applier, _ = _setup()
+    _, _, channel, applier, _ = await _setup()
     assembler = PartAssembler(applier)
-    assert assembler.add(2, encode_data(b"C"))
-    assert not assembler.add(2, encode_data(b"C"))
-    assert assembler.add(1, encode_data(b"B"))
+    assert await assembler.add(2, encode_data(b"C"))
+    assert not await assembler.add(2, encode_data(b"C"))
+    assert await assembler.add(1, encode_data(b"B"))
     assert await channel.get(timeout=0.001) == []  # nothing before part 0
-    assert assembler.add(0, encode_head(HEAD) + encode_data(b"A"))
+    assert await assembler.add(0, encode_head(HEAD) + encode_data(b"A"))
     assert await _drain(channel) == [HEAD, b"A", b"B", b"C"]
     assert assembler.next_seq == 3
 
 
 @pytest.mark.parametrize("max_held", [1, 3, 8])
 async def test_too_many_held_parts(max_held: int) -> None:
-    _, _, _, applier, _ = _setup()
+    _, _, _, applier, _ = await _setup()
     assembler = PartAssembler(applier, max_held=max_held)
     for seq in range(1, max_held + 1):
-        assert assembler.add(seq, encode_data(b"x"))
-    assert not assembler.add(1, encode_data(b"x"))  # a repeat is not "one more"
+        assert await assembler.add(seq, encode_data(b"x"))
+    assert not await assembler.add(1, encode_data(b"x"))  # a repeat is not "one more"
     with pytest.raises(FrameError):
-        assembler.add(max_held + 1, encode_data(b"x"))
+        await assembler.add(max_held + 1, encode_data(b"x"))
 
 
 @pytest.mark.parametrize(("sizes", "limit", "ok"), [([5, 5], 10, True), ([5, 6], 10, False)])
 async def test_response_limit(sizes: list[int], limit: int, ok: bool) -> None:
-    _, _, channel, applier, _ = _setup(limit=limit)
+    _, _, channel, applier, _ = await _setup(limit=limit)
     wire = encode_head(HEAD) + b"".join(encode_data(b"a" * n) for n in sizes)
     if ok:
         applier.feed(wire)
@@ -179,15 +181,15 @@ async def test_response_limit(sizes: list[int], limit: int, ok: bool) -> None:
 
 
 async def test_limit_counts_across_parts() -> None:
-    _, _, _, applier, _ = _setup(limit=1000)
+    _, _, _, applier, _ = await _setup(limit=1000)
     assembler = PartAssembler(applier)
-    assembler.add(0, encode_head(HEAD) + encode_data(b"a" * 600))
+    await assembler.add(0, encode_head(HEAD) + encode_data(b"a" * 600))
     with pytest.raises(UploadTooLarge):
-        assembler.add(1, encode_data(b"a" * 401))
+        await assembler.add(1, encode_data(b"a" * 401))
 
 
 async def test_feed_records_activity_and_head() -> None:
-    _, pending, _, applier, clock = _setup()
+    _, pending, _, applier, clock = await _setup()
     assert not pending.head_seen
     clock.now = 150.0
     applier.feed(HEARTBEAT_FRAME)
@@ -202,7 +204,7 @@ async def test_feed_records_activity_and_head() -> None:
 
 
 async def test_bytes_after_end_are_ignored() -> None:
-    _, _, channel, applier, _ = _setup()
+    _, _, channel, applier, _ = await _setup()
     applier.feed(encode_head(HEAD) + encode_end(END) + encode_data(b"junk"))
     applier.feed(encode_data(b"more junk"))
     applier.feed(b"\xff\xff not even a frame")
@@ -210,28 +212,28 @@ async def test_bytes_after_end_are_ignored() -> None:
 
 
 async def test_malformed_upload_raises_frame_error() -> None:
-    _, _, _, applier, _ = _setup()
+    _, _, _, applier, _ = await _setup()
     with pytest.raises(FrameError):
         applier.feed(bytes([9, 0, 0, 0, 0]))
 
 
 async def test_abort_fails_channel_once() -> None:
-    _, _, channel, applier, _ = _setup()
+    _, _, channel, applier, _ = await _setup()
     applier.feed(encode_head(HEAD))
-    applier.abort(502, "bad_upload", "broken frames")
-    applier.abort(500, "again", "ignored")
+    await applier.abort(502, "bad_upload", "broken frames")
+    await applier.abort(500, "again", "ignored")
     assert await _drain(channel) == [HEAD, Failure(502, "bad_upload", "broken frames")]
 
 
 async def test_abort_after_end_changes_nothing() -> None:
-    _, _, channel, applier, _ = _setup()
+    _, _, channel, applier, _ = await _setup()
     applier.feed(encode_head(HEAD) + encode_end(END))
-    applier.abort(502, "x", "y")
+    await applier.abort(502, "x", "y")
     assert await _drain(channel) == [HEAD, END]
 
 
 async def test_cancelled_reflects_core_state() -> None:
-    hub, _, _, applier, _ = _setup()
+    hub, _, _, applier, _ = await _setup()
     assert not applier.cancelled
-    hub.cancel("r1")
+    await hub.cancel("r1")
     assert applier.cancelled
