@@ -21,7 +21,9 @@ from broker.keys import KeyStore
 from broker.metrics import BrokerMetrics
 from broker.portal import install_portal
 from broker.portal.security import add_security_headers
+from broker.redis_state import RedisRelayState, connect
 from broker.relay_app import RelayApp
+from broker.relay_state import RelayState
 from broker.settings import BrokerSettings
 from broker.state import BrokerState
 from broker.usage import UsageRecorder
@@ -52,7 +54,16 @@ def build_state(settings: BrokerSettings, keys: KeyStore | None = None) -> Broke
             connector_config=settings.connector_config,
             data_dir=settings.data_dir,
         )
-    hub = RelayHub(timings_from(settings))
+    hub: RelayState
+    if settings.redis_url:
+        hub = RedisRelayState(
+            timings_from(settings),
+            connect(settings.redis_url),
+            prefix=settings.redis_prefix,
+            upstream_key=keys.upstream_key,
+        )
+    else:
+        hub = RelayHub(timings_from(settings))
     usage = UsageRecorder(settings.usage_path) if settings.record_usage else None
     return BrokerState(settings=settings, hub=hub, keys=keys, metrics=BrokerMetrics(), usage=usage)
 

@@ -259,6 +259,13 @@ class KeyStore:
     def connector(self, token: str) -> ConnectorIdentity | None:
         return self._connectors.get(hash_secret(token))
 
+    def upstream_key(self, identity_id: str) -> str | None:
+        """The upstream LLM key of a connector identity (the Redis mode keeps none in Redis)."""
+        for ident in self._connectors.values():
+            if ident.id == identity_id:
+                return ident.upstream_api_key
+        return None
+
 
 def bearer(header: str | None) -> str | None:
     """The token of an ``Authorization: Bearer <token>`` header."""

@@ -1,9 +1,12 @@
 from __future__ import annotations
 
 import openai
+import pytest
 
 from tests.support.fake_llm import FakeLLM
 from tests.support.stack import USER_KEY, Stack
+
+pytestmark = pytest.mark.both_states  # relay semantics: in memory and in Redis
 
 
 async def test_non_stream_chat(stack: Stack, fake_llm: FakeLLM) -> None:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from broker.relay_state import RelayView
 from broker.server import BrokerServer
 from broker.settings import BrokerSettings
 from connector.runner import Connector
@@ -18,6 +20,10 @@ from tests.support.net import free_port, wait_for, wait_port
 
 USER_KEY = "sk-" + "1" * 32
 TOKEN = "ct-test-token"
+
+# Settings every broker of the running test starts with: tests/conftest.py puts the Redis
+# relay state here for tests marked ``both_states`` when they run in the "redis" mode.
+BROKER_DEFAULTS: dict[str, Any] = {}
 
 
 @dataclass
@@ -38,6 +44,27 @@ class RunningBroker:
     def hub(self):  # type: ignore[no-untyped-def]
         return self.server.state.hub
 
+    @property
+    def redis_mode(self) -> bool:
+        return self.settings.redis_url is not None
+
+    async def view(self) -> RelayView:
+        """The relay state as this broker sees it (shared by all brokers in the Redis mode)."""
+        view: RelayView = await self.server.state.hub.view()
+        return view
+
+    async def wait_view(
+        self, check: Callable[[RelayView], bool], timeout: float = 10.0
+    ) -> RelayView:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            view = await self.view()
+            if check(view):
+                return view
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"relay state never matched: {view}")
+            await asyncio.sleep(0.02)
+
     async def stop(self) -> None:
         self.server.request_stop()
         await asyncio.wait_for(self.task, 20)
@@ -54,6 +81,7 @@ async def start_broker(data_dir: Path, port: int | None = None, **overrides: Any
         "generate_credentials": False,
         "drain_timeout": 5.0,
     }
+    values.update(BROKER_DEFAULTS)
     values.update(overrides)
     settings = BrokerSettings(**values)
     server = BrokerServer(settings)
