@@ -252,7 +252,8 @@ end
 return {cx, out}
 """
 
-# ARGV: P, rid, model, user, item, now, queue max, queue wait, total timeout, home broker.
+# ARGV: P, rid, model, user, item, now, queue max, queue wait, total timeout, home broker,
+# home alive until.
 # Returns {'ok'} | {'busy', waiting, {name, capacity, ...}} | {'unknown'} | {'noconn'} |
 # {'full'}.
 SUBMIT = r"""
@@ -274,6 +275,8 @@ redis.call('HSET', rk, 'item', ARGV[5], 'model', model, 'user', user, 'state', '
 -- Only a safety net: every request ends through FINISH or the sweeper well before this.
 redis.call('EXPIRE', rk, math.ceil(tonumber(ARGV[9]) + 300))
 redis.call('SADD', P .. 'reqs', rid)
+-- The home broker is alive now (its heartbeat may not be back yet after a Redis restart).
+redis.call('ZADD', P .. 'b', 'GT', tonumber(ARGV[11]), ARGV[10])
 if redis.call('RPUSH', lane_key(model, user), rid) == 1 then
   redis.call('RPUSH', P .. 'qr:' .. model, user)
 end

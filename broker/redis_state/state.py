@@ -25,7 +25,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
@@ -109,15 +109,22 @@ class _Local:
     waiters: dict[str, list[PollWaiter]] = field(default_factory=dict)
 
 
-def connect(url: str) -> Redis:
-    """A client that fails fast while Redis is down (one quick retry for a stale socket)."""
-    return Redis.from_url(
+def connect(url: str, max_connections: int = 64) -> Redis:
+    """A client that fails fast while Redis is down (one quick retry for a stale socket).
+
+    A bursty broker waits for a pooled connection rather than opening one per request:
+    redis-py's default pool refuses the 101st concurrent command outright.
+    """
+    pool = BlockingConnectionPool.from_url(
         url,
+        max_connections=max_connections,
+        timeout=5.0,
         socket_timeout=5.0,
         socket_connect_timeout=2.0,
         retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 1),
         health_check_interval=10,
     )
+    return Redis.from_pool(pool)  # closing the client closes the pool
 
 
 class RedisRelayState:
@@ -156,6 +163,9 @@ class RedisRelayState:
             argv: list[Any] = [self.prefix, *args]
             return await self._scripts[name](args=argv)
         except RedisError as exc:
+            log.warning(
+                "relay_state_error", step=name, error_type=type(exc).__name__, error=str(exc)
+            )
             raise StateUnavailable(UNAVAILABLE) from exc
 
     async def _quietly(self, name: str, *args: object) -> None:
@@ -398,6 +408,7 @@ class RedisRelayState:
                 t.queue_wait,
                 t.total_timeout,
                 self.broker_id,
+                repr(now + ALIVE_FOR),
             )
         except StateUnavailable:
             self._local.homes.pop(rid, None)

@@ -15,6 +15,8 @@ from broker.keys import hash_secret, user_id
 from tests.support.fake_llm import FakeLLM
 from tests.support.stack import USER_KEY, Stack, start_connector
 
+pytestmark = pytest.mark.both_states  # relay semantics: in memory and in Redis
+
 
 def sdk(stack: Stack, **kw) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=stack.base_url, api_key=USER_KEY, max_retries=0, **kw)

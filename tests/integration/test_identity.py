@@ -7,6 +7,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import pytest
 import structlog
 
 from shared.protocol import RELAY_PREFIX, RegisterRequest, RegisterResponse, Replaced
@@ -14,6 +15,8 @@ from tests.support.fake_llm import FakeLLM
 from tests.support.stack import TOKEN, USER_KEY, start_broker, start_connector
 
 INTRUDER = "ct-intruder-token"
+
+pytestmark = pytest.mark.both_states  # relay semantics: in memory and in Redis
 
 
 def _register(name: str, models: list[str], instance: str) -> bytes:
@@ -26,9 +29,8 @@ async def test_other_token_cannot_take_over_end_or_read_a_session(
 ) -> None:
     broker = await start_broker(tmp_path / "b", connector_tokens=[TOKEN, INTRUDER], poll_wait=1.0)
     victim = await start_connector(broker.url, fake_llm.url, name="gpu-box")
-    core = broker.hub.core
     try:
-        (victim_sid,) = core.sessions
+        (victim_sid,) = (await broker.view()).sessions
         relay = httpx.AsyncClient(
             base_url=broker.url + RELAY_PREFIX,
             headers={"Authorization": f"Bearer {INTRUDER}"},
@@ -41,7 +43,7 @@ async def test_other_token_cannot_take_over_end_or_read_a_session(
             assert r.status_code == 200, r.text
             mine = RegisterResponse.model_validate_json(r.content)
             assert mine.replaced is Replaced.NONE
-            assert set(core.sessions) == {victim_sid, mine.session_id}
+            assert set((await broker.view()).sessions) == {victim_sid, mine.session_id}
 
             # The victim's session looks exactly like one that does not exist.
             absent = "ses_" + "0" * 24
@@ -63,8 +65,9 @@ async def test_other_token_cannot_take_over_end_or_read_a_session(
                     model="fake-model", messages=[{"role": "user", "content": "hi"}]
                 )
                 assert reply.choices[0].message.content
-            assert victim_sid in core.sessions
-            assert core.sessions[victim_sid].served == 5
+            sessions = (await broker.view()).sessions
+            assert victim_sid in sessions
+            assert sessions[victim_sid].served == 5
             assert victim.connector.status.reconnects == 0
             # The intruder's own poll holds nothing of the victim's traffic.
             r = await relay.post(f"/sessions/{mine.session_id}/poll")
@@ -79,14 +82,14 @@ async def test_same_token_same_name_restart_replaces_at_once(
     tmp_path: Path, fake_llm: FakeLLM
 ) -> None:
     broker = await start_broker(tmp_path / "b")
-    core = broker.hub.core
     first = await start_connector(broker.url, fake_llm.url, name="box")
     await first.kill()  # dies without deregistering: its session lingers until the TTL
-    (old_sid,) = core.sessions
+    (old_sid,) = (await broker.view()).sessions
     second = await start_connector(broker.url, fake_llm.url, name="box")
     try:
-        assert old_sid not in core.sessions  # replaced at once, not after the TTL
-        assert len(core.sessions) == 1
+        sessions = (await broker.view()).sessions
+        assert old_sid not in sessions  # replaced at once, not after the TTL
+        assert len(sessions) == 1
         async with httpx.AsyncClient(
             base_url=broker.url, headers={"Authorization": f"Bearer {TOKEN}"}
         ) as relay:

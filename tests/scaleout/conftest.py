@@ -1,0 +1,86 @@
+"""Several real broker processes sharing one real redis-server (tests/support/redis_server.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.e2e.procs import Broker, Procs
+from tests.support.fake_llm import FakeLLM
+from tests.support.redis_server import RedisServer
+from tests.support.stack import TOKEN, USER_KEY, RunningConnector
+
+# Short relay timings so leases and failures show within seconds.
+BROKER_ARGS = ("--lease", "2", "--session-ttl", "10", "--poll-wait", "10")
+
+
+@dataclass
+class Cluster:
+    procs: Procs
+    redis: RedisServer
+    root: Path
+    brokers: list[Broker] = field(default_factory=list)
+    connectors: list[RunningConnector] = field(default_factory=list)
+
+    async def start(self, n: int, *extra: str) -> list[Broker]:
+        """``n`` more broker processes on the one Redis, started side by side."""
+        first = len(self.brokers)
+        started = await asyncio.gather(
+            *(
+                self.procs.broker(
+                    self.root / f"broker{first + i}",
+                    "--user-api-key",
+                    USER_KEY,
+                    "--connector-token",
+                    TOKEN,
+                    "--redis-url",
+                    self.redis.url,
+                    "--log-format",
+                    "json",
+                    *BROKER_ARGS,
+                    *extra,
+                    name=f"broker{first + i}",
+                )
+                for i in range(n)
+            )
+        )
+        self.brokers.extend(started)
+        return list(started)
+
+    async def close(self) -> None:
+        for conn in self.connectors:
+            await conn.kill()
+        await self.procs.close()
+
+
+@pytest.fixture
+async def redis() -> AsyncIterator[RedisServer]:
+    async with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path, redis: RedisServer) -> AsyncIterator[Cluster]:
+    c = Cluster(Procs(), redis, tmp_path)
+    try:
+        yield c
+    finally:
+        await c.close()
+
+
+@pytest.fixture
+async def slow_llm() -> AsyncIterator[FakeLLM]:
+    fake = FakeLLM(chunk_delay=0.05)
+    await fake.start()
+    yield fake
+    await fake.stop()
+
+
+async def ready(broker: Broker) -> httpx.Response:
+    async with httpx.AsyncClient(trust_env=False, timeout=5.0) as client:
+        return await client.get(f"http://127.0.0.1:{broker.health_port}/ready")
