@@ -12,6 +12,7 @@ import pytest
 
 from tests.e2e.procs import Broker, Procs
 from tests.support.fake_llm import FakeLLM
+from tests.support.net import free_port
 from tests.support.redis_server import RedisServer
 from tests.support.stack import TOKEN, USER_KEY, RunningConnector
 
@@ -29,28 +30,31 @@ class Cluster:
 
     async def start(self, n: int, *extra: str) -> list[Broker]:
         """``n`` more broker processes on the one Redis, started side by side."""
-        first = len(self.brokers)
-        started = await asyncio.gather(
-            *(
-                self.procs.broker(
-                    self.root / f"broker{first + i}",
-                    "--user-api-key",
-                    USER_KEY,
-                    "--connector-token",
-                    TOKEN,
-                    "--redis-url",
-                    self.redis.url,
-                    "--log-format",
-                    "json",
-                    *BROKER_ARGS,
-                    *extra,
-                    name=f"broker{first + i}",
-                )
-                for i in range(n)
+        started = []
+        for _ in range(n):
+            i = len(self.brokers)
+            broker = Broker(free_port(), free_port(), self.root / f"broker{i}")
+            broker.proc = await self.procs.start(
+                f"broker{i}",
+                "-m",
+                "broker",
+                *broker.base_args(),
+                "--user-api-key",
+                USER_KEY,
+                "--connector-token",
+                TOKEN,
+                "--redis-url",
+                self.redis.url,
+                "--log-format",
+                "json",
+                *BROKER_ARGS,
+                *extra,
             )
-        )
-        self.brokers.extend(started)
-        return list(started)
+            self.brokers.append(broker)
+            started.append(broker)
+        # Several interpreters starting at once on a busy 2-core machine take a while.
+        await asyncio.gather(*(b.wait_listening(timeout=90.0) for b in started))
+        return started
 
     async def close(self) -> None:
         for conn in self.connectors:
