@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from broker.hub import RelayHub
 from broker.keys import KeyStore
 from broker.metrics import BrokerMetrics
+from broker.prices import PriceBook
 from broker.settings import BrokerSettings
 from broker.usage import UsageRecorder
 
@@ -18,4 +19,5 @@ class BrokerState:
     keys: KeyStore
     metrics: BrokerMetrics
     usage: UsageRecorder | None = None
+    prices: PriceBook | None = None  # from --models-file
     started: float = 0.0
