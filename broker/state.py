@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from broker.hub import RelayHub
 from broker.keys import KeyStore
+from broker.limiter import LimitState, MemoryLimitState
 from broker.metrics import BrokerMetrics
 from broker.settings import BrokerSettings
 from broker.usage import UsageRecorder
@@ -18,4 +19,6 @@ class BrokerState:
     keys: KeyStore
     metrics: BrokerMetrics
     usage: UsageRecorder | None = None
+    # The limit counters (docs/limits.md): in memory here, shared when brokers scale out.
+    limiter: LimitState = field(default_factory=MemoryLimitState)
     started: float = 0.0
