@@ -21,6 +21,7 @@ from broker.keys import KeyStore
 from broker.metrics import BrokerMetrics
 from broker.portal import install_portal
 from broker.portal.security import add_security_headers
+from broker.prices import load_prices
 from broker.redis_state import RedisRelayState, connect
 from broker.relay_app import RelayApp
 from broker.relay_state import RelayState
@@ -65,7 +66,15 @@ def build_state(settings: BrokerSettings, keys: KeyStore | None = None) -> Broke
     else:
         hub = RelayHub(timings_from(settings))
     usage = UsageRecorder(settings.usage_path) if settings.record_usage else None
-    return BrokerState(settings=settings, hub=hub, keys=keys, metrics=BrokerMetrics(), usage=usage)
+    prices = load_prices(settings.models_file) if settings.models_file else None
+    return BrokerState(
+        settings=settings,
+        hub=hub,
+        keys=keys,
+        metrics=BrokerMetrics(),
+        usage=usage,
+        prices=prices,
+    )
 
 
 def create_app(settings: BrokerSettings, state: BrokerState | None = None) -> Quart:

@@ -19,7 +19,6 @@ from connector.runner import Connector
 from tests.proxies.measure import stream_timing
 from tests.proxies.relay import connector_settings
 from tests.support.fake_llm import FakeLLM
-from tests.support.net import wait_for
 from tests.support.stack import RunningConnector, start_broker
 
 _PART = re.compile(r"/parts/(\d+)$")
@@ -110,7 +109,7 @@ async def test_parts_survive_failed_and_repeated_posts(tmp_path: Path, fake_llm:
         # The broker recognised the repeats and applied nothing twice.
         assert sum('"duplicate"' in a for a in path.answers) >= 5
         assert len(fake_llm.seen) == 1
-        await wait_for(lambda: broker.hub.core.in_flight() == 0, 5)
+        await broker.wait_view(lambda v: v.in_flight == 0, timeout=5)
     finally:
         await conn.stop()
         await broker.stop()
