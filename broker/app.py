@@ -18,11 +18,13 @@ from broker.core import StateUnavailable, Timings
 from broker.errors import error_response, type_for_status
 from broker.hub import RelayHub
 from broker.keys import KeyStore
+from broker.limiter import LimitState, MemoryLimitState
 from broker.metrics import BrokerMetrics
 from broker.portal import install_portal
 from broker.portal.security import add_security_headers
 from broker.prices import load_prices
 from broker.redis_state import RedisRelayState, connect
+from broker.redis_state.limits import RedisLimitState
 from broker.relay_app import RelayApp
 from broker.relay_state import RelayState
 from broker.settings import BrokerSettings
@@ -56,15 +58,20 @@ def build_state(settings: BrokerSettings, keys: KeyStore | None = None) -> Broke
             data_dir=settings.data_dir,
         )
     hub: RelayState
+    limiter: LimitState
     if settings.redis_url:
+        # One client (one pool) for the relay state and the limits: the same Redis.
+        redis = connect(settings.redis_url)
         hub = RedisRelayState(
             timings_from(settings),
-            connect(settings.redis_url),
+            redis,
             prefix=settings.redis_prefix,
             upstream_key=keys.upstream_key,
         )
+        limiter = RedisLimitState(redis, prefix=settings.redis_prefix)
     else:
         hub = RelayHub(timings_from(settings))
+        limiter = MemoryLimitState()
     usage = UsageRecorder(settings.usage_path) if settings.record_usage else None
     prices = load_prices(settings.models_file) if settings.models_file else None
     return BrokerState(
@@ -74,6 +81,7 @@ def build_state(settings: BrokerSettings, keys: KeyStore | None = None) -> Broke
         metrics=BrokerMetrics(),
         usage=usage,
         prices=prices,
+        limiter=limiter,
     )
 
 

@@ -218,3 +218,28 @@ async def wait_for_ready(broker: Broker, timeout: float = 15.0) -> None:
     while (await ready(broker)).status_code != 200:
         assert loop.time() < deadline, "the broker never became ready again"
         await asyncio.sleep(0.1)
+
+
+async def test_a_rate_limit_holds_across_brokers(cluster: Cluster, fake_llm: FakeLLM) -> None:
+    a, b, c = await cluster.start(3, "--rpm-limit", "4")
+    cluster.connectors.append(await start_connector(b.url, fake_llm.url, capacity=8))
+    await c.wait_model(MODEL)
+    sdks = [openai_client(x.url, USER_KEY) for x in (a, b, c)]
+    try:
+        for i in range(4):  # the user's whole minute, spread over three brokers
+            reply = await sdks[i % 3].chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=1
+            )
+            assert reply.choices[0].message.content == "tok0 "
+        for sdk in sdks:  # every broker knows the budget is spent
+            with pytest.raises(openai.RateLimitError) as refused:
+                await sdk.chat.completions.create(
+                    model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=1
+                )
+            headers = refused.value.response.headers
+            assert float(headers["retry-after"]) > 0
+            assert headers["x-ratelimit-limit-requests"] == "4"
+    finally:
+        for sdk in sdks:
+            await sdk.close()
+    assert len(fake_llm.seen) == 4
