@@ -30,7 +30,7 @@ from broker.usage_query import (
     TotalRow,
     UsageFilter,
     grand_total,
-    totals,
+    merged_totals,
 )
 from broker.users import UsersFileError, parse_users
 from shared.errors import ConfigError
@@ -207,6 +207,14 @@ def render_json(
     default=None,
     help="Prices per model (as the broker's --models-file): adds cost columns.",
 )
+@click.option(
+    "--db",
+    "dbs",
+    multiple=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="A usage database to read instead of this broker's (repeatable: one per broker "
+    "when several share a Redis; their totals are merged).",
+)
 @click.pass_context
 def usage_command(
     ctx: click.Context,
@@ -217,11 +225,13 @@ def usage_command(
     by: str,
     fmt: str,
     models_file: Path | None,
+    dbs: tuple[Path, ...],
 ) -> None:
     """Totals of requests and tokens from the usage ledger, with a total row.
 
     Examples: `remotellm-broker usage --since 7d --by model`,
-    `remotellm-broker usage --since 2026-11-01 --until 2026-12-01 --format csv`.
+    `remotellm-broker usage --since 2026-11-01 --until 2026-12-01 --format csv`,
+    `remotellm-broker usage --db a/usage.sqlite3 --db b/usage.sqlite3` (several brokers).
     """
     settings = _settings(ctx, models_file)
     try:
@@ -233,7 +243,7 @@ def usage_command(
     filt = UsageFilter(since=since, until=until, user=_user_id(settings, user), model=model)
     group = cast(Group, by)
     try:
-        rows = totals(settings.usage_path, filt, group, prices)
+        rows = merged_totals(list(dbs) or [settings.usage_path], filt, group, prices)
     except LedgerError as exc:
         _fail(str(exc))
     if fmt == "json":

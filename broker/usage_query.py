@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Literal, get_args
@@ -177,6 +177,22 @@ def totals(
         slot = (row.key, key2)
         rows[slot] = _merge(rows[slot], row) if slot in rows else row
     return list(rows.values())
+
+
+def merged_totals(
+    dbs: Sequence[Path], filt: UsageFilter, by: Group, prices: PriceBook | None
+) -> list[TotalRow]:
+    """``totals`` over several ledgers, one per broker (docs/scale-out.md), row by row.
+
+    Brokers record different requests (each its own API users'), so summing the rows of
+    the same key is the whole answer; rows come ordered by key as ``totals`` orders them.
+    """
+    rows: dict[tuple[str, str | None], TotalRow] = {}
+    for db in dbs:
+        for row in totals(db, filt, by, prices):
+            slot = (row.key, row.key2)
+            rows[slot] = _merge(rows[slot], row) if slot in rows else row
+    return [rows[slot] for slot in sorted(rows, key=lambda s: (s[0], s[1] or ""))]
 
 
 def grand_total(rows: list[TotalRow]) -> TotalRow:

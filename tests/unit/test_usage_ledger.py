@@ -334,3 +334,17 @@ async def test_cli_bad_models_file(ledger: Path, tmp_path: Path) -> None:
     code, out = usage_cli(ledger, "--models-file", str(bad))
     assert code == 2
     assert "models.big.input" in out
+
+
+async def test_cli_merges_the_ledgers_of_several_brokers(ledger: Path, tmp_path: Path) -> None:
+    """Each broker of a scale-out keeps its own SQLite file; --db adds them up."""
+    other = tmp_path / "broker-b" / "usage.sqlite3"
+    await write(other, [rec(DAY2, "r9", "alice", "big", tokens_in=1, tokens_out=2)])
+    result = CliRunner().invoke(
+        broker_cli.main, ["usage", "--db", str(ledger), "--db", str(other), "--by", "user"]
+    )
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[1].split()[:4] == ["alice", "3", "0", "16"]  # 10 + 5 here, 1 on broker b
+    assert lines[2].split()[:4] == ["bob", "3", "1", "1010"]
+    assert lines[-1].split()[:2] == ["TOTAL", "6"]
