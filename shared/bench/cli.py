@@ -10,7 +10,8 @@ from pathlib import Path
 
 import click
 
-from shared.bench.local import PROFILES, run_profile
+from shared.bench.brokers import brokers_table, run_brokers
+from shared.bench.local import PROFILES, Scenario, run_profile
 from shared.bench.peer import PEERS, PeerOptions
 from shared.bench.report import peer_table, scaling_lines, table
 from shared.bench.target import run_target, target_table
@@ -149,3 +150,34 @@ def target(
     click.echo(target_table(summary))
     if json_path is not None:
         json_path.write_text(json.dumps(summary, indent=2))
+
+
+@main.command()
+@click.option("--concurrency", type=int, default=60, show_default=True)
+@click.option("--requests", "count", type=int, default=300, show_default=True)
+@click.option("--chunks", type=int, default=100, show_default=True, help="Chunks per answer.")
+@click.option(
+    "--delay-ms", type=float, default=5.0, show_default=True, help="Upstream pause per chunk."
+)
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write JSON here.")
+def brokers(
+    concurrency: int, count: int, chunks: int, delay_ms: float, json_path: Path | None
+) -> None:
+    """Several brokers on one local redis-server: throughput with 1, 2 and 3 brokers, and
+    what the Redis relay state adds over the in-memory one (docs/scale-out.md)."""
+    scenario = Scenario("brokers", concurrency, count, chunks, delay_ms=delay_ms)
+    click.echo(
+        f"remotellm-bench brokers: {count} streams of {chunks} chunks, {concurrency} at once"
+    )
+    rows = asyncio.run(run_brokers(scenario))
+    click.echo("")
+    click.echo(brokers_table(rows))
+    if json_path is not None:
+        payload = {
+            "machine": {"python": platform.python_version(), "platform": platform.platform()},
+            "scenario": {"concurrency": concurrency, "requests": count, "chunks": chunks,
+                         "delay_ms": delay_ms},
+            "rows": [row.summary() for row in rows],
+        }  # fmt: skip
+        json_path.write_text(json.dumps(payload, indent=2))
+        click.echo(f"\nJSON written to {json_path}")
