@@ -22,7 +22,6 @@ import json
 import secrets
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
 from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -51,6 +50,8 @@ from broker.core.relay import new_session_id
 from broker.core.timers import Deadlines, Kind
 from broker.redis_state import inbox, scripts
 from broker.redis_state.home import Drop, Later, Where, judge, queue_verdict
+from broker.redis_state.local import Home, LocalState, PollWaiter, apply_meta
+from broker.redis_state.records import session_record, session_view
 from broker.relay_state import Clock, FrameSink, RelayView, SessionView, Superseded
 from shared.errors import quote
 from shared.logging import get_logger
@@ -58,8 +59,6 @@ from shared.protocol import (
     CancelItem,
     Replaced,
     RequestItem,
-    ResponseEnd,
-    ResponseHead,
     UploadMode,
     WorkItem,
 )
@@ -74,39 +73,6 @@ INBOX_BLOCK_MS = 1000
 UNAVAILABLE = "the relay state (Redis) is unavailable; retry shortly"
 
 UpstreamKey = Callable[[str], str | None]
-
-
-@dataclass(slots=True, eq=False)
-class Home:
-    """A request whose API user this broker holds."""
-
-    pending: Pending
-    channel: ResponseChannel
-
-
-@dataclass(slots=True, eq=False)
-class PollWaiter:
-    token: str
-    models: frozenset[str]
-    future: asyncio.Future[None] | None = None
-    superseded: bool = False
-    gone: bool = False
-
-    def arm(self) -> asyncio.Future[None]:
-        self.future = asyncio.get_running_loop().create_future()
-        return self.future
-
-    def wake(self) -> None:
-        if self.future is not None and not self.future.done():
-            self.future.set_result(None)
-
-
-@dataclass(slots=True)
-class _Local:
-    homes: dict[str, Home] = field(default_factory=dict)
-    uploads: set[str] = field(default_factory=set)
-    ended: set[str] = field(default_factory=set)
-    waiters: dict[str, list[PollWaiter]] = field(default_factory=dict)
 
 
 def connect(url: str, max_connections: int = 64) -> Redis:
@@ -148,7 +114,7 @@ class RedisRelayState:
         self._scripts: dict[str, AsyncScript] = {
             name: redis.register_script(scripts.COMMON + body) for name, body in scripts.ALL.items()
         }
-        self._local = _Local()
+        self._local = LocalState()
         self._deadlines = Deadlines()
         self._rearm = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -291,7 +257,7 @@ class RedisRelayState:
             raise StateUnavailable(UNAVAILABLE) from exc
         fields = {k.decode(): v.decode() for k, v in raw.items()}
         if fields.get("owner") == owner:
-            return _session(session_id, fields)
+            return session_record(session_id, fields)
         if replaced_by is not None and replaced_by.decode() == owner:
             raise SessionReplaced(session_id)
         raise UnknownSession(session_id)
@@ -449,7 +415,7 @@ class RedisRelayState:
         meta = inbox.Meta(connector, attempt, leased_at)
         home = self._local.homes.get(request_id) if home_id == self.broker_id else None
         if home is not None:
-            self._apply_meta(home.pending, meta)
+            apply_meta(home.pending, meta, self.clock, self.wall)
             home.pending.session_id = session_id
             home.pending.state = State.ACTIVE
             return home.pending, home.channel
@@ -523,7 +489,7 @@ class RedisRelayState:
             fields = {k.decode(): v.decode() for k, v in answers[2 * i].items()}
             if "owner" not in fields:
                 continue
-            view = _session_view(sid, fields, int(answers[2 * i + 1]))
+            view = session_view(sid, fields, int(answers[2 * i + 1]))
             sessions[sid] = view
             for model in view.models:
                 live.setdefault(model, []).append(view.name)
@@ -547,45 +513,18 @@ class RedisRelayState:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.psubscribe(pattern)
-                self._wake_all()
+                self._local.wake_all()
                 while True:
                     message = await pubsub.get_message(timeout=1.0)
                     if message is not None and message.get("type") == "pmessage":
-                        self._on_wake(message["channel"], message["data"])
+                        name = message["channel"][len(self.prefix) + 2 :].decode()
+                        self._local.on_wake(name, message["data"])
             except RedisError as exc:
                 log.warning("relay_state_listener_lost", error=str(exc))
                 await asyncio.sleep(0.5)
             finally:
                 with contextlib.suppress(RedisError):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
-
-    def _wake_all(self) -> None:
-        for waiters in self._local.waiters.values():
-            for waiter in waiters:
-                waiter.wake()
-
-    def _on_wake(self, channel: bytes, data: bytes) -> None:
-        local = self._local
-        name = channel[len(self.prefix) + 2 :].decode()  # after "w:"
-        if name.startswith("s:"):
-            for waiter in local.waiters.get(name[2:], ()):
-                if data.startswith(b"p:"):
-                    if data[2:].decode() == waiter.token:
-                        continue
-                    waiter.superseded = True
-                elif data == b"x":
-                    waiter.gone = True
-                waiter.wake()
-        elif name.startswith("m:"):
-            model = name[2:]
-            for waiters in local.waiters.values():
-                for waiter in waiters:
-                    if model in waiter.models:
-                        waiter.wake()
-        elif name == "e":
-            rid = data.decode()
-            if rid in local.uploads:
-                local.ended.add(rid)
 
     # -- background: response frames from other brokers -----------------------------------
 
@@ -604,53 +543,20 @@ class RedisRelayState:
                 if self._inbox_up or self._local.homes:
                     log.warning("relay_state_unreachable", error=str(exc))
                 self._inbox_up = False
-                self._fail_homes(Failure(503, "state_unavailable", UNAVAILABLE))
+                self._local.fail_homes(Failure(503, "state_unavailable", UNAVAILABLE))
                 await asyncio.sleep(0.25)
                 continue
             for _stream, entries in answer:
                 for entry_id, fields in entries:
                     last = entry_id
-                    self._apply(fields)
+                    requeued = self._local.apply(fields, self.clock, self.wall)
+                    if requeued is not None:
+                        self._add_deadline(requeued, Kind.QUEUE, fields[b"r"].decode())
             reads += 1
             if answer and reads % 64 == 0:
                 with contextlib.suppress(RedisError):
                     await self.redis.xtrim(key, minid=last)
                     await self.redis.expire(key, 3600)
-
-    def _apply(self, fields: dict[bytes, bytes]) -> None:
-        rid, frames = inbox.entry_frames(fields)
-        home = self._local.homes.get(rid)
-        if home is None:
-            return
-        pending, channel = home.pending, home.channel
-        pending.last_activity = self.clock()
-        for kind, value in frames:
-            if kind == inbox.DATA:
-                channel.data(value)
-            elif kind == inbox.HEAD:
-                pending.head_seen = True
-                channel.head(ResponseHead.model_validate_json(value))
-            elif kind == inbox.END:
-                channel.end(ResponseEnd.model_validate_json(value))
-            elif kind == inbox.FAIL:
-                self._local.homes.pop(rid, None)
-                channel.fail(inbox.decode_failure(value))
-            elif kind == inbox.META:
-                self._apply_meta(pending, inbox.Meta.decode(value))
-            elif kind == inbox.REQUEUED:
-                pending.state = State.QUEUED
-                delay = max(0.0, float(value) - self.wall())
-                self._add_deadline(self.clock() + delay, Kind.QUEUE, rid)
-
-    def _apply_meta(self, pending: Pending, meta: inbox.Meta) -> None:
-        pending.connector = meta.connector
-        pending.dispatches = meta.attempt
-        pending.leased_at = self.clock() - max(0.0, self.wall() - meta.leased_at)
-
-    def _fail_homes(self, failure: Failure) -> None:
-        homes, self._local.homes = self._local.homes, {}
-        for home in homes.values():
-            home.channel.fail(failure)
 
     # -- background: sweeper and heartbeat ------------------------------------------------
 
@@ -760,38 +666,3 @@ async def _wait(
 ) -> None:
     waits: list[asyncio.Future[Any]] = [future] if abort is None else [future, abort]
     await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-
-
-def _session(sid: str, f: dict[str, str]) -> Session:
-    return Session(
-        id=sid,
-        owner=f["owner"],
-        name=f["name"],
-        instance_id=f.get("instance", ""),
-        models=frozenset(json.loads(f["models"])),
-        capacity=int(f["capacity"]),
-        capacity_source=f.get("csrc", ""),
-        version=f.get("version", ""),
-        upload_mode=UploadMode(f.get("mode", UploadMode.STREAM.value)),
-        upstream_api_key=None,
-        created=float(f.get("created", 0)),
-        last_seen=float(f.get("last_seen", 0)),
-        polling=int(f.get("polling", 0)),
-        served=int(f.get("served", 0)),
-    )
-
-
-def _session_view(sid: str, f: dict[str, str], active: int) -> SessionView:
-    s = _session(sid, f)
-    return SessionView(
-        id=sid,
-        name=s.name,
-        owner=s.owner,
-        models=s.models,
-        capacity=s.capacity,
-        capacity_source=s.capacity_source,
-        active=active,
-        upload_mode=s.upload_mode,
-        version=s.version,
-        served=s.served,
-    )
