@@ -164,6 +164,7 @@ return drop_session(sid, 'connector stopped', tonumber(ARGV[4]), tonumber(ARGV[5
 """
 
 # ARGV: P, sid, owner, now, alive until, poll token.  A newer poll supersedes older ones.
+# Returns the session's models (JSON), or 0 for someone else's or no session.
 POLL_START = r"""
 local sid, owner = ARGV[2], ARGV[3]
 local sk = P .. 's:' .. sid
@@ -172,7 +173,7 @@ redis.call('HINCRBY', sk, 'polling', 1)
 redis.call('HSET', sk, 'last_seen', ARGV[4])
 redis.call('ZADD', P .. 'sx', tonumber(ARGV[5]), sid)
 redis.call('PUBLISH', P .. 'w:s:' .. sid, 'p:' .. ARGV[6])
-return 1
+return redis.call('HGET', sk, 'models')
 """
 
 # ARGV: P, sid, now, ttl.  The TTL runs from the end of the last poll.

@@ -287,18 +287,20 @@ class RedisRelayState:
         abort: asyncio.Future[object] | None = None,
     ) -> list[WorkItem]:
         """Hold a long-poll until there is work for the session or ``hold`` passes."""
-        session = await self.session(owner, session_id)
-        waiter = PollWaiter(secrets.token_hex(8), session.models)
+        token = secrets.token_hex(8)
+        t = self.timings
+        now = self.wall()
+        alive_until = now + hold + t.session_ttl
+        models = await self._run(
+            "poll_start", session_id, owner, repr(now), repr(alive_until), token
+        )
+        if not models:
+            await self.session(owner, session_id)  # the right 404: replaced or unknown
+            raise UnknownSession(session_id)
+        waiter = PollWaiter(token, frozenset(json.loads(models)))
         waiters = self._local.waiters.setdefault(session_id, [])
         waiters.append(waiter)
-        t = self.timings
         try:
-            now = self.wall()
-            alive_until = now + hold + t.session_ttl
-            if not await self._run(
-                "poll_start", session_id, owner, repr(now), repr(alive_until), waiter.token
-            ):
-                raise UnknownSession(session_id)
             deadline = self.clock() + hold
             while True:
                 if self._draining:
@@ -442,10 +444,15 @@ class RedisRelayState:
 
     async def finish(self, request_id: str) -> None:
         local = self._local
-        local.homes.pop(request_id, None)
-        local.uploads.discard(request_id)
+        held = local.homes.pop(request_id, None) is not None
+        if request_id in local.uploads:
+            local.uploads.discard(request_id)
+            held = True
         local.ended.discard(request_id)
-        await self._quietly("finish", request_id)
+        # Neither held here: it was finished here already (the upload and the API side
+        # both finish), or whoever ended it (a deadline, the sweeper) removed it from Redis.
+        if held:
+            await self._quietly("finish", request_id)
 
     def activity(self, pending: Pending, now: float) -> None:
         pending.last_activity = now

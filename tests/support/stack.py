@@ -95,7 +95,7 @@ class RunningConnector:
     connector: Connector
     task: asyncio.Task[None]
 
-    async def wait_registered(self, timeout: float = 10.0) -> None:
+    async def wait_registered(self, timeout: float = 20.0) -> None:
         await wait_for(lambda: self.connector.status.session_id is not None, timeout)
 
     async def stop(self) -> None:
