@@ -50,7 +50,8 @@ def _run(action: Callable[[], Any]) -> Any:
 
 @click.group("users")
 def users_command() -> None:
-    """List the key portal's users, block or unblock them, list or revoke their keys."""
+    """List the key portal's users, block or unblock them, list or revoke their keys, and
+    show or set their limits."""
 
 
 @users_command.command("list")
@@ -158,7 +159,7 @@ def _limit_options(func: Callable[..., Any]) -> Callable[..., Any]:
 @users_command.command("limits")
 @click.argument("user")
 @click.option("--key", default=None, help="Set the limits of this key (name or prefix) alone.")
-@click.option("--clear", is_flag=True, help="Remove every override (back to the defaults).")
+@click.option("--clear", is_flag=True, help="Remove every override of USER (or of --key) first.")
 @_limit_options
 @click.pass_context
 def limits(
