@@ -21,6 +21,7 @@ from broker.keys import KeyStore
 from broker.metrics import BrokerMetrics
 from broker.portal import install_portal
 from broker.portal.security import add_security_headers
+from broker.prices import load_prices
 from broker.relay_app import RelayApp
 from broker.settings import BrokerSettings
 from broker.state import BrokerState
@@ -54,8 +55,14 @@ def build_state(settings: BrokerSettings, keys: KeyStore | None = None) -> Broke
         )
     hub = RelayHub(timings_from(settings))
     usage = UsageRecorder(settings.usage_path) if settings.record_usage else None
+    prices = load_prices(settings.models_file) if settings.models_file else None
     return BrokerState(
-        settings=settings, hub=hub, keys=keys, metrics=BrokerMetrics(hub), usage=usage
+        settings=settings,
+        hub=hub,
+        keys=keys,
+        metrics=BrokerMetrics(hub),
+        usage=usage,
+        prices=prices,
     )
 
 

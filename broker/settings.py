@@ -73,6 +73,12 @@ class BrokerSettings(FileAwareSettings):
         description="SQLite file for usage records.",
         json_schema_extra={"doc_default": "<data-dir>/usage.sqlite3"},
     )
+    models_file: Path | None = Field(
+        None,
+        description="YAML file of token prices per model (`currency`, `models: {<model>: "
+        "{input_per_million, output_per_million}}`): adds cost columns wherever usage is "
+        "shown (docs/usage.md).",
+    )
     generate_credentials: bool = Field(
         True,
         description="With no key or token configured, create a user key and a connector token "

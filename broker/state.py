@@ -8,6 +8,7 @@ from broker.hub import RelayHub
 from broker.keys import KeyStore
 from broker.limiter import LimitState, MemoryLimitState
 from broker.metrics import BrokerMetrics
+from broker.prices import PriceBook
 from broker.settings import BrokerSettings
 from broker.usage import UsageRecorder
 
@@ -19,6 +20,7 @@ class BrokerState:
     keys: KeyStore
     metrics: BrokerMetrics
     usage: UsageRecorder | None = None
+    prices: PriceBook | None = None  # from --models-file
     # The limit counters (docs/limits.md): in memory here, shared when brokers scale out.
     limiter: LimitState = field(default_factory=MemoryLimitState)
     started: float = 0.0
