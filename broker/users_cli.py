@@ -57,9 +57,9 @@ def users_command() -> None:
 @users_command.command("list")
 @click.pass_context
 def list_users(ctx: click.Context) -> None:
-    """Every user: GitLab id, username, blocked, number of keys, last login."""
+    """Every user: GitLab id, username, blocked, number of keys, last login, limits."""
     store = _store(ctx)
-    rows = [("ID", "USERNAME", "BLOCKED", "KEYS", "LAST LOGIN")]
+    rows = [("ID", "USERNAME", "BLOCKED", "KEYS", "LAST LOGIN", "LIMITS")]
     for u in store.users:
         rows.append(
             (
@@ -68,6 +68,7 @@ def list_users(ctx: click.Context) -> None:
                 "yes" if u.blocked else "no",
                 str(len(u.keys)),
                 _when(u.last_login),
+                _limits_text(u.limits),
             )
         )
     _table(rows)

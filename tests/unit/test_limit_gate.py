@@ -289,6 +289,8 @@ def test_users_limits_cli(tmp_path: Path) -> None:
     assert "key laptop" in key.output and "concurrency=2" in key.output
     back = run(broker_cli.main, [*base, "alice", "--tpm", "default"])
     assert "alice: rpm=60 daily-tokens=unlimited" in back.output
+    listed = run(broker_cli.main, [*base[:-1], "list"], catch_exceptions=False)
+    assert "LIMITS" in listed.output and "rpm=60 daily-tokens=unlimited" in listed.output
     cleared = run(broker_cli.main, [*base, "alice", "--clear"])
     assert "alice: defaults" in cleared.output and "concurrency=2" in cleared.output
     bad = run(broker_cli.main, [*base, "alice", "--rpm", "0"])
