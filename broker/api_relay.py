@@ -20,6 +20,7 @@ from broker.asgi import Message, Receive, Scope, Send
 from broker.channel import ResponseChannel
 from broker.core import DispatchError, Pending
 from broker.core.response import Action, Begin, Body, Close, Outcome, ResponseMachine
+from broker.core.sse_usage import USAGE_PATHS, estimate_prompt_tokens, with_include_usage
 from broker.forwarded import client_address, parse_networks
 from broker.hub import RelayHub
 from broker.keys import UserKey
@@ -155,7 +156,9 @@ class ApiRelay:
                 param="model",
                 headers={REQUEST_ID_HEADER: rid},
             )
-        item = self._item(scope, rid, model, text, body.get("stream") is True)
+        # Ask a streaming upstream for its usage chunk; the machine removes it again.
+        upstream_text = with_include_usage(text, body) if scope["path"] in USAGE_PATHS else None
+        item = self._item(scope, rid, model, upstream_text or text, body.get("stream") is True)
         try:
             pending, channel = self.hub.submit(item, user=user.id)
         except DispatchError as exc:
@@ -178,6 +181,8 @@ class ApiRelay:
             started=started,
             commit_after=state.settings.stream_commit_after,
             heartbeat=state.settings.heartbeat,
+            strip_usage=upstream_text is not None,
+            prompt_tokens=estimate_prompt_tokens(body),
         )
         responder = AsgiResponder(self.hub, pending, channel, machine)
         try:
@@ -270,6 +275,8 @@ class ApiRelay:
                 duration_ms=round(duration * 1000.0, 3),
                 bytes_out=outcome.bytes_out if outcome else 0,
                 key_name=user.name,
+                estimated=outcome.estimated if outcome else False,
+                partial=outcome.partial if outcome else False,
             )
         )
 
