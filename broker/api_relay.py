@@ -229,7 +229,9 @@ class ApiRelay:
     ) -> None:
         duration = self.hub.clock() - started
         ttfb = outcome.ttfb_ms / 1000.0 if outcome.ttfb_ms is not None else None
-        self.state.metrics.request_done(item.model, outcome.status, ttfb, duration)
+        metrics = self.state.metrics
+        metrics.request_done(item.model, outcome.status, ttfb, duration)
+        metrics.usage_done(item.model, outcome.tokens_in, outcome.tokens_out, pending.queue_wait)
         self._usage(rid, user, item, outcome.status, duration, pending.connector, outcome)
         log.info(
             "request_done",
@@ -246,6 +248,10 @@ class ApiRelay:
             bytes_out=outcome.bytes_out,
             error=outcome.error,
             attempts=pending.dispatches,
+            tokens_in=outcome.tokens_in,
+            tokens_out=outcome.tokens_out,
+            estimated=outcome.estimated,
+            partial=outcome.partial,
         )
 
     def _usage(

@@ -12,8 +12,10 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from broker.usage_query import RequestRow, recent_requests
+from connector.health import HealthServer
 from tests.support.fake_llm import FakeLLM
 from tests.support.net import wait_for
 from tests.support.stack import TOKEN, USER_KEY, RunningBroker, start_broker, start_connector
@@ -207,3 +209,55 @@ async def test_graceful_stop_loses_no_record(tmp_path: Path) -> None:
     assert len(recorded) == 3
     assert all((r.status, r.tokens_out, r.partial) == (200, 10, False) for r in recorded)
     assert json.loads(bodies[0].split(b"\n\n")[0][6:])["choices"][0]["delta"]["content"]
+
+
+def families(text: str) -> dict[str, Any]:
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def sample(family: Any, suffix: str = "", **labels: str) -> float:
+    for s in family.samples:
+        if s.name == family.name + suffix and all(s.labels.get(k) == v for k, v in labels.items()):
+            return float(s.value)
+    raise AssertionError(f"no sample {family.name}{suffix} {labels}")
+
+
+async def test_metrics_count_tokens_queue_wait_and_connector_state(tmp_path: Path) -> None:
+    fake = FakeLLM(usage_style="ignore")  # one estimated stream, one exact answer
+    await fake.start()
+    broker = await start_broker(tmp_path / "b")
+    conn = await start_connector(broker.url, fake.url)
+    health = HealthServer(conn.connector, "127.0.0.1", 0)
+    await health.start()
+    try:
+        await raw_stream(broker.url, chat(6, stream=True, prompt="12345678"), AUTH)
+        async with httpx.AsyncClient(timeout=30.0, headers=AUTH) as client:
+            r = await client.post(broker.url + "/v1/chat/completions", json=chat(4, stream=False))
+            assert r.status_code == 200
+            r = await client.post(
+                broker.url + "/v1/chat/completions", json=chat(4, stream=False, prompt="fail:503")
+            )
+            assert r.status_code == 503
+            scraped = await client.get(broker.health_url + "/metrics")
+            local = await client.get(f"http://127.0.0.1:{health.port}/metrics")
+    finally:
+        await health.close()
+        await conn.stop()
+        await broker.stop()
+        await fake.stop()
+    assert scraped.status_code == 200
+    got = families(scraped.text)
+    tokens = got["remotellm_tokens"]
+    # stream: 2 estimated prompt tokens, 6 deltas; answer: 3 and 5 from its usage
+    assert sample(tokens, "_total", model="fake-model", kind="input") == 2 + 3
+    assert sample(tokens, "_total", model="fake-model", kind="output") == 6 + 5
+    wait = got["remotellm_queue_wait_seconds"]
+    assert sample(wait, "_count", model="fake-model") == 3  # once per request, not per chunk
+    assert 0 <= sample(wait, "_sum", model="fake-model") < 5
+    assert local.headers["content-type"].startswith("text/plain")
+    mine = families(local.text)
+    assert sample(mine["remotellm_connector_requests"], "_total", result="served") == 3
+    assert sample(mine["remotellm_connector_upstream_errors"], "_total", reason="status_5xx") == 1
+    assert sample(mine["remotellm_connector_relay_reconnects"], "_total") == 0
+    assert sample(mine["remotellm_connector_connected"]) == 1
+    assert sample(mine["remotellm_connector_in_flight"]) == 0
