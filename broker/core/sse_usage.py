@@ -44,12 +44,14 @@ MAX_EVENT = 1024 * 1024  # past this without a blank line the stream is not SSE:
 _INCLUDE_USAGE = ',"stream_options":{"include_usage":true}}'
 _USAGE = b'"usage"'
 _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
+_USAGE_NULL = re.compile(rb'"usage"[ \t]*:[ \t]*null(?=[ \t]*\}[ \t]*\r?(?:\n|$))')
 _PROMPT = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
 _COMPLETION = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
 _EMPTY_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')
-# `"usage": null` as the last member: its closing brace ends the data line.
-_NULL_LAST = re.compile(rb',[ \t]*"usage"[ \t]*:[ \t]*null(?=[ \t]*\}[ \t]*\r?(?:\n|$))')
-_DELTA = re.compile(rb'"(?:content|text|reasoning_content|reasoning|arguments)"\s*:\s*"(?!")')
+# Keys whose non-empty string value is a generated token; found with bytes.find, which is
+# several times cheaper than one regex scanning every quote of the event.
+_DELTA_KEYS = (b'"content"', b'"text"', b'"reasoning_content"', b'"reasoning"', b'"arguments"')
+_STRING_VALUE = re.compile(rb'\s*:\s*"(?!")')
 _BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 
 
@@ -118,6 +120,34 @@ def estimate_completion_tokens(raw: bytes) -> int:
     return math.ceil(chars / CHARS_PER_TOKEN)
 
 
+def _has_delta(event: bytes) -> bool:
+    for key in _DELTA_KEYS:
+        at = event.find(key)
+        while at >= 0:
+            end = at + len(key)
+            if _STRING_VALUE.match(event, end):
+                return True
+            at = event.find(key, end)
+    return False
+
+
+def _count(block: bytes) -> int:
+    """Events of ``block`` (whole events) that carry a token."""
+    if block.count(b"data:") <= 1:
+        return 1 if _has_delta(block) else 0
+    return sum(1 for event in _BOUNDARY.split(block) if event and _has_delta(event))
+
+
+def _strip_null_last(event: bytes) -> bytes:
+    """``event`` without a ``"usage": null`` that is the last member of its object."""
+    at = event.rfind(_USAGE)
+    comma = event.rfind(b",", 0, at)
+    found = _USAGE_NULL.match(event, at)
+    if found is None or comma < 0 or event[comma + 1 : at].strip(b" \t"):
+        return event
+    return event[:comma] + event[found.end() :]
+
+
 def _last(pattern: re.Pattern[bytes], data: bytes) -> int | None:
     found = pattern.findall(data)
     return int(found[-1]) if found else None
@@ -144,6 +174,10 @@ class StreamUsage:
     def feed(self, chunk: bytes) -> bytes:
         """The bytes to send the client now for ``chunk`` of the upstream's answer."""
         if self._broken:
+            return chunk
+        if not self._held and chunk.endswith(b"\n\n") and _USAGE not in chunk:
+            # The common chunk: whole events, no usage in them, nothing to hold or remove.
+            self.deltas += _count(chunk)
             return chunk
         data = self._held + chunk if self._held else chunk
         end = self._split_point(data)
@@ -193,30 +227,24 @@ class StreamUsage:
         """Process the complete events in ``block``; what remains of them to send."""
         if _USAGE not in block:
             # The common chunk: no usage anywhere, nothing to remove; count its deltas.
-            self.deltas += self._count(block)
+            self.deltas += _count(block)
             return block
-        pieces = _BOUNDARY.split(block) if b"\r" in block else block.split(b"\n\n")
-        seps = _BOUNDARY.findall(block) if b"\r" in block else None
+        crlf = b"\r" in block
+        if not crlf and block.find(b"\n\n") == len(block) - 2:
+            return self._event(block)  # one event: the usual chunk
+        pieces = _BOUNDARY.split(block) if crlf else block.split(b"\n\n")
+        seps = _BOUNDARY.findall(block) if crlf else None
         out: list[bytes] = []
         for i, piece in enumerate(pieces[:-1]):  # the last piece is empty: block ends an event
             sep = seps[i] if seps is not None else b"\n\n"
             out.append(self._event(piece + sep))
         return b"".join(out)
 
-    def _count(self, block: bytes) -> int:
-        if b'"' not in block:
-            return 0
-        if block.count(b"data:") <= 1:
-            return 1 if _DELTA.search(block) else 0
-        return sum(
-            1 for event in _BOUNDARY.split(block) if event and _DELTA.search(event) is not None
-        )
-
     def _event(self, event: bytes) -> bytes:
         if _USAGE not in event:
-            self.deltas += self._count(event)
+            self.deltas += _count(event)
             return event
-        if _USAGE_OBJECT.search(event):
+        if _USAGE_OBJECT.search(event, event.find(_USAGE)):
             prompt = _last(_PROMPT, event)
             completion = _last(_COMPLETION, event)
             if completion is not None or prompt is not None:
@@ -225,6 +253,6 @@ class StreamUsage:
             if self.strip and _EMPTY_CHOICES.search(event):
                 return b""
         elif self.strip:
-            event = _NULL_LAST.sub(b"", event, count=1)
-        self.deltas += self._count(event)
+            event = _strip_null_last(event)
+        self.deltas += _count(event)
         return event
