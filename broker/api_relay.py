@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 
 import structlog
 
@@ -19,11 +20,13 @@ from broker.api_input import ApiError, authenticate, parse_json_object, request_
 from broker.asgi import Message, Receive, Scope, Send
 from broker.channel import ResponseChannel
 from broker.core import DispatchError, Pending
+from broker.core.demand import estimate
 from broker.core.response import Action, Begin, Body, Close, Outcome, ResponseMachine
-from broker.core.sse_usage import USAGE_PATHS, estimate_prompt_tokens, with_include_usage
+from broker.core.sse_usage import USAGE_PATHS, with_include_usage
 from broker.forwarded import client_address, parse_networks
 from broker.hub import RelayHub
 from broker.keys import UserKey
+from broker.limit_gate import LimitGate, Ticket
 from broker.state import BrokerState
 from broker.usage import UsageRecord
 from shared.errors import quote
@@ -40,6 +43,27 @@ UNKNOWN_MODEL_LABEL = "(unknown)"
 # client finished sending makes the server close a socket with unread data, which resets
 # the connection and the client never sees the 413.
 DRAIN_LIMIT = 64 * 1024 * 1024
+
+
+@dataclass(slots=True)
+class Progress:
+    """How far a request got, for the settle of its limits."""
+
+    pending: Pending | None = None
+    outcome: Outcome | None = None
+
+    @property
+    def reached(self) -> bool:
+        """Whether a connector took it (so the upstream may have spent tokens)."""
+        return self.pending is not None and self.pending.dispatches > 0
+
+
+@dataclass(frozen=True, slots=True)
+class UsageWatch:
+    """What the response machine needs to count a request's tokens (docs/usage.md)."""
+
+    strip: bool  # the broker added include_usage to the upstream request: remove its effect
+    prompt_tokens: int  # the limits' prompt estimate, used when the upstream reports none
 
 
 class ClientGone(Exception):
@@ -101,6 +125,12 @@ class ApiRelay:
         self.state = state
         self.hub = state.hub
         self.trusted_proxies = parse_networks(state.settings.trusted_proxies)
+        self.gate = LimitGate(
+            state.limiter,
+            state.settings.default_limits,
+            state.settings.default_max_tokens,
+            state.metrics,
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = self.hub.clock()
@@ -159,6 +189,32 @@ class ApiRelay:
         # Ask a streaming upstream for its usage chunk; the machine removes it again.
         upstream_text = with_include_usage(text, body) if scope["path"] in USAGE_PATHS else None
         item = self._item(scope, rid, model, upstream_text or text, body.get("stream") is True)
+        ticket = await self.gate.admit(user, body, item.path, rid)  # 429 over a limit
+        progress = Progress()
+        usage = UsageWatch(upstream_text is not None, estimate(body, item.path, 0).prompt)
+        try:
+            await self._dispatch(
+                scope, receive, send, rid, started, user, item, ticket, progress, usage
+            )
+        finally:
+            # Exactly once, however the request ended (refused, failed, cancelled).
+            await self.gate.settle(ticket, progress.outcome, progress.reached)
+
+    async def _dispatch(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        rid: str,
+        started: float,
+        user: UserKey,
+        item: RequestItem,
+        ticket: Ticket | None,
+        progress: Progress,
+        usage: UsageWatch,
+    ) -> None:
+        state = self.state
+        limit_headers = ticket.headers if ticket is not None else {}
         try:
             pending, channel = self.hub.submit(item, user=user.id)
         except DispatchError as exc:
@@ -170,8 +226,10 @@ class ApiRelay:
                 type_="invalid_request_error" if exc.status == 404 else "server_error",
                 param="model" if exc.status == 404 else None,
                 headers={REQUEST_ID_HEADER: rid}
+                | limit_headers
                 | ({"Retry-After": "2"} if exc.status == 503 else {}),
             ) from None
+        progress.pending = pending
         client = scope.get("client")
         forwarded_for = _header(scope, b"x-forwarded-for")
         address = client_address(client[0] if client else None, forwarded_for, self.trusted_proxies)
@@ -181,9 +239,11 @@ class ApiRelay:
             started=started,
             commit_after=state.settings.stream_commit_after,
             heartbeat=state.settings.heartbeat,
-            strip_usage=upstream_text is not None,
-            prompt_tokens=estimate_prompt_tokens(body),
+            strip_usage=usage.strip,
+            prompt_tokens=usage.prompt_tokens,
+            extra_headers=limit_headers,
         )
+        progress.outcome = machine.outcome
         responder = AsgiResponder(self.hub, pending, channel, machine)
         try:
             await responder.run(receive, send)

@@ -105,6 +105,12 @@ class BrokerMetrics:
             buckets=_QUEUE_BUCKETS,
             registry=self.registry,
         )
+        self.rate_limited_requests = Counter(
+            "remotellm_rate_limited",
+            "API requests refused with 429 by a limit (rpm, tpm, concurrency, daily, monthly)",
+            ["reason"],
+            registry=self.registry,
+        )
         self._seen_redispatches = 0
         self.hub = hub
         self.registry.register(_RelayCollector(hub))
@@ -131,6 +137,9 @@ class BrokerMetrics:
             self.tokens.labels(model, "output").inc(tokens_out)
         if queue_wait_s is not None:
             self.queue_wait.labels(model).observe(queue_wait_s)
+
+    def rate_limited(self, reason: str) -> None:
+        self.rate_limited_requests.labels(reason).inc()
 
     def render(self) -> bytes:
         total = self.hub.core.redispatched

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from broker.hub import RelayHub
 from broker.keys import KeyStore
+from broker.limiter import LimitState, MemoryLimitState
 from broker.metrics import BrokerMetrics
 from broker.prices import PriceBook
 from broker.settings import BrokerSettings
@@ -20,4 +21,6 @@ class BrokerState:
     metrics: BrokerMetrics
     usage: UsageRecorder | None = None
     prices: PriceBook | None = None  # from --models-file
+    # The limit counters (docs/limits.md): in memory here, shared when brokers scale out.
+    limiter: LimitState = field(default_factory=MemoryLimitState)
     started: float = 0.0

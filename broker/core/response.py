@@ -137,6 +137,7 @@ class ResponseMachine:
         heartbeat: float,
         strip_usage: bool = False,
         prompt_tokens: int | None = None,
+        extra_headers: dict[str, str] | None = None,
     ) -> None:
         """``strip_usage``: the broker added ``include_usage`` to the upstream request, so
         remove what that adds; ``prompt_tokens``: the estimate used when no usage comes."""
@@ -154,6 +155,8 @@ class ResponseMachine:
         self._tail = b""
         self._last_beat = started
         self._committed = False
+        # Sent with every status this machine answers (the rate-limit headers).
+        self._base = {REQUEST_ID_HEADER: pending.id, **(extra_headers or {})}
 
     @property
     def done(self) -> bool:
@@ -350,7 +353,7 @@ class ResponseMachine:
             self.outcome.error = error
 
     def _base_headers(self) -> dict[str, str]:
-        return {REQUEST_ID_HEADER: self.pending.id}
+        return dict(self._base)
 
     def _first_byte(self, now: float) -> None:
         if self.outcome.ttfb_ms is None:

@@ -19,7 +19,8 @@ client cannot use it earlier anyway); without filtering every byte passes at onc
 Upstreams that ignore ``include_usage`` (llama-cpp-python's server, measured: no usage
 chunk at all) are counted instead: one token per delivered event that carries a non-empty
 content, text, reasoning or tool-call arguments delta (llama.cpp and vLLM stream one token
-per event), marked ``estimated``. docs/usage.md has the measurements.
+per event), marked ``estimated``; the prompt is then the estimate the limits reserve with
+(``broker.core.demand``). docs/usage.md has the measurements.
 """
 
 from __future__ import annotations
@@ -33,12 +34,11 @@ __all__ = [
     "USAGE_PATHS",
     "StreamUsage",
     "estimate_completion_tokens",
-    "estimate_prompt_tokens",
     "with_include_usage",
 ]
 
 USAGE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
-CHARS_PER_TOKEN = 4  # the usual rule of thumb for English text and code
+BYTES_PER_TOKEN = 4  # as broker.core.demand: about what OpenAI's tokenizers spend
 MAX_EVENT = 1024 * 1024  # past this without a blank line the stream is not SSE: stop parsing
 
 _INCLUDE_USAGE = ',"stream_options":{"include_usage":true}}'
@@ -75,49 +75,33 @@ def with_include_usage(text: str, body: Mapping[str, object]) -> str | None:
     return json.dumps(changed, ensure_ascii=False)
 
 
-def estimate_prompt_tokens(body: Mapping[str, object]) -> int:
-    """Characters of the prompt text (message contents, or ``prompt``) / 4, rounded up."""
-    chars = 0
-    messages = body.get("messages")
-    if isinstance(messages, list):
-        for message in messages:
-            if isinstance(message, dict):
-                chars += _text_chars(message.get("content"))
-    chars += _text_chars(body.get("prompt"))
-    chars += _text_chars(body.get("input"))
-    return math.ceil(chars / CHARS_PER_TOKEN)
-
-
-def _text_chars(value: object) -> int:
+def _text_bytes(value: object) -> int:
     if isinstance(value, str):
-        return len(value)
-    if isinstance(value, list):  # content parts, or a list of prompts
-        total = 0
-        for part in value:
-            if isinstance(part, str):
-                total += len(part)
-            elif isinstance(part, dict) and isinstance(part.get("text"), str):
-                total += len(part["text"])
-        return total
+        return len(value.encode("utf-8"))
+    if isinstance(value, list):  # content parts
+        return sum(_text_bytes(part) for part in value)
+    if isinstance(value, dict) and isinstance(value.get("text"), str):
+        return len(value["text"].encode("utf-8"))
     return 0
 
 
 def estimate_completion_tokens(raw: bytes) -> int:
-    """Characters of a whole answer's message contents (or texts) / 4, rounded up."""
+    """UTF-8 bytes of a whole answer's message contents (or texts) / 4, rounded up (the
+    prompt rule of ``broker.core.demand``, which gives the prompt estimate)."""
     try:
         doc = json.loads(raw)
     except ValueError:
         return 0
-    chars = 0
+    size = 0
     choices = doc.get("choices") if isinstance(doc, dict) else None
     for choice in choices if isinstance(choices, list) else []:
         if not isinstance(choice, dict):
             continue
         message = choice.get("message")
         if isinstance(message, dict):
-            chars += _text_chars(message.get("content"))
-        chars += _text_chars(choice.get("text"))
-    return math.ceil(chars / CHARS_PER_TOKEN)
+            size += _text_bytes(message.get("content"))
+        size += _text_bytes(choice.get("text"))
+    return math.ceil(size / BYTES_PER_TOKEN)
 
 
 def _has_delta(event: bytes) -> bool:

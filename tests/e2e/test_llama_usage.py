@@ -102,7 +102,7 @@ async def test_usage_rows_against_llama_cpp(
     stream_row, whole_row = reversed(recent_requests(data / "usage.sqlite3"))
     assert (stream_row.stream, stream_row.estimated, stream_row.partial) == (True, True, False)
     assert stream_row.tokens_out == deltas  # one token per content delta
-    assert stream_row.tokens_in == 4  # "Count to three." is 15 characters: / 4, rounded up
+    assert stream_row.tokens_in == 4 + 4  # "Count to three.": 15 bytes / 4, + 4 per message
     assert (whole_row.estimated, whole_row.tokens_in, whole_row.tokens_out) == (
         False,
         whole["usage"]["prompt_tokens"],

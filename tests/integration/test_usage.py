@@ -80,10 +80,10 @@ async def test_client_bytes_are_identical_with_and_without_injection(
     for row in recorded:
         assert (row.status, row.stream, row.connector, row.partial) == (200, True, "gpu-1", False)
         assert row.estimated is not exact
-    # exact: the fake's usage chunk (3 in, 6 out); else 6 content deltas and the prompt's
-    # 25 characters / 4, rounded up
-    assert (recorded[0].tokens_in, recorded[0].tokens_out) == ((3, 6) if exact else (7, 6))
-    assert (recorded[1].tokens_in, recorded[1].tokens_out) == ((3, 6) if exact else (7, 6))
+    # exact: the fake's usage chunk (3 in, 6 out); else 6 content deltas and the limits'
+    # prompt estimate: 25 bytes / 4, rounded up, + 4 for the one message
+    expected = (3, 6) if exact else (7 + 4, 6)
+    assert [(r.tokens_in, r.tokens_out) for r in recorded] == [expected, expected]
     assert recorded[0].bytes_out == len(direct)
 
 
@@ -135,7 +135,7 @@ async def test_cancelled_stream_records_what_was_delivered(tmp_path: Path) -> No
     assert (row.status, row.partial, row.estimated) == (499, True, True)
     # What reached the client: at least what it read, far less than was asked for.
     assert row.tokens_out is not None and 5 <= row.tokens_out < 50
-    assert row.tokens_in == 3
+    assert row.tokens_in == 3 + 4  # "hello there": 11 bytes / 4, rounded up, + 4 per message
 
 
 async def test_redispatched_stream_is_one_row_with_the_last_attempt(
@@ -248,8 +248,8 @@ async def test_metrics_count_tokens_queue_wait_and_connector_state(tmp_path: Pat
     assert scraped.status_code == 200
     got = families(scraped.text)
     tokens = got["remotellm_tokens"]
-    # stream: 2 estimated prompt tokens, 6 deltas; answer: 3 and 5 from its usage
-    assert sample(tokens, "_total", model="fake-model", kind="input") == 2 + 3
+    # stream: 2 + 4 estimated prompt tokens, 6 deltas; answer: 3 and 5 from its usage
+    assert sample(tokens, "_total", model="fake-model", kind="input") == 6 + 3
     assert sample(tokens, "_total", model="fake-model", kind="output") == 6 + 5
     wait = got["remotellm_queue_wait_seconds"]
     assert sample(wait, "_count", model="fake-model") == 3  # once per request, not per chunk

@@ -11,7 +11,6 @@ import pytest
 from broker.core.sse_usage import (
     StreamUsage,
     estimate_completion_tokens,
-    estimate_prompt_tokens,
     with_include_usage,
 )
 
@@ -242,22 +241,9 @@ def test_with_include_usage(body: str, expected: str | None) -> None:
         assert json.loads(changed)["stream_options"]["include_usage"] is True
 
 
-@pytest.mark.parametrize(
-    ("body", "tokens"),
-    [
-        ({"messages": [{"role": "user", "content": "12345678"}]}, 2),
-        ({"messages": [{"role": "user", "content": [{"type": "text", "text": "123"}]}]}, 1),
-        ({"prompt": "123456789"}, 3),
-        ({"prompt": ["1234", "5678"]}, 2),
-        ({"input": "12"}, 1),
-        ({"messages": "not a list"}, 0),
-    ],
-)
-def test_prompt_estimate(body: dict, tokens: int) -> None:  # type: ignore[type-arg]
-    assert estimate_prompt_tokens(body) == tokens
-
-
 def test_completion_estimate() -> None:
     raw = compact({"choices": [{"message": {"content": "12345"}}, {"text": "123"}]})
-    assert estimate_completion_tokens(raw) == 2
+    assert estimate_completion_tokens(raw) == 2  # 8 bytes / 4
+    parts = compact({"choices": [{"message": {"content": [{"type": "text", "text": "é" * 5}]}}]})
+    assert estimate_completion_tokens(parts) == 3  # 10 UTF-8 bytes / 4, rounded up
     assert estimate_completion_tokens(b"not json") == 0
