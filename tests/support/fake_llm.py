@@ -142,6 +142,19 @@ class FakeLLM(LoopbackApp):
             payload["usage"] = None
         return "data: " + json.dumps(payload, ensure_ascii=False) + "\n\n"
 
+    def _usage_chunk(self, model: str, completion: int) -> bytes:
+        counts = {"prompt_tokens": 3, "completion_tokens": completion}
+        counts["total_tokens"] = 3 + completion
+        payload = {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": model,
+            "choices": [],
+            "usage": counts,
+        }
+        return ("data: " + json.dumps(payload) + "\n\n").encode()
+
     async def _stream(self, model: str, n: int, prompt: str, usage: bool = False):  # type: ignore[no-untyped-def]
         self.active += 1
         finished = False
@@ -159,6 +172,8 @@ class FakeLLM(LoopbackApp):
             if prompt.startswith("say:"):
                 yield self._chunk(model, prompt[4:], usage=usage).encode()
                 yield self._chunk(model, "", finish="stop", usage=usage).encode()
+                if usage:
+                    yield self._usage_chunk(model, 1)
                 yield b"data: [DONE]\n\n"
                 finished = True
                 return
@@ -170,16 +185,7 @@ class FakeLLM(LoopbackApp):
                 yield self._chunk(model, f"tok{i} ", usage=usage).encode()
             yield self._chunk(model, "", finish="stop", usage=usage).encode()
             if usage:
-                counts = {"prompt_tokens": 3, "completion_tokens": n, "total_tokens": 3 + n}
-                payload = {
-                    "id": "chatcmpl-fake",
-                    "object": "chat.completion.chunk",
-                    "created": self.created,
-                    "model": model,
-                    "choices": [],
-                    "usage": counts,
-                }
-                yield ("data: " + json.dumps(payload) + "\n\n").encode()
+                yield self._usage_chunk(model, n)
             yield b"data: [DONE]\n\n"
             finished = True
         finally:
