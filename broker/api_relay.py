@@ -187,7 +187,8 @@ class ApiRelay:
                 headers={REQUEST_ID_HEADER: rid},
             )
         # Ask a streaming upstream for its usage chunk; the machine removes it again.
-        upstream_text = with_include_usage(text, body) if scope["path"] in USAGE_PATHS else None
+        asks = state.settings.ask_stream_usage and scope["path"] in USAGE_PATHS
+        upstream_text = with_include_usage(text, body) if asks else None
         item = self._item(scope, rid, model, upstream_text or text, body.get("stream") is True)
         ticket = await self.gate.admit(user, body, item.path, rid)  # 429 over a limit
         progress = Progress()

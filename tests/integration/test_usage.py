@@ -261,3 +261,20 @@ async def test_metrics_count_tokens_queue_wait_and_connector_state(tmp_path: Pat
     assert sample(mine["remotellm_connector_relay_reconnects"], "_total") == 0
     assert sample(mine["remotellm_connector_connected"]) == 1
     assert sample(mine["remotellm_connector_in_flight"]) == 0
+
+
+async def test_no_ask_stream_usage_sends_the_body_unchanged(
+    tmp_path: Path, fake_llm: FakeLLM
+) -> None:
+    broker = await start_broker(tmp_path / "b", ask_stream_usage=False)
+    conn = await start_connector(broker.url, fake_llm.url)
+    try:
+        body = chat(3, stream=True)
+        relayed = await raw_stream(broker.url, body, AUTH)
+        assert "stream_options" not in fake_llm.seen[-1].body
+        assert relayed == await raw_stream(fake_llm.url, body, {})
+    finally:
+        await conn.stop()
+        await broker.stop()
+    (row,) = rows(broker)
+    assert (row.tokens_out, row.estimated) == (3, True)  # counted, not reported
