@@ -136,23 +136,29 @@ def test_non_streaming_ok_is_answered_whole_at_the_end(
 
 
 @pytest.mark.parametrize(
-    ("raw", "tokens"),
+    ("raw", "tokens", "estimated"),
     [
-        (USAGE, (3, 7)),
-        (b'{"choices": []}', (None, None)),
-        (b'{"usage": {"prompt_tokens": 12}}', (12, None)),
+        (USAGE, (3, 7), False),
+        # no usage: the prompt estimate and the answer's characters / 4
+        (b'{"choices": []}', (None, 0), True),
+        (b'{"choices": [{"message": {"content": "123456789"}}]}', (None, 3), True),
+        (b'{"usage": {"prompt_tokens": 12}}', (12, 0), False),  # embeddings: nothing out
         # the last usage object wins
         (
             b'{"usage": {"prompt_tokens": 1, "completion_tokens": 1}, "x": '
             b'{"prompt_tokens": 5, "completion_tokens": 6}}',
             (5, 6),
+            False,
         ),
     ],
 )
-def test_tokens_from_the_usage_object(raw: bytes, tokens: tuple[int | None, int | None]) -> None:
+def test_tokens_from_the_usage_object(
+    raw: bytes, tokens: tuple[int | None, int | None], estimated: bool
+) -> None:
     m = machine(stream=False)
     m.feed([JSON_HEAD, raw, ResponseEnd()], 1)
     assert (m.outcome.tokens_in, m.outcome.tokens_out) == tokens
+    assert (m.outcome.estimated, m.outcome.partial) == (estimated, False)
 
 
 # -- streaming ----------------------------------------------------------------------------
