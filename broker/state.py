@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from broker.enrollment import EnrollmentStore
 from broker.hub import RelayHub
 from broker.keys import KeyStore
 from broker.metrics import BrokerMetrics
@@ -18,4 +19,5 @@ class BrokerState:
     keys: KeyStore
     metrics: BrokerMetrics
     usage: UsageRecorder | None = None
+    enrollment: EnrollmentStore | None = None
     started: float = 0.0
