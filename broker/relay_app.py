@@ -324,7 +324,9 @@ class RelayApp:
         session_id = call.params[0]
         self.core.session(call.ident.id, session_id)  # 404 before reading anything
         await call.read(64 * 1024)
-        if b"stream=1" in call.scope.get("query_string", b""):
+        streamed = b"stream=1" in call.scope.get("query_string", b"")
+        self._note_poll_mode(session_id, streamed)
+        if streamed:
             await self._poll_stream(call, session_id)
             return
         # The next message is http.disconnect: it tells us the connector hung up.
@@ -339,6 +341,13 @@ class RelayApp:
             if not hangup.done():
                 hangup.cancel()
         await call.respond(200, PollResponse(items=items).model_dump_json().encode())
+
+    def _note_poll_mode(self, session_id: str, streamed: bool) -> None:
+        modes = self.state.poll_modes
+        modes[session_id] = "stream" if streamed else "classic"
+        if len(modes) > 2 * len(self.core.sessions) + 64:  # forget ended sessions
+            for gone in [sid for sid in modes if sid not in self.core.sessions]:
+                del modes[gone]
 
     async def _poll_stream(self, call: Call, session_id: str) -> None:
         """Fast path (docs/protocol.md): one poll answer carries work items as they come.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from broker.enrollment import EnrollmentStore
 from broker.hub import RelayHub
@@ -21,3 +21,5 @@ class BrokerState:
     usage: UsageRecorder | None = None
     enrollment: EnrollmentStore | None = None
     started: float = 0.0
+    # Session id -> "stream" or "classic": how it polled last (for the admin page).
+    poll_modes: dict[str, str] = field(default_factory=dict)
