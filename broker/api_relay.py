@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 
 import structlog
 
@@ -23,6 +24,7 @@ from broker.core.response import Action, Begin, Body, Close, Outcome, ResponseMa
 from broker.forwarded import client_address, parse_networks
 from broker.hub import RelayHub
 from broker.keys import UserKey
+from broker.limit_gate import LimitGate, Ticket
 from broker.state import BrokerState
 from broker.usage import UsageRecord
 from shared.errors import quote
@@ -39,6 +41,19 @@ UNKNOWN_MODEL_LABEL = "(unknown)"
 # client finished sending makes the server close a socket with unread data, which resets
 # the connection and the client never sees the 413.
 DRAIN_LIMIT = 64 * 1024 * 1024
+
+
+@dataclass(slots=True)
+class Progress:
+    """How far a request got, for the settle of its limits."""
+
+    pending: Pending | None = None
+    outcome: Outcome | None = None
+
+    @property
+    def reached(self) -> bool:
+        """Whether a connector took it (so the upstream may have spent tokens)."""
+        return self.pending is not None and self.pending.dispatches > 0
 
 
 class ClientGone(Exception):
@@ -100,6 +115,12 @@ class ApiRelay:
         self.state = state
         self.hub = state.hub
         self.trusted_proxies = parse_networks(state.settings.trusted_proxies)
+        self.gate = LimitGate(
+            state.limiter,
+            state.settings.default_limits,
+            state.settings.default_max_tokens,
+            state.metrics,
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = self.hub.clock()
@@ -156,6 +177,28 @@ class ApiRelay:
                 headers={REQUEST_ID_HEADER: rid},
             )
         item = self._item(scope, rid, model, text, body.get("stream") is True)
+        ticket = await self.gate.admit(user, body, item.path, rid)  # 429 over a limit
+        progress = Progress()
+        try:
+            await self._dispatch(scope, receive, send, rid, started, user, item, ticket, progress)
+        finally:
+            # Exactly once, however the request ended (refused, failed, cancelled).
+            await self.gate.settle(ticket, progress.outcome, progress.reached)
+
+    async def _dispatch(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        rid: str,
+        started: float,
+        user: UserKey,
+        item: RequestItem,
+        ticket: Ticket | None,
+        progress: Progress,
+    ) -> None:
+        state = self.state
+        limit_headers = ticket.headers if ticket is not None else {}
         try:
             pending, channel = self.hub.submit(item, user=user.id)
         except DispatchError as exc:
@@ -167,8 +210,10 @@ class ApiRelay:
                 type_="invalid_request_error" if exc.status == 404 else "server_error",
                 param="model" if exc.status == 404 else None,
                 headers={REQUEST_ID_HEADER: rid}
+                | limit_headers
                 | ({"Retry-After": "2"} if exc.status == 503 else {}),
             ) from None
+        progress.pending = pending
         client = scope.get("client")
         forwarded_for = _header(scope, b"x-forwarded-for")
         address = client_address(client[0] if client else None, forwarded_for, self.trusted_proxies)
@@ -178,7 +223,9 @@ class ApiRelay:
             started=started,
             commit_after=state.settings.stream_commit_after,
             heartbeat=state.settings.heartbeat,
+            extra_headers=limit_headers,
         )
+        progress.outcome = machine.outcome
         responder = AsgiResponder(self.hub, pending, channel, machine)
         try:
             await responder.run(receive, send)

@@ -22,6 +22,7 @@ from broker.keys import KeyStore
 from broker.metrics import BrokerMetrics
 from broker.portal import install_portal
 from broker.portal.security import add_security_headers
+from broker.prices import load_prices
 from broker.relay_app import RelayApp
 from broker.settings import BrokerSettings
 from broker.state import BrokerState
@@ -58,6 +59,7 @@ def build_state(settings: BrokerSettings, keys: KeyStore | None = None) -> Broke
     # Approved connectors keep working with enrollment turned off later: always loaded.
     enrollment = EnrollmentStore(settings.enrolled_path)
     keys.attach_connectors(enrollment.lookup)
+    prices = load_prices(settings.models_file) if settings.models_file else None
     return BrokerState(
         settings=settings,
         hub=hub,
@@ -65,6 +67,7 @@ def build_state(settings: BrokerSettings, keys: KeyStore | None = None) -> Broke
         metrics=BrokerMetrics(hub),
         usage=usage,
         enrollment=enrollment,
+        prices=prices,
     )
 
 

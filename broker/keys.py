@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from broker.core.limits import LimitOverrides
 from shared.errors import ConfigError
 from shared.logging import get_logger
 
@@ -61,6 +62,9 @@ class UserKey:
     id: str
     name: str
     blocked: bool = False
+    # Overrides of the default limits (users file): for the user, and for this key alone.
+    limits: LimitOverrides | None = None
+    key_limits: LimitOverrides | None = None
 
 
 @dataclass(frozen=True, slots=True)

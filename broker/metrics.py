@@ -90,6 +90,12 @@ class BrokerMetrics:
             "Requests handed to another connector after their lease expired",
             registry=self.registry,
         )
+        self.rate_limited_requests = Counter(
+            "remotellm_rate_limited",
+            "API requests refused with 429 by a limit (rpm, tpm, concurrency, daily, monthly)",
+            ["reason"],
+            registry=self.registry,
+        )
         self._seen_redispatches = 0
         self.hub = hub
         self.registry.register(_RelayCollector(hub))
@@ -101,6 +107,9 @@ class BrokerMetrics:
         if ttfb_s is not None:
             self.ttfb.labels(model).observe(ttfb_s)
         self.duration.labels(model).observe(duration_s)
+
+    def rate_limited(self, reason: str) -> None:
+        self.rate_limited_requests.labels(reason).inc()
 
     def render(self) -> bytes:
         total = self.hub.core.redispatched

@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
+from broker.core.limits import Limits
 from shared.settings import FileAwareSettings, split_list
 
 SECONDS = 1.0
@@ -71,6 +72,12 @@ class BrokerSettings(FileAwareSettings):
         None,
         description="SQLite file for usage records.",
         json_schema_extra={"doc_default": "<data-dir>/usage.sqlite3"},
+    )
+    models_file: Path | None = Field(
+        None,
+        description="YAML file of token prices per model (`currency`, `models: {<model>: "
+        "{input_per_million, output_per_million}}`): adds cost columns wherever usage is "
+        "shown (docs/usage.md).",
     )
     generate_credentials: bool = Field(
         True,
@@ -184,6 +191,40 @@ class BrokerSettings(FileAwareSettings):
     drain_timeout: float = Field(
         30 * SECONDS, ge=0, description="Seconds to let in-flight streams finish on SIGTERM."
     )
+    # -- limits per user (docs/limits.md); overrides per user and key in the users file ---
+    rpm_limit: int | None = Field(
+        None,
+        ge=1,
+        description="Requests per minute each user may send (unset: unlimited).",
+    )
+    tpm_limit: int | None = Field(
+        None,
+        ge=1,
+        description="Tokens per minute each user may use, reserved before a request is "
+        "queued (prompt estimate + max_tokens) and corrected to the real usage after it "
+        "(unset: unlimited).",
+    )
+    concurrency_limit: int | None = Field(
+        None,
+        ge=1,
+        description="Requests each user may have in flight at once (unset: unlimited).",
+    )
+    daily_token_quota: int | None = Field(
+        None,
+        ge=1,
+        description="Tokens each user may use per UTC calendar day (unset: unlimited).",
+    )
+    monthly_token_quota: int | None = Field(
+        None,
+        ge=1,
+        description="Tokens each user may use per UTC calendar month (unset: unlimited).",
+    )
+    default_max_tokens: int = Field(
+        1024,
+        ge=1,
+        description="Completion tokens a request that names no max_tokens is assumed to "
+        "use when token limits reserve its worst case.",
+    )
 
     @field_validator(
         "user_api_keys",
@@ -222,6 +263,16 @@ class BrokerSettings(FileAwareSettings):
             if path is not None and not path.is_file():
                 raise ValueError(f"{flag} {path}: no such file")
         return self
+
+    @property
+    def default_limits(self) -> Limits:
+        return Limits(
+            rpm=self.rpm_limit,
+            tpm=self.tpm_limit,
+            concurrency=self.concurrency_limit,
+            daily_tokens=self.daily_token_quota,
+            monthly_tokens=self.monthly_token_quota,
+        )
 
     @property
     def usage_path(self) -> Path:

@@ -129,6 +129,7 @@ class ResponseMachine:
         started: float,
         commit_after: float,
         heartbeat: float,
+        extra_headers: dict[str, str] | None = None,
     ) -> None:
         self.pending = pending  # read only: for the queue time in the overhead figure
         self.stream = stream
@@ -143,6 +144,8 @@ class ResponseMachine:
         self._tail = b""
         self._last_beat = started
         self._committed = False
+        # Sent with every status this machine answers (the rate-limit headers).
+        self._base = {REQUEST_ID_HEADER: pending.id, **(extra_headers or {})}
 
     @property
     def done(self) -> bool:
@@ -298,7 +301,7 @@ class ResponseMachine:
             self.outcome.error = error
 
     def _base_headers(self) -> dict[str, str]:
-        return {REQUEST_ID_HEADER: self.pending.id}
+        return dict(self._base)
 
     def _first_byte(self, now: float) -> None:
         if self.outcome.ttfb_ms is None:

@@ -272,7 +272,8 @@ def create_portal_blueprint(portal: Portal) -> Blueprint:
             examples=pages.examples(
                 portal.base_url, models[0] if models else "MODEL", reveal[1] if reveal else None
             ),
-            usage=await usage_for(usage_path, who.user.user_id),
+            usage=await usage_for(usage_path, who.user.user_id, portal.state.prices),
+            prices=portal.state.prices,
         )
 
     @bp.get("/portal/keys")
