@@ -9,6 +9,7 @@ section (``?done=`` names what happened); bad input gets a page that says what t
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import urlencode
@@ -16,7 +17,7 @@ from urllib.parse import urlencode
 from quart import Blueprint, Response, request
 
 from broker.enrollment import Enrolled, EnrollmentError
-from broker.portal import admin_actions, admin_views, pages
+from broker.portal import admin_actions, admin_usage, admin_views, pages
 from broker.portal.csrf import FORM_FIELD, csrf_ok, csrf_token
 from broker.portal.routes import Portal
 from broker.portal.security import add_security_headers
@@ -26,7 +27,7 @@ from shared.logging import get_logger
 
 log = get_logger("broker.portal.admin")
 
-SECTIONS = ("users", "connectors", "queues")
+SECTIONS = ("users", "connectors", "queues", "usage", "requests")
 
 # What a finished action says on the page it returns to (fixed texts: nothing reflected).
 DONE = {
@@ -149,7 +150,7 @@ def create_admin_blueprint(portal: Portal) -> Blueprint:
                     who, Refused(exc.status, "That cannot be done", exc.message, _back(back))
                 )
             except KeyActionRefused as exc:
-                return refused(who, Refused(404, "That cannot be done", str(exc), _back(back)))
+                return refused(who, Refused(400, "That cannot be done", str(exc), _back(back)))
             except UsersFileError as exc:
                 log.error("portal_users_file_broken", error=str(exc))
                 return refused(
@@ -196,6 +197,10 @@ def create_admin_blueprint(portal: Portal) -> Blueprint:
         if isinstance(who, Response):
             return who
         query = request.args.get("q", "")[:100]
+        now = time.time()  # the limiter counts in wall-clock time (calendar quotas)
+        limited = admin_views.limited_rows(
+            await state.limiter.usage_snapshot(now), now, admin_views.usernames(users.users)
+        )
         return section(
             "users",
             who,
@@ -203,6 +208,9 @@ def create_admin_blueprint(portal: Portal) -> Blueprint:
             query=query,
             static_keys=len(state.settings.user_api_keys),
             users_error=users.error,
+            defaults=admin_views.default_values(state.settings.default_limits),
+            labels=admin_views.LIMIT_LABELS,
+            limited=limited[:50],
         )
 
     @bp.get("/portal/admin/connectors")
@@ -236,6 +244,28 @@ def create_admin_blueprint(portal: Portal) -> Blueprint:
             queue_wait=state.settings.queue_wait,
         )
 
+    @bp.get("/portal/admin/usage")
+    async def usage_page() -> Response:
+        who = admin()
+        if isinstance(who, Response):
+            return who
+        try:
+            view = await admin_usage.usage_view(state, users, request.args)
+        except admin_usage.BadQuery as exc:
+            return refused(who, Refused(400, "That period cannot be shown", str(exc), _USAGE_TODO))
+        return section("usage", who, view=view)
+
+    @bp.get("/portal/admin/requests")
+    async def requests_page() -> Response:
+        who = admin()
+        if isinstance(who, Response):
+            return who
+        try:
+            view = await admin_usage.request_log(state, users, request.args)
+        except admin_usage.BadQuery as exc:
+            return refused(who, Refused(400, "That filter cannot be used", str(exc), _LOG_TODO))
+        return section("requests", who, view=view)
+
     # -- forms ------------------------------------------------------------------------------
 
     def known_user(form: dict[str, str]) -> str:
@@ -267,6 +297,12 @@ def create_admin_blueprint(portal: Portal) -> Blueprint:
         await asyncio.to_thread(users.revoke, selector, form.get("key", ""))
         return "revoked-key"
 
+    async def set_limits(who: Admin, form: dict[str, str]) -> str:
+        selector = known_user(form)
+        values = admin_views.parse_limits(form)
+        await asyncio.to_thread(users.set_limits, selector, values, replace=True)
+        return "limits"
+
     async def approve(who: Admin, form: dict[str, str]) -> str:
         store = admin_actions.store_of(state)
         await asyncio.to_thread(store.approve, form.get("id", ""), who.user.username)
@@ -288,11 +324,16 @@ def create_admin_blueprint(portal: Portal) -> Blueprint:
 
     form_action("/portal/admin/users/block", "/portal/admin/users", block)
     form_action("/portal/admin/users/revoke-key", "/portal/admin/users", revoke_key)
+    form_action("/portal/admin/users/limits", "/portal/admin/users", set_limits)
     form_action("/portal/admin/enrollments/approve", "/portal/admin/connectors", approve)
     form_action("/portal/admin/enrollments/reject", "/portal/admin/connectors", reject)
     form_action("/portal/admin/enrollments/revoke", "/portal/admin/connectors", revoke)
     form_action("/portal/admin/enrollments/llm-key", "/portal/admin/connectors", llm_key)
     return bp
+
+
+_USAGE_TODO = "Pick 1d, 7d or 30d, or give dates as YYYY-MM-DD with from before to."
+_LOG_TODO = "Clear the filter, or give a status as a number such as 200 or 429."
 
 
 def _entries(portal: Portal) -> list[Enrolled]:

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from broker.core import RelayCore
+from broker.core.limits import LIMIT_FIELDS, UNLIMITED, Limits, Override, SubjectUsage
 from broker.enrollment import Enrolled
-from broker.users import UserEntry, UsersStore
+from broker.users import KeyActionRefused, LimitsEntry, UserEntry, UsersStore
 from shared.protocol import EnrollStatus
 
 
@@ -34,6 +35,7 @@ class UserRow:
     keys: list[KeyRow]
     last_used: datetime | None
     last_login: datetime | None
+    limits: dict[str, str]  # the overrides as the form shows them ("" = the default)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +83,7 @@ def user_rows(users: UsersStore, query: str = "") -> list[UserRow]:
                 keys=keys,
                 last_used=max(used) if used else None,
                 last_login=user.last_login,
+                limits=limit_values(user.limits),
             )
         )
     return rows
@@ -167,3 +170,86 @@ def enrollment_groups(entries: list[Enrolled]) -> dict[str, list[Enrolled]]:
         else:
             groups["closed"].append(e)
     return groups
+
+
+LIMIT_LABELS = {
+    "rpm": "requests / min",
+    "tpm": "tokens / min",
+    "concurrency": "at once",
+    "daily_tokens": "tokens / day",
+    "monthly_tokens": "tokens / month",
+}
+
+
+def limit_values(entry: LimitsEntry | None) -> dict[str, str]:
+    values = entry.model_dump() if entry is not None else {}
+    return {name: "" if values.get(name) is None else str(values[name]) for name in LIMIT_FIELDS}
+
+
+def default_values(limits: Limits) -> dict[str, str]:
+    return {
+        name: "unlimited" if getattr(limits, name) is None else str(getattr(limits, name))
+        for name in LIMIT_FIELDS
+    }
+
+
+def parse_limits(form: dict[str, str]) -> dict[str, Override]:
+    """The limits form: empty = the broker's default, a whole number >= 1, or unlimited."""
+    values: dict[str, Override] = {}
+    for name in LIMIT_FIELDS:
+        text = form.get(name, "").strip().lower().replace("_", "").replace(",", "")
+        if not text:
+            values[name] = None
+        elif text == "unlimited":
+            values[name] = UNLIMITED
+        elif text.isdigit() and 1 <= int(text) <= 10**15:
+            values[name] = int(text)
+        else:
+            raise KeyActionRefused(
+                f"{LIMIT_LABELS[name]}: {form.get(name, '')[:40]!r} is not a limit. Give a whole "
+                "number of at least 1, 'unlimited', or leave it empty for the broker's default."
+            )
+    return values
+
+
+@dataclass(frozen=True, slots=True)
+class LimitedRow:
+    subject: str
+    who: str
+    in_flight: int
+    requests_last_minute: int
+    tokens_last_minute: int
+    tokens_today: int
+    tokens_this_month: int
+    refusals: int
+    last_refused: str  # "12 s ago" or "-"
+    reason: str
+    limited_now: bool
+
+
+def limited_rows(
+    found: list[SubjectUsage], now: float, names: dict[str, str], within: float = 60.0
+) -> list[LimitedRow]:
+    """Subjects the limiter knows, the recently refused first (a refusal within ``within``
+    seconds counts as "limited now")."""
+    rows = []
+    for u in found:
+        user, _, key = u.subject.partition("/")
+        who = names.get(user, user) + (f" / {key}" if key else "")
+        recent = u.last_refused is not None and now - u.last_refused <= within
+        rows.append(
+            LimitedRow(
+                subject=u.subject,
+                who=who,
+                in_flight=u.in_flight,
+                requests_last_minute=u.requests_last_minute,
+                tokens_last_minute=u.tokens_last_minute,
+                tokens_today=u.tokens_today,
+                tokens_this_month=u.tokens_this_month,
+                refusals=u.refusals,
+                last_refused=_ago(now - u.last_refused) if u.last_refused is not None else "-",
+                reason=u.last_reason.value if u.last_reason is not None else "-",
+                limited_now=recent,
+            )
+        )
+    return sorted(rows, key=lambda r: (not r.limited_now, -r.refusals, r.who))

@@ -56,7 +56,7 @@ def short(n: float) -> str:
         if n >= size:
             text = f"{n / size:.1f}".rstrip("0").rstrip(".")
             return text + unit
-    return str(int(n))
+    return str(int(n)) if n == int(n) else f"{n:.1f}"
 
 
 def tokens_chart(bars: Sequence[DayBar], title: str, chart_id: str = "tokens-chart") -> str:
@@ -120,7 +120,10 @@ def tokens_chart(bars: Sequence[DayBar], title: str, chart_id: str = "tokens-cha
                     f'width="{width:.1f}" height="{h_out:.1f}"/>'
                 )
             out.append("</g>")
-            if i % every == 0 or i == len(bars) - 1:
+            last = i == len(bars) - 1
+            # The last day is always labelled; the regular label before it gives way if close.
+            crowded = not last and len(bars) - 1 - i < every and (len(bars) - 1) % every
+            if (i % every == 0 and not crowded) or last:
                 out.append(
                     f'<text class="axis" x="{x + width / 2:.1f}" y="{HEIGHT - BOTTOM + 16}" '
                     f'text-anchor="middle">{escape(bar.day[5:])}</text>'

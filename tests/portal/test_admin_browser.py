@@ -28,8 +28,14 @@ BOB = FakeUser(2002, "bob", "Bob B.", ["team"])
 
 
 @pytest.fixture
-def portal_overrides() -> dict[str, Any]:
-    return {"admins": ["alice"], "allow_enrollment": True}
+def portal_overrides(tmp_path: Path) -> dict[str, Any]:
+    prices = tmp_path / "models.yaml"
+    prices.write_text(
+        "currency: EUR\nmodels:\n  fake-model:\n"
+        "    input_per_million: 1000\n    output_per_million: 2000\n",
+        encoding="utf-8",
+    )
+    return {"admins": ["alice"], "allow_enrollment": True, "models_file": prices}
 
 
 @pytest.fixture
@@ -251,3 +257,89 @@ async def test_enrollment_approve_reject_llm_key_and_revoke_through_the_forms(
     await expect(page.locator("#sessions tr[data-connector=gpu-good]")).to_have_count(0)
     assert portal_stack.broker.server.state.keys.connector(token) is None
     await expect(page.locator("#closed")).to_contain_text("revoked")
+
+
+async def test_usage_chart_and_the_request_log_finds_the_id_a_user_quotes(
+    context: BrowserContext, portal_stack: Stack, fake_gitlab: FakeGitLab, artifacts: Path
+) -> None:
+    key = await bob_key(portal_stack, fake_gitlab)
+    async with openai.AsyncOpenAI(
+        base_url=portal_stack.base_url, api_key=key, max_retries=0
+    ) as client:
+        for _ in range(2):
+            await client.chat.completions.create(
+                model="fake-model", messages=[{"role": "user", "content": "tokens:4"}]
+            )
+        raw = await client.chat.completions.with_raw_response.create(
+            model="fake-model", messages=[{"role": "user", "content": "tokens:6"}]
+        )
+    quoted = raw.headers["x-request-id"]
+    usage = portal_stack.broker.server.state.usage
+    assert usage is not None
+    await wait_for(lambda: usage.written >= 3, timeout=10)
+
+    page = await context.new_page()
+    watch = Watch(page)
+    await log_in_as(page, fake_gitlab, ADMIN, "/portal/admin/usage")
+    chart = page.locator("svg#tokens-chart")
+    await expect(chart).to_have_attribute("role", "img")
+    await expect(chart.locator("title").first).to_contain_text("Tokens per day, last 7d")
+    assert await chart.locator("g.bar rect").count() >= 1
+    bob = page.locator("#usage-by-user tr[data-user=bob]")
+    await expect(bob).to_contain_text("fake-model")
+    await expect(bob.locator("td").nth(2)).to_have_text("3")  # requests
+    await expect(page.locator("#usage-by-model thead")).to_contain_text("cost (EUR)")
+    await page.select_option("select[name=period]", "30d")
+    await page.click("#apply")
+    await expect(page.locator("h1")).to_have_text("> usage, last 30d")
+    await expect(page.locator("svg#tokens-chart g.bar")).to_have_count(31)
+    await shoot(page, artifacts, "admin-usage")
+    response = await page.goto("/portal/admin/usage?period=forever")
+    assert response is not None and response.status == 400
+    await expect(page.locator("#todo")).to_contain_text("1d, 7d or 30d")
+
+    await page.goto("/portal/admin/requests")
+    await expect(page.locator("#requests tbody tr")).to_have_count(3)
+    await page.fill("#request-id", quoted)
+    await page.click("#filter")
+    rows = page.locator("#requests tbody tr")
+    await expect(rows).to_have_count(1)
+    await expect(rows.first).to_have_attribute("data-request-id", quoted)
+    await expect(rows.first).to_contain_text("bob")
+    await expect(rows.first.locator(".status")).to_have_text("200")
+    await shoot(page, artifacts, "admin-requests")
+    response = await page.goto("/portal/admin/requests?status=abc")
+    assert response is not None and response.status == 400
+    await expect(page.locator("#todo")).to_contain_text("status as a number")
+    assert [e for e in watch.errors if not e.startswith("Failed to load resource")] == []
+
+
+async def test_limits_edited_on_the_page_hold_and_show_who_is_limited(
+    context: BrowserContext, portal_stack: Stack, fake_gitlab: FakeGitLab, artifacts: Path
+) -> None:
+    key = await bob_key(portal_stack, fake_gitlab)
+    page = await context.new_page()
+    await log_in_as(page, fake_gitlab, ADMIN, "/portal/admin/users")
+    bob = page.locator("#users tr[data-user=bob]")
+    await expect(bob.locator("td.limits")).to_contain_text("defaults")
+    await bob.locator("details.limits-edit summary").click()
+    await bob.locator("input[name=rpm]").fill("1")
+    await bob.locator("button.save-limits").click()
+    await expect(page.locator("#done")).to_contain_text("limits are saved")
+    await expect(bob.locator("td.limits")).to_contain_text("requests / min: 1")
+
+    assert await ask(portal_stack, key)
+    with pytest.raises(openai.RateLimitError) as limited:
+        await ask(portal_stack, key)
+    assert limited.value.response.headers["x-ratelimit-limit-requests"] == "1"
+    await page.goto("/portal/admin/users")
+    row = page.locator("#limited tr", has_text="bob")
+    await expect(row).to_contain_text("limited (rpm)")
+    await shoot(page, artifacts, "admin-users-limited")
+
+    await bob.locator("details.limits-edit summary").click()
+    await bob.locator("input[name=tpm]").fill("-5")
+    await bob.locator("button.save-limits").click()
+    await expect(page.locator("h1")).to_have_text("! That cannot be done")
+    await expect(page.locator("#what")).to_contain_text("tokens / min")
+    await expect(page.locator("#what")).to_contain_text("whole number")

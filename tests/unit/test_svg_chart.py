@@ -23,7 +23,8 @@ def test_nice_ceiling(value: int, expected: int) -> None:
 
 
 @pytest.mark.parametrize(
-    ("value", "expected"), [(0, "0"), (999, "999"), (1000, "1k"), (12345, "12.3k"), (2e6, "2M")]
+    ("value", "expected"),
+    [(0, "0"), (12.5, "12.5"), (999, "999"), (1000, "1k"), (12345, "12.3k"), (2e6, "2M")],
 )
 def test_short_labels(value: float, expected: str) -> None:
     assert short(value) == expected
@@ -76,3 +77,4 @@ def test_many_days_get_few_labels() -> None:
         if t.text and t.text[:2] == "11"
     ]
     assert 4 <= len(labels) <= 9 and labels[-1] == "11-30"
+    assert "11-29" not in labels  # no label crowding the last one
