@@ -142,3 +142,22 @@ async def test_enrolled_file_edits_are_picked_up_without_a_restart(tmp_path: Pat
         await wait_for(seen, timeout=10)
     finally:
         await broker.stop()
+
+
+async def test_check_without_a_token_says_to_enroll(tmp_path: Path) -> None:
+    from connector.check import run_check
+    from connector.settings import ConnectorSettings
+
+    broker = await start_broker(tmp_path / "b", allow_enrollment=True)
+    try:
+        settings = ConnectorSettings(
+            broker_url=broker.url, data_dir=tmp_path / "conn", llm_url=broker.url
+        )
+        lines: list[str] = []
+        ok = await run_check(settings, lines.append)
+        assert not ok
+        (token_line,) = [line for line in lines if "token" in line and "no connector" in line]
+        assert "remotellm-connector enroll" in "\n".join(lines)
+        assert token_line
+    finally:
+        await broker.stop()
