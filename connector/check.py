@@ -266,8 +266,7 @@ class Checker:
             return Step(
                 "token",
                 "fail",
-                "no connector token (none given, none in "
-                f"{self.settings.credentials_path})",
+                f"no connector token (none given, none in {self.settings.credentials_path})",
                 "set REMOTELLM_BROKER_TOKEN or --broker-token-file, or ask to join with "
                 "`remotellm-connector enroll` (docs/enrollment.md)",
             )
