@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from connector.errors import EnrollmentRefused
-from connector.settings import ConnectorSettings
+from connector.settings import ConnectorSettings, default_data_dir
 from shared.errors import ConfigError
 from shared.logging import configure_logging, get_logger
 from shared.loop import run
@@ -86,7 +86,9 @@ def main(ctx: click.Context, /, config_file: Path | None, **options: Any) -> Non
     forwards each to --llm-url and streams the answer back. Every option can also be set
     as REMOTELLM_<NAME> or in --config.
 
-    `remotellm-connector check` (same options) diagnoses the way to the broker instead.
+    `remotellm-connector check` (same options) diagnoses the way to the broker instead;
+    `remotellm-connector enroll` asks a broker started with --allow-enrollment for a token.
+    With no token at all, the connector enrolls first, then serves.
     """
     if ctx.invoked_subcommand is not None:
         # Options given before the subcommand apply to it too.
@@ -169,5 +171,5 @@ def enroll(ctx: click.Context, /, config_file: Path | None, **options: Any) -> N
     click.echo(
         f"enrolled: the token is in {settings.credentials_path} (mode 600).\n"
         f"Start the connector with: remotellm-connector --broker-url {settings.broker_url}"
-        + (f" --data-dir {settings.data_dir}" if options.get("data_dir") else "")
+        + (f" --data-dir {settings.data_dir}" if settings.data_dir != default_data_dir() else "")
     )

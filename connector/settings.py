@@ -50,7 +50,7 @@ def read_token_file(path: Path) -> str:
     return token
 
 
-def _default_data_dir() -> Path:
+def default_data_dir() -> Path:
     return Path.home() / ".local" / "share" / "remotellm" / "connector"
 
 
@@ -79,7 +79,7 @@ class ConnectorSettings(FileAwareSettings):
         "instead of --broker-token.",
     )
     data_dir: Path = Field(
-        default_factory=_default_data_dir,
+        default_factory=default_data_dir,
         description="Where an enrolled connector keeps its token (`credentials`, mode 600) and, "
         "while it waits for approval, its enrollment secret.",
         json_schema_extra={"doc_default": "~/.local/share/remotellm/connector"},
