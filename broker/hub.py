@@ -15,7 +15,7 @@ import time
 
 from broker.channel import ResponseChannel
 from broker.core import Failure, Pending, RelayCore, Session, Timings
-from broker.relay_state import Clock, RelayView, Superseded, session_view
+from broker.relay_state import Clock, RelayView, Superseded, Waiting, session_view
 from shared.logging import get_logger
 from shared.protocol import Replaced, RequestItem, UploadMode, WorkItem
 
@@ -261,7 +261,7 @@ class RelayHub:
     async def view(self) -> RelayView:
         core = self.core
         return RelayView(
-            sessions={sid: session_view(s) for sid, s in core.sessions.items()},
+            sessions={sid: session_view(s, self.clock()) for sid, s in core.sessions.items()},
             live_models=core.live_models(),
             queue_depth=core.queue_depth(),
             in_flight=core.in_flight(),
@@ -269,6 +269,14 @@ class RelayHub:
             slot_waits=dict(core.slot_waits),
             draining=core.draining,
         )
+
+    async def waiting(self) -> dict[str, list[Waiting]]:
+        now = self.clock()
+        return {
+            model: [Waiting(p.user, now - p.created) for p in queue]
+            for model, queue in self.core.queues.items()
+            if queue
+        }
 
 
 def _resolve_on(waiter: asyncio.Future[None], _: object) -> None:

@@ -23,8 +23,10 @@ from typing import TypeVar
 import structlog
 from pydantic import BaseModel, ValidationError
 
+from broker import enroll_relay
 from broker.asgi import Receive, Scope, Send
 from broker.core import LeaseError, StateUnavailable, UnknownSession
+from broker.enrollment import EnrollmentError
 from broker.keys import ConnectorIdentity, bearer
 from broker.relay_state import Superseded
 from broker.state import BrokerState
@@ -34,6 +36,7 @@ from shared.logging import get_logger
 from shared.protocol import (
     PROTOCOL_VERSION,
     RELAY_PREFIX,
+    EnrollRequest,
     ModelsUpdate,
     PollResponse,
     ProbeResult,
@@ -59,6 +62,7 @@ _DUPLICATE = UploadResult(status="duplicate").model_dump_json().encode()
 MAX_PART = 16 * 1024 * 1024
 MAX_JSON = 1024 * 1024
 FINISHED_REMEMBERED = 4096
+POLL_MODES_REMEMBERED = 16384
 # How long to wait for the rest of an upload body before answering anyway. Answering an
 # HTTP/2 stream while its client still sends kills Hypercorn's whole connection (a
 # KeyError on the closed stream: hypercorn issues #329/#365), and over HTTP/1.1 it costs
@@ -153,8 +157,11 @@ class RelayApp:
         self.assemblers: dict[str, PartAssembler] = {}
         # Recently completed parts uploads: a retried last part is a duplicate, not a 409.
         self.finished: OrderedDict[str, None] = OrderedDict()
+        # The one route without a token (a connector asking to join): no authorisation.
+        self._enroll: Route = self.enroll
         # (method, path pattern) -> route; "*" matches one path segment.
         self._routes: list[tuple[str, tuple[str, ...], Route]] = [
+            ("POST", ("enroll",), self._enroll),
             ("POST", ("sessions",), self.register),
             ("DELETE", ("sessions", "*"), self.deregister),
             ("PUT", ("sessions", "*", "models"), self.update_models),
@@ -171,7 +178,7 @@ class RelayApp:
         call = Call(scope, receive, send, _NOBODY, [])
         try:
             route, call.params = self._match(scope["method"], scope["path"])
-            call.ident = self._authorise(scope)
+            call.ident = _NOBODY if route is self._enroll else self._authorise(scope)
             await route(call)
         except RelayError as exc:
             await self._error(call, exc)
@@ -303,13 +310,25 @@ class RelayApp:
         await call.start(204, [])
         await call.body(b"")
 
+    async def enroll(self, call: Call) -> None:
+        """A connector without a token asks to join, and asks again for the verdict."""
+        try:
+            enroll_relay.check_enabled(self.state)
+            req = await call.model(EnrollRequest)
+            status, body = await enroll_relay.answer(self.state, req, call.scope)
+        except EnrollmentError as exc:
+            raise RelayError(exc.status, exc.message, exc.code, exc.type) from None
+        await call.respond(status, body)
+
     # -- polls ----------------------------------------------------------------------------
 
     async def poll(self, call: Call) -> None:
         session_id = call.params[0]
         await self.hub.session(call.ident.id, session_id)  # 404 before reading anything
         await call.read(64 * 1024)
-        if b"stream=1" in call.scope.get("query_string", b""):
+        streamed = b"stream=1" in call.scope.get("query_string", b"")
+        self._note_poll_mode(session_id, streamed)
+        if streamed:
             await self._poll_stream(call, session_id)
             return
         # The next message is http.disconnect: it tells us the connector hung up.
@@ -324,6 +343,14 @@ class RelayApp:
             if not hangup.done():
                 hangup.cancel()
         await call.respond(200, PollResponse(items=items).model_dump_json().encode())
+
+    def _note_poll_mode(self, session_id: str, streamed: bool) -> None:
+        modes = self.state.poll_modes
+        modes[session_id] = "stream" if streamed else "classic"
+        # Bounded without asking the relay state: the oldest entries are of ended sessions
+        # (a live session's poll re-inserts it... at its old place, hence the margin).
+        while len(modes) > POLL_MODES_REMEMBERED:
+            del modes[next(iter(modes))]
 
     async def _poll_stream(self, call: Call, session_id: str) -> None:
         """Fast path (docs/protocol.md): one poll answer carries work items as they come.

@@ -61,6 +61,20 @@ class SessionView:
     upload_mode: UploadMode
     version: str
     served: int
+    polling: bool = False  # a poll of it is held right now
+    idle_s: float = 0.0  # seconds since its last poll ended
+
+    @property
+    def free(self) -> int:
+        return max(0, self.capacity - self.active)
+
+
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    """One queued request, for the admin page's queues."""
+
+    user: str | None
+    waited_s: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +90,7 @@ class RelayView:
     draining: bool = False
 
 
-def session_view(session: Session) -> SessionView:
+def session_view(session: Session, now: float) -> SessionView:
     return SessionView(
         id=session.id,
         name=session.name,
@@ -88,6 +102,8 @@ def session_view(session: Session) -> SessionView:
         upload_mode=session.upload_mode,
         version=session.version,
         served=session.served,
+        polling=session.polling > 0,
+        idle_s=max(0.0, now - session.last_seen),
     )
 
 
@@ -153,3 +169,5 @@ class RelayState(Protocol):
 
     # -- views
     async def view(self) -> RelayView: ...
+    async def waiting(self) -> dict[str, list[Waiting]]:
+        """Model -> its queued requests in the order they would be served."""

@@ -73,6 +73,12 @@ class BrokerSettings(FileAwareSettings):
         description="SQLite file for usage records.",
         json_schema_extra={"doc_default": "<data-dir>/usage.sqlite3"},
     )
+    ask_stream_usage: bool = Field(
+        True,
+        description="Ask the LLM for a usage chunk on streams whose client did not "
+        "(stream_options.include_usage) and remove it from the answer, so stream tokens are "
+        "exact; turn off for an LLM server that refuses the option.",
+    )
     models_file: Path | None = Field(
         None,
         description="YAML file of token prices per model (`currency`, `models: {<model>: "
@@ -120,6 +126,17 @@ class BrokerSettings(FileAwareSettings):
         description="YAML file of portal users and their keys (hashes only), reloaded on "
         "change; `remotellm-broker users` edits it too.",
         json_schema_extra={"doc_default": "<data-dir>/users.yaml"},
+    )
+    admins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="GitLab username who may use the operator's pages at /portal/admin "
+        "(repeatable; env: comma-separated).",
+        json_schema_extra={"flag": "--admin"},
+    )
+    allow_enrollment: bool = Field(
+        False,
+        description="Let connectors without a token ask to join; the request waits on "
+        "/portal/admin until an admin approves it (docs/enrollment.md).",
     )
     certfile: Path | None = Field(None, description="TLS certificate (PEM) to serve HTTPS.")
     keyfile: Path | None = Field(None, description="TLS private key (PEM).")
@@ -230,6 +247,7 @@ class BrokerSettings(FileAwareSettings):
         "connector_tokens",
         "trusted_proxies",
         "gitlab_allowed_groups",
+        "admins",
         mode="before",
     )
     @classmethod
@@ -275,6 +293,10 @@ class BrokerSettings(FileAwareSettings):
     @property
     def usage_path(self) -> Path:
         return self.usage_db or self.data_dir / "usage.sqlite3"
+
+    @property
+    def enrolled_path(self) -> Path:
+        return self.data_dir / "enrolled_connectors.yaml"
 
     @property
     def users_path(self) -> Path:

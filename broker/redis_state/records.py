@@ -28,7 +28,7 @@ def session_record(sid: str, f: dict[str, str]) -> Session:
     )
 
 
-def session_view(sid: str, f: dict[str, str], active: int) -> SessionView:
+def session_view(sid: str, f: dict[str, str], active: int, now: float) -> SessionView:
     s = session_record(sid, f)
     return SessionView(
         id=sid,
@@ -41,4 +41,6 @@ def session_view(sid: str, f: dict[str, str], active: int) -> SessionView:
         upload_mode=s.upload_mode,
         version=s.version,
         served=s.served,
+        polling=s.polling > 0,
+        idle_s=max(0.0, now - s.last_seen),
     )

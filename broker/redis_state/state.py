@@ -52,7 +52,7 @@ from broker.redis_state import inbox, scripts
 from broker.redis_state.home import Drop, Later, Where, judge, queue_verdict
 from broker.redis_state.local import Home, LocalState, PollWaiter, apply_meta
 from broker.redis_state.records import session_record, session_view
-from broker.relay_state import Clock, FrameSink, RelayView, SessionView, Superseded
+from broker.relay_state import Clock, FrameSink, RelayView, SessionView, Superseded, Waiting
 from shared.errors import quote
 from shared.logging import get_logger
 from shared.protocol import (
@@ -496,7 +496,7 @@ class RedisRelayState:
             fields = {k.decode(): v.decode() for k, v in answers[2 * i].items()}
             if "owner" not in fields:
                 continue
-            view = session_view(sid, fields, int(answers[2 * i + 1]))
+            view = session_view(sid, fields, int(answers[2 * i + 1]), self.wall())
             sessions[sid] = view
             for model in view.models:
                 live.setdefault(model, []).append(view.name)
@@ -510,6 +510,45 @@ class RedisRelayState:
             slot_waits={k.decode(): int(v) for k, v in slotw.items()},
             draining=self._draining,
         )
+
+    async def waiting(self) -> dict[str, list[Waiting]]:
+        """Every queue in serving order (for the admin page: a few round trips per model)."""
+        p = self.prefix
+        now = self.wall()
+        try:
+            depth: Any = await self.redis.hgetall(p + "qlen")
+            found: dict[str, list[Waiting]] = {}
+            for raw_model, n in depth.items():
+                if int(n) <= 0:
+                    continue
+                model = raw_model.decode()
+                ring: Any = await self.redis.lrange(p + "qr:" + model, 0, -1)
+                users = [u.decode() for u in ring]
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for user in users:
+                        pipe.lrange(p + "ql:" + model + "\n" + user, 0, -1)
+                    lanes: Any = await pipe.execute()
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for lane in lanes:
+                        for rid in lane:
+                            pipe.hget(p + "r:" + rid.decode(), "created")
+                    created: Any = await pipe.execute()
+                ages = iter(created)
+                per_user = [
+                    [Waiting(user or None, now - float(next(ages) or now)) for _ in lane]
+                    for user, lane in zip(users, lanes, strict=True)
+                ]
+                # Round-robin between users, FIFO within each: the order TAKE serves them.
+                order = [
+                    lane[depth_i]
+                    for depth_i in range(max((len(x) for x in per_user), default=0))
+                    for lane in per_user
+                    if depth_i < len(lane)
+                ]
+                found[model] = order
+        except RedisError as exc:
+            raise StateUnavailable(UNAVAILABLE) from exc
+        return found
 
     # -- background: wake-ups -------------------------------------------------------------
 
