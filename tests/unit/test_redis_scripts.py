@@ -187,3 +187,16 @@ async def test_requests_of_a_dead_home_broker_are_dropped_not_served(
     await a.redis.zrem(a.prefix + "b", a.broker_id)  # a's heartbeat stopped
     assert await taken(b, sid) == []
     assert (await b.view()).in_flight == 0
+
+
+async def test_waiting_lists_each_queue_in_serving_order(
+    brokers: tuple[RedisRelayState, ...],
+) -> None:
+    a, b = brokers
+    await register(a)
+    for rid, user in (("a0", "alice"), ("a1", "alice"), ("b0", "bob")):
+        await a.submit(item(rid), user=user)
+    await advance(brokers, 2.0)
+    queued = await b.waiting()
+    assert [w.user for w in queued["m"]] == ["alice", "bob", "alice"]
+    assert all(w.waited_s == 2.0 for w in queued["m"])
