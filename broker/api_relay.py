@@ -224,7 +224,7 @@ class ApiRelay:
                 exc.status,
                 exc.message,
                 exc.code,
-                type_="invalid_request_error" if exc.status == 404 else "server_error",
+                type_="invalid_request_error" if exc.status < 500 else "server_error",
                 param="model" if exc.status == 404 else None,
                 headers={REQUEST_ID_HEADER: rid}
                 | limit_headers

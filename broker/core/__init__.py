@@ -8,6 +8,7 @@ takes ``now``, and the adapters (``broker.hub``, ``broker.api_relay``) sleep unt
 from broker.core.errors import (
     DispatchError,
     Draining,
+    DuplicateRequest,
     LeaseError,
     NoConnector,
     QueueFull,
@@ -22,6 +23,7 @@ from broker.core.relay import Listener, RelayCore
 __all__ = [
     "DispatchError",
     "Draining",
+    "DuplicateRequest",
     "Failure",
     "LeaseError",
     "Listener",

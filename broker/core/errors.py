@@ -6,6 +6,7 @@ DispatchError          an API request cannot be accepted (status, code on the cl
   QueueFull            503: too many requests already wait for the model
   Draining             503: the broker is shutting down
   StateUnavailable     503: the shared relay state (Redis) cannot be reached
+  DuplicateRequest     409: a request with the same x-request-id is in flight
 UnknownSession         404 session_unknown: expired, deregistered or not this identity's
   SessionReplaced      404 session_replaced: another process registered the same name
 LeaseError             409: the request is not leased to this session
@@ -50,6 +51,13 @@ class StateUnavailable(DispatchError):
 
     status = 503
     code = "state_unavailable"
+
+
+class DuplicateRequest(DispatchError):
+    """A client-chosen request ID must not take over another request in flight."""
+
+    status = 409
+    code = "duplicate_request_id"
 
 
 class UnknownSession(Exception):

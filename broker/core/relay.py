@@ -15,6 +15,7 @@ from typing import Protocol
 
 from broker.core.errors import (
     Draining,
+    DuplicateRequest,
     LeaseError,
     NoConnector,
     QueueFull,
@@ -248,6 +249,10 @@ class RelayCore:
             if model in self.known_models:
                 raise NoConnector(f"no connector serving model '{quote(model)}' is online")
             raise UnknownModel(f"The model '{quote(model)}' does not exist")
+        if item.request_id in self.requests:
+            raise DuplicateRequest(
+                "a request with this x-request-id is in flight: send a unique one, or none"
+            )
         queue = self.queues.setdefault(model, ModelQueue())
         t = self.timings
         if len(queue) >= t.queue_max:

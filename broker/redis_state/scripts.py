@@ -256,7 +256,7 @@ return {cx, out}
 # ARGV: P, rid, model, user, item, now, queue max, queue wait, total timeout, home broker,
 # home alive until.
 # Returns {'ok'} | {'busy', waiting, {name, capacity, ...}} | {'unknown'} | {'noconn'} |
-# {'full'}.
+# {'full'} | {'dup'} (that request ID is in flight).
 SUBMIT = r"""
 local rid, model, user = ARGV[2], ARGV[3], ARGV[4]
 local now = tonumber(ARGV[6])
@@ -266,8 +266,7 @@ if redis.call('SCARD', P .. 'm:' .. model) == 0 then
 end
 local qlen = tonumber(redis.call('HGET', P .. 'qlen', model)) or 0
 if qlen >= tonumber(ARGV[7]) then return {'full'} end
-local old = req(rid)
-if old then forget(rid, old) end
+if redis.call('EXISTS', P .. 'r:' .. rid) == 1 then return {'dup'} end
 local seq = redis.call('INCR', P .. 'seq')
 local rk = P .. 'r:' .. rid
 redis.call('HSET', rk, 'item', ARGV[5], 'model', model, 'user', user, 'state', 'q',

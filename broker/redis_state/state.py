@@ -33,6 +33,7 @@ from redis.exceptions import RedisError
 from broker.channel import ResponseChannel
 from broker.core import (
     Draining,
+    DuplicateRequest,
     Failure,
     LeaseError,
     NoConnector,
@@ -362,6 +363,10 @@ class RedisRelayState:
             user=user,
             last_activity=mono,
         )
+        if rid in self._local.homes:
+            raise DuplicateRequest(
+                "a request with this x-request-id is in flight: send a unique one, or none"
+            )
         home = Home(pending, ResponseChannel())
         self._local.homes[rid] = home  # before Redis: its frames may come back at once
         try:
@@ -389,6 +394,10 @@ class RedisRelayState:
                 raise UnknownModel(f"The model '{model}' does not exist")
             if verdict == "noconn":
                 raise NoConnector(f"no connector serving model '{model}' is online")
+            if verdict == "dup":
+                raise DuplicateRequest(
+                    "a request with this x-request-id is in flight: send a unique one, or none"
+                )
             raise QueueFull(f"too many requests waiting for model '{model}'")
         if verdict == "busy":
             self._slots_busy(item.model, int(answer[1]), answer[2], now)

@@ -421,3 +421,24 @@ async def test_usage_is_recorded_in_sqlite(tmp_path, fake_llm: FakeLLM) -> None:
         (user, "fake-model-nope", None, 404, 0, None, None),
     ]
     assert all(r[7] is not None and r[7] > 0 for r in rows[:2])
+
+
+async def test_a_request_id_in_flight_cannot_be_taken_over(stack: Stack, fake_llm: FakeLLM) -> None:
+    """x-request-id is the client's to choose, but never another request's while it runs."""
+    fake_llm.chunk_delay = 0.05
+    headers = {"x-request-id": "same-id-" + uuid.uuid4().hex}
+    body = {"model": "fake-model", "max_tokens": 10, "messages": []}
+    async with stack.client() as client:
+        first = asyncio.create_task(client.post("/v1/chat/completions", json=body, headers=headers))
+        await asyncio.sleep(0.2)  # the first one is being answered
+        second = await client.post("/v1/chat/completions", json=body, headers=headers)
+        assert second.status_code == 409
+        assert second.json()["error"]["code"] == "duplicate_request_id"
+        assert (await first).status_code == 200
+        # Once it ended (its slot is freed just after the last byte), the ID may be reused.
+        for _ in range(50):
+            again = await client.post("/v1/chat/completions", json=body, headers=headers)
+            if again.status_code != 409:
+                break
+            await asyncio.sleep(0.02)
+        assert again.status_code == 200

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from broker.core import LeaseError, Timings, UnknownModel, UnknownSession
+from broker.core import DuplicateRequest, LeaseError, Timings, UnknownModel, UnknownSession
 from broker.redis_state import RedisRelayState, connect
 from broker.redis_state.inbox import decode_failure, entry_frames
 from shared.protocol import CancelItem, RequestItem, UploadMode
@@ -200,3 +200,13 @@ async def test_waiting_lists_each_queue_in_serving_order(
     queued = await b.waiting()
     assert [w.user for w in queued["m"]] == ["alice", "bob", "alice"]
     assert all(w.waited_s == 2.0 for w in queued["m"])
+
+
+async def test_a_request_id_in_flight_is_refused(brokers: tuple[RedisRelayState, ...]) -> None:
+    a = brokers[0]
+    await register(a)
+    await a.submit(item("r1"))
+    for broker in brokers:
+        with pytest.raises(DuplicateRequest):
+            await broker.submit(item("r1"))
+    assert (await a.view()).queue_depth == {"m": 1}

@@ -11,6 +11,7 @@ import pytest
 from broker.core import (
     DispatchError,
     Draining,
+    DuplicateRequest,
     Failure,
     LeaseError,
     NoConnector,
@@ -353,6 +354,7 @@ def test_poll_that_ended_makes_replacement_a_restart() -> None:
         ("dropped", "m", NoConnector, 503, "no_connector"),
         ("full", "m", QueueFull, 503, "queue_full"),
         ("draining", "m", Draining, 503, "shutting_down"),
+        ("duplicate", "m", DuplicateRequest, 409, "duplicate_request_id"),
     ],
 )
 def test_submit_refusals(
@@ -371,12 +373,15 @@ def test_submit_refusals(
     elif setup == "draining":
         h.register(models=["m"])
         h.core.begin_drain()
+    elif setup == "duplicate":
+        h.register(models=["m"])
+        h.submit("new")
     before = set(h.core.requests)
     with pytest.raises(error) as info:
         h.submit("new", model)
     assert info.value.status == status
     assert info.value.code == code
-    assert model in info.value.message or setup == "draining"
+    assert model in info.value.message or setup in ("draining", "duplicate")
     assert set(h.core.requests) == before
 
 
