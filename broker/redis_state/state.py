@@ -120,7 +120,7 @@ class RedisRelayState:
         self._rearm = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._draining = False
-        self._inbox_up = False
+        self._inbox_down = False  # the inbox reader's last read failed
         self._slots_noticed: dict[str, float] = {}
 
     # -- the one place Redis errors enter ------------------------------------------------
@@ -195,7 +195,7 @@ class RedisRelayState:
                 await self.redis.ping()
         except (RedisError, TimeoutError):
             return False
-        return self._inbox_up
+        return not self._inbox_down
 
     # -- sessions -------------------------------------------------------------------------
 
@@ -593,11 +593,11 @@ class RedisRelayState:
         while True:
             try:
                 answer: Any = await self.redis.xread({key: last}, count=512, block=INBOX_BLOCK_MS)
-                self._inbox_up = True
+                self._inbox_down = False
             except RedisError as exc:
-                if self._inbox_up or self._local.homes:
+                if not self._inbox_down or self._local.homes:
                     log.warning("relay_state_unreachable", error=str(exc))
-                self._inbox_up = False
+                self._inbox_down = True
                 self._local.fail_homes(Failure(503, "state_unavailable", UNAVAILABLE))
                 await asyncio.sleep(0.25)
                 continue
