@@ -153,10 +153,10 @@ async def get_json(port: int, path: str) -> object:
 
 @dataclass
 class Setup:
-    """One upstream, one broker and N connectors (stream or parts upload)."""
+    """One upstream, one broker and N connectors (mux, stream or parts upload)."""
 
     connectors: int = 1
-    upload_mode: str = "stream"
+    upload_mode: str = "mux"
     http2: bool = False
     tls: bool = False
     capacity: int = 1100
