@@ -479,9 +479,11 @@ class Connector:
     async def _serve(self, item: RequestItem, session: RegisterResponse) -> None:
         structlog.contextvars.bind_contextvars(request_id=item.request_id, model=item.model)
         mux = self.mux
-        if mux is not None and mux.usable and session is self.session:
-            await self._serve_mux(item, mux)
-            return
+        if mux is not None and session is self.session:
+            if mux.usable:
+                await self._serve_mux(item, mux)
+                return
+            self.status.upload_mode = UploadMode.STREAM.value  # it gave up: per request
         pipe = FramePipe(session.heartbeat_s)
         reader = asyncio.create_task(self.upstream.pump(item, pipe))
         try:
