@@ -249,13 +249,11 @@ class RelayApp:
         ident = call.ident
         mode = req.upload_mode
         if mode is not UploadMode.PARTS:
-            # Only stream and parts are sent by connectors; take anything else as stream.
-            wants_mux = req.mux_upload or mode is UploadMode.MUX
-            mode = (
-                UploadMode.MUX
-                if wants_mux and self.state.settings.mux_upload
-                else (UploadMode.STREAM)
-            )
+            # Connectors send stream or parts (and mux_upload: revision 2); anything else
+            # is taken as stream.
+            offered = self.state.settings.mux_upload
+            wants = req.mux_upload or mode is UploadMode.MUX
+            mode = UploadMode.MUX if wants and offered else UploadMode.STREAM
         session, replaced = self.hub.register(
             owner=ident.id,
             name=ident.name or req.name,
