@@ -102,28 +102,31 @@ async def test_non_streaming_and_upstream_errors_keep_their_status(
 
 
 async def test_slow_client_does_not_stall_the_others(tmp_path, fake_llm: FakeLLM) -> None:
-    """A client that stops reading fails alone (client_too_slow); the others stream on."""
+    """A client that stops reading fails alone (client_too_slow) and its upstream call is
+    closed; the others on the same upload stream on."""
     broker = await start_broker(tmp_path / "b", mux_buffer_limit=64 * 1024)
     conn = await start_connector(broker.url, fake_llm.url, upload_mode="mux", capacity=16)
+    # ~8 MB/s for ~3 s: it fills the sockets' buffers and the broker's limit long before
+    # the upstream is done.
+    fake_llm.chunk_delay = 0.001
     try:
-        # A raw socket that sends the request and never reads: the broker's writes back up.
+        # A raw socket that sends the request and does not read until the end.
         reader, writer = await asyncio.open_connection("127.0.0.1", broker.settings.port)
-        payload = httpx.Request(
+        request = httpx.Request(
             "POST",
             broker.url + "/v1/chat/completions",
-            json=body(True, content="tokens:100000"),
-            headers={"Authorization": f"Bearer {USER_KEY}"},
+            json=body(True, content="flood:3000:8000"),
+            headers={"Authorization": f"Bearer {USER_KEY}", "Connection": "close"},
         )
-        head = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + "".join(
-            f"{k}: {v}\r\n" for k, v in payload.headers.items() if k.lower() != "host"
+        head = "POST /v1/chat/completions HTTP/1.1\r\n" + "".join(
+            f"{k}: {v}\r\n" for k, v in request.headers.items()
         )
-        writer.write(head.encode() + b"\r\n" + payload.read())
+        writer.write(head.encode() + b"\r\n" + request.read())
         await writer.drain()
         await wait_for(lambda: fake_llm.active == 1)
         async with httpx.AsyncClient(
             base_url=broker.url, headers={"Authorization": f"Bearer {USER_KEY}"}, timeout=30
         ) as client:
-            fake_llm.chunk_delay = 0.005
 
             async def one() -> str:
                 r = await client.post("/v1/chat/completions", json=body(True, n=40))
@@ -133,11 +136,15 @@ async def test_slow_client_does_not_stall_the_others(tmp_path, fake_llm: FakeLLM
             texts = await asyncio.gather(*(one() for _ in range(8)))
         assert all(t.endswith("data: [DONE]\n\n") and "tok39" in t for t in texts)
         # The stalled request was failed and its upstream call closed; nothing leaks.
-        await wait_for(lambda: fake_llm.active == 0, timeout=10)
-        assert fake_llm.disconnects >= 1
+        await wait_for(lambda: fake_llm.active == 0, timeout=20)
+        assert fake_llm.disconnects == 1
         await wait_for(lambda: broker.hub.core.in_flight() == 0, timeout=10)
+        # What the slow client gets when it reads at last: the bytes that waited for it,
+        # then the error event and [DONE].
+        stalled = await asyncio.wait_for(reader.read(), 30)
+        assert b"client_too_slow" in stalled[-2000:]
+        assert stalled.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")  # then the chunked end
         writer.close()
-        del reader
     finally:
         await conn.stop()
         await broker.stop()

@@ -9,6 +9,8 @@ Behaviour is chosen by the last user message (so any client can steer it):
 - ``echo``                     answer with the request's headers and body length
 - ``say:<text>``               stream exactly ``text`` (one chunk), e.g. markdown or HTML
 - ``tokens:<n>``               like the default, with ``n`` chunks whatever ``max_tokens`` says
+- ``flood:<n>:<bytes>``        stream ``n`` chunks of ``bytes`` characters each, ``chunk_delay``
+                               apart (a fast producer, for backpressure tests)
 Anything else: ``max_tokens`` chunks (default 5), ``chunk_delay`` seconds apart.
 """
 
@@ -135,6 +137,15 @@ class FakeLLM(LoopbackApp):
             if prompt.startswith("say:"):
                 yield _chunk(model, prompt[4:]).encode()
                 yield _chunk(model, "", finish="stop").encode()
+                yield b"data: [DONE]\n\n"
+                finished = True
+                return
+            if prompt.startswith("flood:"):
+                count, size = (int(x) for x in prompt.split(":")[1:3])
+                for i in range(count):
+                    if i and self.chunk_delay:
+                        await asyncio.sleep(self.chunk_delay)
+                    yield _chunk(model, "f" * size, index=i).encode()
                 yield b"data: [DONE]\n\n"
                 finished = True
                 return
