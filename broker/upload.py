@@ -63,7 +63,8 @@ class FrameApplier:
                 channel.end(decode_end(frame.payload))
                 self.done = True
                 return
-            # HEARTBEAT: the activity was recorded above.
+            elif kind is not FrameType.HEARTBEAT:  # HEARTBEAT: the activity was recorded
+                raise FrameError(f"a {kind.name} frame inside one response's frames")
 
     def abort(self, status: int, code: str, message: str) -> None:
         if not self.done:
