@@ -191,7 +191,12 @@ class ApiRelay:
         asks = state.settings.ask_stream_usage and scope["path"] in USAGE_PATHS
         upstream_text = with_include_usage(text, body) if asks else None
         item = self._item(scope, rid, model, upstream_text or text, body.get("stream") is True)
-        ticket = await self.gate.admit(user, body, item.path, rid)  # 429 over a limit
+        try:
+            ticket = await self.gate.admit(user, body, item.path, rid)
+        except ApiError as exc:  # over a limit: 429, recorded like the relay's refusals
+            live = item.model in self.hub.core.live_models()
+            self._refused(rid, user, item, exc.status, exc.code, started, known=live)
+            raise
         progress = Progress()
         usage = UsageWatch(upstream_text is not None, estimate(body, item.path, 0).prompt)
         try:
@@ -220,7 +225,7 @@ class ApiRelay:
         try:
             pending, channel = self.hub.submit(item, user=user.id)
         except DispatchError as exc:
-            self._refused(rid, user, item, exc, started)
+            self._refused(rid, user, item, exc.status, exc.code, started, exc.status != 404)
             raise ApiError(
                 exc.status,
                 exc.message,
@@ -270,14 +275,22 @@ class ApiRelay:
     # -- the record of each request -------------------------------------------------------
 
     def _refused(
-        self, rid: str, user: UserKey, item: RequestItem, exc: DispatchError, started: float
+        self,
+        rid: str,
+        user: UserKey,
+        item: RequestItem,
+        status: int,
+        code: str,
+        started: float,
+        known: bool,
     ) -> None:
-        shown = quote(item.model) if exc.status != 404 else UNKNOWN_MODEL_LABEL
-        log.info("request_refused", model=quote(item.model), status=exc.status, code=exc.code)
+        """A request answered by the broker itself (unknown model, no connector, a limit)."""
+        shown = quote(item.model) if known else UNKNOWN_MODEL_LABEL
+        log.info("request_refused", model=quote(item.model), status=status, code=code)
         duration = self.hub.clock() - started
         # A client can name any model: unknown ones share one label, so /metrics stays small.
-        self.state.metrics.request_done(shown, exc.status, None, duration)
-        self._usage(rid, user, item, exc.status, duration, None, None)
+        self.state.metrics.request_done(shown, status, None, duration)
+        self._usage(rid, user, item, status, duration, None, None)
 
     def _done(
         self,
