@@ -26,7 +26,7 @@ from broker.core.sse_usage import USAGE_PATHS, with_include_usage
 from broker.forwarded import client_address, parse_networks
 from broker.hub import RelayHub
 from broker.keys import UserKey
-from broker.limit_gate import LimitGate, Ticket
+from broker.limit_gate import LimitGate, Reach, Ticket
 from broker.state import BrokerState
 from broker.usage import UsageRecord
 from shared.errors import quote
@@ -53,9 +53,10 @@ class Progress:
     outcome: Outcome | None = None
 
     @property
-    def reached(self) -> bool:
-        """Whether a connector took it (so the upstream may have spent tokens)."""
-        return self.pending is not None and self.pending.dispatches > 0
+    def reach(self) -> Reach:
+        if self.pending is None or self.pending.dispatches == 0:
+            return Reach.NOWHERE
+        return Reach.UPSTREAM if self.pending.head_seen else Reach.CONNECTOR
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,7 +200,7 @@ class ApiRelay:
             )
         finally:
             # Exactly once, however the request ended (refused, failed, cancelled).
-            await self.gate.settle(ticket, progress.outcome, progress.reached)
+            await self.gate.settle(ticket, progress.outcome, progress.reach)
 
     async def _dispatch(
         self,

@@ -79,14 +79,16 @@ def prepare(settings: BrokerSettings) -> tuple[KeyStore, GeneratedCredentials]:
     )
     # With the key portal on, users get their keys there: no generated user key needed.
     has_users = keys.has_users or settings.portal_enabled
-    if has_users and keys.has_connectors:
+    # Enrolled connectors get their tokens on /portal/admin: no generated token needed.
+    has_connectors = keys.has_connectors or settings.allow_enrollment
+    if has_users and has_connectors:
         return keys, GeneratedCredentials(None, None)
     if not settings.generate_credentials:
         missing = [
             name
             for name, ok in (
                 ("--user-api-key", has_users),
-                ("--connector-token", keys.has_connectors),
+                ("--connector-token", has_connectors),
             )
             if not ok
         ]

@@ -127,6 +127,17 @@ class BrokerSettings(FileAwareSettings):
         "change; `remotellm-broker users` edits it too.",
         json_schema_extra={"doc_default": "<data-dir>/users.yaml"},
     )
+    admins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="GitLab username who may use the operator's pages at /portal/admin "
+        "(repeatable; env: comma-separated).",
+        json_schema_extra={"flag": "--admin"},
+    )
+    allow_enrollment: bool = Field(
+        False,
+        description="Let connectors without a token ask to join; the request waits on "
+        "/portal/admin until an admin approves it (docs/enrollment.md).",
+    )
     certfile: Path | None = Field(None, description="TLS certificate (PEM) to serve HTTPS.")
     keyfile: Path | None = Field(None, description="TLS private key (PEM).")
     log_level: str = Field("info", description="debug, info, warning or error.")
@@ -226,6 +237,7 @@ class BrokerSettings(FileAwareSettings):
         "connector_tokens",
         "trusted_proxies",
         "gitlab_allowed_groups",
+        "admins",
         mode="before",
     )
     @classmethod
@@ -271,6 +283,10 @@ class BrokerSettings(FileAwareSettings):
     @property
     def usage_path(self) -> Path:
         return self.usage_db or self.data_dir / "usage.sqlite3"
+
+    @property
+    def enrolled_path(self) -> Path:
+        return self.data_dir / "enrolled_connectors.yaml"
 
     @property
     def users_path(self) -> Path:

@@ -264,6 +264,7 @@ def create_portal_blueprint(portal: Portal) -> Blueprint:
             status,
             user=who.user,
             csrf=who.csrf,
+            is_admin=who.user.username in settings.admins,
             keys=rows,
             reveal=reveal,
             error=error,
@@ -333,6 +334,7 @@ def create_portal_blueprint(portal: Portal) -> Blueprint:
             "playground",
             user=who.user,
             csrf=who.csrf,
+            is_admin=who.user.username in portal.state.settings.admins,
             models=pages.live_models(portal.state),
             base_url=portal.base_url,
         )

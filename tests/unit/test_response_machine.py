@@ -508,3 +508,43 @@ def test_overhead_non_streaming_uses_the_end_frame(
     assert begin.headers[OVERHEAD_HEADER] == f"{overhead:.3f}"
     assert m.outcome.overhead_ms == overhead
     assert m.outcome.ttfb_ms == end_at * 1000
+
+
+# -- extra headers (the rate-limit headers) -----------------------------------------------
+
+LIMIT_HEADERS = {"x-ratelimit-limit-requests": "60", "x-ratelimit-remaining-requests": "59"}
+
+
+def _begins(m: ResponseMachine, feeds: list[tuple[float, list[Event]]]) -> list[Begin]:
+    out: list[Action] = []
+    for now, events in feeds:
+        out += m.feed(events, now)
+        out += m.tick(now)
+    return [a for a in out if isinstance(a, Begin)]
+
+
+@pytest.mark.parametrize(
+    ("stream", "feeds"),
+    [
+        (False, [(1, [JSON_HEAD, b"{}", ResponseEnd()])]),  # whole answer
+        (True, [(1, [SSE_HEAD, b"data: x\n\n", ResponseEnd()])]),  # stream
+        (True, [(11, [])]),  # committed to 200 before the head
+        (False, [(1, [Failure(503, "queue_timeout", "no connector")])]),  # the relay's error
+        (False, [(1, [ResponseHead(status=500, headers=[]), b"{}", ResponseEnd()])]),  # upstream's
+    ],
+    ids=["whole", "stream", "committed", "failure", "upstream-error"],
+)
+def test_extra_headers_go_on_every_status(
+    stream: bool, feeds: list[tuple[float, list[Event]]]
+) -> None:
+    m = ResponseMachine(
+        pending=pending(),
+        stream=stream,
+        started=0.0,
+        commit_after=10.0,
+        heartbeat=5.0,
+        extra_headers=LIMIT_HEADERS,
+    )
+    (begin,) = _begins(m, feeds)
+    assert begin.headers[REQUEST_ID_HEADER] == RID
+    assert {k: begin.headers[k] for k in LIMIT_HEADERS} == LIMIT_HEADERS
