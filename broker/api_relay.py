@@ -20,11 +20,13 @@ from broker.api_input import ApiError, authenticate, parse_json_object, request_
 from broker.asgi import Message, Receive, Scope, Send
 from broker.channel import ResponseChannel
 from broker.core import DispatchError, Pending
+from broker.core.demand import estimate
 from broker.core.response import Action, Begin, Body, Close, Outcome, ResponseMachine
+from broker.core.sse_usage import USAGE_PATHS, with_include_usage
 from broker.forwarded import client_address, parse_networks
 from broker.hub import RelayHub
 from broker.keys import UserKey
-from broker.limit_gate import LimitGate, Ticket
+from broker.limit_gate import LimitGate, Reach, Ticket
 from broker.state import BrokerState
 from broker.usage import UsageRecord
 from shared.errors import quote
@@ -51,9 +53,18 @@ class Progress:
     outcome: Outcome | None = None
 
     @property
-    def reached(self) -> bool:
-        """Whether a connector took it (so the upstream may have spent tokens)."""
-        return self.pending is not None and self.pending.dispatches > 0
+    def reach(self) -> Reach:
+        if self.pending is None or self.pending.dispatches == 0:
+            return Reach.NOWHERE
+        return Reach.UPSTREAM if self.pending.head_seen else Reach.CONNECTOR
+
+
+@dataclass(frozen=True, slots=True)
+class UsageWatch:
+    """What the response machine needs to count a request's tokens (docs/usage.md)."""
+
+    strip: bool  # the broker added include_usage to the upstream request: remove its effect
+    prompt_tokens: int  # the limits' prompt estimate, used when the upstream reports none
 
 
 class ClientGone(Exception):
@@ -176,14 +187,20 @@ class ApiRelay:
                 param="model",
                 headers={REQUEST_ID_HEADER: rid},
             )
-        item = self._item(scope, rid, model, text, body.get("stream") is True)
+        # Ask a streaming upstream for its usage chunk; the machine removes it again.
+        asks = state.settings.ask_stream_usage and scope["path"] in USAGE_PATHS
+        upstream_text = with_include_usage(text, body) if asks else None
+        item = self._item(scope, rid, model, upstream_text or text, body.get("stream") is True)
         ticket = await self.gate.admit(user, body, item.path, rid)  # 429 over a limit
         progress = Progress()
+        usage = UsageWatch(upstream_text is not None, estimate(body, item.path, 0).prompt)
         try:
-            await self._dispatch(scope, receive, send, rid, started, user, item, ticket, progress)
+            await self._dispatch(
+                scope, receive, send, rid, started, user, item, ticket, progress, usage
+            )
         finally:
             # Exactly once, however the request ended (refused, failed, cancelled).
-            await self.gate.settle(ticket, progress.outcome, progress.reached)
+            await self.gate.settle(ticket, progress.outcome, progress.reach)
 
     async def _dispatch(
         self,
@@ -196,6 +213,7 @@ class ApiRelay:
         item: RequestItem,
         ticket: Ticket | None,
         progress: Progress,
+        usage: UsageWatch,
     ) -> None:
         state = self.state
         limit_headers = ticket.headers if ticket is not None else {}
@@ -223,6 +241,8 @@ class ApiRelay:
             started=started,
             commit_after=state.settings.stream_commit_after,
             heartbeat=state.settings.heartbeat,
+            strip_usage=usage.strip,
+            prompt_tokens=usage.prompt_tokens,
             extra_headers=limit_headers,
         )
         progress.outcome = machine.outcome
@@ -271,7 +291,9 @@ class ApiRelay:
     ) -> None:
         duration = self.hub.clock() - started
         ttfb = outcome.ttfb_ms / 1000.0 if outcome.ttfb_ms is not None else None
-        self.state.metrics.request_done(item.model, outcome.status, ttfb, duration)
+        metrics = self.state.metrics
+        metrics.request_done(item.model, outcome.status, ttfb, duration)
+        metrics.usage_done(item.model, outcome.tokens_in, outcome.tokens_out, pending.queue_wait)
         self._usage(rid, user, item, outcome.status, duration, pending.connector, outcome)
         log.info(
             "request_done",
@@ -288,6 +310,10 @@ class ApiRelay:
             bytes_out=outcome.bytes_out,
             error=outcome.error,
             attempts=pending.dispatches,
+            tokens_in=outcome.tokens_in,
+            tokens_out=outcome.tokens_out,
+            estimated=outcome.estimated,
+            partial=outcome.partial,
         )
 
     def _usage(
@@ -317,6 +343,8 @@ class ApiRelay:
                 duration_ms=round(duration * 1000.0, 3),
                 bytes_out=outcome.bytes_out if outcome else 0,
                 key_name=user.name,
+                estimated=outcome.estimated if outcome else False,
+                partial=outcome.partial if outcome else False,
             )
         )
 

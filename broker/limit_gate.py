@@ -12,6 +12,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 from broker.api_input import ApiError
@@ -122,14 +123,26 @@ def refusal_error(refusal: Refusal, demand: Demand, rid: str) -> ApiError:
     return ApiError(429, _message(refusal, demand), code, type_=type_, headers=headers)
 
 
-def actual_tokens(demand: Demand, outcome: Outcome | None, reached: bool) -> int:
+class Reach(Enum):
+    """How far a request got: what its settle may assume the upstream spent."""
+
+    NOWHERE = "nowhere"  # refused by the relay, or cancelled while queued
+    CONNECTOR = "connector"  # handed to a connector; no answer head came back
+    UPSTREAM = "upstream"  # the upstream's answer head arrived
+
+
+def actual_tokens(demand: Demand, outcome: Outcome | None, reach: Reach) -> int:
     """What a request used, for the settle.
 
-    Nothing when it never reached a connector or the upstream answered an error status;
-    the upstream's usage where the response said it; the estimate where it did not.
+    Nothing when no connector took it; the prompt estimate when one did but no answer
+    came (the upstream may have read the prompt); when the upstream answered, its usage
+    where the response says it and the estimate where it does not, and nothing for an
+    error status without usage.
     """
-    if not reached or outcome is None:
+    if reach is Reach.NOWHERE or outcome is None:
         return 0
+    if reach is Reach.CONNECTOR:
+        return demand.prompt
     tokens_in, tokens_out = outcome.tokens_in, outcome.tokens_out
     if tokens_in is None and tokens_out is None and outcome.error == "upstream_status":
         return 0
@@ -194,11 +207,11 @@ class LimitGate:
             raise refusal_error(answer, demand, rid)
         return Ticket(answer, demand, rate_headers(answer.info))
 
-    async def settle(self, ticket: Ticket | None, outcome: Outcome | None, reached: bool) -> None:
+    async def settle(self, ticket: Ticket | None, outcome: Outcome | None, reach: Reach) -> None:
         """End the reservation with what the request used; never raises."""
         if ticket is None:
             return
-        actual = actual_tokens(ticket.demand, outcome, reached)
+        actual = actual_tokens(ticket.demand, outcome, reach)
         try:
             await self.state.settle(ticket.reservation, actual, self.clock())
         except Exception as exc:  # a lost settle must not break the answer already sent

@@ -5,6 +5,9 @@ implementation (several brokers, e.g. Redis with one atomic script per call) imp
 the same three calls on the same plain data (``Limits``, ``Reservation``, ``Refusal``,
 ``SubjectUsage``), so the API path and the admin page never know which one they talk to.
 Each call is atomic on its own: ``reserve`` takes from all subjects or from none.
+``settle`` is awaited in the API handler's ``finally``, also while its task is being
+cancelled (the user hung up): an implementation must finish it in that state and must not
+raise for a reservation it no longer knows (a repeat, or counters lost in a restart).
 """
 
 from __future__ import annotations

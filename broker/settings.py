@@ -73,6 +73,12 @@ class BrokerSettings(FileAwareSettings):
         description="SQLite file for usage records.",
         json_schema_extra={"doc_default": "<data-dir>/usage.sqlite3"},
     )
+    ask_stream_usage: bool = Field(
+        True,
+        description="Ask the LLM for a usage chunk on streams whose client did not "
+        "(stream_options.include_usage) and remove it from the answer, so stream tokens are "
+        "exact; turn off for an LLM server that refuses the option.",
+    )
     models_file: Path | None = Field(
         None,
         description="YAML file of token prices per model (`currency`, `models: {<model>: "

@@ -103,7 +103,9 @@ def _user_id(settings: BrokerSettings, user: str | None) -> str | None:
 
 
 def _money(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
+    if value is None:
+        return "-"
+    return f"{value:.2f}" if value >= 100 else f"{value:.6f}"  # cents of a cent show
 
 
 def _columns(by: str, prices: PriceBook | None) -> list[str]:

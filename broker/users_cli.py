@@ -50,15 +50,16 @@ def _run(action: Callable[[], Any]) -> Any:
 
 @click.group("users")
 def users_command() -> None:
-    """List the key portal's users, block or unblock them, list or revoke their keys."""
+    """List the key portal's users, block or unblock them, list or revoke their keys, and
+    show or set their limits."""
 
 
 @users_command.command("list")
 @click.pass_context
 def list_users(ctx: click.Context) -> None:
-    """Every user: GitLab id, username, blocked, number of keys, last login."""
+    """Every user: GitLab id, username, blocked, number of keys, last login, limits."""
     store = _store(ctx)
-    rows = [("ID", "USERNAME", "BLOCKED", "KEYS", "LAST LOGIN")]
+    rows = [("ID", "USERNAME", "BLOCKED", "KEYS", "LAST LOGIN", "LIMITS")]
     for u in store.users:
         rows.append(
             (
@@ -67,6 +68,7 @@ def list_users(ctx: click.Context) -> None:
                 "yes" if u.blocked else "no",
                 str(len(u.keys)),
                 _when(u.last_login),
+                _limits_text(u.limits),
             )
         )
     _table(rows)
@@ -158,7 +160,7 @@ def _limit_options(func: Callable[..., Any]) -> Callable[..., Any]:
 @users_command.command("limits")
 @click.argument("user")
 @click.option("--key", default=None, help="Set the limits of this key (name or prefix) alone.")
-@click.option("--clear", is_flag=True, help="Remove every override (back to the defaults).")
+@click.option("--clear", is_flag=True, help="Remove every override of USER (or of --key) first.")
 @_limit_options
 @click.pass_context
 def limits(

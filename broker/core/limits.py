@@ -214,6 +214,20 @@ def month_end(now: float) -> float:
     return datetime(year, month + 1, 1, tzinfo=UTC).timestamp()
 
 
+@dataclass(frozen=True, slots=True)
+class Periods:
+    """The UTC day and month an instant falls in, and when each ends."""
+
+    day: int
+    day_end: float
+    month: int
+    month_end: float
+
+    @classmethod
+    def at(cls, now: float) -> Periods:
+        return cls(day_of(now), day_end(now), month_of(now), month_end(now))
+
+
 # -- counters ----------------------------------------------------------------------------
 
 
@@ -224,13 +238,19 @@ class Meter:
     level: float = 0.0
     at: float = 0.0
 
+    # Conditionals rather than max(): this runs a few times per request on the API path.
     def current(self, limit: int, now: float) -> float:
-        drained = max(0.0, now - self.at) * limit / MINUTE
-        return max(0.0, self.level - drained)
+        elapsed = now - self.at
+        if elapsed <= 0.0:  # the same instant, or a wall clock that stepped back
+            return self.level
+        level = self.level - elapsed * limit / MINUTE
+        return level if level > 0.0 else 0.0
 
     def add(self, amount: float, limit: int, now: float) -> None:
-        self.level = max(0.0, self.current(limit, now) + amount)
-        self.at = max(self.at, now)
+        level = self.current(limit, now) + amount
+        self.level = level if level > 0.0 else 0.0
+        if now > self.at:
+            self.at = now
 
     def wait_for(self, amount: float, limit: int, now: float) -> float:
         """Seconds until ``amount`` fits (0 when it fits now)."""
@@ -268,11 +288,11 @@ class Counters:
             self.requests, self.tokens = Meter(), Meter()
         return self.requests, self.tokens
 
-    def quotas(self, now: float) -> tuple[Quota, Quota]:
+    def quotas(self, periods: Periods) -> tuple[Quota, Quota]:
         if self.day is None or self.month is None:
             self.day, self.month = Quota(), Quota()
-        self.day.roll(day_of(now))
-        self.month.roll(month_of(now))
+        self.day.roll(periods.day)
+        self.month.roll(periods.month)
         return self.day, self.month
 
 
@@ -287,6 +307,13 @@ class LimitBook:
         self._subjects: dict[str, Counters] = {}
         self._open: set[str] = set()
         self._seq = 0
+        self._periods = Periods.at(0.0)
+
+    def periods(self, now: float) -> Periods:
+        """The calendar periods of ``now``, recomputed only when a day has passed."""
+        if day_of(now) != self._periods.day:
+            self._periods = Periods.at(now)
+        return self._periods
 
     def reserve(
         self, subjects: Sequence[str], demand: int, limits: Sequence[Limits], now: float
@@ -330,7 +357,7 @@ class LimitBook:
                 _, tokens = c.meters()
                 tokens.add(actual - hold.tokens, lim.tpm, now)
             if lim.daily_tokens is not None or lim.monthly_tokens is not None:
-                day, month = c.quotas(now)
+                day, month = c.quotas(self.periods(now))
                 _settle_quota(day, hold.day, hold.day_period, actual)
                 _settle_quota(month, hold.month, hold.month_period, actual)
         return True
@@ -355,10 +382,11 @@ class LimitBook:
     def _check(self, subject: str, c: Counters, demand: int, now: float) -> Refusal | None:
         lim = c.limits
         if lim.daily_tokens is not None or lim.monthly_tokens is not None:
-            day, month = c.quotas(now)
+            periods = self.periods(now)
+            day, month = c.quotas(periods)
             for reason, limit, quota, end in (
-                (Reason.MONTHLY, lim.monthly_tokens, month, month_end(now)),
-                (Reason.DAILY, lim.daily_tokens, day, day_end(now)),
+                (Reason.MONTHLY, lim.monthly_tokens, month, periods.month_end),
+                (Reason.DAILY, lim.daily_tokens, day, periods.day_end),
             ):
                 if limit is None:
                     continue
@@ -394,7 +422,7 @@ class LimitBook:
         day_hold = month_hold = 0
         day_period = month_period = -1
         if lim.daily_tokens is not None or lim.monthly_tokens is not None:
-            day, month = c.quotas(now)
+            day, month = c.quotas(self.periods(now))
             day_hold, month_hold = (
                 _amount(demand, lim.daily_tokens),
                 _amount(demand, lim.monthly_tokens),
@@ -409,9 +437,10 @@ class LimitBook:
         requests, tokens = c.meters()
         day_used = month_used = 0
         if c.day is not None and c.month is not None:
-            if c.day.period == day_of(now):
+            periods = self.periods(now)
+            if c.day.period == periods.day:
                 day_used = c.day.used + c.day.held
-            if c.month.period == month_of(now):
+            if c.month.period == periods.month:
                 month_used = c.month.used + c.month.held
         return SubjectUsage(
             subject=subject,

@@ -18,7 +18,7 @@ from broker.limiter import MemoryLimitState
 from broker.users import UsersStore
 from tests.support.fake_llm import FakeLLM
 from tests.support.net import wait_for
-from tests.support.stack import USER_KEY, Stack, start_broker, start_connector
+from tests.support.stack import TOKEN, USER_KEY, Stack, start_broker, start_connector
 
 RESET = re.compile(r"^(\d+h)?(\d+m)?(\d+(\.\d+)?s|\d+ms)$")
 HI = [{"role": "user", "content": "hi"}]  # 2 bytes: 1 token + 4 for the message
@@ -261,4 +261,45 @@ async def test_users_file_overrides_apply_without_a_restart(
             assert json.loads(blocked.text)["error"]["code"] == "key_blocked"
     finally:
         await conn.stop()
+        await broker.stop()
+
+
+async def test_a_redispatched_request_is_settled_once(tmp_path: Path, fake_llm: FakeLLM) -> None:
+    """A poll answer lost on the way: the lease runs out, another connector serves it."""
+    broker = await start_broker(
+        tmp_path / "b", lease=0.5, daily_token_quota=1_000_000, concurrency_limit=1
+    )
+    base = broker.url + "/relay/v1"
+    tok = {"Authorization": f"Bearer {TOKEN}"}
+    book = broker.server.state.limiter.book  # type: ignore[attr-defined]
+    try:
+        async with httpx.AsyncClient(timeout=30) as raw:
+            reg = await raw.post(
+                base + "/sessions",
+                json={"name": "lossy", "models": ["fake-model"], "capacity": 1},
+                headers=tok,
+            )
+            sid = reg.json()["session_id"]
+            auth = {"Authorization": f"Bearer {USER_KEY}"}
+            async with httpx.AsyncClient(base_url=broker.url, headers=auth, timeout=30) as api:
+                chat = {"model": "fake-model", "messages": HI, "max_tokens": 2}
+                answer = asyncio.create_task(api.post("/v1/chat/completions", json=chat))
+                lost = await raw.post(f"{base}/sessions/{sid}/poll", json={}, headers=tok)
+                assert lost.json()["items"][0]["type"] == "request"
+                conn = await start_connector(broker.url, fake_llm.url)
+                try:
+                    reply = await answer
+                    assert reply.status_code == 200
+                    assert broker.hub.core.redispatched == 1
+                    await wait_for(lambda: book.open_reservations == 0)
+                    # The slot is free again, and the tokens were counted once, as used.
+                    again = await api.post("/v1/chat/completions", json=chat)
+                    assert again.status_code == 200
+                finally:
+                    await conn.stop()
+        await wait_for(lambda: book.open_reservations == 0)
+        (usage,) = book.snapshot(time.time())
+        assert usage.tokens_today == 2 * 8  # the fake's usage, each request once
+        assert usage.in_flight == 0
+    finally:
         await broker.stop()

@@ -17,6 +17,7 @@ from broker.core.response import Outcome
 from broker.keys import UserKey, hash_secret
 from broker.limit_gate import (
     LimitGate,
+    Reach,
     actual_tokens,
     go_duration,
     rate_headers,
@@ -155,19 +156,21 @@ def test_concurrency_and_rpm_refusals_are_requests() -> None:
 
 
 @pytest.mark.parametrize(
-    ("outcome", "reached", "expected"),
+    ("outcome", "reach", "expected"),
     [
-        (None, False, 0),  # refused before the queue
-        (Outcome(status=499, cancelled=True), False, 0),  # cancelled while queued
-        (Outcome(status=200, tokens_in=12, tokens_out=30), True, 42),  # the upstream's usage
-        (Outcome(status=200), True, 300),  # unknown: the estimate stays
-        (Outcome(status=200, tokens_in=12), True, 12 + 200),
-        (Outcome(status=400, error="upstream_status"), True, 0),  # the upstream refused it
-        (Outcome(status=499, cancelled=True, error="client_disconnected"), True, 300),
+        (None, Reach.NOWHERE, 0),  # refused before the queue
+        (Outcome(status=499, cancelled=True), Reach.NOWHERE, 0),  # cancelled while queued
+        (Outcome(status=502, error="connector_lost"), Reach.CONNECTOR, 100),  # prompt only
+        (Outcome(status=499, cancelled=True), Reach.CONNECTOR, 100),
+        (Outcome(status=200, tokens_in=12, tokens_out=30), Reach.UPSTREAM, 42),  # its usage
+        (Outcome(status=200), Reach.UPSTREAM, 300),  # unknown: the estimate stays
+        (Outcome(status=200, tokens_in=12), Reach.UPSTREAM, 12 + 200),
+        (Outcome(status=400, error="upstream_status"), Reach.UPSTREAM, 0),  # it refused
+        (Outcome(status=499, cancelled=True, error="client_disconnected"), Reach.UPSTREAM, 300),
     ],
 )
-def test_settle_amounts(outcome: Outcome | None, reached: bool, expected: int) -> None:
-    assert actual_tokens(Demand(100, 200), outcome, reached) == expected
+def test_settle_amounts(outcome: Outcome | None, reach: Reach, expected: int) -> None:
+    assert actual_tokens(Demand(100, 200), outcome, reach) == expected
 
 
 # -- subjects --------------------------------------------------------------------------------
@@ -211,8 +214,8 @@ async def test_admit_refuses_and_counts_the_reason() -> None:
         await g.admit(UserKey("u", "u"), body, "/v1/chat/completions", "r")
     assert getattr(caught.value, "status", None) == 429
     assert g.metrics.reasons == ["concurrency"]  # type: ignore[attr-defined]
-    await g.settle(ticket, None, False)
-    await g.settle(ticket, None, False)
+    await g.settle(ticket, None, Reach.NOWHERE)
+    await g.settle(ticket, None, Reach.NOWHERE)
     assert await g.admit(UserKey("u", "u"), body, "/v1/chat/completions", "r") is not None
 
 
@@ -289,6 +292,8 @@ def test_users_limits_cli(tmp_path: Path) -> None:
     assert "key laptop" in key.output and "concurrency=2" in key.output
     back = run(broker_cli.main, [*base, "alice", "--tpm", "default"])
     assert "alice: rpm=60 daily-tokens=unlimited" in back.output
+    listed = run(broker_cli.main, [*base[:-1], "list"], catch_exceptions=False)
+    assert "LIMITS" in listed.output and "rpm=60 daily-tokens=unlimited" in listed.output
     cleared = run(broker_cli.main, [*base, "alice", "--clear"])
     assert "alice: defaults" in cleared.output and "concurrency=2" in cleared.output
     bad = run(broker_cli.main, [*base, "alice", "--rpm", "0"])
