@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 
 import structlog
 
@@ -19,10 +20,13 @@ from broker.api_input import ApiError, authenticate, parse_json_object, request_
 from broker.asgi import Message, Receive, Scope, Send
 from broker.channel import ResponseChannel
 from broker.core import DispatchError, Pending
+from broker.core.demand import estimate
 from broker.core.response import Action, Begin, Body, Close, Outcome, ResponseMachine
+from broker.core.sse_usage import USAGE_PATHS, with_include_usage
 from broker.forwarded import client_address, parse_networks
 from broker.hub import RelayHub
 from broker.keys import UserKey
+from broker.limit_gate import LimitGate, Reach, Ticket
 from broker.state import BrokerState
 from broker.usage import UsageRecord
 from shared.errors import quote
@@ -39,6 +43,28 @@ UNKNOWN_MODEL_LABEL = "(unknown)"
 # client finished sending makes the server close a socket with unread data, which resets
 # the connection and the client never sees the 413.
 DRAIN_LIMIT = 64 * 1024 * 1024
+
+
+@dataclass(slots=True)
+class Progress:
+    """How far a request got, for the settle of its limits."""
+
+    pending: Pending | None = None
+    outcome: Outcome | None = None
+
+    @property
+    def reach(self) -> Reach:
+        if self.pending is None or self.pending.dispatches == 0:
+            return Reach.NOWHERE
+        return Reach.UPSTREAM if self.pending.head_seen else Reach.CONNECTOR
+
+
+@dataclass(frozen=True, slots=True)
+class UsageWatch:
+    """What the response machine needs to count a request's tokens (docs/usage.md)."""
+
+    strip: bool  # the broker added include_usage to the upstream request: remove its effect
+    prompt_tokens: int  # the limits' prompt estimate, used when the upstream reports none
 
 
 class ClientGone(Exception):
@@ -100,6 +126,12 @@ class ApiRelay:
         self.state = state
         self.hub = state.hub
         self.trusted_proxies = parse_networks(state.settings.trusted_proxies)
+        self.gate = LimitGate(
+            state.limiter,
+            state.settings.default_limits,
+            state.settings.default_max_tokens,
+            state.metrics,
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = self.hub.clock()
@@ -155,11 +187,45 @@ class ApiRelay:
                 param="model",
                 headers={REQUEST_ID_HEADER: rid},
             )
-        item = self._item(scope, rid, model, text, body.get("stream") is True)
+        # Ask a streaming upstream for its usage chunk; the machine removes it again.
+        asks = state.settings.ask_stream_usage and scope["path"] in USAGE_PATHS
+        upstream_text = with_include_usage(text, body) if asks else None
+        item = self._item(scope, rid, model, upstream_text or text, body.get("stream") is True)
+        try:
+            ticket = await self.gate.admit(user, body, item.path, rid)
+        except ApiError as exc:  # over a limit: 429, recorded like the relay's refusals
+            live = item.model in self.hub.core.live_models()
+            self._refused(rid, user, item, exc.status, exc.code, started, known=live)
+            raise
+        progress = Progress()
+        usage = UsageWatch(upstream_text is not None, estimate(body, item.path, 0).prompt)
+        try:
+            await self._dispatch(
+                scope, receive, send, rid, started, user, item, ticket, progress, usage
+            )
+        finally:
+            # Exactly once, however the request ended (refused, failed, cancelled).
+            await self.gate.settle(ticket, progress.outcome, progress.reach)
+
+    async def _dispatch(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        rid: str,
+        started: float,
+        user: UserKey,
+        item: RequestItem,
+        ticket: Ticket | None,
+        progress: Progress,
+        usage: UsageWatch,
+    ) -> None:
+        state = self.state
+        limit_headers = ticket.headers if ticket is not None else {}
         try:
             pending, channel = self.hub.submit(item, user=user.id)
         except DispatchError as exc:
-            self._refused(rid, user, item, exc, started)
+            self._refused(rid, user, item, exc.status, exc.code, started, exc.status != 404)
             raise ApiError(
                 exc.status,
                 exc.message,
@@ -167,8 +233,10 @@ class ApiRelay:
                 type_="invalid_request_error" if exc.status == 404 else "server_error",
                 param="model" if exc.status == 404 else None,
                 headers={REQUEST_ID_HEADER: rid}
+                | limit_headers
                 | ({"Retry-After": "2"} if exc.status == 503 else {}),
             ) from None
+        progress.pending = pending
         client = scope.get("client")
         forwarded_for = _header(scope, b"x-forwarded-for")
         address = client_address(client[0] if client else None, forwarded_for, self.trusted_proxies)
@@ -178,7 +246,11 @@ class ApiRelay:
             started=started,
             commit_after=state.settings.stream_commit_after,
             heartbeat=state.settings.heartbeat,
+            strip_usage=usage.strip,
+            prompt_tokens=usage.prompt_tokens,
+            extra_headers=limit_headers,
         )
+        progress.outcome = machine.outcome
         responder = AsgiResponder(self.hub, pending, channel, machine)
         try:
             await responder.run(receive, send)
@@ -203,14 +275,22 @@ class ApiRelay:
     # -- the record of each request -------------------------------------------------------
 
     def _refused(
-        self, rid: str, user: UserKey, item: RequestItem, exc: DispatchError, started: float
+        self,
+        rid: str,
+        user: UserKey,
+        item: RequestItem,
+        status: int,
+        code: str,
+        started: float,
+        known: bool,
     ) -> None:
-        shown = quote(item.model) if exc.status != 404 else UNKNOWN_MODEL_LABEL
-        log.info("request_refused", model=quote(item.model), status=exc.status, code=exc.code)
+        """A request answered by the broker itself (unknown model, no connector, a limit)."""
+        shown = quote(item.model) if known else UNKNOWN_MODEL_LABEL
+        log.info("request_refused", model=quote(item.model), status=status, code=code)
         duration = self.hub.clock() - started
         # A client can name any model: unknown ones share one label, so /metrics stays small.
-        self.state.metrics.request_done(shown, exc.status, None, duration)
-        self._usage(rid, user, item, exc.status, duration, None, None)
+        self.state.metrics.request_done(shown, status, None, duration)
+        self._usage(rid, user, item, status, duration, None, None)
 
     def _done(
         self,
@@ -224,7 +304,9 @@ class ApiRelay:
     ) -> None:
         duration = self.hub.clock() - started
         ttfb = outcome.ttfb_ms / 1000.0 if outcome.ttfb_ms is not None else None
-        self.state.metrics.request_done(item.model, outcome.status, ttfb, duration)
+        metrics = self.state.metrics
+        metrics.request_done(item.model, outcome.status, ttfb, duration)
+        metrics.usage_done(item.model, outcome.tokens_in, outcome.tokens_out, pending.queue_wait)
         self._usage(rid, user, item, outcome.status, duration, pending.connector, outcome)
         log.info(
             "request_done",
@@ -241,6 +323,10 @@ class ApiRelay:
             bytes_out=outcome.bytes_out,
             error=outcome.error,
             attempts=pending.dispatches,
+            tokens_in=outcome.tokens_in,
+            tokens_out=outcome.tokens_out,
+            estimated=outcome.estimated,
+            partial=outcome.partial,
         )
 
     def _usage(
@@ -270,6 +356,8 @@ class ApiRelay:
                 duration_ms=round(duration * 1000.0, 3),
                 bytes_out=outcome.bytes_out if outcome else 0,
                 key_name=user.name,
+                estimated=outcome.estimated if outcome else False,
+                partial=outcome.partial if outcome else False,
             )
         )
 

@@ -15,12 +15,14 @@ from broker.api import create_api_blueprint
 from broker.api_relay import ApiRelay
 from broker.asgi import BrokerASGI
 from broker.core import Timings
+from broker.enrollment import EnrollmentStore
 from broker.errors import error_response, type_for_status
 from broker.hub import RelayHub
 from broker.keys import KeyStore
 from broker.metrics import BrokerMetrics
 from broker.portal import install_portal
 from broker.portal.security import add_security_headers
+from broker.prices import load_prices
 from broker.relay_app import RelayApp
 from broker.settings import BrokerSettings
 from broker.state import BrokerState
@@ -54,8 +56,18 @@ def build_state(settings: BrokerSettings, keys: KeyStore | None = None) -> Broke
         )
     hub = RelayHub(timings_from(settings))
     usage = UsageRecorder(settings.usage_path) if settings.record_usage else None
+    # Approved connectors keep working with enrollment turned off later: always loaded.
+    enrollment = EnrollmentStore(settings.enrolled_path)
+    keys.attach_connectors(enrollment.lookup)
+    prices = load_prices(settings.models_file) if settings.models_file else None
     return BrokerState(
-        settings=settings, hub=hub, keys=keys, metrics=BrokerMetrics(hub), usage=usage
+        settings=settings,
+        hub=hub,
+        keys=keys,
+        metrics=BrokerMetrics(hub),
+        usage=usage,
+        enrollment=enrollment,
+        prices=prices,
     )
 
 
@@ -125,6 +137,8 @@ async def _reload_keys(state: BrokerState) -> None:
     while True:
         await asyncio.sleep(2.0)
         state.keys.reload()
+        if state.enrollment is not None:
+            state.enrollment.reload()
 
 
 def create_health_app(state: BrokerState) -> Quart:

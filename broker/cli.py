@@ -11,6 +11,7 @@ import click
 
 from broker.keys import GeneratedCredentials, KeyStore
 from broker.settings import BrokerSettings
+from broker.usage_cli import usage_command
 from broker.users_cli import users_command
 from shared.errors import ConfigError
 from shared.logging import configure_logging, get_logger
@@ -78,14 +79,16 @@ def prepare(settings: BrokerSettings) -> tuple[KeyStore, GeneratedCredentials]:
     )
     # With the key portal on, users get their keys there: no generated user key needed.
     has_users = keys.has_users or settings.portal_enabled
-    if has_users and keys.has_connectors:
+    # Enrolled connectors get their tokens on /portal/admin: no generated token needed.
+    has_connectors = keys.has_connectors or settings.allow_enrollment
+    if has_users and has_connectors:
         return keys, GeneratedCredentials(None, None)
     if not settings.generate_credentials:
         missing = [
             name
             for name, ok in (
                 ("--user-api-key", has_users),
-                ("--connector-token", keys.has_connectors),
+                ("--connector-token", has_connectors),
             )
             if not ok
         ]
@@ -129,7 +132,8 @@ def main(ctx: click.Context, /, config_file: Path | None, **options: Any) -> Non
     run next. Every option can also be set as REMOTELLM_BROKER_<NAME> or in --config.
 
     `remotellm-broker init-credentials` creates those credentials without starting;
-    `remotellm-broker [OPTIONS] users ...` manages the key portal's users file.
+    `remotellm-broker [OPTIONS] users ...` manages the key portal's users file;
+    `remotellm-broker [OPTIONS] usage ...` prints usage totals from the ledger.
     """
     if ctx.invoked_subcommand is not None:
         # Options given before the subcommand apply to it too.
@@ -138,18 +142,19 @@ def main(ctx: click.Context, /, config_file: Path | None, **options: Any) -> Non
     from broker.server import serve
 
     settings = _settings(config_file, options)
+    from broker.app import build_state
+
     try:
         configure_logging(settings.log_level, settings.log_format)
         keys, creds = prepare(settings)
+        state = build_state(settings, keys)
     except ConfigError as exc:
         click.echo(f"remotellm-broker: {exc}", err=True)
         sys.exit(2)
     click.echo(banner(settings, creds, keys))
     sys.stdout.flush()
     get_logger("broker.cli").info("broker_configured", data_dir=str(settings.data_dir))
-    from broker.app import build_state
-
-    serve(settings, build_state(settings, keys))
+    serve(settings, state)
 
 
 @main.command("init-credentials", context_settings=_CONTEXT)
@@ -184,3 +189,4 @@ def init_credentials_command(
 
 
 main.add_command(users_command)
+main.add_command(usage_command)

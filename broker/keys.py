@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from broker.core.limits import LimitOverrides
 from shared.errors import ConfigError
 from shared.logging import get_logger
 
@@ -61,6 +62,9 @@ class UserKey:
     id: str
     name: str
     blocked: bool = False
+    # Overrides of the default limits (users file): for the user, and for this key alone.
+    limits: LimitOverrides | None = None
+    key_limits: LimitOverrides | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,11 +154,16 @@ class KeyStore:
         self._connectors: dict[str, ConnectorIdentity] = {}
         self._stamps: tuple[float | None, float | None] = (None, None)
         self._more_users: Callable[[str], UserKey | None] | None = None
+        self._more_connectors: Callable[[str], ConnectorIdentity | None] | None = None
         self.reload(force=True)
 
     def attach_users(self, lookup: Callable[[str], UserKey | None]) -> None:
         """Also accept the keys ``lookup`` knows by hash (the portal's users file)."""
         self._more_users = lookup
+
+    def attach_connectors(self, lookup: Callable[[str], ConnectorIdentity | None]) -> None:
+        """Also accept the tokens ``lookup`` knows by hash (enrolled connectors)."""
+        self._more_connectors = lookup
 
     # -- loading --------------------------------------------------------------------------
 
@@ -257,7 +266,11 @@ class KeyStore:
         return found
 
     def connector(self, token: str) -> ConnectorIdentity | None:
-        return self._connectors.get(hash_secret(token))
+        digest = hash_secret(token)
+        found = self._connectors.get(digest)
+        if found is None and self._more_connectors is not None:
+            found = self._more_connectors(digest)
+        return found
 
 
 def bearer(header: str | None) -> str | None:

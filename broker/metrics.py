@@ -15,6 +15,7 @@ from prometheus_client.registry import Collector
 from broker.hub import RelayHub
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
 class _RelayCollector(Collector):
@@ -90,6 +91,26 @@ class BrokerMetrics:
             "Requests handed to another connector after their lease expired",
             registry=self.registry,
         )
+        self.tokens = Counter(
+            "remotellm_tokens",
+            "Tokens of finished requests by model and kind (input, output); exact where the "
+            "upstream reported usage, else the broker's estimate (docs/usage.md)",
+            ["model", "kind"],
+            registry=self.registry,
+        )
+        self.queue_wait = Histogram(
+            "remotellm_queue_wait_seconds",
+            "Time from a request's arrival to its hand-out to the connector that served it",
+            ["model"],
+            buckets=_QUEUE_BUCKETS,
+            registry=self.registry,
+        )
+        self.rate_limited_requests = Counter(
+            "remotellm_rate_limited",
+            "API requests refused with 429 by a limit (rpm, tpm, concurrency, daily, monthly)",
+            ["reason"],
+            registry=self.registry,
+        )
         self._seen_redispatches = 0
         self.hub = hub
         self.registry.register(_RelayCollector(hub))
@@ -101,6 +122,24 @@ class BrokerMetrics:
         if ttfb_s is not None:
             self.ttfb.labels(model).observe(ttfb_s)
         self.duration.labels(model).observe(duration_s)
+
+    def usage_done(
+        self,
+        model: str,
+        tokens_in: int | None,
+        tokens_out: int | None,
+        queue_wait_s: float | None,
+    ) -> None:
+        """Once per relayed request at its end: its tokens and how long it queued."""
+        if tokens_in:
+            self.tokens.labels(model, "input").inc(tokens_in)
+        if tokens_out:
+            self.tokens.labels(model, "output").inc(tokens_out)
+        if queue_wait_s is not None:
+            self.queue_wait.labels(model).observe(queue_wait_s)
+
+    def rate_limited(self, reason: str) -> None:
+        self.rate_limited_requests.labels(reason).inc()
 
     def render(self) -> bytes:
         total = self.hub.core.redispatched

@@ -23,8 +23,10 @@ from typing import TypeVar
 import structlog
 from pydantic import BaseModel, ValidationError
 
+from broker import enroll_relay
 from broker.asgi import Receive, Scope, Send
 from broker.core import LeaseError, UnknownSession
+from broker.enrollment import EnrollmentError
 from broker.hub import Superseded
 from broker.keys import ConnectorIdentity, bearer
 from broker.mux import MuxRegistry
@@ -36,6 +38,7 @@ from shared.protocol import (
     PROTOCOL_REVISION,
     PROTOCOL_VERSION,
     RELAY_PREFIX,
+    EnrollRequest,
     ModelsUpdate,
     PollResponse,
     ProbeResult,
@@ -156,10 +159,13 @@ class RelayApp:
         self.assemblers: dict[str, PartAssembler] = {}
         # Recently completed parts uploads: a retried last part is a duplicate, not a 409.
         self.finished: OrderedDict[str, None] = OrderedDict()
+        # The one route without a token (a connector asking to join): no authorisation.
+        self._enroll: Route = self.enroll
         s = state.settings
         self.mux = MuxRegistry(self.hub, s.max_response_body, s.mux_buffer_limit)
         # (method, path pattern) -> route; "*" matches one path segment.
         self._routes: list[tuple[str, tuple[str, ...], Route]] = [
+            ("POST", ("enroll",), self._enroll),
             ("POST", ("sessions",), self.register),
             ("DELETE", ("sessions", "*"), self.deregister),
             ("PUT", ("sessions", "*", "models"), self.update_models),
@@ -177,7 +183,7 @@ class RelayApp:
         call = Call(scope, receive, send, _NOBODY, [])
         try:
             route, call.params = self._match(scope["method"], scope["path"])
-            call.ident = self._authorise(scope)
+            call.ident = _NOBODY if route is self._enroll else self._authorise(scope)
             await route(call)
         except RelayError as exc:
             await self._error(call, exc)
@@ -315,13 +321,25 @@ class RelayApp:
         await call.start(204, [])
         await call.body(b"")
 
+    async def enroll(self, call: Call) -> None:
+        """A connector without a token asks to join, and asks again for the verdict."""
+        try:
+            enroll_relay.check_enabled(self.state)
+            req = await call.model(EnrollRequest)
+            status, body = await enroll_relay.answer(self.state, req, call.scope)
+        except EnrollmentError as exc:
+            raise RelayError(exc.status, exc.message, exc.code, exc.type) from None
+        await call.respond(status, body)
+
     # -- polls ----------------------------------------------------------------------------
 
     async def poll(self, call: Call) -> None:
         session_id = call.params[0]
         self.core.session(call.ident.id, session_id)  # 404 before reading anything
         await call.read(64 * 1024)
-        if b"stream=1" in call.scope.get("query_string", b""):
+        streamed = b"stream=1" in call.scope.get("query_string", b"")
+        self._note_poll_mode(session_id, streamed)
+        if streamed:
             await self._poll_stream(call, session_id)
             return
         # The next message is http.disconnect: it tells us the connector hung up.
@@ -336,6 +354,13 @@ class RelayApp:
             if not hangup.done():
                 hangup.cancel()
         await call.respond(200, PollResponse(items=items).model_dump_json().encode())
+
+    def _note_poll_mode(self, session_id: str, streamed: bool) -> None:
+        modes = self.state.poll_modes
+        modes[session_id] = "stream" if streamed else "classic"
+        if len(modes) > 2 * len(self.core.sessions) + 64:  # forget ended sessions
+            for gone in [sid for sid in modes if sid not in self.core.sessions]:
+                del modes[gone]
 
     async def _poll_stream(self, call: Call, session_id: str) -> None:
         """Fast path (docs/protocol.md): one poll answer carries work items as they come.

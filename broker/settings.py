@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
+from broker.core.limits import Limits
 from shared.settings import FileAwareSettings, split_list
 
 SECONDS = 1.0
@@ -72,6 +73,18 @@ class BrokerSettings(FileAwareSettings):
         description="SQLite file for usage records.",
         json_schema_extra={"doc_default": "<data-dir>/usage.sqlite3"},
     )
+    ask_stream_usage: bool = Field(
+        True,
+        description="Ask the LLM for a usage chunk on streams whose client did not "
+        "(stream_options.include_usage) and remove it from the answer, so stream tokens are "
+        "exact; turn off for an LLM server that refuses the option.",
+    )
+    models_file: Path | None = Field(
+        None,
+        description="YAML file of token prices per model (`currency`, `models: {<model>: "
+        "{input_per_million, output_per_million}}`): adds cost columns wherever usage is "
+        "shown (docs/usage.md).",
+    )
     generate_credentials: bool = Field(
         True,
         description="With no key or token configured, create a user key and a connector token "
@@ -113,6 +126,17 @@ class BrokerSettings(FileAwareSettings):
         description="YAML file of portal users and their keys (hashes only), reloaded on "
         "change; `remotellm-broker users` edits it too.",
         json_schema_extra={"doc_default": "<data-dir>/users.yaml"},
+    )
+    admins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="GitLab username who may use the operator's pages at /portal/admin "
+        "(repeatable; env: comma-separated).",
+        json_schema_extra={"flag": "--admin"},
+    )
+    allow_enrollment: bool = Field(
+        False,
+        description="Let connectors without a token ask to join; the request waits on "
+        "/portal/admin until an admin approves it (docs/enrollment.md).",
     )
     certfile: Path | None = Field(None, description="TLS certificate (PEM) to serve HTTPS.")
     keyfile: Path | None = Field(None, description="TLS private key (PEM).")
@@ -173,6 +197,40 @@ class BrokerSettings(FileAwareSettings):
     drain_timeout: float = Field(
         30 * SECONDS, ge=0, description="Seconds to let in-flight streams finish on SIGTERM."
     )
+    # -- limits per user (docs/limits.md); overrides per user and key in the users file ---
+    rpm_limit: int | None = Field(
+        None,
+        ge=1,
+        description="Requests per minute each user may send (unset: unlimited).",
+    )
+    tpm_limit: int | None = Field(
+        None,
+        ge=1,
+        description="Tokens per minute each user may use, reserved before a request is "
+        "queued (prompt estimate + max_tokens) and corrected to the real usage after it "
+        "(unset: unlimited).",
+    )
+    concurrency_limit: int | None = Field(
+        None,
+        ge=1,
+        description="Requests each user may have in flight at once (unset: unlimited).",
+    )
+    daily_token_quota: int | None = Field(
+        None,
+        ge=1,
+        description="Tokens each user may use per UTC calendar day (unset: unlimited).",
+    )
+    monthly_token_quota: int | None = Field(
+        None,
+        ge=1,
+        description="Tokens each user may use per UTC calendar month (unset: unlimited).",
+    )
+    default_max_tokens: int = Field(
+        1024,
+        ge=1,
+        description="Completion tokens a request that names no max_tokens is assumed to "
+        "use when token limits reserve its worst case.",
+    )
     mux_upload: bool = Field(
         True,
         description="Offer connectors the multiplexed upload (one long-lived POST carries "
@@ -191,6 +249,7 @@ class BrokerSettings(FileAwareSettings):
         "connector_tokens",
         "trusted_proxies",
         "gitlab_allowed_groups",
+        "admins",
         mode="before",
     )
     @classmethod
@@ -224,8 +283,22 @@ class BrokerSettings(FileAwareSettings):
         return self
 
     @property
+    def default_limits(self) -> Limits:
+        return Limits(
+            rpm=self.rpm_limit,
+            tpm=self.tpm_limit,
+            concurrency=self.concurrency_limit,
+            daily_tokens=self.daily_token_quota,
+            monthly_tokens=self.monthly_token_quota,
+        )
+
+    @property
     def usage_path(self) -> Path:
         return self.usage_db or self.data_dir / "usage.sqlite3"
+
+    @property
+    def enrolled_path(self) -> Path:
+        return self.data_dir / "enrolled_connectors.yaml"
 
     @property
     def users_path(self) -> Path:

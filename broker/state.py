@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from broker.enrollment import EnrollmentStore
 from broker.hub import RelayHub
 from broker.keys import KeyStore
+from broker.limiter import LimitState, MemoryLimitState
 from broker.metrics import BrokerMetrics
+from broker.prices import PriceBook
 from broker.settings import BrokerSettings
 from broker.usage import UsageRecorder
 
@@ -18,4 +21,10 @@ class BrokerState:
     keys: KeyStore
     metrics: BrokerMetrics
     usage: UsageRecorder | None = None
+    enrollment: EnrollmentStore | None = None
+    prices: PriceBook | None = None  # from --models-file
+    # The limit counters (docs/limits.md): in memory here, shared when brokers scale out.
+    limiter: LimitState = field(default_factory=MemoryLimitState)
     started: float = 0.0
+    # Session id -> "stream" or "classic": how it polled last (for the admin page).
+    poll_modes: dict[str, str] = field(default_factory=dict)

@@ -1,9 +1,11 @@
-"""Per-request usage records in SQLite, written off the hot path.
+"""Per-request usage records in SQLite (WAL), written off the hot path: the ledger's write side.
 
 ``record`` only appends to a list; a background task writes batches from a worker thread
-once a second (and at shutdown), so no request waits for the disk. Token counts come
-from the ``usage`` object the LLM puts at the end of a response (non-streaming bodies,
-and the last chunk of a stream with ``stream_options.include_usage``).
+once a second (and at shutdown), so no request waits for the disk. After ``stop`` (the
+broker's last step, after the drain) a late record is written at once, so nothing recorded
+is lost. Token counts come from the response machine (``broker.core.response``): exact
+from the upstream's ``usage``, else estimated; ``partial`` when the answer did not complete.
+The read side is ``broker.usage_query``; docs/usage.md says what each column means.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+import threading
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 
@@ -37,6 +40,8 @@ class UsageRecord:
     duration_ms: float
     bytes_out: int
     key_name: str | None = None  # which of the user's keys (portal keys are named)
+    estimated: bool = False  # tokens counted by the broker, not reported by the upstream
+    partial: bool = False  # the answer did not complete (client left, or it failed midway)
 
 
 _COLUMNS = [f.name for f in fields(UsageRecord)]
@@ -54,10 +59,23 @@ CREATE TABLE IF NOT EXISTS usage (
     ttfb_ms REAL,
     duration_ms REAL NOT NULL,
     bytes_out INTEGER NOT NULL,
-    key_name TEXT
+    key_name TEXT,
+    estimated INTEGER NOT NULL DEFAULT 0,
+    partial INTEGER NOT NULL DEFAULT 0
 );
-CREATE INDEX IF NOT EXISTS usage_user_ts ON usage (user_id, ts);
 """
+# Created after the migration below, so old databases get them too.
+_INDEXES = """
+CREATE INDEX IF NOT EXISTS usage_user_ts ON usage (user_id, ts);
+CREATE INDEX IF NOT EXISTS usage_ts ON usage (ts);
+CREATE INDEX IF NOT EXISTS usage_request_id ON usage (request_id);
+"""
+# Columns added since the first schema: old databases gain them (old rows get the default).
+_ADDED = {
+    "key_name": "TEXT",
+    "estimated": "INTEGER NOT NULL DEFAULT 0",
+    "partial": "INTEGER NOT NULL DEFAULT 0",
+}
 
 
 class UsageRecorder:
@@ -66,6 +84,11 @@ class UsageRecorder:
         self.flush_interval = flush_interval
         self._pending: list[UsageRecord] = []
         self._task: asyncio.Task[None] | None = None
+        self._stopped = False
+        # One connection for every batch (opening one per batch cost 2.5x the CPU, measured),
+        # used by one worker thread at a time.
+        self._db: sqlite3.Connection | None = None
+        self._db_lock = threading.Lock()
         self.written = 0
 
     async def start(self) -> None:
@@ -78,10 +101,26 @@ class UsageRecorder:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        self._stopped = True
         await self.flush()
+        await asyncio.to_thread(self._close)
 
     def record(self, record: UsageRecord) -> None:
         self._pending.append(record)
+        if self._stopped:
+            # A request that ended after the final flush (cancelled by the server's own
+            # shutdown): the loop is about to close, so write it now rather than lose it.
+            self._flush_now()
+
+    def _flush_now(self) -> None:
+        batch, self._pending = self._pending, []
+        try:
+            self._write(batch)
+            self.written += len(batch)
+        except sqlite3.Error as exc:
+            log.error("usage_write_failed", error=str(exc), records=len(batch))
+        finally:
+            self._close()
 
     async def flush(self) -> None:
         batch, self._pending = self._pending, []
@@ -99,22 +138,36 @@ class UsageRecorder:
             await self.flush()
 
     def _connect(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.path, timeout=10.0)
+        return sqlite3.connect(self.path, timeout=10.0, check_same_thread=False)
+
+    def _close(self) -> None:
+        with self._db_lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
 
     def _create(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.closing(self._connect()) as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(_SCHEMA)
-            # Databases written before key_name existed get the column (NULL for old rows).
             have = {row[1] for row in db.execute("PRAGMA table_info(usage)")}
-            if "key_name" not in have:
-                db.execute("ALTER TABLE usage ADD COLUMN key_name TEXT")
+            for name, kind in _ADDED.items():
+                if name not in have:
+                    db.execute(f"ALTER TABLE usage ADD COLUMN {name} {kind}")
+            db.executescript(_INDEXES)
             db.commit()
 
     def _write(self, batch: list[UsageRecord]) -> None:
         placeholders = ", ".join("?" for _ in _COLUMNS)
         sql = f"INSERT INTO usage ({', '.join(_COLUMNS)}) VALUES ({placeholders})"
-        with contextlib.closing(self._connect()) as db:
-            db.executemany(sql, [astuple(r) for r in batch])
-            db.commit()
+        with self._db_lock:
+            if self._db is None:
+                self._db = self._connect()
+            try:
+                self._db.executemany(sql, [astuple(r) for r in batch])
+                self._db.commit()
+            except sqlite3.Error:
+                self._db.close()  # a fresh connection next time (the file may have moved)
+                self._db = None
+                raise

@@ -25,11 +25,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
 
+from broker.core.limits import LIMIT_FIELDS, LimitOverrides, Override
 from broker.keys import UserKey, hash_secret, new_user_key, write_yaml_atomic
 from shared.errors import ConfigError
 from shared.logging import get_logger
@@ -55,6 +56,31 @@ def _now() -> datetime:
     return datetime.now(UTC).replace(microsecond=0)
 
 
+LimitValue = PositiveInt | Literal["unlimited"] | None
+
+
+class LimitsEntry(BaseModel):
+    """Overrides of the default limits; a missing (null) one follows the broker's settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rpm: LimitValue = None
+    tpm: LimitValue = None
+    concurrency: LimitValue = None
+    daily_tokens: LimitValue = None
+    monthly_tokens: LimitValue = None
+
+    def overrides(self) -> LimitOverrides:
+        return LimitOverrides(**{name: getattr(self, name) for name in LIMIT_FIELDS})
+
+
+def _limits_or_none(entry: LimitsEntry | None) -> LimitOverrides | None:
+    if entry is None:
+        return None
+    found = entry.overrides()
+    return None if found.empty else found
+
+
 class KeyEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -63,6 +89,7 @@ class KeyEntry(BaseModel):
     sha256: str
     created: datetime
     last_used: datetime | None = None
+    limits: LimitsEntry | None = None
 
     @field_validator("sha256")
     @classmethod
@@ -82,6 +109,7 @@ class UserEntry(BaseModel):
     created: datetime = Field(default_factory=_now)
     last_login: datetime | None = None
     keys: list[KeyEntry] = Field(default_factory=list)
+    limits: LimitsEntry | None = None
 
     @property
     def user_id(self) -> str:
@@ -201,11 +229,17 @@ class UsersStore:
         return True
 
     def _install(self, doc: UsersFile, stamp: tuple[int, int, int] | None) -> None:
-        index = {
-            key.sha256: UserKey(id=user.user_id, name=key.name, blocked=user.blocked)
-            for user in doc.users
-            for key in user.keys
-        }
+        index: dict[str, UserKey] = {}
+        for user in doc.users:
+            limits = _limits_or_none(user.limits)
+            for key in user.keys:
+                index[key.sha256] = UserKey(
+                    id=user.user_id,
+                    name=key.name,
+                    blocked=user.blocked,
+                    limits=limits,
+                    key_limits=_limits_or_none(key.limits),
+                )
         self._doc, self._index, self._stamp, self.error = doc, index, stamp, None
 
     @property
@@ -334,6 +368,49 @@ class UsersStore:
             if user is None:
                 raise KeyActionRefused(f"no user {selector!r} in {self.path}")
             user.blocked = blocked
+            return user.model_copy(deep=True)
+
+        return self._mutate(change)
+
+    def set_limits(
+        self,
+        selector: str,
+        values: dict[str, Override],
+        *,
+        key: str | None = None,
+        replace: bool = False,
+    ) -> UserEntry:
+        """Change the limit overrides of a user (or of one key, by name or prefix).
+
+        ``values`` maps limit names (``rpm``, ``tpm``, ``concurrency``, ``daily_tokens``,
+        ``monthly_tokens``) to a number, ``"unlimited"``, or ``None`` for "as the defaults
+        say". With ``replace`` the overrides become exactly ``values``; otherwise the names
+        given change and the others stay. The running broker applies it at its next reload.
+        """
+        unknown = sorted(set(values) - set(LIMIT_FIELDS))
+        if unknown:
+            raise KeyActionRefused(f"unknown limit {unknown[0]!r}; use {', '.join(LIMIT_FIELDS)}")
+
+        def change(doc: UsersFile) -> UserEntry:
+            user = doc.find(selector)
+            if user is None:
+                raise KeyActionRefused(f"no user {selector!r} in {self.path}")
+            target: UserEntry | KeyEntry = user
+            if key is not None:
+                found = [k for k in user.keys if key in (k.name, k.prefix)]
+                if len(found) != 1:
+                    raise KeyActionRefused(f"{selector} has no key named or prefixed {key!r}")
+                target = found[0]
+            current = {} if replace or target.limits is None else target.limits.model_dump()
+            current.update(values)
+            try:
+                entry = LimitsEntry.model_validate(current)
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                raise KeyActionRefused(
+                    f"{first['loc'][0]}: a limit is a whole number of at least 1 or 'unlimited'"
+                ) from exc
+            target.limits = None if entry.overrides().empty else entry
             return user.model_copy(deep=True)
 
         return self._mutate(change)

@@ -22,6 +22,7 @@ from connector.errors import (
     BrokerRejected,
     BrokerUnavailable,
     CertificateError,
+    EnrollmentRefused,
     LeaseLost,
     SessionLost,
     SessionReplaced,
@@ -33,6 +34,8 @@ from shared.logging import get_logger
 from shared.protocol import (
     RELAY_PREFIX,
     SESSION_REPLACED,
+    EnrollRequest,
+    EnrollResponse,
     ModelsUpdate,
     PollResponse,
     ProbeResult,
@@ -130,8 +133,10 @@ class BrokerClient:
                 verify=tls_verify(settings),
                 http2=settings.http2,
             )
+        # No token yet: the only call that works is enroll (connector/enroll.py).
+        token = settings.broker_token
         self._client = httpx.AsyncClient(
-            headers={"Authorization": f"Bearer {settings.token}"},
+            headers={"Authorization": f"Bearer {token}"} if token else {},
             timeout=httpx.Timeout(connect=15.0, read=60.0, write=60.0, pool=None),
             transport=transport,
             trust_env=False,
@@ -187,6 +192,40 @@ class BrokerClient:
             return RegisterResponse.model_validate_json(response.content)
         except ValidationError as exc:
             raise BrokerRejected(f"unexpected registration answer: {exc}") from exc
+
+    async def enroll(self, req: EnrollRequest) -> EnrollResponse:
+        """Ask to join (docs/enrollment.md): pending, the token once approved, or refused."""
+
+        async def call() -> httpx.Response:
+            return await self._client.post(
+                self.base + "/enroll",
+                content=req.model_dump_json().encode(),
+                headers={"content-type": "application/json"},
+            )
+
+        try:
+            response = await self._retrying(call)
+        except httpx.HTTPError as exc:
+            raise await self._unavailable(exc) from exc
+        status = response.status_code
+        if status in (200, 202, 403):
+            try:
+                reply = EnrollResponse.model_validate_json(response.content)
+            except ValidationError:
+                _raise_for(response)  # someone else's 403 (a proxy): say who
+                raise BrokerRejected(f"unexpected enrollment answer (HTTP {status})") from None
+            if status == 403:
+                raise EnrollmentRefused(reply.message)
+            return reply
+        own = _broker_error(response)
+        if status == 401 and own is not None:
+            raise EnrollmentRefused(own[0])
+        if status == 429 or (status == 503 and own is not None):
+            raise BrokerUnavailable(
+                f"HTTP {status}: {own[0] if own else 'busy'}", status=status, from_broker=True
+            )
+        _raise_for(response)
+        raise BrokerRejected(f"unexpected enrollment answer (HTTP {status})")
 
     async def deregister(self, session_id: str) -> None:
         await self._send("DELETE", f"/sessions/{session_id}", timeout=5.0)

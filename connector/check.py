@@ -262,6 +262,14 @@ class Checker:
         )
 
     async def _token(self) -> Step:
+        if self.settings.broker_token is None:
+            return Step(
+                "token",
+                "fail",
+                f"no connector token (none given, none in {self.settings.credentials_path})",
+                "set REMOTELLM_BROKER_TOKEN or --broker-token-file, or ask to join with "
+                "`remotellm-connector enroll` (docs/enrollment.md)",
+            )
         client = BrokerClient(self.settings)
         try:
             await client.probe(pieces=1, gap=0.0)

@@ -10,7 +10,8 @@ from typing import Any
 
 import click
 
-from connector.settings import ConnectorSettings
+from connector.errors import EnrollmentRefused
+from connector.settings import ConnectorSettings, default_data_dir
 from shared.errors import ConfigError
 from shared.logging import configure_logging, get_logger
 from shared.loop import run
@@ -18,11 +19,20 @@ from shared.settings import load_settings, options_from_settings
 
 
 async def run_connector(settings: ConnectorSettings) -> None:
+    from connector.enroll import enrolled_settings
     from connector.health import HealthServer
     from connector.runner import Connector
 
-    connector = Connector(settings)
     loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    # No token: ask the broker to enroll this connector and wait for the operator.
+    enrolled = await enrolled_settings(settings, stop)
+    if enrolled is None:
+        return
+    settings = enrolled
+    connector = Connector(settings)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, connector.request_stop)
     health: HealthServer | None = None
@@ -76,7 +86,9 @@ def main(ctx: click.Context, /, config_file: Path | None, **options: Any) -> Non
     forwards each to --llm-url and streams the answer back. Every option can also be set
     as REMOTELLM_<NAME> or in --config.
 
-    `remotellm-connector check` (same options) diagnoses the way to the broker instead.
+    `remotellm-connector check` (same options) diagnoses the way to the broker instead;
+    `remotellm-connector enroll` asks a broker started with --allow-enrollment for a token.
+    With no token at all, the connector enrolls first, then serves.
     """
     if ctx.invoked_subcommand is not None:
         # Options given before the subcommand apply to it too.
@@ -84,7 +96,22 @@ def main(ctx: click.Context, /, config_file: Path | None, **options: Any) -> Non
         return
     settings = _settings(config_file, options)
     configure_logging(settings.log_level, settings.log_format)
-    run(run_connector(settings))
+    try:
+        run(run_connector(settings))
+    except EnrollmentRefused as exc:
+        click.echo(f"remotellm-connector: {exc}", err=True)
+        sys.exit(1)
+
+
+def _sub_settings(
+    ctx: click.Context, config_file: Path | None, options: dict[str, Any]
+) -> ConnectorSettings:
+    """A subcommand's settings: options given before it apply too."""
+    given = {k: v for k, v in (ctx.obj or {}).items() if v is not None and v != ()}
+    given.update({k: v for k, v in options.items() if v is not None and v != ()})
+    config = config_file or given.pop("config_file", None)
+    given.pop("config_file", None)
+    return _settings(config, given)
 
 
 @main.command(context_settings=_CONTEXT)
@@ -98,12 +125,51 @@ def check(ctx: click.Context, /, config_file: Path | None, **options: Any) -> No
     """
     from connector.check import run_check
 
-    given = {k: v for k, v in (ctx.obj or {}).items() if v is not None and v != ()}
-    given.update({k: v for k, v in options.items() if v is not None and v != ()})
-    config = config_file or given.pop("config_file", None)
-    given.pop("config_file", None)
-    settings = _settings(config, given)
+    settings = _sub_settings(ctx, config_file, options)
     # Only warnings (such as --insecure) reach stderr; the verdicts go to stdout.
     configure_logging("warning", "console")
     ok = run(run_check(settings, click.echo))
     sys.exit(0 if ok else 1)
+
+
+@main.command(context_settings=_CONTEXT)
+@config_option
+@options_from_settings(ConnectorSettings)
+@click.pass_context
+def enroll(ctx: click.Context, /, config_file: Path | None, **options: Any) -> None:
+    """Ask the broker to let this connector join, wait for an admin's approval, keep the token.
+
+    The request shows up on the broker's /portal/admin with this connector's name, models
+    and address. Once approved, the token is saved to <data-dir>/credentials (mode 600),
+    where `remotellm-connector` (run) reads it. Exits 1 when the broker refuses.
+    """
+    from connector.enroll import enroll as ask_to_enroll
+
+    settings = _sub_settings(ctx, config_file, options)
+    configure_logging(settings.log_level, settings.log_format)
+    if settings.broker_token is not None:
+        click.echo(
+            "remotellm-connector: this connector has a token already "
+            f"(given, or in {settings.credentials_path}); nothing to enroll"
+        )
+        return
+
+    async def until_signal() -> str | None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        return await ask_to_enroll(settings, stop)
+
+    try:
+        token = run(until_signal())
+    except EnrollmentRefused as exc:
+        click.echo(f"remotellm-connector: {exc}", err=True)
+        sys.exit(1)
+    if token is None:
+        sys.exit(130)
+    click.echo(
+        f"enrolled: the token is in {settings.credentials_path} (mode 600).\n"
+        f"Start the connector with: remotellm-connector --broker-url {settings.broker_url}"
+        + (f" --data-dir {settings.data_dir}" if settings.data_dir != default_data_dir() else "")
+    )

@@ -6,6 +6,7 @@ Exception tree::
     ├── BrokerUnavailable   network error, timeout or 5xx: retry with backoff
     ├── BrokerRejected      bad token, protocol mismatch: retry slowly, tell the operator
     │   └── CertificateError    the broker's TLS certificate is not trusted (says by whom)
+    ├── EnrollmentRefused   enrollment off, rejected or revoked: say so and exit non-zero
     ├── SessionLost         the broker forgot the session (404): register again
     │   └── SessionReplaced     another process registered our name: warn, register later
     └── LeaseLost           the request is no longer ours (409): stop working on it
@@ -33,6 +34,10 @@ class BrokerRejected(ConnectorError):
 
 
 class CertificateError(BrokerRejected):
+    pass
+
+
+class EnrollmentRefused(ConnectorError):
     pass
 
 

@@ -1,6 +1,7 @@
-"""The connector's own health server: ``/health`` (state) and ``/ready`` (200 or 503).
+"""The connector's own health server: ``/health`` (state), ``/ready`` (200 or 503) and
+``/metrics`` (Prometheus text, ``connector.metrics``).
 
-A few lines of asyncio rather than a web framework: two read-only GET routes on a
+A few lines of asyncio rather than a web framework: three read-only GET routes on a
 loopback port (by default) do not need more.
 """
 
@@ -11,6 +12,9 @@ import contextlib
 import json
 import time
 
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from connector.metrics import ConnectorMetrics
 from connector.runner import Connector
 from connector.upstream import UpstreamError
 
@@ -22,6 +26,7 @@ class HealthServer:
         self.connector = connector
         self.host = host
         self.port = port
+        self.metrics = ConnectorMetrics(connector)
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -83,7 +88,11 @@ class HealthServer:
                 pass
             parts = line.decode("latin-1").split()
             path = parts[1].split("?")[0] if len(parts) >= 2 else ""
-            if path in ("/health", "/ready"):
+            content_type = "application/json"
+            if path == "/metrics":
+                status, payload = 200, self.metrics.render()
+                content_type = CONTENT_TYPE_LATEST
+            elif path in ("/health", "/ready"):
                 await self._check_llm()
                 snap = self.snapshot()
                 if path == "/health":
@@ -94,12 +103,12 @@ class HealthServer:
                         self.connector.status.llm_ok
                     )
                     status, body = (200 if ready else 503), {"ready": ready}
+                payload = json.dumps(body).encode()
             else:
-                status, body = 404, {"error": "not found"}
-            payload = json.dumps(body).encode()
+                status, payload = 404, json.dumps({"error": "not found"}).encode()
             reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[status]
             writer.write(
-                f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+                f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n"
                 f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode()
                 + payload
             )

@@ -50,6 +50,13 @@ def read_token_file(path: Path) -> str:
     return token
 
 
+def default_data_dir() -> Path:
+    return Path.home() / ".local" / "share" / "remotellm" / "connector"
+
+
+CREDENTIALS_FILE = "credentials"
+
+
 class ConnectorSettings(FileAwareSettings):
     model_config = SettingsConfigDict(env_prefix="REMOTELLM_", extra="ignore")
 
@@ -61,13 +68,21 @@ class ConnectorSettings(FileAwareSettings):
         repr=False,
         description="This connector's token, given by the broker operator. A command line is "
         "visible to every local user (ps): prefer REMOTELLM_BROKER_TOKEN or --broker-token-file.",
-        json_schema_extra={"doc_default": "(required: this or --broker-token-file)"},
+        json_schema_extra={
+            "doc_default": "(none: <data-dir>/credentials, else enroll: docs/enrollment.md)"
+        },
     )
     broker_token_file: Path | None = Field(
         None,
         validate_default=True,
         description="File holding this connector's token (surrounding whitespace is ignored); "
         "instead of --broker-token.",
+    )
+    data_dir: Path = Field(
+        default_factory=default_data_dir,
+        description="Where an enrolled connector keeps its token (`credentials`, mode 600) and, "
+        "while it waits for approval, its enrollment secret.",
+        json_schema_extra={"doc_default": "~/.local/share/remotellm/connector"},
     )
     llm_url: str = Field(
         "http://localhost:11434",
@@ -149,20 +164,24 @@ class ConnectorSettings(FileAwareSettings):
 
     @property
     def token(self) -> str:
-        """The connector token, from --broker-token, the environment or --broker-token-file."""
-        if self.broker_token is None:  # the validators make this unreachable
-            raise ValueError("no connector token")
+        """The connector token: --broker-token, the environment, --broker-token-file, or the
+        credentials file enrollment wrote."""
+        if self.broker_token is None:
+            raise ValueError(
+                "no connector token: set REMOTELLM_BROKER_TOKEN, give --broker-token-file, "
+                "or enroll (remotellm-connector enroll)"
+            )
         return self.broker_token
+
+    @property
+    def credentials_path(self) -> Path:
+        """Where enrollment keeps the token it received (docs/enrollment.md)."""
+        return self.data_dir / CREDENTIALS_FILE
 
     @field_validator("broker_token_file")
     @classmethod
     def _one_token(cls, value: Path | None, info: ValidationInfo) -> Path | None:
         given = info.data.get("broker_token")
-        if value is None and not given:
-            raise ValueError(
-                "a connector token is required: set REMOTELLM_BROKER_TOKEN, or give "
-                "--broker-token-file FILE (or --broker-token TOKEN, which ps shows to others)"
-            )
         if value is not None and given:
             raise ValueError(
                 "give the token once: --broker-token-file or --broker-token / "
@@ -190,6 +209,10 @@ class ConnectorSettings(FileAwareSettings):
     def _derive(self) -> ConnectorSettings:
         if self.broker_token_file is not None:
             self.broker_token = read_token_file(self.broker_token_file)
+        elif not self.broker_token and self.credentials_path.is_file():
+            self.broker_token = read_token_file(self.credentials_path)
+        if not self.broker_token:
+            self.broker_token = None  # no token: `run` and `enroll` ask the broker to join
         if not self.name.strip():
             self.name = default_name(self.llm_url)
         return self

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import time
 import uuid
 
@@ -43,6 +44,8 @@ class Upstream:
     ) -> None:
         self.url = settings.llm_url
         self.api_key = settings.llm_api_key
+        # Failed upstream requests by reason, once per request (the /metrics of health.py).
+        self.errors: collections.Counter[str] = collections.Counter()
         self._client = httpx.AsyncClient(
             base_url=settings.llm_url,
             timeout=httpx.Timeout(
@@ -58,6 +61,10 @@ class Upstream:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+    def _failed(self, pipe: FrameSink, end: ResponseEnd) -> None:
+        self.errors[end.error_type or "upstream_error"] += 1
+        pipe.end(end)
 
     async def get_json(self, path: str, timeout: float = 5.0) -> object:
         """GET ``path`` of the local LLM and decode its JSON answer."""
@@ -119,6 +126,8 @@ class Upstream:
                     )
                 )
                 head_sent = True
+                if response.status_code >= 500:
+                    self.errors["status_5xx"] += 1
                 data = pipe.data
                 async for chunk in response.aiter_raw():
                     data(chunk)
@@ -126,26 +135,29 @@ class Upstream:
                 await response.aclose()
             pipe.end(ResponseEnd(ok=True, upstream_ms=(time.perf_counter() - started) * 1000.0))
         except httpx.ConnectError as exc:
-            pipe.end(
+            self._failed(
+                pipe,
                 _failure(
                     502, "upstream_unreachable", f"cannot reach the local LLM at {self.url}: {exc}"
-                )
+                ),
             )
         except httpx.TimeoutException as exc:
             what = "stopped sending" if head_sent else "did not answer"
-            pipe.end(
+            self._failed(
+                pipe,
                 _failure(
                     504, "upstream_timeout", f"the local LLM {what} in time ({type(exc).__name__})"
-                )
+                ),
             )
         except httpx.HTTPError as exc:
             where = "mid-response" if head_sent else "before answering"
-            pipe.end(
+            self._failed(
+                pipe,
                 _failure(
                     502,
                     "upstream_error",
                     f"the local LLM failed {where}: {type(exc).__name__}: {exc}",
-                )
+                ),
             )
         except Exception as exc:
             # Anything else (a bug here, an odd transport) must still end the response:
@@ -153,12 +165,13 @@ class Upstream:
             # for the broker's first-byte or total timeout.
             log.exception("upstream_pump_failed", head_sent=head_sent)
             where = "mid-response" if head_sent else "before the answer began"
-            pipe.end(
+            self._failed(
+                pipe,
                 _failure(
                     502,
                     "connector_error",
                     f"the connector failed {where}: {type(exc).__name__}: {exc}",
-                )
+                ),
             )
 
 

@@ -154,3 +154,36 @@ class ResponseEnd(_Model):
     error_type: str | None = None
     status: int | None = None
     upstream_ms: float = 0.0
+
+
+# -- enrollment (docs/enrollment.md) ------------------------------------------------------
+
+ENROLL_SECRET_MIN = 32  # characters of the connector's random enrollment secret
+
+
+class EnrollRequest(_Model):
+    """A connector with no token asks to join (and asks again for the verdict)."""
+
+    name: str = Field(min_length=1, max_length=200)
+    models: list[str] = Field(default_factory=list, max_length=200)
+    version: str = Field(default="unknown", max_length=64)
+    # Random, kept by the connector until it has its token: it names this request, so a
+    # connector asking again finds its own entry, and only it can collect the token.
+    secret: str = Field(min_length=ENROLL_SECRET_MIN, max_length=128)
+
+
+class EnrollStatus(StrEnum):
+    PENDING = "pending"
+    APPROVED = "approved"
+    REJECTED = "rejected"
+    REVOKED = "revoked"
+
+
+class EnrollResponse(_Model):
+    """The verdict so far. ``token`` is set once: the answer that delivers it."""
+
+    status: EnrollStatus
+    enrollment_id: str
+    message: str
+    retry_after_s: float = 3.0
+    token: str | None = None

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -17,8 +18,16 @@ async def fake_llm() -> AsyncIterator[FakeLLM]:
 
 
 @pytest.fixture
-async def stack(tmp_path, fake_llm: FakeLLM) -> AsyncIterator[Stack]:
-    broker = await start_broker(tmp_path / "broker")
+def broker_overrides() -> dict[str, Any]:
+    """Broker settings for the ``stack`` fixture (parametrize it to change them per test)."""
+    return {}
+
+
+@pytest.fixture
+async def stack(
+    tmp_path, fake_llm: FakeLLM, broker_overrides: dict[str, Any]
+) -> AsyncIterator[Stack]:
+    broker = await start_broker(tmp_path / "broker", **broker_overrides)
     conn = await start_connector(broker.url, fake_llm.url)
     s = Stack(broker, [conn])
     yield s

@@ -70,6 +70,11 @@ class Pending:
     def model(self) -> str:
         return self.item.model
 
+    @property
+    def queue_wait(self) -> float | None:
+        """Seconds from arrival to the (last) hand-out; None while never handed out."""
+        return max(0.0, self.leased_at - self.created) if self.leased_at else None
+
 
 @dataclass(slots=True, eq=False)
 class Session:

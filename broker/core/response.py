@@ -9,18 +9,21 @@ Streaming requests begin when the upstream head arrives, or commit to
 Non-streaming requests are collected and answered whole, so a failure at any point still
 gets a real status. A stream never just stops: an error after it began is one OpenAI-shaped
 SSE ``error`` event followed by ``data: [DONE]``.
+
+Token usage is settled here too (``Outcome``): exact from the upstream's ``usage``, else
+estimated (``broker.core.sse_usage``), and ``partial`` when the answer did not complete.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 
 from broker.core.records import Failure, Pending
+from broker.core.sse_usage import StreamUsage, estimate_completion_tokens
 from shared.errors import error_body, normalize_error_body, type_for_status
 from shared.protocol import OVERHEAD_HEADER, REQUEST_ID_HEADER, ResponseEnd, ResponseHead
 
@@ -93,8 +96,11 @@ class Outcome:
     error: str | None = None
     cancelled: bool = False
     overhead_ms: float | None = None
+    # Final token counts (None: no answer to count). The limits settle reservations with them.
     tokens_in: int | None = None
     tokens_out: int | None = None
+    estimated: bool = False  # counted by the broker: the upstream reported no usage
+    partial: bool = False  # the answer did not complete: the counts are what was delivered
 
 
 class Phase(Enum):
@@ -129,9 +135,15 @@ class ResponseMachine:
         started: float,
         commit_after: float,
         heartbeat: float,
+        strip_usage: bool = False,
+        prompt_tokens: int | None = None,
+        extra_headers: dict[str, str] | None = None,
     ) -> None:
+        """``strip_usage``: the broker added ``include_usage`` to the upstream request, so
+        remove what that adds; ``prompt_tokens``: the estimate used when no usage comes."""
         self.pending = pending  # read only: for the queue time in the overhead figure
         self.stream = stream
+        self.prompt_tokens = prompt_tokens
         self.started = started
         self.commit_after = commit_after
         self.heartbeat = heartbeat
@@ -139,10 +151,12 @@ class ResponseMachine:
         self.outcome = Outcome()
         self._head: ResponseHead | None = None
         self._collected: list[bytes] = []
-        self._recent: deque[bytes] = deque(maxlen=16)  # the usage chunk comes last
+        self._usage = StreamUsage(strip=strip_usage)
         self._tail = b""
         self._last_beat = started
         self._committed = False
+        # Sent with every status this machine answers (the rate-limit headers).
+        self._base = {REQUEST_ID_HEADER: pending.id, **(extra_headers or {})}
 
     @property
     def done(self) -> bool:
@@ -180,6 +194,7 @@ class ResponseMachine:
         """The API user went away."""
         if not self.done:
             self.outcome.cancelled = True
+            self._settle_partial()
             self._end(499, "client_disconnected")
 
     # -- events ---------------------------------------------------------------------------
@@ -224,11 +239,9 @@ class ResponseMachine:
 
     def _on_data(self, chunk: bytes, now: float, out: list[Action]) -> None:
         if self.phase is Phase.STREAMING:
-            self._tail = chunk[-2:]
-            self._recent.append(chunk)
-            self._first_byte(now)
-            self.outcome.bytes_out += len(chunk)
-            out.append(Body(chunk))
+            data = self._usage.feed(chunk)
+            if data:
+                self._send(data, now, out)
         elif self.phase is Phase.COLLECTING:
             self._collected.append(chunk)
         # Bytes before a head break the protocol; the end frame will say what happened.
@@ -244,8 +257,10 @@ class ResponseMachine:
             self._fail(status, end.error_type or "upstream_error", message, out)
             return
         if self.phase is Phase.STREAMING:
-            tail = b"".join(self._recent)[-TAIL_BYTES:]
-            self.outcome.tokens_in, self.outcome.tokens_out = extract_tokens(tail)
+            rest = self._usage.finish()
+            if rest:
+                self._send(rest, now, out)
+            self._settle_stream()
             out.append(CLOSE)
             self._end(200 if self._committed else head.status)
             return
@@ -259,7 +274,7 @@ class ResponseMachine:
         headers[OVERHEAD_HEADER] = self._overhead_text()
         self._first_byte(now)
         self.outcome.bytes_out = len(raw)
-        self.outcome.tokens_in, self.outcome.tokens_out = extract_tokens(raw[-TAIL_BYTES:])
+        self._settle_whole(raw)
         out += [Begin(head.status, headers), Body(raw), CLOSE]
         self._end(head.status)
 
@@ -278,6 +293,8 @@ class ResponseMachine:
         self._end(head.status, "upstream_status")
 
     def _fail(self, status: int, code: str, message: str, out: list[Action]) -> None:
+        if self.phase is Phase.STREAMING:
+            self._settle_partial()
         if self.begun:
             out += [Body(sse_error(status, message, code, self._tail), upstream=False), CLOSE]
         else:
@@ -289,6 +306,44 @@ class ResponseMachine:
             out += [Begin(status, headers), Body(body, upstream=False), CLOSE]
         self._end(status, code)
 
+    # -- usage ----------------------------------------------------------------------------
+
+    def _send(self, data: bytes, now: float, out: list[Action]) -> None:
+        self._tail = data[-2:]
+        self._first_byte(now)
+        self.outcome.bytes_out += len(data)
+        out.append(Body(data))
+
+    def _settle_stream(self) -> None:
+        usage, outcome = self._usage, self.outcome
+        if usage.exact:
+            outcome.tokens_in, outcome.tokens_out = usage.tokens_in, usage.tokens_out
+        else:
+            outcome.tokens_in, outcome.tokens_out = self.prompt_tokens, usage.deltas
+            outcome.estimated = True
+
+    def _settle_whole(self, raw: bytes) -> None:
+        outcome = self.outcome
+        tokens_in, tokens_out = extract_tokens(raw[-TAIL_BYTES:])
+        if tokens_in is None and tokens_out is None:
+            outcome.tokens_in = self.prompt_tokens
+            outcome.tokens_out = estimate_completion_tokens(raw)
+            outcome.estimated = True
+        else:  # embeddings report prompt tokens only: nothing came out
+            outcome.tokens_in, outcome.tokens_out = tokens_in, tokens_out or 0
+
+    def _settle_partial(self) -> None:
+        """The answer stops here: count what was delivered (nothing before the head)."""
+        if self._head is None:
+            self.outcome.partial = True
+            return
+        if self.phase is Phase.STREAMING:
+            self._settle_stream()
+        else:  # a whole answer is delivered all at once or not at all
+            self.outcome.tokens_in, self.outcome.tokens_out = self.prompt_tokens, 0
+            self.outcome.estimated = True
+        self.outcome.partial = True
+
     # -- bookkeeping ----------------------------------------------------------------------
 
     def _end(self, status: int, error: str | None = None) -> None:
@@ -298,7 +353,7 @@ class ResponseMachine:
             self.outcome.error = error
 
     def _base_headers(self) -> dict[str, str]:
-        return {REQUEST_ID_HEADER: self.pending.id}
+        return dict(self._base)
 
     def _first_byte(self, now: float) -> None:
         if self.outcome.ttfb_ms is None:

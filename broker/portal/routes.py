@@ -264,6 +264,7 @@ def create_portal_blueprint(portal: Portal) -> Blueprint:
             status,
             user=who.user,
             csrf=who.csrf,
+            is_admin=who.user.username in settings.admins,
             keys=rows,
             reveal=reveal,
             error=error,
@@ -272,7 +273,8 @@ def create_portal_blueprint(portal: Portal) -> Blueprint:
             examples=pages.examples(
                 portal.base_url, models[0] if models else "MODEL", reveal[1] if reveal else None
             ),
-            usage=await usage_for(usage_path, who.user.user_id),
+            usage=await usage_for(usage_path, who.user.user_id, portal.state.prices),
+            prices=portal.state.prices,
         )
 
     @bp.get("/portal/keys")
@@ -332,6 +334,7 @@ def create_portal_blueprint(portal: Portal) -> Blueprint:
             "playground",
             user=who.user,
             csrf=who.csrf,
+            is_admin=who.user.username in portal.state.settings.admins,
             models=pages.live_models(portal.state),
             base_url=portal.base_url,
         )

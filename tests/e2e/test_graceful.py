@@ -14,6 +14,7 @@ from pathlib import Path
 import openai
 import pytest
 
+from broker.usage_query import recent_requests
 from tests.e2e.procs import Broker, Proc, Procs, openai_client
 from tests.support.fake_llm import FakeLLM
 
@@ -166,6 +167,9 @@ async def test_broker_sigterm_finishes_stream(
     assert took < BROKER_DRAIN_S, f"broker exited {took:.1f} s after SIGTERM"
     assert not broker.proc.events("drain_timeout"), broker.proc.tail()
     assert slow_llm.completed == 1 and slow_llm.disconnects == 0
+    # The stream in flight at SIGTERM is in the ledger, with the upstream's exact usage.
+    (row,) = recent_requests(tmp_path / "data" / "usage.sqlite3", status=200)
+    assert (row.stream, row.tokens_out, row.estimated, row.partial) == (True, CHUNKS, False, False)
 
     # The connector outlives its broker: it keeps retrying, and still stops cleanly.
     await connector.wait_event(("broker_unreachable",), timeout=10.0)

@@ -41,8 +41,8 @@ async def test_operator_blocks_a_portal_user_of_a_running_broker(
         "--drain-timeout", "2",
     ]  # fmt: skip
     broker = await procs.broker(data, *flags)
-    await procs.connector(broker.url, TOKEN, fake_llm.url, "e2e-portal")
-    await broker.wait_model("fake-model")
+    watch = await procs.connector(broker.url, TOKEN, fake_llm.url, "e2e-portal")
+    await broker.wait_model("fake-model", timeout=30, watch=watch)
     async with httpx.AsyncClient(base_url=broker.url, timeout=15, trust_env=False) as client:
         page = await client.get((await login(client)).headers["location"])
         key = new_key_of(page.text)

@@ -12,6 +12,12 @@ Behaviour is chosen by the last user message (so any client can steer it):
 - ``flood:<n>:<bytes>``        stream ``n`` chunks of ``bytes`` characters each, ``chunk_delay``
                                apart (a fast producer, for backpressure tests)
 Anything else: ``max_tokens`` chunks (default 5), ``chunk_delay`` seconds apart.
+
+What a stream does with ``stream_options.include_usage`` is the server's ``usage_style``:
+- ``final`` (default): one usage-only chunk (``choices: []``) before ``[DONE]``
+- ``null``: that chunk, and ``"usage": null`` in every other chunk (as OpenAI documents)
+- ``ignore``: nothing (as llama-cpp-python's server, measured)
+Chunks carry a fixed ``created`` so two runs can be compared byte for byte.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from quart import Quart, Response, request
 
@@ -38,6 +44,8 @@ class Seen:
 class FakeLLM(LoopbackApp):
     models: list[str] = field(default_factory=lambda: ["fake-model"])
     chunk_delay: float = 0.0
+    usage_style: Literal["final", "null", "ignore"] = "final"
+    created: int = field(default_factory=lambda: int(time.time()))
     seen: list[Seen] = field(default_factory=list)
     disconnects: int = 0
     completed: int = 0
@@ -113,12 +121,41 @@ class FakeLLM(LoopbackApp):
             await asyncio.sleep(self.chunk_delay * n)
             self.completed += 1
             return _json(_completion(model, "".join(f"tok{i} " for i in range(n))))
-        usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        asked = bool((body.get("stream_options") or {}).get("include_usage"))
+        usage = asked and self.usage_style != "ignore"
         return Response(
             self._stream(model, n, prompt, usage),
             content_type="text/event-stream",
             headers={"Cache-Control": "no-cache"},
         )
+
+    def _chunk(
+        self, model: str, content: str, finish: str | None = None, usage: bool = False
+    ) -> str:
+        delta = {"content": content} if content else {}
+        payload: dict[str, Any] = {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        }
+        if usage and self.usage_style == "null":
+            payload["usage"] = None
+        return "data: " + json.dumps(payload, ensure_ascii=False) + "\n\n"
+
+    def _usage_chunk(self, model: str, completion: int) -> bytes:
+        counts = {"prompt_tokens": 3, "completion_tokens": completion}
+        counts["total_tokens"] = 3 + completion
+        payload = {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": model,
+            "choices": [],
+            "usage": counts,
+        }
+        return ("data: " + json.dumps(payload) + "\n\n").encode()
 
     async def _stream(self, model: str, n: int, prompt: str, usage: bool = False):  # type: ignore[no-untyped-def]
         self.active += 1
@@ -126,7 +163,7 @@ class FakeLLM(LoopbackApp):
         try:
             if prompt == "utf8":
                 text = "héllo wörld 你好 🙂 ✓"
-                event = _chunk(model, text).encode()
+                event = self._chunk(model, text).encode()
                 # Write the event a few bytes at a time so multi-byte characters are split.
                 for i in range(0, len(event), 3):
                     yield event[i : i + 3]
@@ -135,8 +172,10 @@ class FakeLLM(LoopbackApp):
                 finished = True
                 return
             if prompt.startswith("say:"):
-                yield _chunk(model, prompt[4:]).encode()
-                yield _chunk(model, "", finish="stop").encode()
+                yield self._chunk(model, prompt[4:], usage=usage).encode()
+                yield self._chunk(model, "", finish="stop", usage=usage).encode()
+                if usage:
+                    yield self._usage_chunk(model, 1)
                 yield b"data: [DONE]\n\n"
                 finished = True
                 return
@@ -145,7 +184,7 @@ class FakeLLM(LoopbackApp):
                 for i in range(count):
                     if i and self.chunk_delay:
                         await asyncio.sleep(self.chunk_delay)
-                    yield _chunk(model, "f" * size, index=i).encode()
+                    yield self._chunk(model, "f" * size).encode()
                 yield b"data: [DONE]\n\n"
                 finished = True
                 return
@@ -154,18 +193,10 @@ class FakeLLM(LoopbackApp):
                     raise ConnectionAbortedError("fake upstream dies mid-stream")
                 if i and self.chunk_delay:
                     await asyncio.sleep(self.chunk_delay)
-                yield _chunk(model, f"tok{i} ", index=i).encode()
-            yield _chunk(model, "", finish="stop").encode()
+                yield self._chunk(model, f"tok{i} ", usage=usage).encode()
+            yield self._chunk(model, "", finish="stop", usage=usage).encode()
             if usage:
-                counts = {"prompt_tokens": 3, "completion_tokens": n, "total_tokens": 3 + n}
-                payload = {
-                    "id": "chatcmpl-fake",
-                    "object": "chat.completion.chunk",
-                    "model": model,
-                    "choices": [],
-                    "usage": counts,
-                }
-                yield ("data: " + json.dumps(payload) + "\n\n").encode()
+                yield self._usage_chunk(model, n)
             yield b"data: [DONE]\n\n"
             finished = True
         finally:
@@ -204,15 +235,3 @@ def _completion(model: str, content: str) -> dict[str, Any]:
         ],
         "usage": {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8},
     }
-
-
-def _chunk(model: str, content: str, index: int = 0, finish: str | None = None) -> str:
-    delta = {"content": content} if content else {}
-    payload = {
-        "id": "chatcmpl-fake",
-        "object": "chat.completion.chunk",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-    }
-    return "data: " + json.dumps(payload, ensure_ascii=False) + "\n\n"

@@ -80,7 +80,6 @@ REQUIRED = ["--broker-url", "https://b.example", "--broker-token", "ct-x"]
         ([*REQUIRED, "--upload-mode", "pigeon"], "--upload-mode", "stream"),
         (["--broker-url", "ftp://b", "--broker-token", "t"], "--broker-url", "http"),
         (["--broker-token", "t"], "--broker-url", "required"),
-        (["--broker-url", "https://b"], "--broker-token", "required"),
     ],
 )
 def test_connector_invalid_option_exits_2(args: list[str], flag: str, words: str) -> None:

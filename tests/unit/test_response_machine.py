@@ -136,23 +136,29 @@ def test_non_streaming_ok_is_answered_whole_at_the_end(
 
 
 @pytest.mark.parametrize(
-    ("raw", "tokens"),
+    ("raw", "tokens", "estimated"),
     [
-        (USAGE, (3, 7)),
-        (b'{"choices": []}', (None, None)),
-        (b'{"usage": {"prompt_tokens": 12}}', (12, None)),
+        (USAGE, (3, 7), False),
+        # no usage: the prompt estimate and the answer's characters / 4
+        (b'{"choices": []}', (None, 0), True),
+        (b'{"choices": [{"message": {"content": "123456789"}}]}', (None, 3), True),
+        (b'{"usage": {"prompt_tokens": 12}}', (12, 0), False),  # embeddings: nothing out
         # the last usage object wins
         (
             b'{"usage": {"prompt_tokens": 1, "completion_tokens": 1}, "x": '
             b'{"prompt_tokens": 5, "completion_tokens": 6}}',
             (5, 6),
+            False,
         ),
     ],
 )
-def test_tokens_from_the_usage_object(raw: bytes, tokens: tuple[int | None, int | None]) -> None:
+def test_tokens_from_the_usage_object(
+    raw: bytes, tokens: tuple[int | None, int | None], estimated: bool
+) -> None:
     m = machine(stream=False)
     m.feed([JSON_HEAD, raw, ResponseEnd()], 1)
     assert (m.outcome.tokens_in, m.outcome.tokens_out) == tokens
+    assert (m.outcome.estimated, m.outcome.partial) == (estimated, False)
 
 
 # -- streaming ----------------------------------------------------------------------------
@@ -502,3 +508,43 @@ def test_overhead_non_streaming_uses_the_end_frame(
     assert begin.headers[OVERHEAD_HEADER] == f"{overhead:.3f}"
     assert m.outcome.overhead_ms == overhead
     assert m.outcome.ttfb_ms == end_at * 1000
+
+
+# -- extra headers (the rate-limit headers) -----------------------------------------------
+
+LIMIT_HEADERS = {"x-ratelimit-limit-requests": "60", "x-ratelimit-remaining-requests": "59"}
+
+
+def _begins(m: ResponseMachine, feeds: list[tuple[float, list[Event]]]) -> list[Begin]:
+    out: list[Action] = []
+    for now, events in feeds:
+        out += m.feed(events, now)
+        out += m.tick(now)
+    return [a for a in out if isinstance(a, Begin)]
+
+
+@pytest.mark.parametrize(
+    ("stream", "feeds"),
+    [
+        (False, [(1, [JSON_HEAD, b"{}", ResponseEnd()])]),  # whole answer
+        (True, [(1, [SSE_HEAD, b"data: x\n\n", ResponseEnd()])]),  # stream
+        (True, [(11, [])]),  # committed to 200 before the head
+        (False, [(1, [Failure(503, "queue_timeout", "no connector")])]),  # the relay's error
+        (False, [(1, [ResponseHead(status=500, headers=[]), b"{}", ResponseEnd()])]),  # upstream's
+    ],
+    ids=["whole", "stream", "committed", "failure", "upstream-error"],
+)
+def test_extra_headers_go_on_every_status(
+    stream: bool, feeds: list[tuple[float, list[Event]]]
+) -> None:
+    m = ResponseMachine(
+        pending=pending(),
+        stream=stream,
+        started=0.0,
+        commit_after=10.0,
+        heartbeat=5.0,
+        extra_headers=LIMIT_HEADERS,
+    )
+    (begin,) = _begins(m, feeds)
+    assert begin.headers[REQUEST_ID_HEADER] == RID
+    assert {k: begin.headers[k] for k in LIMIT_HEADERS} == LIMIT_HEADERS

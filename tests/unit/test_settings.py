@@ -332,7 +332,8 @@ def test_missing_required_connector_settings() -> None:
         load_settings(ConnectorSettings, None, {})
     message = str(info.value)
     assert "--broker-url" in message and "REMOTELLM_BROKER_URL" in message
-    assert "--broker-token" in message and "REMOTELLM_BROKER_TOKEN" in message
+    # No token is not an error: the connector then asks to enroll (docs/enrollment.md).
+    assert "--broker-token" not in message
 
 
 @pytest.mark.parametrize("text", ["port: [unclosed\n", "- a\n- list\n", "just a string\n"])
@@ -478,7 +479,6 @@ def test_token_file_from_the_environment(clean_env: pytest.MonkeyPatch, tmp_path
 @pytest.mark.parametrize(
     ("setup", "words"),
     [
-        ("none", "a connector token is required"),
         ("both", "not both"),
         ("empty", "is empty"),
         ("blank", "is empty"),
@@ -507,6 +507,20 @@ def test_token_source_errors_are_clear(
     assert words in message
     assert _flag_named(message, "--broker-token-file")
     assert "ct-x" not in message and "ct-y" not in message  # a token is never echoed
+
+
+def test_no_token_means_enrollment_and_an_enrolled_token_is_read_back(
+    clean_env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    clean_env.setenv("REMOTELLM_BROKER_URL", "https://b.example")
+    s = load_settings(ConnectorSettings, None, {"data_dir": str(tmp_path)})
+    assert s.broker_token is None and s.credentials_path == tmp_path / "credentials"
+    with pytest.raises(ValueError, match="remotellm-connector enroll"):
+        _ = s.token
+    (tmp_path / "credentials").write_text("ct-enrolled\n", encoding="utf-8")
+    assert load_settings(ConnectorSettings, None, {"data_dir": str(tmp_path)}).token == (
+        "ct-enrolled"
+    )
 
 
 def test_token_is_not_in_the_settings_repr() -> None:
