@@ -41,6 +41,9 @@ Send = Callable[[AsyncIterator[bytes]], Awaitable[UploadResult]]
 # nginx, with room for the last write.
 ROTATE_BYTES = 768 * 1024
 MAX_RUN = 256 * 1024  # bytes of one response per MUX frame
+# Bytes of one response per write: a response that floods (a fast LLM, a large answer)
+# takes turns with the others instead of holding the shared upload for all it has.
+FAIR_SHARE = 64 * 1024
 GIVE_UP_AFTER = 3  # failed uploads in a row that carried nothing: fall back per request
 CANCELLED_END = ResponseEnd(
     ok=False, status=499, error_type="cancelled", error="the connector stopped this request"
@@ -255,10 +258,11 @@ class MuxUploader:
                 continue
             stream.lane = lane
             blob = frames[0] if len(frames) == 1 else b"".join(frames)
-            if len(blob) > budget:
+            share = min(budget, FAIR_SHARE)
+            if len(blob) > share:
                 # A run may end mid-frame: the broker decodes each response on its own.
-                self._dirty[stream] = [blob[budget:]]
-                blob = blob[:budget]
+                self._dirty[stream] = [blob[share:]]
+                blob = blob[:share]
             budget -= len(blob)
             tag = stream.tag
             for start in range(0, len(blob), MAX_RUN):

@@ -424,3 +424,20 @@ async def test_no_upload_grows_past_rotate_bytes_even_for_one_big_write() -> Non
     frames = FrameDecoder().feed(wire)  # runs were cut mid-frame; joined they decode whole
     assert [f.type for f in frames] == [FrameType.HEARTBEAT, FrameType.DATA, FrameType.END]
     assert frames[1].payload == blob
+
+
+async def test_a_flooding_response_takes_turns_with_the_others() -> None:
+    mux = MuxUploader(FakeBroker().send, heartbeat=15.0)
+    flood = mux.open("flood", lambda: None)
+    quiet = mux.open("quiet", lambda: None)
+    mux._collect(1, now=1.0)  # the hellos
+    flood.data(b"x" * 300_000)
+    quiet.data(b"q")
+    writes = []
+    while mux._dirty:
+        frames = FrameDecoder().feed(mux._collect(1, now=2.0))
+        writes.append([(split_mux(f.payload)[0], len(f.payload)) for f in frames])
+    # The quiet response goes out in the first write, not after 300 kB of the other one.
+    assert [rid for rid, _ in writes[0]] == ["flood", "quiet"]
+    assert all(size <= 64 * 1024 + 16 for write in writes for _, size in write)
+    assert len(writes) == 5
