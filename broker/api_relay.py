@@ -18,7 +18,7 @@ import structlog
 
 from broker.api_input import ApiError, authenticate, parse_json_object, request_id_for
 from broker.asgi import Message, Receive, Scope, Send
-from broker.core import DispatchError, Pending
+from broker.core import DispatchError, Pending, StateUnavailable
 from broker.core.demand import estimate
 from broker.core.response import Action, Begin, Body, Close, Outcome, ResponseMachine
 from broker.core.sse_usage import USAGE_PATHS, with_include_usage
@@ -190,7 +190,15 @@ class ApiRelay:
         asks = state.settings.ask_stream_usage and scope["path"] in USAGE_PATHS
         upstream_text = with_include_usage(text, body) if asks else None
         item = self._item(scope, rid, model, upstream_text or text, body.get("stream") is True)
-        ticket = await self.gate.admit(user, body, item.path, rid)  # 429 over a limit
+        try:
+            ticket = await self.gate.admit(user, body, item.path, rid)
+        except ApiError as exc:  # over a limit: 429, recorded like the relay's refusals
+            try:
+                live = item.model in (await self.hub.view()).live_models
+            except StateUnavailable:
+                live = False
+            self._refused(rid, user, item, exc.status, exc.code, started, known=live)
+            raise
         progress = Progress()
         usage = UsageWatch(upstream_text is not None, estimate(body, item.path, 0).prompt)
         try:
@@ -219,7 +227,7 @@ class ApiRelay:
         try:
             pending, channel = await self.hub.submit(item, user=user.id)
         except DispatchError as exc:
-            self._refused(rid, user, item, exc, started)
+            self._refused(rid, user, item, exc.status, exc.code, started, exc.status != 404)
             raise ApiError(
                 exc.status,
                 exc.message,
@@ -269,14 +277,22 @@ class ApiRelay:
     # -- the record of each request -------------------------------------------------------
 
     def _refused(
-        self, rid: str, user: UserKey, item: RequestItem, exc: DispatchError, started: float
+        self,
+        rid: str,
+        user: UserKey,
+        item: RequestItem,
+        status: int,
+        code: str,
+        started: float,
+        known: bool,
     ) -> None:
-        shown = quote(item.model) if exc.status != 404 else UNKNOWN_MODEL_LABEL
-        log.info("request_refused", model=quote(item.model), status=exc.status, code=exc.code)
+        """A request answered by the broker itself (unknown model, no connector, a limit)."""
+        shown = quote(item.model) if known else UNKNOWN_MODEL_LABEL
+        log.info("request_refused", model=quote(item.model), status=status, code=code)
         duration = self.hub.clock() - started
         # A client can name any model: unknown ones share one label, so /metrics stays small.
-        self.state.metrics.request_done(shown, exc.status, None, duration)
-        self._usage(rid, user, item, exc.status, duration, None, None)
+        self.state.metrics.request_done(shown, status, None, duration)
+        self._usage(rid, user, item, status, duration, None, None)
 
     def _done(
         self,

@@ -22,6 +22,7 @@ from broker.keys import KeyStore
 from broker.limiter import LimitState, MemoryLimitState
 from broker.metrics import BrokerMetrics
 from broker.portal import install_portal
+from broker.portal.admin_actions import end_sessions
 from broker.portal.security import add_security_headers
 from broker.prices import load_prices
 from broker.redis_state import RedisRelayState, connect
@@ -168,8 +169,10 @@ async def _reload_keys(state: BrokerState) -> None:
     while True:
         await asyncio.sleep(2.0)
         state.keys.reload()
-        if state.enrollment is not None:
-            state.enrollment.reload()
+        if state.enrollment is not None and state.enrollment.reload():
+            # An operator's edit may have revoked a connector: its sessions end too.
+            for identity in state.enrollment.closed_ids():
+                await end_sessions(state, identity)
 
 
 def create_health_app(state: BrokerState) -> Quart:

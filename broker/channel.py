@@ -2,7 +2,8 @@
 
 Pushing never blocks and never awaits: the upload handler appends, the API handler takes
 everything buffered in one go, so chunks that arrive in the same event-loop tick are
-written to the API user as one.
+written to the API user as one. ``buffered`` counts the body bytes pushed and not yet
+taken, which the multiplexed upload bounds per request (``broker.mux``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from shared.protocol import ResponseEnd, ResponseHead
 
 
 class ResponseChannel:
-    __slots__ = ("_closed", "_events", "_loop", "_waiter", "bytes_in")
+    __slots__ = ("_closed", "_events", "_loop", "_waiter", "buffered", "bytes_in")
 
     def __init__(self) -> None:
         self._events: list[Event] = []
@@ -23,6 +24,7 @@ class ResponseChannel:
         self._loop = asyncio.get_running_loop()
         self._closed = False
         self.bytes_in = 0
+        self.buffered = 0
 
     def _push(self, event: Event) -> None:
         if self._closed:
@@ -38,6 +40,7 @@ class ResponseChannel:
     def data(self, chunk: bytes) -> None:
         if not self._closed:
             self.bytes_in += len(chunk)
+            self.buffered += len(chunk)
             self._push(chunk)
 
     def end(self, end: ResponseEnd) -> None:
@@ -76,6 +79,7 @@ class ResponseChannel:
                     handle.cancel()
         events = self._events
         self._events = []
+        self.buffered = 0
         return events
 
 

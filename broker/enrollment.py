@@ -171,6 +171,10 @@ class EnrollmentStore:
     def entries(self) -> list[Enrolled]:
         return list(self._doc.connectors)
 
+    def closed_ids(self) -> set[str]:
+        """Identities of entries that may not serve (pending, rejected, revoked)."""
+        return {e.id for e in self._doc.connectors if e.status is not EnrollStatus.APPROVED}
+
     def lookup(self, token_sha256: str) -> ConnectorIdentity | None:
         """The KeyStore's hook: an approved connector's identity by its token's hash."""
         return self._index.get(token_sha256)

@@ -239,6 +239,12 @@ class RelayHub:
             self.channels.pop(request_id, None)
             self._update_idle()
 
+    async def refuse(self, session_id: str, request_id: str) -> None:
+        self.core.refuse(session_id, request_id)
+
+    def session_alive(self, session_id: str) -> bool:
+        return session_id in self.core.sessions
+
     async def finish(self, request_id: str) -> None:
         self.core.finish(request_id)
         self.channels.pop(request_id, None)

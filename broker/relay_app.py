@@ -28,12 +28,14 @@ from broker.asgi import Receive, Scope, Send
 from broker.core import LeaseError, StateUnavailable, UnknownSession
 from broker.enrollment import EnrollmentError
 from broker.keys import ConnectorIdentity, bearer
+from broker.mux import MuxRegistry
 from broker.relay_state import Superseded
 from broker.state import BrokerState
 from broker.upload import FrameApplier, PartAssembler, UploadTooLarge
 from shared.errors import FrameError, error_body
 from shared.logging import get_logger
 from shared.protocol import (
+    PROTOCOL_REVISION,
     PROTOCOL_VERSION,
     RELAY_PREFIX,
     EnrollRequest,
@@ -159,6 +161,8 @@ class RelayApp:
         self.finished: OrderedDict[str, None] = OrderedDict()
         # The one route without a token (a connector asking to join): no authorisation.
         self._enroll: Route = self.enroll
+        s = state.settings
+        self.mux = MuxRegistry(self.hub, s.max_response_body, s.mux_buffer_limit)
         # (method, path pattern) -> route; "*" matches one path segment.
         self._routes: list[tuple[str, tuple[str, ...], Route]] = [
             ("POST", ("enroll",), self._enroll),
@@ -168,6 +172,7 @@ class RelayApp:
             ("POST", ("sessions", "*", "poll"), self.poll),
             ("POST", ("sessions", "*", "responses", "*"), self.upload_stream),
             ("POST", ("sessions", "*", "responses", "*", "parts", "*"), self.upload_part),
+            ("POST", ("sessions", "*", "mux"), self.upload_mux),
             ("POST", ("probe",), self.probe_upload),
             ("GET", ("probe",), self.probe_download),
         ]
@@ -250,7 +255,13 @@ class RelayApp:
                 "protocol_mismatch",
             )
         ident = call.ident
-        mode = UploadMode.STREAM if req.upload_mode is UploadMode.AUTO else req.upload_mode
+        mode = req.upload_mode
+        if mode is not UploadMode.PARTS:
+            # Connectors send stream or parts (and mux_upload: revision 2); anything else
+            # is taken as stream.
+            offered = self.state.settings.mux_upload
+            wants = req.mux_upload or mode is UploadMode.MUX
+            mode = UploadMode.MUX if wants and offered else UploadMode.STREAM
         session, replaced = await self.hub.register(
             owner=ident.id,
             name=ident.name or req.name,
@@ -290,9 +301,11 @@ class RelayApp:
             lease_s=s.lease,
             session_ttl_s=s.session_ttl,
             heartbeat_s=s.heartbeat,
-            upload_mode=mode,
+            upload_mode=UploadMode.STREAM if mode is UploadMode.MUX else mode,
             max_part_bytes=s.max_part_bytes,
             replaced=replaced,
+            revision=PROTOCOL_REVISION,
+            mux_upload=mode is UploadMode.MUX,
         )
         await call.respond(200, reply.model_dump_json().encode())
 
@@ -426,6 +439,46 @@ class RelayApp:
             if not applier.done and not applier.cancelled:
                 await applier.abort(502, "connector_lost", "the connector's upload ended early")
             await self.hub.finish(request_id)
+        with contextlib.suppress(Exception):  # the connector may be gone already
+            await call.respond(status, body)
+
+    async def upload_mux(self, call: Call) -> None:
+        """The multiplexed upload (``broker.mux``): every response of the session, tagged.
+
+        Read continuously and never paced by an API client: each request's buffering is
+        bounded by the lane itself. Answered when the connector ends the body.
+        """
+        session_id = call.params[0]
+        session = await self.hub.session(call.ident.id, session_id)
+        if session.upload_mode is not UploadMode.MUX:
+            raise RelayError(
+                409, "this session was not granted the multiplexed upload", "mux_not_granted"
+            )
+        lane = self.mux.lane(session_id)
+        hub = self.hub
+        log.info("mux_upload_opened", session=session_id)
+        status, body = 200, _OK
+        ended = False
+        try:
+            while True:
+                message = await call.receive()
+                if message["type"] != "http.request":
+                    ended = True
+                    break  # the connection dropped: a cut, unless CLOSE came first
+                await lane.feed(message.get("body", b""))
+                ended = not message.get("more_body", False)
+                if lane.closed or ended:
+                    break
+                if not hub.session_alive(session_id):
+                    raise UnknownSession(session_id)  # its requests were failed with it
+            if not ended:
+                await call.drain(DRAIN_AFTER_ANSWER)
+        except FrameError as exc:
+            log.warning("mux_upload_rejected", session=session_id, error=str(exc))
+            status, body = 400, _json_bytes(error_body(str(exc), code="bad_upload"))
+        finally:
+            await lane.end(clean=lane.closed)
+            log.info("mux_upload_closed", session=session_id, clean=lane.closed)
         with contextlib.suppress(Exception):  # the connector may be gone already
             await call.respond(status, body)
 

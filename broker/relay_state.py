@@ -36,6 +36,10 @@ class FrameSink(Protocol):
     def touch(self) -> None:
         """A heartbeat: nothing to deliver, but the request is alive."""
 
+    @property
+    def buffered(self) -> int:
+        """Body bytes pushed and not yet taken by the API handler (0 when handed on)."""
+
     async def flush(self) -> None:
         """Hand over what was pushed since the last flush (a no-op in one process)."""
 
@@ -144,6 +148,9 @@ class RelayState(Protocol):
 
     async def update_models(self, owner: str, session_id: str, models: list[str]) -> None: ...
     async def deregister(self, owner: str, session_id: str) -> None: ...
+    def session_alive(self, session_id: str) -> bool:
+        """False once this process knows the session ended (no round trip)."""
+
     async def poll(
         self,
         owner: str,
@@ -160,6 +167,9 @@ class RelayState(Protocol):
         """The connector's upload began: its lease is acknowledged (LeaseError if not held)."""
 
     async def cancel(self, request_id: str) -> None: ...
+    async def refuse(self, session_id: str, request_id: str) -> None:
+        """Frames came for a request the session no longer holds: send it a cancel item."""
+
     async def finish(self, request_id: str) -> None: ...
     def activity(self, pending: Pending, now: float) -> None: ...
     def head_seen(self, pending: Pending, now: float) -> None: ...

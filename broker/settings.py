@@ -231,6 +231,18 @@ class BrokerSettings(FileAwareSettings):
         description="Completion tokens a request that names no max_tokens is assumed to "
         "use when token limits reserve its worst case.",
     )
+    mux_upload: bool = Field(
+        True,
+        description="Offer connectors the multiplexed upload (one long-lived POST carries "
+        "every response; older connectors keep per-request uploads).",
+    )
+    mux_buffer_limit: int = Field(
+        1 * MIB,
+        ge=64 * 1024,
+        description="Multiplexed upload: bytes of one response held for an API client that "
+        "reads slower than the LLM writes (beyond its socket buffers); over it the request "
+        "fails with client_too_slow and its connector stops generating.",
+    )
     # -- several brokers (docs/scale-out.md) ----------------------------------------------
     redis_url: str | None = Field(
         None,

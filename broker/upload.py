@@ -64,8 +64,10 @@ class FrameApplier:
                 channel.end(decode_end(frame.payload))
                 self.done = True
                 return
-            else:  # HEARTBEAT: the activity was recorded above
+            elif kind is FrameType.HEARTBEAT:  # the activity was recorded above
                 channel.touch()
+            else:
+                raise FrameError(f"a {kind.name} frame inside one response's frames")
 
     async def flush(self) -> None:
         await self.channel.flush()

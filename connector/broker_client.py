@@ -271,6 +271,20 @@ class BrokerClient:
         _raise_for(response)
         return _result(response)
 
+    async def upload_mux(self, session_id: str, body: AsyncIterator[bytes]) -> UploadResult:
+        """The multiplexed upload (``connector.mux``): one long chunked POST, many responses."""
+        try:
+            response = await self._client.post(
+                f"{self.base}/sessions/{session_id}/mux",
+                content=body,
+                headers={"content-type": "application/octet-stream"},
+                timeout=httpx.Timeout(connect=15.0, read=60.0, write=None, pool=None),
+            )
+        except httpx.HTTPError as exc:
+            raise BrokerUnavailable(describe(exc)) from exc
+        _raise_for(response)
+        return _result(response)
+
     async def upload_part(
         self, session_id: str, request_id: str, seq: int, data: bytes
     ) -> UploadResult:

@@ -301,16 +301,18 @@ class Checker:
         how = f"{result.chunks} piece(s) spread over {result.spread_ms:.0f} ms"
         forced = self.settings.upload_mode
         if result.incremental:
-            mode = "stream" if forced is UploadMode.AUTO else forced.value
+            mode = forced.value
+            if forced is UploadMode.AUTO:
+                mode = "mux (one long-lived upload; stream where the broker does not offer it)"
             return Step(
                 "upload", "ok", f"streamed uploads arrive incrementally ({how}); mode: {mode}"
             )
-        if forced is UploadMode.STREAM:
+        if forced in (UploadMode.STREAM, UploadMode.MUX):
             return Step(
                 "upload",
                 "fail",
                 f"something on the path buffers request bodies ({how}) but --upload-mode "
-                "stream is set: answers would reach users only when complete",
+                f"{forced.value} is set: answers would reach users only when complete",
                 "use --upload-mode auto (the default) or parts",
             )
         return Step(

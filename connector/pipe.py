@@ -9,9 +9,21 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Protocol
 
 from shared import framing
 from shared.protocol import ResponseEnd, ResponseHead
+
+
+class FrameSink(Protocol):
+    """Where the upstream pump puts a response: a ``FramePipe`` (one upload per response)
+    or a ``connector.mux.MuxStream`` (the multiplexed upload)."""
+
+    def head(self, head: ResponseHead) -> None: ...
+
+    def data(self, chunk: bytes) -> None: ...
+
+    def end(self, end: ResponseEnd) -> None: ...
 
 
 class FramePipe:

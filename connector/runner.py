@@ -11,6 +11,7 @@ import contextlib
 import random
 import time
 import uuid
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 
 import structlog
@@ -25,18 +26,21 @@ from connector.errors import (
     SessionLost,
     SessionReplaced,
 )
+from connector.mux import MuxUploader
 from connector.pipe import FramePipe
 from connector.settings import ConnectorSettings
 from connector.upstream import Upstream, UpstreamError
 from shared import framing
 from shared.logging import get_logger
 from shared.protocol import (
+    PROTOCOL_REVISION,
     CancelItem,
     RegisterRequest,
     RegisterResponse,
     Replaced,
     RequestItem,
     UploadMode,
+    UploadResult,
     WorkItem,
 )
 
@@ -103,6 +107,7 @@ class Connector:
         self.status = Status()
         self._show_capacity()
         self.session: RegisterResponse | None = None
+        self.mux: MuxUploader | None = None  # the session's multiplexed upload, if granted
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self._stopping = asyncio.Event()
         self._poll_task: asyncio.Task[object] | None = None
@@ -198,6 +203,7 @@ class Connector:
 
     def _lose_session(self) -> None:
         self._cut_seen = False
+        self._stop_mux()
         self.session = None
         self.status.session_id = None
         self.status.reconnects += 1
@@ -233,6 +239,13 @@ class Connector:
         mode = s.upload_mode
         if mode is UploadMode.AUTO:
             mode = verdict.upload_mode if verdict is not None else await self._probe_mode()
+        # The multiplexed upload where the path streams bodies (auto) or when asked (mux);
+        # on the wire the mode stays stream, which every v1 broker accepts.
+        wants_mux = mode is UploadMode.MUX or (
+            s.upload_mode is UploadMode.AUTO and mode is UploadMode.STREAM
+        )
+        if mode is UploadMode.MUX:
+            mode = UploadMode.STREAM
         reply = await self.broker.register(
             RegisterRequest(
                 name=s.name,
@@ -242,6 +255,8 @@ class Connector:
                 instance_id=self.instance_id,
                 version=VERSION,
                 upload_mode=mode,
+                revision=PROTOCOL_REVISION,
+                mux_upload=wants_mux,
             )
         )
         reused = verdict is not None and verdict.answered_mode is reply.upload_mode
@@ -255,6 +270,9 @@ class Connector:
         self.session = reply
         self.status.session_id = reply.session_id
         self.status.upload_mode = reply.upload_mode.value
+        if reply.mux_upload and reply.upload_mode is UploadMode.STREAM:
+            self._start_mux(reply)
+            self.status.upload_mode = UploadMode.MUX.value
         self.status.models = models
         self.status.broker_error = None
         self._backoff.reset()
@@ -265,7 +283,7 @@ class Connector:
             models=models,
             capacity=self.capacity.value,
             capacity_source=self.capacity.source,
-            upload_mode=reply.upload_mode.value,
+            upload_mode=self.status.upload_mode,
             poll_mode=self.status.poll_mode,
             probes_reused=reused,
             poll_wait_s=reply.poll_wait_s,
@@ -273,6 +291,20 @@ class Connector:
         )
         if reply.replaced is Replaced.LIVE:
             self._warn_clash("registration")
+
+    def _start_mux(self, session: RegisterResponse) -> None:
+        sid = session.session_id
+
+        def send(body: AsyncIterator[bytes]) -> Awaitable[UploadResult]:
+            return self.broker.upload_mux(sid, body)
+
+        self.mux = MuxUploader(send, session.heartbeat_s)
+        self.mux.start()
+
+    def _stop_mux(self) -> None:
+        if self.mux is not None:
+            self.mux.abort()
+            self.mux = None
 
     def forget_path(self, reason: str) -> None:
         """A failure suggests the path to the broker changed: probe again next registration."""
@@ -446,6 +478,12 @@ class Connector:
 
     async def _serve(self, item: RequestItem, session: RegisterResponse) -> None:
         structlog.contextvars.bind_contextvars(request_id=item.request_id, model=item.model)
+        mux = self.mux
+        if mux is not None and session is self.session:
+            if mux.usable:
+                await self._serve_mux(item, mux)
+                return
+            self.status.upload_mode = UploadMode.STREAM.value  # it gave up: per request
         pipe = FramePipe(session.heartbeat_s)
         reader = asyncio.create_task(self.upstream.pump(item, pipe))
         try:
@@ -478,6 +516,23 @@ class Connector:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
+
+    async def _serve_mux(self, item: RequestItem, mux: MuxUploader) -> None:
+        """The multiplexed upload: the pump writes straight into the request's stream.
+
+        A cancel item (the user left, or the lease went elsewhere) or the loss of the upload
+        carrying it cancels this task, which closes the upstream request.
+        """
+        task = asyncio.current_task()
+        assert task is not None
+        stream = mux.open(item.request_id, task.cancel)
+        try:
+            await self.upstream.pump(item, stream)
+            self.status.served += 1
+        except asyncio.CancelledError:
+            log.info("request_stopped")
+        finally:
+            stream.close()
 
     async def _upload_parts(
         self, item: RequestItem, session: RegisterResponse, pipe: FramePipe
@@ -544,6 +599,9 @@ class Connector:
                 for task in list(self.tasks.values()):
                     task.cancel()
                 await asyncio.wait(list(self.tasks.values()), timeout=5.0)
+        if self.mux is not None:
+            await self.mux.close()
+            self.mux = None
         if session is not None:
             with contextlib.suppress(BrokerUnavailable, BrokerRejected, SessionLost):
                 await self.broker.deregister(session.session_id)

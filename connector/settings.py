@@ -117,8 +117,10 @@ class ConnectorSettings(FileAwareSettings):
     )
     upload_mode: UploadMode = Field(
         UploadMode.AUTO,
-        description="How responses go back: stream (one chunked POST), parts (small POSTs, for "
-        "proxies that buffer request bodies) or auto (probe the path at registration).",
+        description="How responses go back: mux (one long-lived POST carries every response; "
+        "stream where the broker does not offer it), stream (one chunked POST per response), "
+        "parts (small POSTs, for proxies that buffer request bodies) or auto (probe the path "
+        "at registration: mux where it streams bodies, else parts).",
     )
     poll_mode: Literal["auto", "stream", "classic"] = Field(
         "auto",

@@ -9,7 +9,7 @@ import uuid
 import httpx
 
 from connector.llm_transport import llm_transport
-from connector.pipe import FramePipe
+from connector.pipe import FrameSink
 from connector.settings import ConnectorSettings
 from shared.logging import get_logger
 from shared.protocol import (
@@ -62,7 +62,7 @@ class Upstream:
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    def _failed(self, pipe: FramePipe, end: ResponseEnd) -> None:
+    def _failed(self, pipe: FrameSink, end: ResponseEnd) -> None:
         self.errors[end.error_type or "upstream_error"] += 1
         pipe.end(end)
 
@@ -88,7 +88,7 @@ class Upstream:
             raise UpstreamError("/v1/models answered without a data list", answered=True)
         return [str(m["id"]) for m in data if isinstance(m, dict) and "id" in m]
 
-    async def pump(self, item: RequestItem, pipe: FramePipe) -> None:
+    async def pump(self, item: RequestItem, pipe: FrameSink) -> None:
         """Forward one request and push its response into ``pipe`` as frames, byte for byte.
 
         Every failure ends the pipe with an error frame: the API user always gets an answer.

@@ -4,6 +4,13 @@ A frame is ``type (1 byte) | length (4 bytes, big endian) | payload``. The same 
 travel in one chunked POST (stream mode) or in a sequence of small POSTs (parts mode), so
 no frame depends on HTTP chunk boundaries: proxies may re-chunk at will.
 
+The multiplexed upload (one long-lived POST per connector, protocol revision 2) carries
+the frames of many responses: each run of one response's frames travels inside a ``MUX``
+frame whose payload is ``id length (1 byte) | request ID (ASCII) | that response's
+frames``; a ``HEARTBEAT`` outside any ``MUX`` frame keeps the upload itself alive, and
+``CLOSE`` ends it cleanly (every frame before it was sent: unfinished responses continue on
+the connector's next multiplexed upload).
+
 The decoder is pure (no I/O): feed it bytes, get whole frames back.
 """
 
@@ -26,6 +33,8 @@ class FrameType(IntEnum):
     DATA = 2
     HEARTBEAT = 3
     END = 4
+    MUX = 5  # multiplexed upload only: one response's frames, tagged with its request ID
+    CLOSE = 6  # multiplexed upload only: the upload ends cleanly here
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +60,30 @@ def encode_end(end: ResponseEnd) -> bytes:
 
 
 HEARTBEAT_FRAME = encode(FrameType.HEARTBEAT)
+CLOSE_FRAME = encode(FrameType.CLOSE)
+MAX_ID_BYTES = 255
+
+
+def encode_mux(request_id: bytes, frames: bytes) -> bytes:
+    """One response's frames (already encoded) tagged for the multiplexed upload."""
+    return (
+        _HEADER.pack(FrameType.MUX, 1 + len(request_id) + len(frames))
+        + bytes((len(request_id),))
+        + request_id
+        + frames
+    )
+
+
+def split_mux(payload: bytes) -> tuple[str, bytes]:
+    """The request ID and the inner frames of a MUX frame's payload."""
+    if not payload or len(payload) < 1 + payload[0] or payload[0] == 0:
+        raise FrameError("malformed MUX frame")
+    end = 1 + payload[0]
+    try:
+        request_id = payload[1:end].decode("ascii")
+    except UnicodeDecodeError as exc:
+        raise FrameError("malformed MUX frame: the request ID is not ASCII") from exc
+    return request_id, payload[end:]
 
 
 def decode_head(payload: bytes) -> ResponseHead:

@@ -13,6 +13,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 PROTOCOL_VERSION = 1
 RELAY_PREFIX = f"/relay/v{PROTOCOL_VERSION}"
+# Additions within v1 that both sides negotiate at registration, so an older broker or
+# connector keeps working with a newer one (unknown fields are ignored on both sides):
+#   1: per-request uploads (stream, parts)
+#   2: the multiplexed upload (``mux_upload`` in the registration and its answer)
+PROTOCOL_REVISION = 2
 
 # Headers the broker puts on relay responses and the API side.
 REQUEST_ID_HEADER = "x-request-id"
@@ -22,11 +27,18 @@ UPSTREAM_REQUEST_ID_HEADER = "x-remotellm-request-id"
 
 
 class UploadMode(StrEnum):
-    """How the connector uploads a response: one chunked POST, or small sequenced POSTs."""
+    """How the connector uploads responses.
 
-    STREAM = "stream"
-    PARTS = "parts"
-    AUTO = "auto"
+    On the wire a registration says ``stream`` or ``parts`` (what every broker of protocol
+    v1 accepts) and asks for the multiplexed upload with ``mux_upload``; ``mux`` and
+    ``auto`` are the connector's settings (and ``mux`` what the broker shows for a session
+    that was granted it).
+    """
+
+    STREAM = "stream"  # one chunked POST per response
+    PARTS = "parts"  # small sequenced POSTs per response
+    MUX = "mux"  # one long-lived chunked POST per connector carries every response
+    AUTO = "auto"  # probe the path: mux (or stream) where it streams bodies, else parts
 
 
 class _Model(BaseModel):
@@ -45,6 +57,9 @@ class RegisterRequest(_Model):
     instance_id: str = Field(default="", max_length=64)
     # Where the capacity came from ("--capacity", "llama.cpp /props total_slots", "default").
     capacity_source: str = Field(default="configured", max_length=200)
+    revision: int = 1  # PROTOCOL_REVISION of the connector (absent: an older one)
+    # The connector would send every response on one multiplexed upload (revision 2).
+    mux_upload: bool = False
 
 
 class Replaced(StrEnum):
@@ -65,6 +80,9 @@ class RegisterResponse(_Model):
     max_part_bytes: int
     protocol: int = PROTOCOL_VERSION
     replaced: Replaced = Replaced.NONE
+    revision: int = 1  # PROTOCOL_REVISION of the broker (absent: an older one)
+    # The broker takes the multiplexed upload from this session: POST .../mux.
+    mux_upload: bool = False
 
 
 # Error codes of the relay's 404 for a session the broker no longer has.

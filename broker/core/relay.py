@@ -336,6 +336,15 @@ class RelayCore:
             # An active upload ends through its upload handler, which frees the slot.
             self.finish(request_id)
 
+    def refuse(self, session_id: str, request_id: str) -> None:
+        """Frames came for a request the session no longer holds (it was re-leased, cancelled
+        or is over): a ``cancel`` item in its next poll tells the connector to stop, which is
+        what a 409 answer does for a per-request upload."""
+        session = self.sessions.get(session_id)
+        if session is not None and request_id not in session.cancels:
+            session.cancels.append(request_id)
+            self._out.wake(session_id)
+
     def is_cancelled(self, request_id: str) -> bool:
         pending = self.requests.get(request_id)
         return pending is None or pending.cancelled

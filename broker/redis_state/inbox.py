@@ -89,6 +89,10 @@ class RemoteSink:
         if not self._buffer:
             self._buffer.append((TOUCH, b""))
 
+    @property
+    def buffered(self) -> int:
+        return 0  # handed to Redis at every flush; the home broker's channel holds it
+
     async def flush(self) -> None:
         if not self._buffer:
             return

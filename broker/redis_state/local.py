@@ -9,6 +9,7 @@ ended polls and ended uploads; ``apply`` turns an inbox entry into channel event
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -18,6 +19,7 @@ from broker.redis_state import inbox
 from shared.protocol import ResponseEnd, ResponseHead
 
 Clock = Callable[[], float]
+DROPPED_REMEMBERED = 4096
 
 
 @dataclass(slots=True, eq=False)
@@ -51,6 +53,8 @@ class LocalState:
     uploads: set[str] = field(default_factory=set)
     ended: set[str] = field(default_factory=set)
     waiters: dict[str, list[PollWaiter]] = field(default_factory=dict)
+    # Sessions this process saw end (their multiplexed uploads stop at once).
+    dropped_sessions: OrderedDict[str, None] = field(default_factory=OrderedDict)
 
     def wake_all(self) -> None:
         for waiters in self.waiters.values():
@@ -68,6 +72,10 @@ class LocalState:
                 elif data == b"x":
                     waiter.gone = True
                 waiter.wake()
+            if data == b"x":
+                self.dropped_sessions[name[2:]] = None
+                while len(self.dropped_sessions) > DROPPED_REMEMBERED:
+                    self.dropped_sessions.popitem(last=False)
         elif name.startswith("m:"):
             model = name[2:]
             for waiters in self.waiters.values():

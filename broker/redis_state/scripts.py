@@ -326,6 +326,17 @@ if r.state == 'l' then forget(rid, r) else redis.call('PUBLISH', P .. 'w:e', rid
 return 1
 """
 
+# ARGV: P, sid, rid.  Frames came for a request the session no longer holds: its next poll
+# carries a cancel for it (once).
+REFUSE = r"""
+local sid, rid = ARGV[2], ARGV[3]
+if redis.call('EXISTS', P .. 's:' .. sid) == 0 then return 0 end
+if redis.call('LPOS', P .. 'sc:' .. sid, rid) then return 0 end
+redis.call('RPUSH', P .. 'sc:' .. sid, rid)
+redis.call('PUBLISH', P .. 'w:s:' .. sid, '')
+return 1
+"""
+
 # ARGV: P, rid.  The request is over (answered, failed or cancelled): free its slot.
 FINISH = r"""
 local r = req(ARGV[2])
@@ -401,6 +412,7 @@ ALL = {
     "submit": SUBMIT,
     "ack": ACK,
     "cancel": CANCEL,
+    "refuse": REFUSE,
     "finish": FINISH,
     "expire_queued": EXPIRE_QUEUED,
     "sweep": SWEEP,

@@ -451,6 +451,12 @@ class RedisRelayState:
             self._local.ended.add(request_id)
         await self._quietly("cancel", request_id)
 
+    async def refuse(self, session_id: str, request_id: str) -> None:
+        await self._quietly("refuse", session_id, request_id)
+
+    def session_alive(self, session_id: str) -> bool:
+        return session_id not in self._local.dropped_sessions
+
     async def finish(self, request_id: str) -> None:
         local = self._local
         held = local.homes.pop(request_id, None) is not None

@@ -24,7 +24,7 @@ class Scenario:
     chunks: int
     chunk_bytes: int = 64
     delay_ms: float = 0.0
-    upload_mode: str = "stream"
+    upload_mode: str = "mux"  # what auto picks on a path that streams bodies
     connectors: int = 1
     http2: bool = False
     tls: bool = False
@@ -271,6 +271,16 @@ PROFILES: dict[str, list[Scenario]] = {
         Scenario("c100 back-to-back", concurrency=100, requests=200, chunks=50),
         Scenario("c1000 paced 50ms", concurrency=1000, requests=2000, chunks=20, delay_ms=50),
         Scenario("parts ttfb c1", concurrency=1, requests=40, chunks=200, upload_mode="parts"),
+        # One upload POST per response (--upload-mode stream), against the mux rows above.
+        Scenario("stream ttfb c1", concurrency=1, requests=100, chunks=200, upload_mode="stream"),
+        Scenario(
+            "stream c50 paced 5ms",
+            concurrency=50,
+            requests=100,
+            chunks=100,
+            delay_ms=5,
+            upload_mode="stream",
+        ),
         Scenario(
             "parts c50 paced 5ms",
             concurrency=50,

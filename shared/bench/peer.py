@@ -20,7 +20,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared.bench.procs import KEY, TOKEN, Proc, free_port, get_json, spawn, wait_port
+from shared.bench.procs import (
+    KEY,
+    TOKEN,
+    Proc,
+    free_port,
+    get_json,
+    spawn,
+    wait_port,
+    warm_bytecode,
+)
 
 
 @dataclass(frozen=True)
@@ -184,6 +193,7 @@ class PeerSetup:
         ports = PeerPorts(self.upstream_port, free_port(), free_port())
         self.broker_port, self.health_port = ports.broker, ports.health
         python, env = str(self.options.python), self.options.env()
+        warm_bytecode(python, spec.imports, env)  # the same bytecode cache as ours
         broker = spawn(f"{spec.name}-broker", spec.broker_args(ports), log, python, env)
         self.procs.append(broker)
         await wait_port(ports.broker)

@@ -118,6 +118,31 @@ def write_self_signed(directory: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
+def bytecode_env() -> dict[str, str]:
+    """Python's bytecode cache for every measured process (ours and a peer's), in a
+    directory of the benchmark's own.
+
+    Installed packages come with their bytecode; a process that compiles every module it
+    imports (``PYTHONDONTWRITEBYTECODE``, as some CI and sandbox environments set) starts
+    seconds slower and its peak RSS includes the compiler's transient memory. Whoever
+    starts first fills the cache; ``warm_bytecode`` does that before anything is measured.
+    """
+    return {"PYTHONPYCACHEPREFIX": str(Path(tempfile.gettempdir()) / "remotellm-bench-pycache")}
+
+
+def warm_bytecode(python: str, imports: str, env: dict[str, str] | None = None) -> None:
+    """Import ``imports`` once in ``python`` with the bytecode cache on (see above)."""
+    child_env = dict(os.environ, **bytecode_env(), **(env or {}))
+    child_env.pop("PYTHONDONTWRITEBYTECODE", None)
+    subprocess.run([python, "-c", imports], env=child_env, capture_output=True, check=False)
+
+
+OUR_IMPORTS = (
+    "import broker.cli, broker.server, broker.app, connector.cli, connector.runner, "
+    "connector.tls, connector.check, shared.bench.upstream, uvloop"
+)
+
+
 def spawn(
     name: str,
     args: list[str],
@@ -130,7 +155,8 @@ def spawn(
     ``python`` is ours unless a peer relay is benchmarked: then it is the interpreter of the
     venv the user installed that peer into (``--peer-python``).
     """
-    child_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    child_env = dict(os.environ, PYTHONUNBUFFERED="1", **bytecode_env(), **(env or {}))
+    child_env.pop("PYTHONDONTWRITEBYTECODE", None)
     with log.open("ab") as handle:  # the child keeps its own copy of the descriptor
         popen = subprocess.Popen(
             [python, *args], stdout=handle, stderr=subprocess.STDOUT, env=child_env
@@ -153,10 +179,10 @@ async def get_json(port: int, path: str) -> object:
 
 @dataclass
 class Setup:
-    """One upstream, one broker and N connectors (stream or parts upload)."""
+    """One upstream, one broker and N connectors (mux, stream or parts upload)."""
 
     connectors: int = 1
-    upload_mode: str = "stream"
+    upload_mode: str = "mux"
     http2: bool = False
     tls: bool = False
     capacity: int = 1100
@@ -180,6 +206,7 @@ class Setup:
 
     async def start(self) -> None:
         raise_fd_limit()
+        warm_bytecode(sys.executable, OUR_IMPORTS)
         log = self.workdir / "processes.log"
         self.upstream_port = free_port()
         self.procs.append(

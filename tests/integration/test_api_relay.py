@@ -268,13 +268,14 @@ async def test_parts_mode_relays_a_stream(tmp_path, fake_llm: FakeLLM) -> None:
         await broker.stop()
 
 
-async def test_auto_mode_picks_stream_on_a_direct_path(tmp_path, fake_llm: FakeLLM) -> None:
+async def test_auto_mode_picks_mux_on_a_direct_path(tmp_path, fake_llm: FakeLLM) -> None:
     from tests.support.stack import start_broker
 
     broker = await start_broker(tmp_path / "b")
     conn = await start_connector(broker.url, fake_llm.url, upload_mode="auto")
     try:
-        assert conn.connector.status.upload_mode == "stream"
+        # The path streams bodies: the multiplexed upload (stream mode on the wire).
+        assert conn.connector.status.upload_mode == "mux"
     finally:
         await conn.stop()
         await broker.stop()

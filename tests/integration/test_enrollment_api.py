@@ -144,6 +144,31 @@ async def test_enrolled_file_edits_are_picked_up_without_a_restart(tmp_path: Pat
         await broker.stop()
 
 
+async def test_a_revocation_written_to_the_file_ends_the_sessions_too(tmp_path: Path) -> None:
+    broker = await start_broker(tmp_path / "b", allow_enrollment=True, poll_wait=1.0)
+    store = broker.server.state.enrollment
+    assert store is not None
+    try:
+        async with _relay(broker) as relay:
+            r = await relay.post("/enroll", content=_ask())
+            store.approve(r.json()["enrollment_id"], "root")
+            token = (await relay.post("/enroll", content=_ask())).json()["token"]
+        async with _relay(broker, token) as conn:
+            r = await conn.post("/sessions", content=_register())
+            session_id = r.json()["session_id"]
+            # The operator edits the file by hand (another process's store).
+            from broker.enrollment import EnrollmentStore
+
+            other = EnrollmentStore(broker.settings.enrolled_path)
+            other.revoke(other.entries[0].id, "operator")
+            core = broker.hub.core
+            await wait_for(lambda: session_id not in core.sessions, timeout=10)
+            r = await conn.post("/sessions", content=_register())
+            assert r.status_code == 401
+    finally:
+        await broker.stop()
+
+
 async def test_check_without_a_token_says_to_enroll(tmp_path: Path) -> None:
     from connector.check import run_check
     from connector.settings import ConnectorSettings

@@ -35,16 +35,21 @@ def limiter(stack: Stack) -> MemoryLimitState:
     return state
 
 
-async def rate_limited(stack: Stack) -> dict[str, float]:
+async def counters(stack: Stack, name: str, label: str) -> dict[str, float]:
+    """A counter's ``_total`` samples from /metrics, by the value of one label."""
     async with httpx.AsyncClient(base_url=stack.broker.health_url) as health:
         text = (await health.get("/metrics")).text
     found: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
-        if family.name == "remotellm_rate_limited":
+        if family.name == name:
             for sample in family.samples:
-                if sample.name == "remotellm_rate_limited_total":
-                    found[sample.labels["reason"]] = sample.value
+                if sample.name == name + "_total":
+                    found[sample.labels[label]] = sample.value
     return found
+
+
+async def rate_limited(stack: Stack) -> dict[str, float]:
+    return await counters(stack, "remotellm_rate_limited", "reason")
 
 
 @pytest.mark.parametrize("broker_overrides", [{"rpm_limit": 2}])
@@ -78,6 +83,8 @@ async def test_the_sdk_sees_a_rate_limit_error_with_openais_headers(stack: Stack
     assert "x-should-retry" not in headers
     assert err.response.headers["x-request-id"]
     assert await rate_limited(stack) == {"rpm": 1.0}
+    # Counted with the requests, like the relay's own refusals.
+    assert (await counters(stack, "remotellm_requests", "status"))["429"] == 1.0
 
 
 @pytest.mark.parametrize("broker_overrides", [{"daily_token_quota": 60}])

@@ -17,7 +17,7 @@ async def test_direct_baseline_both_modes(tmp_path: Path, fake_llm: FakeLLM) -> 
             conn = await start_connector(broker.url, fake_llm.url, upload_mode=mode)
             try:
                 chosen = conn.connector.status.upload_mode
-                assert chosen == ("stream" if mode == "auto" else "parts")
+                assert chosen == ("mux" if mode == "auto" else "parts")
                 timing = await stream_timing(broker.url, "direct (no proxy)", chosen)
                 assert timing.tokens == expected_tokens()
                 assert timing.incremental, timing

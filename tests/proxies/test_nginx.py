@@ -106,16 +106,51 @@ async def test_recommended_nginx_keeps_stream_mode(tmp_path: Path, fake_llm: Fak
             conn = await start_connector(nginx.url, fake_llm.url, upload_mode=mode)
             try:
                 chosen = conn.connector.status.upload_mode
-                assert chosen == ("stream" if mode == "auto" else "parts")
+                assert chosen == ("mux" if mode == "auto" else "parts")
                 timing = await stream_timing(nginx.url, label, chosen)
                 assert timing.tokens == expected_tokens()
                 assert timing.incremental, timing
-                if chosen == "stream":
+                if chosen == "mux":
                     # One long upload past nginx's 1 MiB default: no limit on /relay/.
                     reply = await chat(nginx.url, f"big:{2 * MIB}")
                     assert len(content_of(reply)) == 2 * MIB
             finally:
                 await conn.stop()
+    finally:
+        nginx.stop()
+        await broker.stop()
+
+
+# nginx told not to buffer request bodies, but with its default 1 MiB body limit.
+STREAMING_DEFAULT_LIMIT = """\
+            proxy_pass http://127.0.0.1:{upstream};
+            proxy_http_version 1.1;
+            proxy_request_buffering off;
+            proxy_buffering off;"""
+
+
+async def test_mux_uploads_stay_under_nginx_body_limit(tmp_path: Path, fake_llm: FakeLLM) -> None:
+    """The multiplexed upload ends cleanly and reopens every 768 KiB, so a proxy that streams
+    bodies but refuses any over 1 MiB carries answers of any size, many at once."""
+    broker = await start_broker(tmp_path / "b", poll_wait=5.0)
+    nginx = start_nginx(broker.settings.port, STREAMING_DEFAULT_LIMIT)
+    fake_llm.chunk_delay = CHUNK_DELAY
+    try:
+        conn = await start_connector(nginx.url, fake_llm.url, upload_mode="auto")
+        try:
+            assert conn.connector.status.upload_mode == "mux"
+            timing = await stream_timing(nginx.url, "nginx (no request buffering, 1 MiB)", "mux")
+            assert timing.incremental, timing
+            fake_llm.chunk_delay = 0.0
+            sizes = [3 * MIB, MIB, 600 * 1024, 10]
+            replies = await asyncio.gather(*(chat(broker.url, f"big:{n}") for n in sizes))
+            assert [len(content_of(r)) for r in replies] == sizes
+        finally:
+            await conn.stop()
+        mux = [h for h in nginx_hits(nginx) if h.uri.endswith("/mux")]
+        assert len(mux) >= 6  # ~4.6 MiB of answers in uploads of at most ~1 MiB
+        assert all(h.status == 200 for h in mux), mux
+        assert max(h.request_length for h in mux) < MIB
     finally:
         nginx.stop()
         await broker.stop()

@@ -56,12 +56,24 @@ async def test_relay_through_squid_via_env_proxy(
     try:
         conn = await start_connector(broker.url, fake_llm.url, upload_mode="auto")
         try:
-            # squid passes a chunked upload through as it comes: auto mode keeps stream.
-            assert conn.connector.status.upload_mode == "stream"
-            timing = await stream_timing(broker.url, label, "stream")
+            # squid passes a chunked upload through as it comes: auto mode picks the
+            # multiplexed upload (one long POST for every response).
+            assert conn.connector.status.upload_mode == "mux"
+            health = await broker_health(broker)
+            assert [c["upload_mode"] for c in health["connectors"]] == ["mux"]
+            timing = await stream_timing(broker.url, label, "mux")
             assert timing.tokens == expected_tokens()
             assert timing.incremental, timing
             assert content_of(await chat(broker.url)) == "tok0 tok1 tok2 "
+            # Concurrent answers share the one upload through squid, each intact.
+            replies = await asyncio.gather(
+                *(chat(broker.url, f"q{i}", max_tokens=i + 1) for i in range(12))
+            )
+            assert [content_of(r) for r in replies] == [
+                "".join(f"tok{j} " for j in range(i + 1)) for i in range(12)
+            ]
+            mux = conn.connector.mux
+            assert mux is not None and mux.uploads == 1
         finally:
             await conn.stop()
         conn = await start_connector(broker.url, fake_llm.url, upload_mode="parts")

@@ -9,6 +9,8 @@ Behaviour is chosen by the last user message (so any client can steer it):
 - ``echo``                     answer with the request's headers and body length
 - ``say:<text>``               stream exactly ``text`` (one chunk), e.g. markdown or HTML
 - ``tokens:<n>``               like the default, with ``n`` chunks whatever ``max_tokens`` says
+- ``flood:<n>:<bytes>``        stream ``n`` chunks of ``bytes`` characters each, ``chunk_delay``
+                               apart (a fast producer, for backpressure tests)
 Anything else: ``max_tokens`` chunks (default 5), ``chunk_delay`` seconds apart.
 
 What a stream does with ``stream_options.include_usage`` is the server's ``usage_style``:
@@ -174,6 +176,15 @@ class FakeLLM(LoopbackApp):
                 yield self._chunk(model, "", finish="stop", usage=usage).encode()
                 if usage:
                     yield self._usage_chunk(model, 1)
+                yield b"data: [DONE]\n\n"
+                finished = True
+                return
+            if prompt.startswith("flood:"):
+                count, size = (int(x) for x in prompt.split(":")[1:3])
+                for i in range(count):
+                    if i and self.chunk_delay:
+                        await asyncio.sleep(self.chunk_delay)
+                    yield self._chunk(model, "f" * size).encode()
                 yield b"data: [DONE]\n\n"
                 finished = True
                 return

@@ -34,3 +34,64 @@ async def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02) -> 
         if time.monotonic() > deadline:
             raise TimeoutError("condition not reached in time")
         await asyncio.sleep(interval)
+
+
+class TcpForwarder:
+    """A loopback TCP forwarder that can cut chosen connections, as a proxy or a network
+    would: ``cut(marker)`` aborts every connection whose client sent ``marker`` (e.g. the
+    path of the multiplexed upload) in either direction at once."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._conns: list[tuple[bytearray, asyncio.StreamWriter, asyncio.StreamWriter]] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for _, a, b in self._conns:
+            a.transport.abort()
+            b.transport.abort()
+
+    def cut(self, marker: bytes) -> int:
+        cut = 0
+        for seen, a, b in list(self._conns):
+            if marker in seen:
+                a.transport.abort()
+                b.transport.abort()
+                cut += 1
+        return cut
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        seen = bytearray()
+        entry = (seen, writer, up_writer)
+        self._conns.append(entry)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, record: bool) -> None:
+            try:
+                while data := await src.read(65536):
+                    if record:
+                        # Keep only the start of each request line: enough to find a path.
+                        seen.extend(data[:256])
+                        del seen[:-4096]
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.transport.abort()
+
+        try:
+            await asyncio.gather(pipe(reader, up_writer, True), pipe(up_reader, writer, False))
+        finally:
+            self._conns.remove(entry)

@@ -102,4 +102,4 @@ def test_versus_profile_has_issue_9_scenarios() -> None:
     assert {s.concurrency for s in versus if s.delay_ms == 5} == {50, 100, 200}
     paced = {s.concurrency for s in versus if s.delay_ms == 50 and s.chunks == 20}
     assert paced == {50, 1000}
-    assert all(s.upload_mode == "stream" and not s.tls for s in versus)
+    assert all(s.upload_mode == "mux" and not s.tls for s in versus)

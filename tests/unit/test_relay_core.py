@@ -1399,3 +1399,16 @@ def test_cost_of_a_tick_does_not_grow_with_requests(monkeypatch: pytest.MonkeyPa
     h.core.expire(600.0)
     assert calls["expire_request"] >= 1
     assert calls["valid"] <= 5_001 * 3
+
+
+def test_refuse_sends_one_cancel_item_and_wakes_the_poll() -> None:
+    """Frames on the multiplexed upload for a request the session does not hold."""
+    h = Harness()
+    session = h.register()
+    h.out.woken.clear()
+    h.core.refuse(session.id, "elsewhere")
+    h.core.refuse(session.id, "elsewhere")
+    assert h.out.woken == [session.id]
+    assert h.take(session) == ["cancel:elsewhere"]
+    h.core.refuse("ses_gone", "r")  # an unknown session: nothing to tell
+    assert h.take(session) == []

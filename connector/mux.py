@@ -1,0 +1,289 @@
+"""The multiplexed upload: one long-lived POST carries the frames of every response.
+
+Granted at registration (protocol revision 2, ``mux_upload``), it replaces a POST per
+response where the path streams request bodies: the connector opens it before work
+arrives, each request writes its frames into its ``MuxStream`` (the pump treats it like a
+``FramePipe``), and one writer sends what every stream has pending in one write per wake,
+each run of one response's frames tagged with its request ID (``shared.framing``).
+
+- A request's first frame (an empty heartbeat, sent at once) acknowledges its lease.
+- Each request still gets a heartbeat after ``heartbeat`` seconds of silence (the broker's
+  idle timeout stays per request); the upload gets one when nothing at all was sent.
+- An upload ends cleanly with ``CLOSE`` (after ``rotate_bytes``, because proxies limit
+  request bodies — nginx: 1 MiB — or when the connector stops); the next one opens once
+  the broker answered, and unfinished responses continue on it.
+- An upload that fails (the connection was cut, the broker restarted) loses the requests
+  whose frames it carried: their tasks are cancelled, which closes their upstream calls,
+  and the broker ends them for their users as it does a cut per-request upload. Requests
+  that had not sent a frame yet go out on the next upload.
+
+Nothing here speaks HTTP: ``send`` (``BrokerClient.upload_mux`` for one session) posts a
+body and raises the connector's own errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from connector.backoff import Backoff
+from connector.errors import BrokerRejected, BrokerUnavailable, LeaseLost, SessionLost
+from shared import framing
+from shared.logging import get_logger
+from shared.protocol import ResponseEnd, ResponseHead, UploadResult
+
+log = get_logger("connector.mux")
+
+Send = Callable[[AsyncIterator[bytes]], Awaitable[UploadResult]]
+
+# End an upload cleanly after this many bytes: below the 1 MiB body limit of a default
+# nginx, with room for the last write.
+ROTATE_BYTES = 768 * 1024
+MAX_RUN = 256 * 1024  # bytes of one response per MUX frame
+# Bytes of one response per write: a response that floods (a fast LLM, a large answer)
+# takes turns with the others instead of holding the shared upload for all it has.
+FAIR_SHARE = 64 * 1024
+GIVE_UP_AFTER = 3  # failed uploads in a row that carried nothing: fall back per request
+CANCELLED_END = ResponseEnd(
+    ok=False, status=499, error_type="cancelled", error="the connector stopped this request"
+)
+
+
+class MuxStream:
+    """One response on the multiplexed upload: ``head``, ``data``, ``end`` like a pipe."""
+
+    __slots__ = ("_mux", "dead", "ended", "lane", "last_sent", "on_lost", "request_id", "tag")
+
+    def __init__(self, mux: MuxUploader, request_id: str, on_lost: Callable[[], object]) -> None:
+        self._mux = mux
+        self.request_id = request_id
+        self.tag = request_id.encode("ascii")
+        self.on_lost = on_lost
+        self.lane = 0  # the upload that carries its frames (0: none yet)
+        self.ended = False
+        self.dead = False  # lost, or replaced by a new attempt: its frames are dropped
+        self.last_sent = 0.0
+
+    def head(self, head: ResponseHead) -> None:
+        self._mux.push(self, framing.encode_head(head))
+
+    def data(self, chunk: bytes) -> None:
+        if chunk:
+            self._mux.push(self, framing.encode_data(chunk))
+
+    def end(self, end: ResponseEnd) -> None:
+        if not self.ended:
+            self.ended = True
+            self._mux.push(self, framing.encode_end(end))
+
+    def close(self) -> None:
+        """The request's task is over: end it for the broker if the pump did not."""
+        if not self.ended and not self.dead:
+            self.end(CANCELLED_END)
+
+
+class MuxUploader:
+    """The multiplexed uploads of one session, one after another, for its lifetime."""
+
+    def __init__(self, send: Send, heartbeat: float, rotate_bytes: int = ROTATE_BYTES) -> None:
+        self._send = send
+        self.heartbeat = heartbeat
+        self.rotate_bytes = rotate_bytes
+        self.streams: dict[str, MuxStream] = {}
+        self._dirty: dict[MuxStream, list[bytes]] = {}
+        self._waiter: asyncio.Future[None] | None = None
+        self._loop = asyncio.get_running_loop()
+        self._closing = False
+        self._lane = 0
+        self._failures = 0
+        self._carried = False  # the current upload carried a response's frames
+        self.uploads = 0  # uploads opened (the first, then one per rotation or failure)
+        self.usable = True  # False: the path keeps refusing it; use per-request uploads
+        self._task: asyncio.Task[None] | None = None
+
+    # -- what requests use ----------------------------------------------------------------
+
+    def open(self, request_id: str, on_lost: Callable[[], object]) -> MuxStream:
+        """A new request's stream; its first frame goes out at once (the lease's ack)."""
+        old = self.streams.get(request_id)
+        if old is not None:
+            # The same request again (its lease ran out before its first frame went): the
+            # old attempt's frames must never be mixed into the new one's.
+            old.dead = True
+            self._dirty.pop(old, None)
+        stream = MuxStream(self, request_id, on_lost)
+        self.streams[request_id] = stream
+        self.push(stream, framing.HEARTBEAT_FRAME)
+        return stream
+
+    def push(self, stream: MuxStream, frame: bytes) -> None:
+        if stream.dead:
+            return
+        frames = self._dirty.get(stream)
+        if frames is None:
+            self._dirty[stream] = [frame]
+            waiter = self._waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+        else:
+            frames.append(frame)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="mux-upload")
+
+    async def close(self, timeout: float = 10.0) -> None:
+        """Send what is pending, end the upload cleanly and stop."""
+        self._closing = True
+        self._wake()
+        task = self._task
+        if task is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout)
+        except TimeoutError:
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+
+    def abort(self) -> None:
+        """The session is gone: stop at once; every stream on the upload is lost."""
+        self._closing = True
+        if self._task is not None:
+            self._task.cancel()
+        self._lose(None)
+
+    async def _run(self) -> None:
+        backoff = Backoff()
+        while not (self._closing and not self._dirty):
+            self._lane += 1
+            lane = self._lane
+            self.uploads += 1
+            self._carried = False
+            try:
+                await self._send(self._body(lane))
+            except asyncio.CancelledError:
+                self._lose(lane)
+                raise
+            except (BrokerUnavailable, BrokerRejected, LeaseLost, SessionLost) as exc:
+                self._lose(lane)
+                self._failures = 0 if self._carried else self._failures + 1
+                log.warning("mux_upload_failed", error=str(exc), failures=self._failures)
+                if isinstance(exc, SessionLost | LeaseLost) or self._failures >= GIVE_UP_AFTER:
+                    # The runner registers again (session lost) or uses per-request
+                    # uploads from now on (the path or the broker keeps refusing it).
+                    self.usable = False
+                    self._lose(None)
+                    return
+                await asyncio.sleep(backoff.next_delay(cap=5.0))
+                continue
+            # Ended with CLOSE and answered: every frame arrived; unfinished responses
+            # continue on the next upload.
+            self._failures = 0
+            backoff.reset()
+            for stream in self.streams.values():
+                if stream.lane == lane:
+                    stream.lane = 0
+
+    def _lose(self, lane: int | None) -> None:
+        """Cancel the requests whose frames went into a failed upload (None: all of them)."""
+        lost = [s for s in self.streams.values() if lane is None or s.lane == lane]
+        for stream in lost:
+            del self.streams[stream.request_id]
+            self._dirty.pop(stream, None)
+            stream.dead = True
+            stream.on_lost()
+        if lost:
+            log.info("mux_requests_lost", requests=len(lost))
+
+    # -- the writer -----------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _wait(self, timeout: float) -> None:
+        waiter = self._loop.create_future()
+        self._waiter = waiter
+        handle = self._loop.call_later(max(0.0, timeout), _resolve, waiter)
+        try:
+            await waiter
+        finally:
+            handle.cancel()
+            self._waiter = None
+
+    async def _body(self, lane: int) -> AsyncIterator[bytes]:
+        """One upload's body: pending frames as they come, heartbeats, then CLOSE."""
+        loop = self._loop
+        every = self.heartbeat / 2
+        now = loop.time()
+        last_out = now
+        next_scan = now + every
+        sent = 0
+        while True:
+            if not self._dirty and not self._closing:
+                await self._wait(min(next_scan, last_out + self.heartbeat) - loop.time())
+            now = loop.time()
+            out = self._collect(lane, now, self.rotate_bytes - sent) if self._dirty else b""
+            if now >= next_scan:
+                out += self._heartbeats(lane, now)
+                next_scan = now + every
+            if not out and now - last_out >= self.heartbeat:
+                out = framing.HEARTBEAT_FRAME
+            if out:
+                last_out = now
+                sent += len(out)
+                yield out
+            if self._closing or sent >= self.rotate_bytes:
+                yield framing.CLOSE_FRAME
+                return
+
+    def _collect(self, lane: int, now: float, budget: int = 1 << 62) -> bytes:
+        """Every stream's pending frames, one MUX frame per stream (or per MAX_RUN bytes),
+        at most ``budget`` bytes of them: the rest waits for the next write (or upload)."""
+        dirty = self._dirty
+        self._dirty = {}
+        runs: list[bytes] = []
+        streams = self.streams
+        for stream, frames in dirty.items():
+            if stream.lane != lane and stream.lane:
+                # Still bound to an earlier upload: keep its frames for later.
+                self._dirty.setdefault(stream, []).extend(frames)
+                continue
+            if budget <= 0:
+                self._dirty[stream] = frames
+                continue
+            stream.lane = lane
+            blob = frames[0] if len(frames) == 1 else b"".join(frames)
+            share = min(budget, FAIR_SHARE)
+            if len(blob) > share:
+                # A run may end mid-frame: the broker decodes each response on its own.
+                self._dirty[stream] = [blob[share:]]
+                blob = blob[:share]
+            budget -= len(blob)
+            tag = stream.tag
+            for start in range(0, len(blob), MAX_RUN):
+                runs.append(framing.encode_mux(tag, blob[start : start + MAX_RUN]))
+            stream.last_sent = now
+            if stream.ended and stream not in self._dirty:
+                streams.pop(stream.request_id, None)
+        if runs:
+            self._carried = True
+        return runs[0] if len(runs) == 1 else b"".join(runs)
+
+    def _heartbeats(self, lane: int, now: float) -> bytes:
+        """A heartbeat for each request on this upload that was silent for ``heartbeat``."""
+        due = now - self.heartbeat
+        return b"".join(
+            framing.encode_mux(s.tag, framing.HEARTBEAT_FRAME)
+            for s in self.streams.values()
+            if s.lane == lane and s.last_sent <= due and not s.ended
+        )
+
+
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
