@@ -12,7 +12,7 @@ import pytest
 
 from tests.e2e.procs import Broker, Procs
 from tests.support.fake_llm import FakeLLM
-from tests.support.net import free_port
+from tests.support.net import free_ports
 from tests.support.redis_server import RedisServer
 from tests.support.stack import TOKEN, USER_KEY, RunningConnector
 
@@ -31,9 +31,10 @@ class Cluster:
     async def start(self, n: int, *extra: str) -> list[Broker]:
         """``n`` more broker processes on the one Redis, started side by side."""
         started = []
+        ports = free_ports(2 * n)
         for _ in range(n):
             i = len(self.brokers)
-            broker = Broker(free_port(), free_port(), self.root / f"broker{i}")
+            broker = Broker(ports.pop(), ports.pop(), self.root / f"broker{i}")
             broker.proc = await self.procs.start(
                 f"broker{i}",
                 "-m",
