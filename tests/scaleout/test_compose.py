@@ -47,9 +47,14 @@ def test_compose_file_runs_two_brokers_on_one_redis_behind_nginx() -> None:
     mount = services["nginx"]["volumes"][0].split(":")
     assert (COMPOSE / mount[0]).resolve() == (COMPOSE / "nginx-scale-out.conf").resolve()
     upstreams = re.findall(r"server (broker-[ab]):(\d+)", (COMPOSE / mount[0]).read_text())
-    assert sorted(h for h, _ in upstreams) == ["broker-a", "broker-b"]
+    assert sorted({h for h, _ in upstreams}) == ["broker-a", "broker-b"]
     default_port = str(BrokerSettings.model_fields["port"].default)
     assert {p for _, p in upstreams} == {default_port}
+    # The portal keeps a browser on one broker: its one-time key display and OAuth state
+    # live in the broker that made them.
+    site = (COMPOSE / mount[0]).read_text()
+    assert re.search(r"upstream remotellm_portal \{\s*ip_hash;", site)
+    assert re.search(r"location /portal/ \{\s*proxy_pass http://remotellm_portal;", site)
 
 
 def _nginx(ports: list[int]) -> ProxyProcess:
