@@ -25,11 +25,13 @@ from broker.core.sse_usage import USAGE_PATHS, with_include_usage
 from broker.forwarded import client_address, parse_networks
 from broker.keys import UserKey
 from broker.limit_gate import LimitGate, Reach, Ticket
+from broker.metrics import UNKNOWN_MODEL_LABEL
 from broker.relay_state import RelayState, ResponseSource
 from broker.state import BrokerState
 from broker.usage import UsageRecord
 from shared.errors import quote
 from shared.logging import get_logger
+from shared.model_names import is_model_name, shown
 from shared.protocol import REQUEST_ID_HEADER, RequestItem
 
 log = get_logger("broker.api")
@@ -37,7 +39,6 @@ log = get_logger("broker.api")
 
 # Client headers worth passing to the local LLM (never Authorization: the user's key stays here).
 _FORWARD_HEADERS = (b"accept", b"openai-beta", b"user-agent")
-UNKNOWN_MODEL_LABEL = "(unknown)"
 # An oversized body is still read (and dropped) up to this much: answering before the
 # client finished sending makes the server close a socket with unread data, which resets
 # the connection and the client never sees the 413.
@@ -183,6 +184,16 @@ class ApiRelay:
                 400,
                 "you must provide a model parameter",
                 "missing_model",
+                param="model",
+                headers={REQUEST_ID_HEADER: rid},
+            )
+        if not is_model_name(model):
+            # No connector may register such a name (shared/model_names.py): it cannot exist.
+            raise ApiError(
+                404,
+                f"The model {shown(model)} does not exist",
+                "model_not_found",
+                type_="invalid_request_error",
                 param="model",
                 headers={REQUEST_ID_HEADER: rid},
             )

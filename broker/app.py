@@ -48,6 +48,8 @@ def timings_from(settings: BrokerSettings) -> Timings:
         idle_timeout=settings.idle_timeout,
         total_timeout=settings.total_timeout,
         max_redispatch=settings.max_redispatch,
+        max_sessions_per_identity=settings.max_sessions_per_identity,
+        model_grace=settings.model_grace,
     )
 
 

@@ -161,7 +161,10 @@ class EnrollmentStore:
 
     def _install(self, doc: EnrolledFile, stamp: tuple[int, int] | None) -> None:
         self._index = {
-            e.token_sha256: ConnectorIdentity(id=e.id, name=None, upstream_api_key=e.llm_api_key)
+            # An enrolled connector serves the models it asked for and the operator approved.
+            e.token_sha256: ConnectorIdentity(
+                id=e.id, name=None, upstream_api_key=e.llm_api_key, models=frozenset(e.models)
+            )
             for e in doc.connectors
             if e.status is EnrollStatus.APPROVED and e.token_sha256
         }

@@ -273,6 +273,7 @@ class RelayHub:
             in_flight=core.in_flight(),
             redispatched=core.redispatched,
             slot_waits=dict(core.slot_waits),
+            known_models=frozenset(core.known_models),
             draining=core.draining,
         )
 

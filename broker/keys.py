@@ -26,6 +26,7 @@ import yaml
 from broker.core.limits import LimitOverrides
 from shared.errors import ConfigError
 from shared.logging import get_logger
+from shared.model_names import InvalidModelName, check_model_names
 
 log = get_logger("broker.keys")
 
@@ -72,6 +73,8 @@ class ConnectorIdentity:
     id: str
     name: str | None
     upstream_api_key: str | None
+    # The models this identity may serve (broker/claims.py); None: any model.
+    models: frozenset[str] | None = None
 
 
 def write_yaml_atomic(path: Path, data: Any) -> None:
@@ -113,7 +116,20 @@ def _identity(entry: dict[str, Any], digest: str) -> ConnectorIdentity:
         id=str(entry.get("id") or connector_id(digest)),
         name=str(name) if name else None,
         upstream_api_key=str(key) if key else None,
+        models=_allowed_models(entry.get("models")),
     )
+
+
+def _allowed_models(value: object) -> frozenset[str] | None:
+    """A connectors-file entry's optional ``models:`` list (absent: any model)."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(m, str) for m in value):
+        raise ConfigError("a connector's 'models' must be a list of model names")
+    try:
+        return frozenset(check_model_names(value))
+    except InvalidModelName as exc:
+        raise ConfigError(f"a connector's 'models': {exc}") from None
 
 
 def _unique_ids(path: Path, entries: Iterable[UserKey | ConnectorIdentity]) -> None:
@@ -219,7 +235,10 @@ class KeyStore:
             if not isinstance(entry, dict) or not isinstance(entry.get("token"), str):
                 raise ConfigError(f"{path}: entry {i + 1} needs a token")
             digest = hash_secret(entry["token"])
-            found[digest] = _identity(entry, digest)
+            try:
+                found[digest] = _identity(entry, digest)
+            except ConfigError as exc:
+                raise ConfigError(f"{path}: entry {i + 1}: {exc}") from None
         return found
 
     def ensure_credentials(self) -> GeneratedCredentials:

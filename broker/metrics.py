@@ -7,15 +7,20 @@ that mirror relay state come from a snapshot of the relay state taken for each s
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 
 from broker.relay_state import RelayView
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+# A client can name any model: requests for unknown ones share this label.
+UNKNOWN_MODEL_LABEL = "(unknown)"
+W = TypeVar("W", bound=MetricWrapperBase)
 
 
 class _RelayCollector(Collector):
@@ -112,16 +117,18 @@ class BrokerMetrics:
             registry=self.registry,
         )
         self._seen_redispatches = 0
+        # Model -> the labelled series recorded for it: a forgotten model's are removed.
+        self._series: dict[str, set[tuple[MetricWrapperBase, tuple[str, ...]]]] = {}
         self._relay = _RelayCollector()
         self.registry.register(self._relay)
 
     def request_done(
         self, model: str, status: int, ttfb_s: float | None, duration_s: float
     ) -> None:
-        self.requests.labels(model, str(status)).inc()
+        self._label(self.requests, model, str(status)).inc()
         if ttfb_s is not None:
-            self.ttfb.labels(model).observe(ttfb_s)
-        self.duration.labels(model).observe(duration_s)
+            self._label(self.ttfb, model).observe(ttfb_s)
+        self._label(self.duration, model).observe(duration_s)
 
     def usage_done(
         self,
@@ -132,16 +139,29 @@ class BrokerMetrics:
     ) -> None:
         """Once per relayed request at its end: its tokens and how long it queued."""
         if tokens_in:
-            self.tokens.labels(model, "input").inc(tokens_in)
+            self._label(self.tokens, model, "input").inc(tokens_in)
         if tokens_out:
-            self.tokens.labels(model, "output").inc(tokens_out)
+            self._label(self.tokens, model, "output").inc(tokens_out)
         if queue_wait_s is not None:
-            self.queue_wait.labels(model).observe(queue_wait_s)
+            self._label(self.queue_wait, model).observe(queue_wait_s)
 
     def rate_limited(self, reason: str) -> None:
         self.rate_limited_requests.labels(reason).inc()
 
+    def _label(self, metric: W, model: str, *rest: str) -> W:
+        values = (model, *rest)
+        self._series.setdefault(model, set()).add((metric, values))
+        return metric.labels(*values)
+
+    def prune(self, known: frozenset[str]) -> None:
+        """Drop the series of models the relay state forgot (--model-grace after the last
+        session serving them), so /metrics stays as small as the set of known models."""
+        for model in [m for m in self._series if m not in known and m != UNKNOWN_MODEL_LABEL]:
+            for metric, values in self._series.pop(model):
+                metric.remove(*values)
+
     def render(self, view: RelayView) -> bytes:
+        self.prune(view.known_models)
         self._relay.view = view
         total = view.redispatched
         if total > self._seen_redispatches:

@@ -25,7 +25,8 @@ from pydantic import BaseModel, ValidationError
 
 from broker import enroll_relay
 from broker.asgi import Receive, Scope, Send
-from broker.core import LeaseError, StateUnavailable, UnknownSession
+from broker.claims import split_claims
+from broker.core import LeaseError, StateUnavailable, TooManySessions, UnknownSession
 from broker.enrollment import EnrollmentError
 from broker.keys import ConnectorIdentity, bearer
 from broker.mux import MuxRegistry
@@ -34,14 +35,17 @@ from broker.state import BrokerState
 from broker.upload import FrameApplier, PartAssembler, UploadTooLarge
 from shared.errors import FrameError, error_body
 from shared.logging import get_logger
+from shared.model_names import InvalidModelName
 from shared.protocol import (
     PROTOCOL_REVISION,
     PROTOCOL_VERSION,
     RELAY_PREFIX,
     EnrollRequest,
     ModelsUpdate,
+    ModelsUpdated,
     PollResponse,
     ProbeResult,
+    RefusedModel,
     RegisterRequest,
     RegisterResponse,
     Replaced,
@@ -86,6 +90,28 @@ class RelayError(Exception):
         self.message = message
         self.code = code
         self.type = type_
+
+
+def _invalid(what: str, exc: ValidationError) -> RelayError:
+    """A 400 naming each problem, without echoing the (possibly huge or hostile) input."""
+    errors = exc.errors(include_input=False, include_url=False)
+    for error in errors:
+        cause = (error.get("ctx") or {}).get("error")
+        if isinstance(cause, InvalidModelName):
+            return RelayError(400, f"invalid {what}: {cause}", "invalid_model_name")
+    problems = "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in errors[:5]
+    )
+    return RelayError(400, f"invalid {what}: {problems}"[:1000], "invalid_request")
+
+
+def _too_many_models(count: int, limit: int) -> RelayError:
+    return RelayError(
+        400,
+        f"{count} models in one session; the broker takes at most {limit} "
+        "(its --max-models-per-session)",
+        "too_many_models",
+    )
 
 
 def _lease_lost() -> RelayError:
@@ -137,7 +163,7 @@ class Call:
         try:
             return cls.model_validate_json(await self.read(MAX_JSON))
         except ValidationError as exc:
-            raise RelayError(400, f"invalid {cls.__name__}: {exc}", "invalid_request") from None
+            raise _invalid(cls.__name__, exc) from None
 
     async def drain(self, timeout: float) -> None:
         """Read and drop what is left of the request body, for at most ``timeout`` seconds."""
@@ -193,6 +219,8 @@ class RelayApp:
             await self._error(call, _lease_lost())
         except StateUnavailable as exc:
             await self._error(call, RelayError(503, exc.message, exc.code, "server_error"))
+        except TooManySessions as exc:
+            await self._error(call, RelayError(429, exc.message, exc.code, "rate_limit_error"))
         except Exception as exc:
             log.exception(
                 "relay_unhandled_error",
@@ -255,6 +283,7 @@ class RelayApp:
                 "protocol_mismatch",
             )
         ident = call.ident
+        models, refused = self._claims(ident, req.models)
         mode = req.upload_mode
         if mode is not UploadMode.PARTS:
             # Connectors send stream or parts (and mux_upload: revision 2); anything else
@@ -266,7 +295,7 @@ class RelayApp:
             owner=ident.id,
             name=ident.name or req.name,
             instance_id=req.instance_id,
-            models=req.models,
+            models=models,
             capacity=req.capacity,
             capacity_source=req.capacity_source,
             version=req.version,
@@ -286,6 +315,7 @@ class RelayApp:
             version=req.version,
             replaced=replaced.value,
         )
+        self._log_refused(session.id, ident, refused)
         if replaced is Replaced.LIVE:
             log.warning(
                 "connector_name_clash",
@@ -306,8 +336,31 @@ class RelayApp:
             replaced=replaced,
             revision=PROTOCOL_REVISION,
             mux_upload=mode is UploadMode.MUX,
+            refused=refused,
         )
         await call.respond(200, reply.model_dump_json().encode())
+
+    def _claims(
+        self, ident: ConnectorIdentity, asked: list[str]
+    ) -> tuple[list[str], list[RefusedModel]]:
+        """The models a session of ``ident`` will serve, and those refused (with why)."""
+        limit = self.state.settings.max_models_per_session
+        if len(asked) > limit:
+            raise _too_many_models(len(asked), limit)
+        return split_claims(ident, asked)
+
+    @staticmethod
+    def _log_refused(
+        session_id: str, ident: ConnectorIdentity, refused: list[RefusedModel]
+    ) -> None:
+        if refused:
+            log.warning(
+                "models_refused",
+                session=session_id,
+                identity=ident.id,
+                models=[r.model for r in refused],
+                hint="this token may serve only the models the operator allowed",
+            )
 
     async def deregister(self, call: Call) -> None:
         await call.read(MAX_JSON)
@@ -318,10 +371,12 @@ class RelayApp:
     async def update_models(self, call: Call) -> None:
         update = await call.model(ModelsUpdate)
         session_id = call.params[0]
-        await self.hub.update_models(call.ident.id, session_id, update.models)
-        log.info("session_models", session=session_id, models=sorted(update.models))
-        await call.start(204, [])
-        await call.body(b"")
+        models, refused = self._claims(call.ident, update.models)
+        await self.hub.update_models(call.ident.id, session_id, models)
+        log.info("session_models", session=session_id, models=sorted(models))
+        self._log_refused(session_id, call.ident, refused)
+        reply = ModelsUpdated(models=models, refused=refused)
+        await call.respond(200, reply.model_dump_json().encode())
 
     async def enroll(self, call: Call) -> None:
         """A connector without a token asks to join, and asks again for the verdict."""

@@ -91,6 +91,9 @@ class RelayView:
     in_flight: int = 0
     redispatched: int = 0
     slot_waits: dict[str, int] = field(default_factory=dict)
+    # Served models and those within --model-grace of their last session (metrics keep
+    # series for these only).
+    known_models: frozenset[str] = frozenset()
     draining: bool = False
 
 

@@ -171,6 +171,25 @@ class BrokerSettings(FileAwareSettings):
         "answers 200 text/event-stream and keeps it alive with SSE comments.",
     )
     queue_max: int = Field(256, ge=1, description="Requests that may wait per model.")
+    max_sessions_per_identity: int = Field(
+        32,
+        ge=1,
+        description="Live sessions one connector token (or enrolled connector) may hold: a "
+        "registration past it is refused with 429.",
+    )
+    max_models_per_session: int = Field(
+        256,
+        ge=1,
+        le=1000,
+        description="Models one connector session may serve: a registration or models update "
+        "naming more is refused with 400.",
+    )
+    model_grace: float = Field(
+        3600 * SECONDS,
+        ge=0,
+        description="Seconds a model no live session serves is still known (API requests get "
+        "503, so clients retry); then it is forgotten (404) with its metrics series.",
+    )
     queue_wait: float = Field(
         60 * SECONDS, gt=0, description="Seconds a request may wait for a free connector."
     )

@@ -37,8 +37,10 @@ from shared.protocol import (
     EnrollRequest,
     EnrollResponse,
     ModelsUpdate,
+    ModelsUpdated,
     PollResponse,
     ProbeResult,
+    RefusedModel,
     RegisterRequest,
     RegisterResponse,
     UploadResult,
@@ -230,9 +232,16 @@ class BrokerClient:
     async def deregister(self, session_id: str) -> None:
         await self._send("DELETE", f"/sessions/{session_id}", timeout=5.0)
 
-    async def update_models(self, session_id: str, models: list[str]) -> None:
+    async def update_models(self, session_id: str, models: list[str]) -> list[RefusedModel]:
+        """Send the served models; the answer names those this token may not serve."""
         body = ModelsUpdate(models=models).model_dump_json().encode()
-        await self._send("PUT", f"/sessions/{session_id}/models", content=body)
+        response = await self._send("PUT", f"/sessions/{session_id}/models", content=body)
+        if response.status_code == 204 or not response.content:
+            return []  # an older broker
+        try:
+            return ModelsUpdated.model_validate_json(response.content).refused
+        except ValidationError as exc:
+            raise BrokerRejected(f"unexpected models update answer: {exc}") from exc
 
     async def poll(self, session_id: str, hold: float) -> list[WorkItem]:
         # Read timeout = hold + 15 s: a poll answered late is still a poll.

@@ -22,7 +22,7 @@ from pathlib import Path
 from connector.backoff import Backoff
 from connector.broker_client import BrokerClient
 from connector.errors import BrokerRejected, BrokerUnavailable
-from connector.runner import VERSION
+from connector.runner import VERSION, servable
 from connector.settings import ConnectorSettings, read_token_file
 from connector.upstream import Upstream, UpstreamError
 from shared.logging import get_logger
@@ -60,10 +60,10 @@ def enrollment_secret(settings: ConnectorSettings) -> str:
 
 async def _models(settings: ConnectorSettings) -> list[str]:
     if settings.models:
-        return list(settings.models)
+        return servable(list(settings.models))
     upstream = Upstream(settings, connections=1)
     try:
-        return await upstream.models()
+        return servable(await upstream.models())
     except UpstreamError as exc:
         log.warning("model_discovery_failed", error=str(exc))
         return []  # the operator sees none yet; registration discovers them again

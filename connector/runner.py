@@ -32,9 +32,11 @@ from connector.settings import ConnectorSettings
 from connector.upstream import Upstream, UpstreamError
 from shared import framing
 from shared.logging import get_logger
+from shared.model_names import split_valid
 from shared.protocol import (
     PROTOCOL_REVISION,
     CancelItem,
+    RefusedModel,
     RegisterRequest,
     RegisterResponse,
     Replaced,
@@ -291,6 +293,7 @@ class Connector:
         )
         if reply.replaced is Replaced.LIVE:
             self._warn_clash("registration")
+        _log_refused(reply.refused)
 
     def _start_mux(self, session: RegisterResponse) -> None:
         sid = session.session_id
@@ -358,7 +361,7 @@ class Connector:
 
     async def _current_models(self) -> list[str]:
         if self.settings.models:
-            return list(self.settings.models)
+            return servable(list(self.settings.models))
         try:
             models = await self.upstream.models()
         except UpstreamError as exc:
@@ -366,7 +369,7 @@ class Connector:
             log.warning("model_discovery_failed", error=str(exc))
             return list(self.status.models)
         self._llm_state(True, None)
-        return models
+        return servable(models)
 
     def _llm_state(self, ok: bool, error: str | None) -> None:
         self.status.llm_ok = ok
@@ -391,8 +394,9 @@ class Connector:
             models = await self._current_models()
             if sorted(models) != sorted(self.status.models) and self.session is not None:
                 try:
-                    await self.broker.update_models(self.session.session_id, models)
+                    refused = await self.broker.update_models(self.session.session_id, models)
                     self.status.models = models
+                    _log_refused(refused)
                     log.info("models_changed", models=models)
                 except SessionReplaced:
                     self._warn_clash("models_update")
@@ -620,3 +624,17 @@ def retry_cap(exc: Exception) -> float | None:
 def by_proxy(exc: BrokerUnavailable) -> bool:
     """Something on the path, not the broker, answered with an error."""
     return exc.status is not None and not exc.from_broker
+
+
+def servable(models: list[str]) -> list[str]:
+    """The models whose names the broker accepts (shared/model_names.py); the others are
+    left out with a warning, so one odd name does not keep the rest from being served."""
+    kept, problems = split_valid(models)
+    for problem in problems:
+        log.warning("model_name_refused", error=problem, hint="rename the model in the LLM")
+    return kept
+
+
+def _log_refused(refused: list[RefusedModel]) -> None:
+    for item in refused:
+        log.warning("model_refused_by_broker", model=item.model, reason=item.reason)

@@ -9,7 +9,9 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from shared.model_names import check_model_names
 
 PROTOCOL_VERSION = 1
 RELAY_PREFIX = f"/relay/v{PROTOCOL_VERSION}"
@@ -45,9 +47,14 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
 
+# A list of model names as a connector sends it: each name follows the one rule
+# (shared/model_names.py), duplicates dropped; a bad name refuses the whole message.
+ModelNames = Annotated[list[str], AfterValidator(check_model_names)]
+
+
 class RegisterRequest(_Model):
     name: str = Field(min_length=1, max_length=200)
-    models: list[str] = Field(default_factory=list, max_length=1000)
+    models: ModelNames = Field(default_factory=list, max_length=1000)
     capacity: int = Field(ge=1, le=100_000)
     version: str = "unknown"
     protocol: int = PROTOCOL_VERSION
@@ -60,6 +67,13 @@ class RegisterRequest(_Model):
     revision: int = 1  # PROTOCOL_REVISION of the connector (absent: an older one)
     # The connector would send every response on one multiplexed upload (revision 2).
     mux_upload: bool = False
+
+
+class RefusedModel(_Model):
+    """A model the registration named that the session may not serve, and why."""
+
+    model: str
+    reason: str
 
 
 class Replaced(StrEnum):
@@ -83,6 +97,8 @@ class RegisterResponse(_Model):
     revision: int = 1  # PROTOCOL_REVISION of the broker (absent: an older one)
     # The broker takes the multiplexed upload from this session: POST .../mux.
     mux_upload: bool = False
+    # Models this identity may not serve (docs/security.md): the session serves the rest.
+    refused: list[RefusedModel] = Field(default_factory=list)
 
 
 # Error codes of the relay's 404 for a session the broker no longer has.
@@ -91,7 +107,14 @@ SESSION_REPLACED = "session_replaced"  # another process registered the same nam
 
 
 class ModelsUpdate(_Model):
-    models: list[str] = Field(max_length=1000)
+    models: ModelNames = Field(max_length=1000)
+
+
+class ModelsUpdated(_Model):
+    """The answer to a models update (an older broker answers 204 with no body)."""
+
+    models: list[str] = Field(default_factory=list)
+    refused: list[RefusedModel] = Field(default_factory=list)
 
 
 class RequestItem(_Model):
@@ -165,7 +188,7 @@ class EnrollRequest(_Model):
     """A connector with no token asks to join (and asks again for the verdict)."""
 
     name: str = Field(min_length=1, max_length=200)
-    models: list[str] = Field(default_factory=list, max_length=200)
+    models: ModelNames = Field(default_factory=list, max_length=200)
     version: str = Field(default="unknown", max_length=64)
     # Random, kept by the connector until it has its token: it names this request, so a
     # connector asking again finds its own entry, and only it can collect the token.

@@ -14,6 +14,7 @@ from broker.core.errors import (
     QueueFull,
     SessionReplaced,
     StateUnavailable,
+    TooManySessions,
     UnknownModel,
     UnknownSession,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "State",
     "StateUnavailable",
     "Timings",
+    "TooManySessions",
     "UnknownModel",
     "UnknownSession",
 ]

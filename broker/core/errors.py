@@ -10,6 +10,7 @@ DispatchError          an API request cannot be accepted (status, code on the cl
 UnknownSession         404 session_unknown: expired, deregistered or not this identity's
   SessionReplaced      404 session_replaced: another process registered the same name
 LeaseError             409: the request is not leased to this session
+TooManySessions        429: the identity holds --max-sessions-per-identity live sessions
 """
 
 from __future__ import annotations
@@ -75,3 +76,16 @@ class SessionReplaced(UnknownSession):
 
 class LeaseError(Exception):
     """An upload names a request this session does not hold."""
+
+
+class TooManySessions(Exception):
+    """A registration past the identity's cap of live sessions."""
+
+    code = "too_many_sessions"
+
+    def __init__(self, limit: int) -> None:
+        self.message = (
+            f"this connector token already holds {limit} live sessions (the broker's "
+            "--max-sessions-per-identity): stop some connectors or give them their own tokens"
+        )
+        super().__init__(self.message)

@@ -22,6 +22,9 @@ class Timings:
     max_redispatch: int = 2
     # At most one "requests wait for connector slots" notice per model in this window.
     slots_notice_every: float = 60 * SECONDS
+    max_sessions_per_identity: int = 32
+    # A model no live session serves stays known (503) this long, then is forgotten (404).
+    model_grace: float = 3600 * SECONDS
 
 
 @dataclass(frozen=True, slots=True)

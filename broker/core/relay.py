@@ -20,6 +20,7 @@ from broker.core.errors import (
     NoConnector,
     QueueFull,
     SessionReplaced,
+    TooManySessions,
     UnknownModel,
     UnknownSession,
 )
@@ -60,9 +61,11 @@ class RelayCore:
         self._by_name: dict[tuple[str, str], str] = {}
         self._replaced: OrderedDict[str, str] = OrderedDict()  # session id -> owner
         self._serving: dict[str, set[str]] = {}  # model -> ids of sessions serving it
+        self._owned: dict[str, set[str]] = {}  # identity -> ids of its live sessions
+        # Model no live session serves -> when it is forgotten (until then: 503, not 404).
+        self._unserved: dict[str, float] = {}
         self.queues: dict[str, ModelQueue] = {}
         self.requests: dict[str, Pending] = {}
-        self.known_models: set[str] = set()
         self._deadlines = Deadlines()
         self._seq = itertools.count()
         self.draining = False
@@ -89,6 +92,9 @@ class RelayCore:
         """A new session; replaces only the same identity's session of the same name."""
         replaced = Replaced.NONE
         old_id = self._by_name.get((owner, name))
+        cap = self.timings.max_sessions_per_identity
+        if old_id is None and len(self._owned.get(owner, ())) >= cap:
+            raise TooManySessions(cap)
         if old_id is not None:
             old = self.sessions[old_id]
             live = old.polling > 0 and old.instance_id != instance_id
@@ -113,6 +119,7 @@ class RelayCore:
         )
         self.sessions[session.id] = session
         self._by_name[(owner, name)] = session.id
+        self._owned.setdefault(owner, set()).add(session.id)
         self._route(session)
         self._check_ttl(session, now + self.timings.session_ttl)
         return session, replaced
@@ -128,7 +135,7 @@ class RelayCore:
 
     def update_models(self, owner: str, session_id: str, models: Iterable[str], now: float) -> None:
         session = self.session(owner, session_id)
-        self._unroute(session)
+        self._unroute(session, now)
         session.models = frozenset(models)
         session.last_seen = now
         self._route(session)
@@ -210,22 +217,49 @@ class RelayCore:
     def _route(self, session: Session) -> None:
         for model in session.models:
             self._serving.setdefault(model, set()).add(session.id)
-        self.known_models.update(session.models)
+            self._unserved.pop(model, None)
 
-    def _unroute(self, session: Session) -> None:
+    def _unroute(self, session: Session, now: float) -> None:
+        """Stop routing the session's models; one no session serves any more is known for
+        ``model_grace`` (503: its connector may be back), then forgotten (404)."""
         for model in session.models:
             serving = self._serving.get(model)
             if serving is not None:
                 serving.discard(session.id)
                 if not serving:
                     del self._serving[model]
+                    forget_at = now + self.timings.model_grace
+                    self._unserved[model] = forget_at
+                    self._deadlines.add(forget_at, Kind.MODEL, model)
+
+    @property
+    def known_models(self) -> set[str]:
+        """Models served now, or within ``model_grace`` of their last session."""
+        return set(self._serving) | set(self._unserved)
+
+    def _is_known(self, model: str) -> bool:
+        return model in self._serving or model in self._unserved
+
+    def _forget_model(self, model: str) -> None:
+        """Nothing serves ``model`` since ``model_grace``: drop every map keyed by it."""
+        del self._unserved[model]
+        queue = self.queues.get(model)
+        if queue is not None and not queue:
+            del self.queues[model]
+        self.slot_waits.pop(model, None)
+        self._slots_noticed.pop(model, None)
 
     def _drop(self, session: Session, now: float, reason: str) -> None:
         """Forget a session: requeue what it never acknowledged, fail what it was serving."""
         del self.sessions[session.id]
         if self._by_name.get((session.owner, session.name)) == session.id:
             del self._by_name[(session.owner, session.name)]
-        self._unroute(session)
+        owned = self._owned.get(session.owner)
+        if owned is not None:
+            owned.discard(session.id)
+            if not owned:
+                del self._owned[session.owner]
+        self._unroute(session, now)
         for rid in list(session.active):
             pending = self.requests.get(rid)
             if pending is None:
@@ -246,7 +280,7 @@ class RelayCore:
         model = item.model
         serving = self._serving.get(model)
         if not serving:
-            if model in self.known_models:
+            if model in self._unserved:
                 raise NoConnector(f"no connector serving model '{quote(model)}' is online")
             raise UnknownModel(f"The model '{quote(model)}' does not exist")
         if item.request_id in self.requests:
@@ -315,12 +349,15 @@ class RelayCore:
             queue = self.queues.get(pending.model)
             if queue is not None:
                 queue.remove(pending)
+                if not queue and not self._is_known(pending.model):
+                    del self.queues[pending.model]
         pending.state = State.DONE
         session = self.sessions.get(pending.session_id or "")
         if session is not None and request_id in session.active:
             session.active.discard(request_id)
             self._out.wake(session.id)
-        self._deadlines.sweep(len(self.requests) + len(self.sessions), self._valid)
+        live = len(self.requests) + len(self.sessions) + len(self._unserved)
+        self._deadlines.sweep(live, self._valid)
 
     def cancel(self, request_id: str) -> None:
         """The API user went away: stop the work wherever it is."""
@@ -368,6 +405,8 @@ class RelayCore:
                 continue
             if kind is Kind.SESSION:
                 self._expire_session(self.sessions[key], now)
+            elif kind is Kind.MODEL:
+                self._forget_model(key)
             else:
                 self._expire_request(self.requests[key], kind, now)
 
@@ -410,6 +449,8 @@ class RelayCore:
         if kind is Kind.SESSION:
             session = self.sessions.get(key)
             return session is not None and session.ttl_check == when
+        if kind is Kind.MODEL:
+            return self._unserved.get(key) == when
         pending = self.requests.get(key)
         if pending is None:
             return False

@@ -21,6 +21,7 @@ class Kind(Enum):
     IDLE = 4  # no frame for too long
     TOTAL = 5  # the whole request took too long
     SESSION = 6  # a session that stopped polling
+    MODEL = 7  # a model no session serves: forget it after its grace
 
 
 Entry = tuple[float, int, Kind, str]

@@ -81,15 +81,30 @@ local function requeue(rid, r, now, lease, maxr)
   redis.call('PUBLISH', P .. 'w:m:' .. r.model, '')
 end
 
+-- Known models: a sorted set, score +inf while a session serves the model, else the time
+-- the last one stopped (SUBMIT answers 503 within the grace, SWEEP forgets it after).
+local function serve_models(sid, models)
+  for _, m in ipairs(models) do
+    redis.call('SADD', P .. 'm:' .. m, sid)
+    redis.call('ZADD', P .. 'kz', 'inf', m)
+  end
+end
+
+local function unserve_models(sid, sk, now)
+  for _, m in ipairs(cjson.decode(redis.call('HGET', sk, 'models'))) do
+    redis.call('SREM', P .. 'm:' .. m, sid)
+    if redis.call('SCARD', P .. 'm:' .. m) == 0 then redis.call('ZADD', P .. 'kz', now, m) end
+  end
+end
+
 local function drop_session(sid, reason, now, lease, maxr)
   local sk = P .. 's:' .. sid
   local owner = redis.call('HGET', sk, 'owner')
   redis.call('ZREM', P .. 'sx', sid)
   if not owner then return 0 end
   local name = redis.call('HGET', sk, 'name')
-  for _, m in ipairs(cjson.decode(redis.call('HGET', sk, 'models'))) do
-    redis.call('SREM', P .. 'm:' .. m, sid)
-  end
+  unserve_models(sid, sk, now)
+  redis.call('SREM', P .. 'o:' .. owner, sid)
   local nk = owner .. '\n' .. name
   if redis.call('HGET', P .. 'names', nk) == sid then redis.call('HDEL', P .. 'names', nk) end
   for _, rid in ipairs(redis.call('SMEMBERS', P .. 'sa:' .. sid)) do
@@ -109,7 +124,8 @@ end
 """
 
 # ARGV: P, sid, owner, name, instance, models (JSON), capacity, capacity source, version,
-# upload mode, now, ttl, lease, max redispatch.  Returns the Replaced value.
+# upload mode, now, ttl, lease, max redispatch, max sessions per identity.
+# Returns the Replaced value, or 'too_many' (the identity holds its cap of sessions).
 REGISTER = r"""
 local sid, owner, name, instance = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local models = ARGV[6]
@@ -118,7 +134,11 @@ local lease, maxr = tonumber(ARGV[13]), tonumber(ARGV[14])
 local replaced = 'none'
 local nk = owner .. '\n' .. name
 local old = redis.call('HGET', P .. 'names', nk)
-if old and redis.call('EXISTS', P .. 's:' .. old) == 1 then
+if old and redis.call('EXISTS', P .. 's:' .. old) == 0 then old = nil end
+if not old and redis.call('SCARD', P .. 'o:' .. owner) >= tonumber(ARGV[15]) then
+  return 'too_many'
+end
+if old then
   local polling = tonumber(redis.call('HGET', P .. 's:' .. old, 'polling')) or 0
   local inst = redis.call('HGET', P .. 's:' .. old, 'instance')
   if polling > 0 and inst ~= instance then replaced = 'live' else replaced = 'restart' end
@@ -130,11 +150,9 @@ redis.call('HSET', P .. 's:' .. sid, 'owner', owner, 'name', name, 'instance', i
   'created', ARGV[11], 'last_seen', ARGV[11], 'polling', 0, 'served', 0)
 redis.call('ZADD', P .. 'sx', now + ttl, sid)
 redis.call('HSET', P .. 'names', nk, sid)
-for _, m in ipairs(cjson.decode(models)) do
-  redis.call('SADD', P .. 'm:' .. m, sid)
-  redis.call('SADD', P .. 'known', m)
-  redis.call('PUBLISH', P .. 'w:m:' .. m, '')
-end
+redis.call('SADD', P .. 'o:' .. owner, sid)
+serve_models(sid, cjson.decode(models))
+for _, m in ipairs(cjson.decode(models)) do redis.call('PUBLISH', P .. 'w:m:' .. m, '') end
 return replaced
 """
 
@@ -143,14 +161,9 @@ UPDATE_MODELS = r"""
 local sid, owner = ARGV[2], ARGV[3]
 local sk = P .. 's:' .. sid
 if redis.call('HGET', sk, 'owner') ~= owner then return 0 end
-for _, m in ipairs(cjson.decode(redis.call('HGET', sk, 'models'))) do
-  redis.call('SREM', P .. 'm:' .. m, sid)
-end
+unserve_models(sid, sk, tonumber(ARGV[5]))
 redis.call('HSET', sk, 'models', ARGV[4], 'last_seen', ARGV[5])
-for _, m in ipairs(cjson.decode(ARGV[4])) do
-  redis.call('SADD', P .. 'm:' .. m, sid)
-  redis.call('SADD', P .. 'known', m)
-end
+serve_models(sid, cjson.decode(ARGV[4]))
 redis.call('PUBLISH', P .. 'w:s:' .. sid, '')
 return 1
 """
@@ -254,14 +267,15 @@ return {cx, out}
 """
 
 # ARGV: P, rid, model, user, item, now, queue max, queue wait, total timeout, home broker,
-# home alive until.
+# home alive until, model grace.
 # Returns {'ok'} | {'busy', waiting, {name, capacity, ...}} | {'unknown'} | {'noconn'} |
 # {'full'} | {'dup'} (that request ID is in flight).
 SUBMIT = r"""
 local rid, model, user = ARGV[2], ARGV[3], ARGV[4]
 local now = tonumber(ARGV[6])
 if redis.call('SCARD', P .. 'm:' .. model) == 0 then
-  if redis.call('SISMEMBER', P .. 'known', model) == 1 then return {'noconn'} end
+  local stopped = tonumber(redis.call('ZSCORE', P .. 'kz', model))
+  if stopped and stopped + tonumber(ARGV[12]) > now then return {'noconn'} end
   return {'unknown'}
 end
 local qlen = tonumber(redis.call('HGET', P .. 'qlen', model)) or 0
@@ -359,11 +373,21 @@ end
 return {'q', tostring(r.qdl)}
 """
 
-# ARGV: P, now, lease, max redispatch, limit.  Returns {handled, next due or -1}.
+# ARGV: P, now, lease, max redispatch, limit, model grace.
+# Returns {handled, next due or -1}.
 SWEEP = r"""
 local now, lease, maxr = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local limit = tonumber(ARGV[5])
+local limit, grace = tonumber(ARGV[5]), tonumber(ARGV[6])
 local n = 0
+-- Models no session served for the grace: forget them and what is keyed by them.
+local forget = redis.call('ZRANGEBYSCORE', P .. 'kz', '-inf', now - grace, 'LIMIT', 0, limit)
+for _, m in ipairs(forget) do
+  redis.call('ZREM', P .. 'kz', m)
+  redis.call('HDEL', P .. 'slotw', m)
+  if (tonumber(redis.call('HGET', P .. 'qlen', m)) or 0) <= 0 then
+    redis.call('HDEL', P .. 'qlen', m)
+  end
+end
 for _, rid in ipairs(redis.call('ZRANGEBYSCORE', P .. 'lx', '-inf', now, 'LIMIT', 0, limit)) do
   redis.call('ZREM', P .. 'lx', rid)
   local r = req(rid)

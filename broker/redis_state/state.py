@@ -44,6 +44,7 @@ from broker.core import (
     State,
     StateUnavailable,
     Timings,
+    TooManySessions,
     UnknownModel,
     UnknownSession,
 )
@@ -230,7 +231,10 @@ class RedisRelayState:
             t.session_ttl,
             t.lease,
             t.max_redispatch,
+            t.max_sessions_per_identity,
         )
+        if replaced == b"too_many":
+            raise TooManySessions(t.max_sessions_per_identity)
         session = Session(
             id=sid,
             owner=owner,
@@ -382,6 +386,7 @@ class RedisRelayState:
                 t.total_timeout,
                 self.broker_id,
                 repr(now + ALIVE_FOR),
+                t.model_grace,
             )
         except StateUnavailable:
             self._local.homes.pop(rid, None)
@@ -502,6 +507,7 @@ class RedisRelayState:
                 pipe.scard(p + "reqs")
                 pipe.get(p + "redisp")
                 pipe.hgetall(p + "slotw")
+                pipe.zrangebyscore(p + "kz", self.wall() - self.timings.model_grace, "+inf")
                 answers = await pipe.execute()
         except RedisError as exc:
             raise StateUnavailable(UNAVAILABLE) from exc
@@ -515,7 +521,7 @@ class RedisRelayState:
             sessions[sid] = view
             for model in view.models:
                 live.setdefault(model, []).append(view.name)
-        qlen, reqs, redisp, slotw = answers[2 * len(sids) :]
+        qlen, reqs, redisp, slotw, known = answers[2 * len(sids) :]
         return RelayView(
             sessions=sessions,
             live_models={m: sorted(names) for m, names in live.items()},
@@ -523,6 +529,7 @@ class RedisRelayState:
             in_flight=int(reqs),
             redispatched=int(redisp or 0),
             slot_waits={k.decode(): int(v) for k, v in slotw.items()},
+            known_models=frozenset(m.decode() for m in known) | live.keys(),
             draining=self._draining,
         )
 
@@ -635,7 +642,9 @@ class RedisRelayState:
                     await self._heartbeat()
                     beat_at = self.clock() + HEARTBEAT_EVERY
                 now = self.wall()
-                _, nxt = await self._run("sweep", repr(now), t.lease, t.max_redispatch, SWEEP_LIMIT)
+                _, nxt = await self._run(
+                    "sweep", repr(now), t.lease, t.max_redispatch, SWEEP_LIMIT, t.model_grace
+                )
                 due = float(nxt)
                 if due >= 0:
                     pause = min(pause, max(0.02, due - now))
