@@ -77,7 +77,9 @@ async def taken(state: RedisRelayState, sid: str) -> list[str]:
 
 
 async def sweep(state: RedisRelayState) -> int:
-    handled, _ = await state._run("sweep", repr(state.wall()), TIMINGS.lease, 1, 256, TIMINGS.model_grace)
+    handled, _ = await state._run(
+        "sweep", repr(state.wall()), TIMINGS.lease, 1, 256, TIMINGS.model_grace
+    )
     return int(handled)
 
 
