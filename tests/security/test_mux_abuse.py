@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import pytest
 import structlog
 
 from broker.core.relay import MAX_REFUSALS
@@ -20,6 +21,7 @@ from shared import framing
 from shared.protocol import RELAY_PREFIX, RegisterRequest, ResponseEnd, ResponseHead
 from tests.support.stack import TOKEN, USER_KEY, RunningBroker, start_broker
 
+pytestmark = pytest.mark.both_states  # relay semantics: in memory and in Redis
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 HEAD = ResponseHead(status=200, headers=[("content-type", "application/json")])
 

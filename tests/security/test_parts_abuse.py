@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 
 import httpx
+import pytest
 
 from shared.protocol import RELAY_PREFIX, RegisterRequest
 from tests.support.stack import TOKEN, USER_KEY, RunningBroker, start_broker
 
+pytestmark = pytest.mark.both_states  # relay semantics: in memory and in Redis
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 MIB = 1024 * 1024
 
