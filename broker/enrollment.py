@@ -1,18 +1,22 @@
 """Connector enrollment: connectors that ask to join, and the operator's verdicts.
 
 A connector with no token asks ``POST /relay/v1/enroll`` with its name, models and a random
-secret it keeps; the broker keeps one *pending* entry per secret (a pending entry of the
-same name and address is reused too, so a connector that lost its secret does not make a
-second one). The operator approves, rejects, or later revokes it on ``/portal/admin``. On
-approval the connector's next ask gets a fresh token, exactly once: only its hash is kept,
-and the secret is forgotten with the delivery.
+secret it keeps; the broker keeps one *pending* entry per secret, matched by that secret
+only: whoever asks with the same name (and, behind a proxy, the same apparent address)
+makes an entry of its own and never takes over another's, so only the connector that
+asked can collect the token. The approval page shows each pending entry's fingerprint
+(``shared.fingerprint``), which the connector prints while it waits, so the operator
+approves the right one. The operator approves, rejects, or later revokes it on
+``/portal/admin``. On approval the connector's next ask gets a fresh token, exactly once:
+only its hash is kept, and the secret is forgotten with the delivery.
 
 Entries live in ``<data-dir>/enrolled_connectors.yaml``: broker-owned, written atomically
-(``write_yaml_atomic``, mode 600), re-read when it changes. Approved entries are connector
-identities to the ``KeyStore`` (``lookup``), with the upstream LLM key set on the admin page.
-Bounds: ``MAX_PENDING`` pending entries, ``MAX_ENTRIES`` in all (the oldest rejected or
-revoked ones go first), and ``NEW_PER_ADDRESS`` new entries per address and hour, so the
-endpoint cannot fill the disk.
+(``write_yaml_atomic``, mode 600) and only when an entry changed, re-read when it changes.
+Approved entries are connector identities to the ``KeyStore`` (``lookup``), with the
+upstream LLM key set on the admin page. Bounds: ``MAX_PENDING`` pending entries,
+``MAX_ENTRIES`` in all (the oldest rejected or revoked ones go first), and
+``NEW_PER_ADDRESS`` new entries per address and hour, so the endpoint cannot fill the
+disk. The ask's fields are capped by ``EnrollRequest``.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from broker.keys import (
 )
 from broker.window import SlidingWindow
 from shared.errors import ConfigError
+from shared.fingerprint import fingerprint_of_digest
 from shared.logging import get_logger
 from shared.protocol import EnrollRequest, EnrollResponse, EnrollStatus
 
@@ -91,6 +96,11 @@ class Enrolled(BaseModel):
     decided: datetime | None = None
     decided_by: str | None = None
     delivered: datetime | None = None
+
+    @property
+    def fingerprint(self) -> str | None:
+        """What the connector prints while it waits (None once its token was delivered)."""
+        return fingerprint_of_digest(self.secret_sha256) if self.secret_sha256 else None
 
 
 class EnrolledFile(BaseModel):
@@ -193,8 +203,10 @@ class EnrollmentStore:
                 current = self._doc
             doc = current.model_copy(deep=True)
             result = change(doc)
-            write_yaml_atomic(self.path, doc.model_dump(mode="json"))
-            self._install(doc, _stamp(self.path))
+            if doc != current:  # nothing changed: the file is not written
+                write_yaml_atomic(self.path, doc.model_dump(mode="json"))
+                stamp = _stamp(self.path)
+            self._install(doc, stamp)
             return result
 
     def ask(self, req: EnrollRequest, address: str | None) -> Verdict:
@@ -207,26 +219,14 @@ class EnrollmentStore:
         digest = hash_secret(req.secret)
         entry = next((e for e in self._doc.connectors if e.secret_sha256 == digest), None)
         if entry is None:
-            entry = self._pending_for(req.name, address)
-            if entry is None:
-                wait = self._new.allow(where, now)
-                if wait:
-                    raise _slow_down(wait)
+            wait = self._new.allow(where, now)
+            if wait:
+                raise _slow_down(wait)
             entry = self._mutate(lambda doc: _upsert(doc, req, digest, address))
         elif entry.status is EnrollStatus.APPROVED:
             return self._deliver(entry.id, digest)
         self.last_ask[entry.id] = now
         return _verdict(entry)
-
-    def _pending_for(self, name: str, address: str | None) -> Enrolled | None:
-        return next(
-            (
-                e
-                for e in self._doc.connectors
-                if e.status is EnrollStatus.PENDING and e.name == name and e.address == address
-            ),
-            None,
-        )
 
     def _deliver(self, entry_id: str, digest: str) -> Verdict:
         token = new_connector_token()
@@ -301,15 +301,10 @@ class EnrollmentStore:
 
 
 def _upsert(doc: EnrolledFile, req: EnrollRequest, digest: str, address: str | None) -> Enrolled:
-    """The pending entry for this ask: the one of this secret or name + address, or a new one."""
+    """The entry of this secret (matched by the secret only), or a new pending one."""
     for entry in doc.connectors:
-        if entry.secret_sha256 == digest or (
-            entry.status is EnrollStatus.PENDING
-            and entry.name == req.name
-            and entry.address == address
-        ):
-            entry.secret_sha256, entry.models, entry.version = digest, req.models, req.version
-            return entry.model_copy()
+        if entry.secret_sha256 == digest:
+            return entry.model_copy()  # made by a concurrent ask with this secret
     pending = sum(e.status is EnrollStatus.PENDING for e in doc.connectors)
     if pending >= MAX_PENDING:
         raise EnrollmentError(

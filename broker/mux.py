@@ -8,9 +8,11 @@ request's own ``FrameApplier``, so every per-request rule keeps its meaning:
 
 - the first frame of a request acknowledges its lease (``hub.ack``), as a per-request
   upload's start does;
-- frames for a request the session no longer holds (re-leased, cancelled, over) are
-  dropped and the connector gets a ``cancel`` item in its next poll: the 409 of a
-  per-request upload, told the way cancels already travel;
+- frames for a request the session does not hold (re-leased, cancelled, over, another
+  session's, made up) are dropped at O(1) cost and never affect any other session's
+  request; the connector gets a ``cancel`` item in its next poll (the 409 of a
+  per-request upload, told the way cancels already travel; the cancels a session can hold
+  are bounded), and the upload logs one line for them, not one per frame;
 - a request's own bad frames or oversized answer fail that request, not the upload;
 - buffering is bounded per request: the lane never waits for an API client (that would
   stall every other response on the upload); a response whose unsent bytes pass
@@ -50,7 +52,8 @@ class MuxRegistry:
         self.appliers: dict[str, FrameApplier] = {}
         self.owners: dict[str, MuxLane | None] = {}  # None: its lane closed cleanly
         # Requests whose further frames are dropped unseen (over, refused, failed).
-        self.dropped: OrderedDict[str, None] = OrderedDict()
+        # Keyed by (session, request): another session's frames never silence a request.
+        self.dropped: OrderedDict[tuple[str, str], None] = OrderedDict()
 
     def lane(self, session_id: str) -> MuxLane:
         self.prune()
@@ -63,10 +66,12 @@ class MuxRegistry:
             self.drop(rid)
 
     def drop(self, rid: str) -> None:
-        """Drop the request's further frames unseen."""
-        self.appliers.pop(rid, None)
+        """Drop the request's further frames (from the session that held it) unseen."""
+        applier = self.appliers.pop(rid, None)
         self.owners.pop(rid, None)
-        self.dropped[rid] = None
+        if applier is None:
+            return
+        self.dropped[(applier.pending.session_id or "", rid)] = None
         while len(self.dropped) > DROPPED_REMEMBERED:
             self.dropped.popitem(last=False)
 
@@ -79,7 +84,7 @@ class MuxRegistry:
 class MuxLane:
     """One multiplexed upload: decodes it and routes each request's frames."""
 
-    __slots__ = ("closed", "decoder", "owned", "registry", "session_id")
+    __slots__ = ("closed", "decoder", "owned", "refused", "registry", "session_id")
 
     def __init__(self, registry: MuxRegistry, session_id: str) -> None:
         self.registry = registry
@@ -87,6 +92,7 @@ class MuxLane:
         self.decoder = FrameDecoder()
         self.owned: set[str] = set()
         self.closed = False  # CLOSE arrived: the connector ended this upload cleanly
+        self.refused = 0  # frames dropped: their request was not this session's
 
     async def feed(self, data: bytes) -> None:
         """Apply every frame completed by ``data``. Raises FrameError for a broken upload."""
@@ -105,15 +111,17 @@ class MuxLane:
         registry = self.registry
         applier = registry.appliers.get(rid)
         if applier is None:
-            if rid in registry.dropped:
+            if (self.session_id, rid) in registry.dropped:
                 return
             applier = await self._open(rid)
             if applier is None:
                 return
+        elif applier.pending.session_id != self.session_id:
+            # Another session's request: its frames are dropped here, it is never touched.
+            await self._refuse(rid)
+            return
         elif registry.owners.get(rid) is not self:
-            if registry.owners.get(rid) is not None or applier.pending.session_id != (
-                self.session_id
-            ):
+            if registry.owners.get(rid) is not None:
                 # Frames of one response on two open uploads cannot be put in order.
                 message = "a response's frames came on two uploads"
                 await self._fail(rid, applier, 502, "bad_upload", message)
@@ -159,15 +167,25 @@ class MuxLane:
         try:
             pending, channel = await hub.ack(self.session_id, rid)
         except LeaseError:
-            log.info("mux_frames_refused", request_id=rid, reason="not leased to this session")
-            await hub.refuse(self.session_id, rid)
-            registry.drop(rid)  # it may be another session's now: never finish it here
+            # It may be another session's now: never finish it, nor drop its frames, here.
+            await self._refuse(rid)
             return None
         applier = FrameApplier(hub, hub.clock, pending, channel, registry.response_limit)
         registry.appliers[rid] = applier
         registry.owners[rid] = self
         self.owned.add(rid)
         return applier
+
+    async def _refuse(self, rid: str) -> None:
+        """Frames for a request this session does not hold: dropped, at O(1) cost.
+
+        The connector is told to stop it (once: the relay state keeps the cancels in a
+        bounded set); one log line per upload, the rest are counted and logged at its end.
+        """
+        self.refused += 1
+        if self.refused == 1:
+            log.info("mux_frames_refused", request_id=rid, reason="not held by this session")
+        await self.registry.hub.refuse(self.session_id, rid)
 
     async def _fail(
         self, rid: str, applier: FrameApplier, status: int, code: str, message: str
@@ -184,6 +202,8 @@ class MuxLane:
     async def end(self, clean: bool) -> None:
         """The upload is over: after CLOSE its requests wait for the next lane, else they fail."""
         registry = self.registry
+        if self.refused > 1:
+            log.info("mux_frames_refused_total", session=self.session_id, frames=self.refused)
         for rid in self.owned:
             applier = registry.appliers.get(rid)
             if applier is None:

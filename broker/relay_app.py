@@ -550,7 +550,9 @@ class RelayApp:
             await call.respond(200, _DUPLICATE)
             return
         if assembler is None:
-            assembler = PartAssembler(await self._applier(session_id, request_id))
+            applier = await self._applier(session_id, request_id)
+            limit = self.state.settings.parts_buffer_limit
+            assembler = PartAssembler(applier, max_bytes=limit)
             self.assemblers[request_id] = assembler
             self._prune()
         elif assembler.applier.pending.session_id != session_id:

@@ -262,6 +262,12 @@ class BrokerSettings(FileAwareSettings):
         "reads slower than the LLM writes (beyond its socket buffers); over it the request "
         "fails with client_too_slow and its connector stops generating.",
     )
+    parts_buffer_limit: int = Field(
+        4 * MIB,
+        ge=64 * 1024,
+        description="Parts upload: bytes of one response's parts that arrived ahead of "
+        "their turn the broker holds; over it the request fails with bad_upload.",
+    )
     # -- several brokers (docs/scale-out.md) ----------------------------------------------
     redis_url: str | None = Field(
         None,

@@ -79,32 +79,52 @@ class FrameApplier:
             await self.channel.flush()
 
 
+DEFAULT_PARTS_BUFFER = 4 * 1024 * 1024
+
+
 class PartAssembler:
-    """Parts mode: apply parts in sequence order, exactly once."""
+    """Parts mode: apply parts in sequence order, exactly once.
 
-    __slots__ = ("applier", "held", "max_held", "next_seq")
+    Parts that arrive ahead of their turn wait here: at most ``max_held`` of them and at
+    most ``max_bytes`` in all, else the upload fails (FrameError), so a connector cannot
+    make the broker hold more than that per request.
+    """
 
-    def __init__(self, applier: FrameApplier, max_held: int = 256) -> None:
+    __slots__ = ("applier", "held", "held_bytes", "max_bytes", "max_held", "next_seq")
+
+    def __init__(
+        self, applier: FrameApplier, max_held: int = 256, max_bytes: int = DEFAULT_PARTS_BUFFER
+    ) -> None:
         self.applier = applier
         self.next_seq = 0
         self.held: dict[int, bytes] = {}
+        self.held_bytes = 0
         self.max_held = max_held
+        self.max_bytes = max_bytes
 
     async def add(self, seq: int, data: bytes) -> bool:
         """Returns False for a repeated part (already applied or already held)."""
         if seq < self.next_seq or seq in self.held:
             return False
         if seq > self.next_seq:
-            if len(self.held) >= self.max_held:
-                raise FrameError("too many parts out of order")
-            self.held[seq] = data
+            self._hold(seq, data)
             return True
         try:
             self.applier.feed(data)
             self.next_seq += 1
             while self.next_seq in self.held:
-                self.applier.feed(self.held.pop(self.next_seq))
+                part = self.held.pop(self.next_seq)
+                self.held_bytes -= len(part)
+                self.applier.feed(part)
                 self.next_seq += 1
         finally:
             await self.applier.flush()
         return True
+
+    def _hold(self, seq: int, data: bytes) -> None:
+        if len(self.held) >= self.max_held:
+            raise FrameError("too many parts out of order")
+        if self.held_bytes + len(data) > self.max_bytes:
+            raise FrameError(f"parts out of order exceed {self.max_bytes} bytes")
+        self.held[seq] = data
+        self.held_bytes += len(data)

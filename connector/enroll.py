@@ -25,6 +25,7 @@ from connector.errors import BrokerRejected, BrokerUnavailable
 from connector.runner import VERSION, servable
 from connector.settings import ConnectorSettings, read_token_file
 from connector.upstream import Upstream, UpstreamError
+from shared.fingerprint import fingerprint
 from shared.logging import get_logger
 from shared.protocol import EnrollRequest
 
@@ -113,8 +114,9 @@ async def enroll(
                     enrollment=reply.enrollment_id,
                     name=settings.name,
                     models=req.models,
-                    message=f"ask an admin to approve {settings.name!r} at "
-                    f"{settings.broker_url}/portal/admin/connectors",
+                    fingerprint=fingerprint(secret),
+                    message=f"ask an admin to approve {settings.name!r} with fingerprint "
+                    f"{fingerprint(secret)} at {settings.broker_url}/portal/admin/connectors",
                 )
             await _wait(stop, reply.retry_after_s)
         return None

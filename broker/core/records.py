@@ -96,7 +96,8 @@ class Session:
     polling: int = 0
     ttl_check: float | None = None  # when the one pending session-TTL deadline is due
     active: set[str] = field(default_factory=set)
-    cancels: list[str] = field(default_factory=list)
+    # Request IDs the next poll tells the connector to stop (ordered; O(1) membership).
+    cancels: dict[str, None] = field(default_factory=dict)
     served: int = 0
 
     @property

@@ -31,6 +31,9 @@ from shared.errors import quote
 from shared.protocol import CancelItem, Replaced, RequestItem, UploadMode, WorkItem
 
 REPLACED_REMEMBERED = 4096
+# Cancels a session may hold for requests it was refused (frames for IDs it does not
+# hold): bounds what a connector earns by uploading frames for made-up request IDs.
+MAX_REFUSALS = 1024
 
 
 class Listener(Protocol):
@@ -367,7 +370,7 @@ class RelayCore:
         pending.cancelled = True
         session = self.sessions.get(pending.session_id or "")
         if pending.state in (State.LEASED, State.ACTIVE) and session is not None:
-            session.cancels.append(request_id)
+            session.cancels[request_id] = None
             self._out.wake(session.id)
         if pending.state is not State.ACTIVE:
             # An active upload ends through its upload handler, which frees the slot.
@@ -378,9 +381,12 @@ class RelayCore:
         or is over): a ``cancel`` item in its next poll tells the connector to stop, which is
         what a 409 answer does for a per-request upload."""
         session = self.sessions.get(session_id)
-        if session is not None and request_id not in session.cancels:
-            session.cancels.append(request_id)
-            self._out.wake(session_id)
+        if session is None or request_id in session.cancels:
+            return
+        if len(session.cancels) >= MAX_REFUSALS:
+            return  # a connector sending frames for many unknown IDs: it gets no more cancels
+        session.cancels[request_id] = None
+        self._out.wake(session_id)
 
     def is_cancelled(self, request_id: str) -> bool:
         pending = self.requests.get(request_id)
@@ -431,7 +437,7 @@ class RelayCore:
             holder = self.sessions.get(pending.session_id or "")
             if holder is not None:
                 holder.active.discard(pending.id)
-                holder.cancels.append(pending.id)
+                holder.cancels[pending.id] = None
             self._requeue(pending, now)
         elif kind is Kind.TOTAL:
             self._fail(pending, 504, "timeout", "the request took too long")

@@ -345,6 +345,8 @@ return 1
 REFUSE = r"""
 local sid, rid = ARGV[2], ARGV[3]
 if redis.call('EXISTS', P .. 's:' .. sid) == 0 then return 0 end
+-- Bounded (as the in-memory core's MAX_REFUSALS): made-up request IDs earn no more.
+if redis.call('LLEN', P .. 'sc:' .. sid) >= 1024 then return 0 end
 if redis.call('LPOS', P .. 'sc:' .. sid, rid) then return 0 end
 redis.call('RPUSH', P .. 'sc:' .. sid, rid)
 redis.call('PUBLISH', P .. 'w:s:' .. sid, '')

@@ -12,6 +12,7 @@ from broker import enrollment
 from broker.enrollment import EnrollmentError, EnrollmentStore
 from broker.keys import hash_secret
 from broker.window import SlidingWindow
+from shared.fingerprint import fingerprint
 from shared.protocol import EnrollRequest, EnrollStatus
 
 
@@ -62,17 +63,21 @@ def test_a_pending_ask_is_stored_once_however_often_it_is_repeated(
 ) -> None:
     first = store.ask(ask(), "10.0.0.5")
     assert first.status == 202 and first.reply.status is EnrollStatus.PENDING
+    written = (tmp_path / "enrolled.yaml").stat().st_mtime_ns
     for _ in range(20):
         again = store.ask(ask(), "10.0.0.5")
         assert again.reply.enrollment_id == first.reply.enrollment_id
-    # The same name from the same address with a new secret (the connector lost its file).
+    assert (tmp_path / "enrolled.yaml").stat().st_mtime_ns == written  # nothing changed
+    # The same name from the same address with a new secret is another entry (a racer, or
+    # the connector lost its file): matched by the secret only, it never takes the first.
     other = store.ask(ask(secret="t" * 40), "10.0.0.5")
-    assert other.reply.enrollment_id == first.reply.enrollment_id
-    assert len(store.entries) == 1
+    assert other.reply.enrollment_id != first.reply.enrollment_id
+    assert len(store.entries) == 2
     data = yaml.safe_load((tmp_path / "enrolled.yaml").read_text())
-    (entry,) = data["connectors"]
+    entry, _ = data["connectors"]
     assert entry["name"] == "gpu:llm" and entry["address"] == "10.0.0.5"
-    assert entry["secret_sha256"] == hash_secret("t" * 40)
+    assert entry["secret_sha256"] == hash_secret("s" * 40)
+    assert store.entries[0].fingerprint == fingerprint("s" * 40)
     assert "s" * 40 not in (tmp_path / "enrolled.yaml").read_text()
     assert stat.S_IMODE((tmp_path / "enrolled.yaml").stat().st_mode) == 0o600
 
