@@ -11,7 +11,6 @@ import sqlite3
 import uuid
 
 import httpx
-import pytest
 
 from tests.support.fake_llm import FakeLLM
 from tests.support.stack import Stack
@@ -41,24 +40,6 @@ async def wait_ledger(stack: Stack, n: int) -> list[tuple[str, str | None]]:
             return rows
         await asyncio.sleep(0.05)
     raise AssertionError("the ledger never got the records")
-
-
-@pytest.mark.parametrize("bad", ["..", "../x", "a b", "x" * 129, "id\u00e9"])
-async def test_a_malformed_client_id_is_dropped(stack: Stack, fake_llm: FakeLLM, bad: str) -> None:
-    async with stack.client() as client:
-        r = await client.post(
-            "/v1/chat/completions",
-            json=chat("echo"),
-            headers={"x-request-id": bad.encode()},
-        )
-    assert r.status_code == 200, r.text
-    rid = r.headers["x-request-id"]
-    assert is_uuid(rid)
-    if bad != "..":  # '..' is well-formed as a label; it is never a key or a path
-        assert "x-client-request-id" not in r.headers
-    seen = {k.lower(): v for k, v in fake_llm.seen[-1].headers.items()}
-    assert seen["x-request-id"] == rid  # the upstream gets the broker's UUID only
-    assert seen["x-remotellm-request-id"] == rid
 
 
 async def test_dot_dot_never_becomes_a_key(stack: Stack, fake_llm: FakeLLM) -> None:
