@@ -10,7 +10,13 @@ from typing import Any
 
 from quart import Blueprint, Response, request
 
-from broker.api_input import ApiError, authenticate, request_id_for
+from broker.api_input import (
+    CLIENT_REQUEST_ID_HEADER,
+    ApiError,
+    authenticate,
+    client_label,
+    new_request_id,
+)
 from broker.state import BrokerState
 from shared.errors import quote
 from shared.protocol import REQUEST_ID_HEADER
@@ -45,8 +51,15 @@ def create_api_blueprint(state: BrokerState) -> Blueprint:
     async def api_error(exc: ApiError) -> Response:
         return _error(exc)
 
+    @bp.after_request
+    async def echo_label(response: Response) -> Response:
+        label = client_label(request.headers.get(REQUEST_ID_HEADER))
+        if label is not None:
+            response.headers[CLIENT_REQUEST_ID_HEADER] = label
+        return response
+
     def checked() -> str:
-        rid = request_id_for(request.headers.get(REQUEST_ID_HEADER))
+        rid = new_request_id()
         authenticate(state.keys, request.headers.get("Authorization"), rid)
         return rid
 

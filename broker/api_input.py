@@ -16,7 +16,9 @@ from broker.keys import KeyStore, UserKey, bearer
 from shared.errors import error_body, type_for_status
 from shared.protocol import REQUEST_ID_HEADER
 
-_REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_CLIENT_REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+# The client's x-request-id comes back under this name; x-request-id is the broker's own.
+CLIENT_REQUEST_ID_HEADER = "x-client-request-id"
 
 
 class ApiError(Exception):
@@ -44,14 +46,22 @@ class ApiError(Exception):
 
 
 def new_request_id() -> str:
-    # A UUID: llama-cpp-python's server refuses any other x-request-id with a 400.
+    """The broker's key for a request: a UUID, whatever the client sent.
+
+    A UUID also because llama-cpp-python's server refuses any other x-request-id with a 400.
+    """
     return str(uuid.uuid4())
 
 
-def request_id_for(header: str | None) -> str:
-    if header and _REQUEST_ID_OK.match(header):
+def client_label(header: str | None) -> str | None:
+    """The client's own x-request-id when well-formed (a label: logs, ledger, echo), else None.
+
+    A malformed one is dropped, not refused: it names nothing the broker uses, and a
+    completion should not fail over a label. The client sees it dropped: no echo comes back.
+    """
+    if header and _CLIENT_REQUEST_ID_OK.fullmatch(header):
         return header
-    return new_request_id()
+    return None
 
 
 def authenticate(keys: KeyStore, authorization: str | None, rid: str) -> UserKey:

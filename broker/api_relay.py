@@ -12,11 +12,19 @@ from __future__ import annotations
 
 import asyncio
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import structlog
 
-from broker.api_input import ApiError, authenticate, parse_json_object, request_id_for
+from broker.api_input import (
+    CLIENT_REQUEST_ID_HEADER,
+    ApiError,
+    authenticate,
+    client_label,
+    new_request_id,
+    parse_json_object,
+)
 from broker.asgi import Message, Receive, Scope, Send
 from broker.core import DispatchError, Pending, StateUnavailable
 from broker.core.demand import estimate
@@ -32,6 +40,7 @@ from broker.usage import UsageRecord
 from shared.errors import quote
 from shared.logging import get_logger
 from shared.model_names import is_model_name, shown
+from shared.paths import PathRefused, RouteTable, relayed_path
 from shared.protocol import REQUEST_ID_HEADER, RequestItem
 
 log = get_logger("broker.api")
@@ -43,6 +52,9 @@ _FORWARD_HEADERS = (b"accept", b"openai-beta", b"user-agent")
 # client finished sending makes the server close a socket with unread data, which resets
 # the connection and the client never sees the 413.
 DRAIN_LIMIT = 64 * 1024 * 1024
+# The client's own x-request-id (a label) of the request this task serves, for its record.
+_CLIENT_LABEL: ContextVar[str | None] = ContextVar("client_request_id", default=None)
+_CLIENT_LABEL_HEADER = CLIENT_REQUEST_ID_HEADER.encode()
 
 
 @dataclass(slots=True)
@@ -76,6 +88,12 @@ def _header(scope: Scope, name: bytes) -> str | None:
         if key == name:
             return str(value.decode("latin-1"))
     return None
+
+
+def _request_path(scope: Scope) -> str:
+    """The path as the client sent it (undecoded): what is checked is what is relayed."""
+    raw = scope.get("raw_path")
+    return raw.decode("latin-1") if isinstance(raw, bytes) else str(scope["path"])
 
 
 def _encode(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
@@ -132,22 +150,30 @@ class ApiRelay:
             state.settings.default_max_tokens,
             state.metrics,
         )
+        self.routes = RouteTable.with_extra(state.settings.extra_api_routes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = self.hub.clock()
-        rid = request_id_for(_header(scope, b"x-request-id"))
+        rid = new_request_id()  # the broker's key: never the client's x-request-id
+        label = client_label(_header(scope, b"x-request-id"))
+        label_token = _CLIENT_LABEL.set(label)
         structlog.contextvars.bind_contextvars(request_id=rid)
+        if label is not None:
+            structlog.contextvars.bind_contextvars(client_request_id=label)
         began = False
 
         async def tracked(message: Message) -> None:
             nonlocal began
             began = True
+            if label is not None and message["type"] == "http.response.start":
+                echo = (_CLIENT_LABEL_HEADER, label.encode("latin-1"))
+                message = {**message, "headers": [*message["headers"], echo]}
             await send(message)
 
         try:
             await self._relay(scope, receive, tracked, rid, started)
         except ApiError as exc:
-            await _send_error(send, exc)
+            await _send_error(tracked, exc)
         except ClientGone:
             log.info("request_abandoned", stage="reading the body")
         except Exception as exc:
@@ -159,9 +185,10 @@ class ApiRelay:
                     "internal",
                     headers={REQUEST_ID_HEADER: rid},
                 )
-                await _send_error(send, failure)
+                await _send_error(tracked, failure)
         finally:
-            structlog.contextvars.unbind_contextvars("request_id")
+            structlog.contextvars.unbind_contextvars("request_id", "client_request_id")
+            _CLIENT_LABEL.reset(label_token)
 
     async def _relay(
         self, scope: Scope, receive: Receive, send: Send, rid: str, started: float
@@ -175,6 +202,12 @@ class ApiRelay:
                 "shutting_down",
                 headers={REQUEST_ID_HEADER: rid, "Retry-After": "2"},
             )
+        try:
+            path = relayed_path(_request_path(scope), self.routes)
+        except PathRefused as exc:  # before the body is read and anything is queued
+            raise ApiError(
+                exc.status, exc.message, exc.code, headers={REQUEST_ID_HEADER: rid}
+            ) from None
         limit = state.settings.max_request_body
         raw = await read_body(receive, _header(scope, b"content-length"), limit, rid)
         text, body = parse_json_object(raw, rid)
@@ -198,9 +231,11 @@ class ApiRelay:
                 headers={REQUEST_ID_HEADER: rid},
             )
         # Ask a streaming upstream for its usage chunk; the machine removes it again.
-        asks = state.settings.ask_stream_usage and scope["path"] in USAGE_PATHS
+        asks = state.settings.ask_stream_usage and path in USAGE_PATHS
         upstream_text = with_include_usage(text, body) if asks else None
-        item = self._item(scope, rid, model, upstream_text or text, body.get("stream") is True)
+        item = self._item(
+            scope, rid, path, model, upstream_text or text, body.get("stream") is True
+        )
         try:
             ticket = await self.gate.admit(user, body, item.path, rid)
         except ApiError as exc:  # over a limit: 429, recorded like the relay's refusals
@@ -270,7 +305,9 @@ class ApiRelay:
         finally:
             self._done(rid, user, item, pending, machine.outcome, address, started)
 
-    def _item(self, scope: Scope, rid: str, model: str, text: str, stream: bool) -> RequestItem:
+    def _item(
+        self, scope: Scope, rid: str, path: str, model: str, text: str, stream: bool
+    ) -> RequestItem:
         headers = {REQUEST_ID_HEADER: rid, "content-type": "application/json"}
         for key, value in scope["headers"]:
             if key in _FORWARD_HEADERS and value:
@@ -278,7 +315,7 @@ class ApiRelay:
         return RequestItem(
             request_id=rid,
             model=model,
-            path=scope["path"],
+            path=path,
             body=text,
             headers=headers,
             stream=stream,
@@ -371,6 +408,7 @@ class ApiRelay:
                 key_name=user.name,
                 estimated=outcome.estimated if outcome else False,
                 partial=outcome.partial if outcome else False,
+                client_request_id=_CLIENT_LABEL.get(),
             )
         )
 

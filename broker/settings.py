@@ -10,6 +10,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from broker.core.limits import Limits
+from shared.paths import route_pattern
 from shared.settings import FileAwareSettings, split_list
 
 SECONDS = 1.0
@@ -94,6 +95,13 @@ class BrokerSettings(FileAwareSettings):
         default_factory=list,
         description="Reverse proxy address or CIDR whose X-Forwarded-For is believed for the "
         "client address in the logs (repeatable; env: comma-separated).",
+    )
+    extra_api_routes: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Another POST route under /v1/ to relay besides the OpenAI-compatible "
+        "ones (chat/completions, completions, embeddings, responses, ...), e.g. "
+        "'tokenize' or 'rerank/*' ('*': one path segment). Repeatable; env: comma-separated.",
+        json_schema_extra={"flag": "--extra-api-route"},
     )
     # -- key portal (broker/portal/) ------------------------------------------------------
     gitlab_url: str = Field(
@@ -283,6 +291,7 @@ class BrokerSettings(FileAwareSettings):
         "user_api_keys",
         "connector_tokens",
         "trusted_proxies",
+        "extra_api_routes",
         "gitlab_allowed_groups",
         "admins",
         mode="before",
@@ -300,6 +309,11 @@ class BrokerSettings(FileAwareSettings):
             except ValueError as exc:
                 raise ValueError(f"{cidr!r} is not an IP address or CIDR") from exc
         return value
+
+    @field_validator("extra_api_routes")
+    @classmethod
+    def _routes(cls, value: list[str]) -> list[str]:
+        return [route_pattern(route) for route in value]
 
     @model_validator(mode="after")
     def _tls_pair(self) -> BrokerSettings:

@@ -42,6 +42,8 @@ class UsageRecord:
     key_name: str | None = None  # which of the user's keys (portal keys are named)
     estimated: bool = False  # tokens counted by the broker, not reported by the upstream
     partial: bool = False  # the answer did not complete (client left, or it failed midway)
+    # The API user's own x-request-id, a label only (request_id is the broker's UUID).
+    client_request_id: str | None = None
 
 
 _COLUMNS = [f.name for f in fields(UsageRecord)]
@@ -61,7 +63,8 @@ CREATE TABLE IF NOT EXISTS usage (
     bytes_out INTEGER NOT NULL,
     key_name TEXT,
     estimated INTEGER NOT NULL DEFAULT 0,
-    partial INTEGER NOT NULL DEFAULT 0
+    partial INTEGER NOT NULL DEFAULT 0,
+    client_request_id TEXT
 );
 """
 # Created after the migration below, so old databases get them too.
@@ -75,6 +78,7 @@ _ADDED = {
     "key_name": "TEXT",
     "estimated": "INTEGER NOT NULL DEFAULT 0",
     "partial": "INTEGER NOT NULL DEFAULT 0",
+    "client_request_id": "TEXT",
 }
 
 

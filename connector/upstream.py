@@ -12,6 +12,7 @@ from connector.llm_transport import llm_transport
 from connector.pipe import FrameSink
 from connector.settings import ConnectorSettings
 from shared.logging import get_logger
+from shared.paths import PathRefused, canonical_path
 from shared.protocol import (
     REQUEST_ID_HEADER,
     UPSTREAM_REQUEST_ID_HEADER,
@@ -88,11 +89,29 @@ class Upstream:
             raise UpstreamError("/v1/models answered without a data list", answered=True)
         return [str(m["id"]) for m in data if isinstance(m, dict) and "id" in m]
 
+    def url_for(self, item: RequestItem) -> httpx.URL:
+        """Where ``item`` goes: its canonical /v1 path under --llm-url, never anywhere else.
+
+        The broker is not trusted with the URL: only POST, only a relative canonical path,
+        joined here (httpx would take an absolute URL as is, and resolve ``..``).
+        """
+        if item.method != "POST":
+            raise PathRefused(400, "invalid_method", "only POST requests are relayed")
+        path = canonical_path(item.path)
+        base = self._client.base_url
+        return base.copy_with(raw_path=base.raw_path.rstrip(b"/") + path.encode("ascii"))
+
     async def pump(self, item: RequestItem, pipe: FrameSink) -> None:
         """Forward one request and push its response into ``pipe`` as frames, byte for byte.
 
         Every failure ends the pipe with an error frame: the API user always gets an answer.
         """
+        try:
+            url = self.url_for(item)
+        except PathRefused as exc:
+            log.warning("request_path_refused", method=item.method[:16], reason=exc.message)
+            self._failed(pipe, _failure(exc.status, exc.code, f"the connector refused: {exc}"))
+            return
         headers = dict(item.headers)
         headers["accept-encoding"] = "identity"
         headers.pop(REQUEST_ID_HEADER, None)
@@ -109,7 +128,7 @@ class Upstream:
             # Inside the try: a header httpx cannot encode fails here, and must end the
             # response like any other failure.
             request = self._client.build_request(
-                item.method, item.path, content=item.body.encode(), headers=headers
+                "POST", url, content=item.body.encode(), headers=headers
             )
             response = await self._client.send(request, stream=True)
             try:

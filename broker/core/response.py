@@ -29,22 +29,28 @@ from shared.protocol import OVERHEAD_HEADER, REQUEST_ID_HEADER, ResponseEnd, Res
 
 Event = bytes | ResponseHead | ResponseEnd | Failure
 
-_HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "transfer-encoding",
-        "content-length",
-        "content-encoding",
-        "date",
-        "server",
-        "proxy-connection",
-        "upgrade",
-        "trailer",
-        "te",
-        "x-request-id",
-    }
-)
+# The upstream's response headers an API user gets: what describes the body and its caching.
+# Everything else stays in the broker: Set-Cookie (it would be set for the broker's origin,
+# the portal's too), hop-by-hop and framing headers (the broker frames its own answer), and
+# whatever names the upstream (Server, X-Powered-By, Via, its request IDs and timings).
+# Rate-limit headers are the broker's own (--rpm-limit ...): the upstream's would describe
+# the connector's key, shared by every user. Retry-After passes on an upstream error only.
+# Lower-case name -> the name sent (the machine's own headers use these too, so they win).
+PASSED_RESPONSE_HEADERS = {
+    name.lower(): name
+    for name in (
+        "Content-Type",
+        "Content-Language",
+        "Cache-Control",
+        "Expires",
+        "Last-Modified",
+        "ETag",
+        "Vary",
+    )
+}
+MAX_HEADER_VALUE = 1024
+_HEADER_VALUE_OK = re.compile(r"[\x20-\x7e]*")  # printable ASCII: no CR, LF or NUL
+
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 DONE_EVENT = b"data: [DONE]\n\n"
 WAITING_COMMENT = b": waiting for the model\n\n"
@@ -122,8 +128,26 @@ def _sse_event(body: bytes, tail: bytes) -> bytes:
     return prefix + b"data: " + body + b"\n\n" + DONE_EVENT
 
 
+def _value_ok(value: str) -> bool:
+    return len(value) <= MAX_HEADER_VALUE and _HEADER_VALUE_OK.fullmatch(value) is not None
+
+
 def pass_headers(head: ResponseHead) -> dict[str, str]:
-    return {k: v for k, v in head.headers if k.lower() not in _HOP_BY_HOP}
+    """The upstream's headers an API user may see (``PASSED_RESPONSE_HEADERS``)."""
+    passed: dict[str, str] = {}
+    for name, value in head.headers:
+        sent = PASSED_RESPONSE_HEADERS.get(name.lower())
+        if sent is not None and _value_ok(value):
+            passed[sent] = value
+    return passed
+
+
+def upstream_retry_after(head: ResponseHead) -> str | None:
+    """The upstream's Retry-After (on an error status) when it is a number of seconds."""
+    for name, value in head.headers:
+        if name.lower() == "retry-after" and value.isdigit() and len(value) <= 9:
+            return value
+    return None
 
 
 class ResponseMachine:
@@ -286,9 +310,9 @@ class ResponseMachine:
             headers = self._base_headers()
             headers["Content-Type"] = "application/json"
             headers[OVERHEAD_HEADER] = self._overhead_text()
-            for name, value in head.headers:
-                if name.lower() == "retry-after":
-                    headers["Retry-After"] = value
+            retry_after = upstream_retry_after(head)
+            if retry_after is not None:
+                headers["Retry-After"] = retry_after
             out += [Begin(head.status, headers), Body(envelope, upstream=False), CLOSE]
         self._end(head.status, "upstream_status")
 

@@ -78,10 +78,13 @@ async def test_client_disconnect_stops_generation(
     )
 
     # Each hop saw the cancel: broker (499), connector (upstream closed), engine.
-    done = await broker.proc.wait_event(("request_done",), timeout=5.0, request_id=rid)
+    # The client's ID is a label; the broker's own UUID is what the connector knows.
+    done = await broker.proc.wait_event(("request_done",), timeout=5.0, client_request_id=rid)
     assert done["status"] == 499, done
     await connector.wait_event(
-        ("request_cancelled", "request_cancelled_by_broker"), timeout=5.0, request_id=rid
+        ("request_cancelled", "request_cancelled_by_broker"),
+        timeout=5.0,
+        request_id=done["request_id"],
     )
     await wait_text(llama_slow_server, "Disconnected from client", timeout=5.0)
 

@@ -145,7 +145,7 @@ async def test_cancelled_llama_stream_is_partial(
                     break
     assert broker.proc is not None
     done = await broker.proc.wait_event(
-        ("request_done",), timeout=10.0, request_id=headers["x-request-id"]
+        ("request_done",), timeout=10.0, client_request_id=headers["x-request-id"]
     )
     assert (done["status"], done["partial"], done["estimated"]) == (499, True, True), done
     assert 5 <= done["tokens_out"] < 1000

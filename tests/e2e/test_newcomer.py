@@ -110,14 +110,14 @@ async def test_newcomer_path(procs: Procs, llama_server: LlamaServer, tmp_path) 
         assert completion.choices[0].finish_reason == "length"
         assert completion.usage is not None and completion.usage.completion_tokens == 8
 
-        # A client's own request ID comes back.
+        # A client's own request ID comes back, as a label beside the broker's UUID.
         raw = await client.chat.completions.with_raw_response.create(
             model="tiny",
             messages=[{"role": "user", "content": "Hello again"}],
             max_tokens=4,
             extra_headers={"x-request-id": "newcomer-req-1"},
         )
-        assert raw.headers["x-request-id"] == "newcomer-req-1"
+        assert raw.headers["x-client-request-id"] == "newcomer-req-1"
         assert "x-remotellm-overhead-ms" in raw.headers
 
         # Streaming: one chunk per token, arriving while the engine still generates.

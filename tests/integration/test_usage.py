@@ -184,7 +184,7 @@ async def test_restart_keeps_the_ledger(tmp_path: Path, fake_llm: FakeLLM) -> No
         finally:
             await conn.stop()
             await broker.stop()
-    assert [r.request_id for r in rows(broker)] == ["run-0", "run-1"]
+    assert [r.client_request_id for r in rows(broker)] == ["run-0", "run-1"]
 
 
 async def test_graceful_stop_loses_no_record(tmp_path: Path) -> None:

@@ -13,6 +13,10 @@ Behaviour is chosen by the last user message (so any client can steer it):
                                apart (a fast producer, for backpressure tests)
 Anything else: ``max_tokens`` chunks (default 5), ``chunk_delay`` seconds apart.
 
+Every request's target (method, path as sent, query) is kept in ``targets``, any path at
+all (a POST to an unknown path is answered 404 ``{"stray": true}``); ``answer_headers``
+are added to every answer (a hostile upstream's Set-Cookie, Server, ...).
+
 What a stream does with ``stream_options.include_usage`` is the server's ``usage_style``:
 - ``final`` (default): one usage-only chunk (``choices: []``) before ``[DONE]``
 - ``null``: that chunk, and ``"usage": null`` in every other chunk (as OpenAI documents)
@@ -50,12 +54,32 @@ class FakeLLM(LoopbackApp):
     disconnects: int = 0
     completed: int = 0
     active: int = 0
+    targets: list[str] = field(default_factory=list)
+    answer_headers: list[tuple[str, str]] = field(default_factory=list)
 
     def app(self) -> Quart:
         app = Quart("fake-llm")
         app.config["RESPONSE_TIMEOUT"] = None
         app.config["BODY_TIMEOUT"] = None
         app.config["MAX_CONTENT_LENGTH"] = None
+
+        @app.before_request
+        async def record_target() -> None:
+            scope = request.scope
+            raw = scope.get("raw_path") or scope["path"].encode()
+            query = scope.get("query_string", b"")
+            target = raw.decode("latin-1") + ("?" + query.decode("latin-1") if query else "")
+            self.targets.append(f"{request.method} {target}")
+
+        @app.after_request
+        async def add_headers(response: Response) -> Response:
+            for name, value in self.answer_headers:
+                response.headers.add(name, value)
+            return response
+
+        @app.route("/<path:rest>", methods=["POST", "PUT", "DELETE"])
+        async def stray(rest: str) -> Response:
+            return Response(json.dumps({"stray": True}), 404, content_type="application/json")
 
         @app.get("/v1/models")
         async def models() -> Response:
