@@ -13,9 +13,7 @@ comparison never depends on how much of a guessed key matches.
 from __future__ import annotations
 
 import hashlib
-import os
 import secrets
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +23,7 @@ import yaml
 
 from broker.core.limits import LimitOverrides
 from shared.errors import ConfigError
+from shared.files import write_atomic
 from shared.logging import get_logger
 
 log = get_logger("broker.keys")
@@ -75,17 +74,8 @@ class ConnectorIdentity:
 
 
 def write_yaml_atomic(path: Path, data: Any) -> None:
-    """Write an operator-editable YAML file: temp file + rename, mode 600."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            yaml.safe_dump(data, fh, sort_keys=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write an operator-editable YAML file durably (``shared.files.write_atomic``, mode 600)."""
+    write_atomic(path, yaml.safe_dump(data, sort_keys=False))
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

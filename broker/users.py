@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 from broker.core.limits import LIMIT_FIELDS, LimitOverrides, Override
 from broker.keys import UserKey, hash_secret, new_user_key, write_yaml_atomic
 from shared.errors import ConfigError
+from shared.files import private_dir
 from shared.logging import get_logger
 
 log = get_logger("broker.users")
@@ -267,7 +268,7 @@ class UsersStore:
 
     @contextmanager
     def _file_lock(self) -> Iterator[None]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self.path.parent)
         with self._lock, open(self._lock_path, "a") as fh:
             os.fchmod(fh.fileno(), 0o600)
             fcntl.flock(fh, fcntl.LOCK_EX)

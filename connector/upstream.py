@@ -62,8 +62,16 @@ class Upstream:
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    def _failed(self, pipe: FrameSink, end: ResponseEnd) -> None:
+    def _failed(self, pipe: FrameSink, exc: Exception, end: ResponseEnd) -> None:
+        # The detail (URL, the library's text) stays in this log; the END frame carries a
+        # fixed text, since the broker may show it to API users (URLs can hold credentials).
         self.errors[end.error_type or "upstream_error"] += 1
+        log.warning(
+            "upstream_request_failed",
+            reason=end.error_type,
+            llm_url=self.url,
+            error=f"{type(exc).__name__}: {exc}",
+        )
         pipe.end(end)
 
     async def get_json(self, path: str, timeout: float = 5.0) -> object:
@@ -136,28 +144,17 @@ class Upstream:
             pipe.end(ResponseEnd(ok=True, upstream_ms=(time.perf_counter() - started) * 1000.0))
         except httpx.ConnectError as exc:
             self._failed(
-                pipe,
-                _failure(
-                    502, "upstream_unreachable", f"cannot reach the local LLM at {self.url}: {exc}"
-                ),
+                pipe, exc, _failure(502, "upstream_unreachable", "cannot reach the local LLM")
             )
         except httpx.TimeoutException as exc:
             what = "stopped sending" if head_sent else "did not answer"
             self._failed(
-                pipe,
-                _failure(
-                    504, "upstream_timeout", f"the local LLM {what} in time ({type(exc).__name__})"
-                ),
+                pipe, exc, _failure(504, "upstream_timeout", f"the local LLM {what} in time")
             )
         except httpx.HTTPError as exc:
             where = "mid-response" if head_sent else "before answering"
             self._failed(
-                pipe,
-                _failure(
-                    502,
-                    "upstream_error",
-                    f"the local LLM failed {where}: {type(exc).__name__}: {exc}",
-                ),
+                pipe, exc, _failure(502, "upstream_error", f"the local LLM failed {where}")
             )
         except Exception as exc:
             # Anything else (a bug here, an odd transport) must still end the response:
@@ -166,12 +163,7 @@ class Upstream:
             log.exception("upstream_pump_failed", head_sent=head_sent)
             where = "mid-response" if head_sent else "before the answer began"
             self._failed(
-                pipe,
-                _failure(
-                    502,
-                    "connector_error",
-                    f"the connector failed {where}: {type(exc).__name__}: {exc}",
-                ),
+                pipe, exc, _failure(502, "connector_error", f"the connector failed {where}")
             )
 
 
