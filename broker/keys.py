@@ -15,9 +15,9 @@ from __future__ import annotations
 import hashlib
 import secrets
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -25,6 +25,9 @@ from broker.core.limits import LimitOverrides
 from shared.errors import ConfigError
 from shared.files import write_atomic
 from shared.logging import get_logger
+
+if TYPE_CHECKING:
+    from broker.revocations import RevocationBoard
 
 log = get_logger("broker.keys")
 
@@ -145,11 +148,16 @@ class KeyStore:
         self._stamps: tuple[float | None, float | None] = (None, None)
         self._more_users: Callable[[str], UserKey | None] | None = None
         self._more_connectors: Callable[[str], ConnectorIdentity | None] | None = None
+        self._board: RevocationBoard | None = None
         self.reload(force=True)
 
     def attach_users(self, lookup: Callable[[str], UserKey | None]) -> None:
         """Also accept the keys ``lookup`` knows by hash (the portal's users file)."""
         self._more_users = lookup
+
+    def attach_revocations(self, board: RevocationBoard) -> None:
+        """Refuse the keys and users on the brokers' shared board (docs/scale-out.md)."""
+        self._board = board
 
     def attach_connectors(self, lookup: Callable[[str], ConnectorIdentity | None]) -> None:
         """Also accept the tokens ``lookup`` knows by hash (enrolled connectors)."""
@@ -253,7 +261,18 @@ class KeyStore:
         found = self._users.get(digest)
         if found is None and self._more_users is not None:
             found = self._more_users(digest)
+        board = self._board
+        if found is None or board is None:
+            return found
+        if board.revoked(digest):
+            return None  # revoked on another broker: as unknown as a deleted key
+        if board.blocked(found.id) and not found.blocked:
+            return replace(found, blocked=True)
         return found
+
+    def revocations_stale(self) -> bool:
+        """True when the shared revocations could not be read lately (then refuse all)."""
+        return self._board is not None and self._board.stale()
 
     def connector(self, token: str) -> ConnectorIdentity | None:
         digest = hash_secret(token)
