@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import collections
 import time
 import uuid
+from urllib.parse import unquote
 
 import httpx
 
@@ -42,12 +44,20 @@ class Upstream:
         transport: httpx.AsyncBaseTransport | None = None,
         connections: int | None = None,
     ) -> None:
-        self.url = settings.llm_url
+        # Credentials in the URL become a default Basic header: the URL itself (logged,
+        # shown by /health) never carries them, and aiohttp refuses a URL with both.
+        base = httpx.URL(settings.llm_url)
+        headers: dict[str, str] = {}
+        if base.userinfo:
+            headers["authorization"] = _basic(base.userinfo.decode("ascii"))
+            base = base.copy_with(userinfo=b"")
+        self.url = str(base).rstrip("/")
         self.api_key = settings.llm_api_key
         # Failed upstream requests by reason, once per request (the /metrics of health.py).
         self.errors: collections.Counter[str] = collections.Counter()
         self._client = httpx.AsyncClient(
-            base_url=settings.llm_url,
+            base_url=self.url,
+            headers=headers,
             timeout=httpx.Timeout(
                 connect=settings.llm_connect_timeout,
                 read=settings.llm_read_timeout,
@@ -165,6 +175,12 @@ class Upstream:
             self._failed(
                 pipe, exc, _failure(502, "connector_error", f"the connector failed {where}")
             )
+
+
+def _basic(userinfo: str) -> str:
+    user, _, password = userinfo.partition(":")
+    pair = f"{unquote(user)}:{unquote(password)}".encode()
+    return "Basic " + base64.b64encode(pair).decode("ascii")
 
 
 def _is_uuid(value: str) -> bool:
