@@ -21,7 +21,10 @@ from tests.support.stack import TOKEN, USER_KEY
 
 pytestmark = pytest.mark.e2e
 
-EVIL_MODEL = "evil\x1b[2J\x1b]0;pwned\x07\nFORGED_EVENT level=critical"
+# No whitespace: the console renderer printed such a string raw (it quotes only strings
+# with spaces or line breaks); a second name also tries a line break.
+EVIL_MODEL = "evil\x1b[2J\x1b]0;pwned\x07\x1b[31m"
+EVIL_LINE = "evil\nFORGED_EVENT\x1b[2J"
 LLM_SECRET = "s3cret-llm-pass"
 
 
@@ -46,9 +49,11 @@ async def test_console_log_escapes_control_characters(procs: Procs, tmp_path: Pa
         tmp_path / "data", "--user-api-key", USER_KEY, "--log-format", "console"
     )
     assert broker.proc is not None
-    r = await chat(broker.url, EVIL_MODEL)
-    assert 400 <= r.status_code < 500
-    await broker.proc.wait_line("request_refused", stream="stderr")
+    for model in (EVIL_MODEL, EVIL_LINE):
+        r = await chat(broker.url, model)
+        assert 400 <= r.status_code < 500
+    for logged in ("pwned", "FORGED"):
+        await broker.proc.wait_line(logged, stream="stderr")
     text = broker.proc.text("stderr")
     assert "\x1b" not in text and "\x07" not in text
     assert not any(line.startswith("FORGED_EVENT") for line in text.splitlines())
