@@ -75,6 +75,13 @@ def authenticate(keys: KeyStore, authorization: str | None, rid: str) -> UserKey
             "missing_api_key",
             headers=headers,
         )
+    if keys.revocations_stale():
+        raise ApiError(
+            503,
+            "The broker cannot check revoked keys right now; try again shortly.",
+            "revocations_unavailable",
+            headers=headers | {"Retry-After": "2"},
+        )
     user = keys.user(key)
     if user is None:
         raise ApiError(401, "Incorrect API key provided.", "invalid_api_key", headers=headers)

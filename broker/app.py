@@ -29,6 +29,7 @@ from broker.redis_state import RedisRelayState, connect
 from broker.redis_state.limits import RedisLimitState
 from broker.relay_app import RelayApp
 from broker.relay_state import RelayState
+from broker.revocations import RevocationBoard
 from broker.settings import BrokerSettings
 from broker.state import BrokerState
 from broker.usage import UsageRecorder
@@ -76,6 +77,10 @@ def build_state(settings: BrokerSettings, keys: KeyStore | None = None) -> Broke
     else:
         hub = RelayHub(timings_from(settings))
         limiter = MemoryLimitState()
+    revocations = None
+    if settings.redis_url:
+        revocations = RevocationBoard(redis, settings.redis_prefix, settings.revocation_max_age)
+        keys.attach_revocations(revocations)
     usage = UsageRecorder(settings.usage_path) if settings.record_usage else None
     # Approved connectors keep working with enrollment turned off later: always loaded.
     enrollment = EnrollmentStore(settings.enrolled_path)
@@ -90,6 +95,7 @@ def build_state(settings: BrokerSettings, keys: KeyStore | None = None) -> Broke
         enrollment=enrollment,
         prices=prices,
         limiter=limiter,
+        revocations=revocations,
     )
 
 
@@ -119,6 +125,9 @@ def create_app(settings: BrokerSettings, state: BrokerState | None = None) -> Qu
         if state.usage is not None:
             await state.usage.start()
         reloader.append(asyncio.create_task(_reload_keys(state)))
+        if state.revocations is not None:
+            await state.revocations.sync()  # before the first request: else it answers 503
+            reloader.append(asyncio.create_task(_sync_revocations(state)))
 
     @app.after_serving
     async def stop() -> None:
@@ -175,6 +184,14 @@ async def _reload_keys(state: BrokerState) -> None:
             # An operator's edit may have revoked a connector: its sessions end too.
             for identity in state.enrollment.closed_ids():
                 await end_sessions(state, identity)
+
+
+async def _sync_revocations(state: BrokerState) -> None:
+    board = state.revocations
+    assert board is not None
+    while True:
+        await asyncio.sleep(state.settings.users_reload_interval)
+        await board.sync()
 
 
 def create_health_app(state: BrokerState) -> Quart:

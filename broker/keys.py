@@ -13,20 +13,22 @@ comparison never depends on how much of a guessed key matches.
 from __future__ import annotations
 
 import hashlib
-import os
 import secrets
-import tempfile
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from broker.core.limits import LimitOverrides
 from shared.errors import ConfigError
+from shared.files import write_atomic
 from shared.logging import get_logger
 from shared.model_names import InvalidModelName, check_model_names
+
+if TYPE_CHECKING:
+    from broker.revocations import RevocationBoard
 
 log = get_logger("broker.keys")
 
@@ -78,17 +80,8 @@ class ConnectorIdentity:
 
 
 def write_yaml_atomic(path: Path, data: Any) -> None:
-    """Write an operator-editable YAML file: temp file + rename, mode 600."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            yaml.safe_dump(data, fh, sort_keys=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write an operator-editable YAML file durably (``shared.files.write_atomic``, mode 600)."""
+    write_atomic(path, yaml.safe_dump(data, sort_keys=False))
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -171,11 +164,16 @@ class KeyStore:
         self._stamps: tuple[float | None, float | None] = (None, None)
         self._more_users: Callable[[str], UserKey | None] | None = None
         self._more_connectors: Callable[[str], ConnectorIdentity | None] | None = None
+        self._board: RevocationBoard | None = None
         self.reload(force=True)
 
     def attach_users(self, lookup: Callable[[str], UserKey | None]) -> None:
         """Also accept the keys ``lookup`` knows by hash (the portal's users file)."""
         self._more_users = lookup
+
+    def attach_revocations(self, board: RevocationBoard) -> None:
+        """Refuse the keys and users on the brokers' shared board (docs/scale-out.md)."""
+        self._board = board
 
     def attach_connectors(self, lookup: Callable[[str], ConnectorIdentity | None]) -> None:
         """Also accept the tokens ``lookup`` knows by hash (enrolled connectors)."""
@@ -282,7 +280,18 @@ class KeyStore:
         found = self._users.get(digest)
         if found is None and self._more_users is not None:
             found = self._more_users(digest)
+        board = self._board
+        if found is None or board is None:
+            return found
+        if board.revoked(digest):
+            return None  # revoked on another broker: as unknown as a deleted key
+        if board.blocked(found.id) and not found.blocked:
+            return replace(found, blocked=True)
         return found
+
+    def revocations_stale(self) -> bool:
+        """True when the shared revocations could not be read lately (then refuse all)."""
+        return self._board is not None and self._board.stale()
 
     def connector(self, token: str) -> ConnectorIdentity | None:
         digest = hash_secret(token)

@@ -135,6 +135,13 @@ class BrokerSettings(FileAwareSettings):
         "change; `remotellm-broker users` edits it too.",
         json_schema_extra={"doc_default": "<data-dir>/users.yaml"},
     )
+    users_reload_interval: float = Field(
+        1 * SECONDS,
+        gt=0,
+        le=60,
+        description="Seconds between checks of the users file for changes (and, with "
+        "--redis-url, of the brokers' shared revocations).",
+    )
     admins: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="GitLab username who may use the operator's pages at /portal/admin "
@@ -285,6 +292,12 @@ class BrokerSettings(FileAwareSettings):
     redis_prefix: str = Field(
         "remotellm:",
         description="Prefix of every Redis key and channel (one per deployment sharing a Redis).",
+    )
+    revocation_max_age: float = Field(
+        10 * SECONDS,
+        gt=0,
+        description="With --redis-url: seconds the brokers' shared key revocations and user "
+        "blocks may go unread before this broker answers API requests with 503.",
     )
 
     @field_validator(

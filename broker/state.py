@@ -10,6 +10,7 @@ from broker.limiter import LimitState, MemoryLimitState
 from broker.metrics import BrokerMetrics
 from broker.prices import PriceBook
 from broker.relay_state import RelayState
+from broker.revocations import RevocationBoard
 from broker.settings import BrokerSettings
 from broker.usage import UsageRecorder
 
@@ -25,6 +26,8 @@ class BrokerState:
     prices: PriceBook | None = None  # from --models-file
     # The limit counters (docs/limits.md): in memory here, shared when brokers scale out.
     limiter: LimitState = field(default_factory=MemoryLimitState)
+    # Key revocations and user blocks shared by several brokers (--redis-url only).
+    revocations: RevocationBoard | None = None
     started: float = 0.0
     # Session id -> "stream" or "classic": how it polled last (for the admin page).
     poll_modes: dict[str, str] = field(default_factory=dict)

@@ -12,17 +12,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sqlite3
 import threading
-from dataclasses import astuple, dataclass, fields
+from dataclasses import astuple, dataclass, fields, replace
 from pathlib import Path
 
 from broker.core.response import TAIL_BYTES, extract_tokens
+from shared.files import FILE_MODE, private_dir, private_file
 from shared.logging import get_logger
 
 __all__ = ["TAIL_BYTES", "UsageRecord", "UsageRecorder", "extract_tokens"]
 
 log = get_logger("broker.usage")
+MAX_MODEL_CHARS = 256  # a model name longer than this is cut in the ledger
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +113,9 @@ class UsageRecorder:
         await asyncio.to_thread(self._close)
 
     def record(self, record: UsageRecord) -> None:
+        if len(record.model) > MAX_MODEL_CHARS:
+            # A refused request's model is whatever the client sent, up to the body limit.
+            record = replace(record, model=record.model[:MAX_MODEL_CHARS])
         self._pending.append(record)
         if self._stopped:
             # A request that ended after the final flush (cancelled by the server's own
@@ -151,7 +157,11 @@ class UsageRecorder:
                 self._db = None
 
     def _create(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Mode 600 before SQLite opens it: its -wal and -shm files copy the database's mode.
+        private_dir(self.path.parent)
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, FILE_MODE))
+        for suffix in ("", "-wal", "-shm"):
+            private_file(self.path.with_name(self.path.name + suffix))
         with contextlib.closing(self._connect()) as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(_SCHEMA)

@@ -32,7 +32,9 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 
 from broker.core.limits import LIMIT_FIELDS, LimitOverrides, Override
 from broker.keys import UserKey, hash_secret, new_user_key, write_yaml_atomic
+from broker.revocations import UsersChange, users_change
 from shared.errors import ConfigError
+from shared.files import private_dir
 from shared.logging import get_logger
 
 log = get_logger("broker.users")
@@ -197,6 +199,8 @@ class UsersStore:
         self._stamp: tuple[int, int, int] | None = None
         self._bad_stamp: tuple[int, int, int] | None = None
         self._used: dict[str, float] = {}
+        self._blocked: frozenset[str] = frozenset()
+        self._watch: Callable[[UsersChange], None] | None = None
         self.error: str | None = None
         self.reload()
 
@@ -240,7 +244,20 @@ class UsersStore:
                     limits=limits,
                     key_limits=_limits_or_none(key.limits),
                 )
+        blocked = frozenset(user.user_id for user in doc.users if user.blocked)
+        if self._watch is not None and stamp is not None:
+            # A missing file (mid-deploy, say) revokes nothing on the other brokers.
+            before = {digest: key.id for digest, key in self._index.items()}
+            after = {digest: key.id for digest, key in index.items()}
+            self._watch(users_change(before, after, self._blocked, blocked))
         self._doc, self._index, self._stamp, self.error = doc, index, stamp, None
+        self._blocked = blocked
+
+    def watch(self, callback: Callable[[UsersChange], None]) -> None:
+        """Tell ``callback`` what each later load changes (and now: who is blocked)."""
+        with self._lock:
+            self._watch = callback
+            callback(users_change(None, {}, frozenset(), self._blocked))
 
     @property
     def users(self) -> list[UserEntry]:
@@ -267,7 +284,7 @@ class UsersStore:
 
     @contextmanager
     def _file_lock(self) -> Iterator[None]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self.path.parent)
         with self._lock, open(self._lock_path, "a") as fh:
             os.fchmod(fh.fileno(), 0o600)
             fcntl.flock(fh, fcntl.LOCK_EX)

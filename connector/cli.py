@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from connector.errors import EnrollmentRefused
-from connector.settings import ConnectorSettings, default_data_dir
+from connector.settings import ConnectorSettings, cleartext_broker, default_data_dir
 from shared.errors import ConfigError
 from shared.logging import configure_logging, get_logger
 from shared.loop import run
@@ -27,6 +27,12 @@ async def run_connector(settings: ConnectorSettings) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if cleartext_broker(settings.broker_url):
+        get_logger("connector.cli").warning(
+            "broker_url_cleartext",
+            broker_url=settings.broker_url,
+            hint="use https:// (the token, prompts and answers cross the network in clear)",
+        )
     # No token: ask the broker to enroll this connector and wait for the operator.
     enrolled = await enrolled_settings(settings, stop)
     if enrolled is None:

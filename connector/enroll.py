@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import secrets
-import tempfile
 from pathlib import Path
 
 from connector.backoff import Backoff
@@ -25,6 +23,7 @@ from connector.errors import BrokerRejected, BrokerUnavailable
 from connector.runner import VERSION, servable
 from connector.settings import ConnectorSettings, read_token_file
 from connector.upstream import Upstream, UpstreamError
+from shared.files import write_atomic
 from shared.fingerprint import fingerprint
 from shared.logging import get_logger
 from shared.protocol import EnrollRequest
@@ -36,17 +35,8 @@ BUSY_RETRY = 10.0  # seconds to wait after the broker said it is busy (429 / 503
 
 
 def write_private(path: Path, text: str) -> None:
-    """Write a secret file: temp file + rename, mode 600, in a directory only we can read."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write a secret file durably, mode 600, in a directory only we can read."""
+    write_atomic(path, text + "\n")
 
 
 def enrollment_secret(settings: ConnectorSettings) -> str:

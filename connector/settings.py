@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import re
 import socket
 from pathlib import Path
@@ -235,3 +236,22 @@ class ConnectorSettings(FileAwareSettings):
         if not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
+
+
+def cleartext_broker(url: str) -> bool:
+    """True when ``url`` is plain http:// to a host other than this machine.
+
+    Then the connector token, the enrollment secret and every prompt and answer cross the
+    network readable by anyone on the path; loopback (a TLS-terminating sidecar, tests) is
+    fine.
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "http":
+        return False
+    host = (parts.hostname or "").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import collections
 import time
 import uuid
+from urllib.parse import unquote
 
 import httpx
 
@@ -43,12 +45,20 @@ class Upstream:
         transport: httpx.AsyncBaseTransport | None = None,
         connections: int | None = None,
     ) -> None:
-        self.url = settings.llm_url
+        # Credentials in the URL become a default Basic header: the URL itself (logged,
+        # shown by /health) never carries them, and aiohttp refuses a URL with both.
+        base = httpx.URL(settings.llm_url)
+        headers: dict[str, str] = {}
+        if base.userinfo:
+            headers["authorization"] = _basic(base.userinfo.decode("ascii"))
+            base = base.copy_with(userinfo=b"")
+        self.url = str(base).rstrip("/")
         self.api_key = settings.llm_api_key
         # Failed upstream requests by reason, once per request (the /metrics of health.py).
         self.errors: collections.Counter[str] = collections.Counter()
         self._client = httpx.AsyncClient(
-            base_url=settings.llm_url,
+            base_url=self.url,
+            headers=headers,
             timeout=httpx.Timeout(
                 connect=settings.llm_connect_timeout,
                 read=settings.llm_read_timeout,
@@ -63,8 +73,16 @@ class Upstream:
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    def _failed(self, pipe: FrameSink, end: ResponseEnd) -> None:
+    def _failed(self, pipe: FrameSink, exc: Exception, end: ResponseEnd) -> None:
+        # The detail (URL, the library's text) stays in this log; the END frame carries a
+        # fixed text, since the broker may show it to API users (URLs can hold credentials).
         self.errors[end.error_type or "upstream_error"] += 1
+        log.warning(
+            "upstream_request_failed",
+            reason=end.error_type,
+            llm_url=self.url,
+            error=f"{type(exc).__name__}: {exc}",
+        )
         pipe.end(end)
 
     async def get_json(self, path: str, timeout: float = 5.0) -> object:
@@ -110,7 +128,7 @@ class Upstream:
             url = self.url_for(item)
         except PathRefused as exc:
             log.warning("request_path_refused", method=item.method[:16], reason=exc.message)
-            self._failed(pipe, _failure(exc.status, exc.code, f"the connector refused: {exc}"))
+            self._failed(pipe, exc, _failure(exc.status, exc.code, f"the connector refused: {exc}"))
             return
         headers = dict(item.headers)
         headers["accept-encoding"] = "identity"
@@ -155,28 +173,17 @@ class Upstream:
             pipe.end(ResponseEnd(ok=True, upstream_ms=(time.perf_counter() - started) * 1000.0))
         except httpx.ConnectError as exc:
             self._failed(
-                pipe,
-                _failure(
-                    502, "upstream_unreachable", f"cannot reach the local LLM at {self.url}: {exc}"
-                ),
+                pipe, exc, _failure(502, "upstream_unreachable", "cannot reach the local LLM")
             )
         except httpx.TimeoutException as exc:
             what = "stopped sending" if head_sent else "did not answer"
             self._failed(
-                pipe,
-                _failure(
-                    504, "upstream_timeout", f"the local LLM {what} in time ({type(exc).__name__})"
-                ),
+                pipe, exc, _failure(504, "upstream_timeout", f"the local LLM {what} in time")
             )
         except httpx.HTTPError as exc:
             where = "mid-response" if head_sent else "before answering"
             self._failed(
-                pipe,
-                _failure(
-                    502,
-                    "upstream_error",
-                    f"the local LLM failed {where}: {type(exc).__name__}: {exc}",
-                ),
+                pipe, exc, _failure(502, "upstream_error", f"the local LLM failed {where}")
             )
         except Exception as exc:
             # Anything else (a bug here, an odd transport) must still end the response:
@@ -185,13 +192,14 @@ class Upstream:
             log.exception("upstream_pump_failed", head_sent=head_sent)
             where = "mid-response" if head_sent else "before the answer began"
             self._failed(
-                pipe,
-                _failure(
-                    502,
-                    "connector_error",
-                    f"the connector failed {where}: {type(exc).__name__}: {exc}",
-                ),
+                pipe, exc, _failure(502, "connector_error", f"the connector failed {where}")
             )
+
+
+def _basic(userinfo: str) -> str:
+    user, _, password = userinfo.partition(":")
+    pair = f"{unquote(user)}:{unquote(password)}".encode()
+    return "Basic " + base64.b64encode(pair).decode("ascii")
 
 
 def _is_uuid(value: str) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from collections.abc import MutableMapping
 from typing import Any
@@ -20,6 +21,49 @@ def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[
             continue
         if any(marker in lowered for marker in _SECRET_MARKERS):
             event[key] = "[redacted]"
+    return event
+
+
+# Credentials in a URL (scheme://user:pass@host): an upstream or proxy URL in an error text.
+_URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]*@")
+# C0 and C1 controls and DEL: a terminal would act on them (clear the screen, fake a line).
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_CONTROLS_BUT_NL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]")
+
+
+def _escaped(match: re.Match[str]) -> str:
+    return match.group().encode("unicode_escape").decode("ascii")
+
+
+def redact_url_credentials(text: str) -> str:
+    """``http://user:pass@host/`` -> ``http://[redacted]@host/``."""
+    return _URL_CREDENTIALS.sub(r"\1[redacted]@", text)
+
+
+def escape_controls(text: str) -> str:
+    """Control characters as Python escapes (``\\x1b``, ``\\n``): one event, one line."""
+    return _CONTROLS.sub(_escaped, text)
+
+
+def _scrub_urls(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    for key, value in event.items():
+        if isinstance(value, str) and "@" in value:
+            event[key] = redact_url_credentials(value)
+    return event
+
+
+def _escape_for_console(
+    _: Any, __: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    # JSON lines escape controls already; the console renderer prints strings raw (other
+    # values through repr, which escapes). A traceback keeps its line breaks.
+    for key, value in event.items():
+        if isinstance(value, str):
+            event[key] = (
+                _CONTROLS_BUT_NL.sub(_escaped, value)
+                if key == "exception"
+                else _CONTROLS.sub(_escaped, value)
+            )
     return event
 
 
@@ -41,6 +85,8 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             _redact,
             structlog.processors.format_exc_info,
+            _scrub_urls,
+            *([] if use_json else [_escape_for_console]),
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),

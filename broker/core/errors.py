@@ -89,3 +89,27 @@ class TooManySessions(Exception):
             "--max-sessions-per-identity): stop some connectors or give them their own tokens"
         )
         super().__init__(self.message)
+
+
+# What an API user is told when a connector ends a request with an error. The connector's
+# own text never reaches them: it may name the local LLM's URL (and credentials in it).
+CONNECTOR_FAILURES: dict[str, str] = {
+    "upstream_unreachable": "the connector cannot reach the local LLM",
+    "upstream_timeout": "the local LLM did not answer in time",
+    "upstream_error": "the local LLM failed",
+    "connector_error": "the connector failed while relaying the answer",
+    "cancelled": "the connector stopped this request",
+}
+CONNECTOR_FAILURE = "connector_failure"  # the code of an error type the broker does not know
+
+
+def connector_failure(error_type: str | None, status: int | None) -> tuple[int, str, str]:
+    """(status, code, message) for a connector's failed END frame: fixed texts only."""
+    code = error_type or "upstream_error"
+    message = CONNECTOR_FAILURES.get(code)
+    if message is None:
+        code, message = CONNECTOR_FAILURE, "the connector failed"
+    # A failure is a failure: a connector cannot make it look like a success or a 4xx.
+    if status is None or not (400 <= status <= 599) or (status < 500 and code != "cancelled"):
+        status = 502
+    return status, code, message

@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 
+from broker.core.errors import connector_failure
 from broker.core.records import Failure, Pending
 from broker.core.sse_usage import StreamUsage, estimate_completion_tokens
 from shared.errors import error_body, normalize_error_body, type_for_status
@@ -273,12 +274,10 @@ class ResponseMachine:
     def _on_end(self, end: ResponseEnd, now: float, out: list[Action]) -> None:
         head = self._head
         if head is None or not end.ok:
-            status = end.status or 502
             if head is None and end.ok:
                 self._fail(502, "bad_upload", "the connector ended without a response", out)
                 return
-            message = end.error or "the upstream failed"
-            self._fail(status, end.error_type or "upstream_error", message, out)
+            self._fail(*connector_failure(end.error_type, end.status), out)
             return
         if self.phase is Phase.STREAMING:
             rest = self._usage.finish()

@@ -40,7 +40,6 @@ from shared.logging import get_logger
 
 log = get_logger("broker.portal")
 
-RELOAD_EVERY = 2.0
 FLUSH_EVERY = 15.0
 REVEAL_FOR = 300.0
 PLAYGROUND_KEY = "playground"
@@ -131,7 +130,8 @@ def create_portal_blueprint(portal: Portal) -> Blueprint:
 
     @bp.before_app_serving
     async def start() -> None:
-        background.append(asyncio.create_task(_maintain(users), name="portal-users"))
+        interval = portal.state.settings.users_reload_interval
+        background.append(asyncio.create_task(_maintain(users, interval), name="portal-users"))
 
     @bp.after_app_serving
     async def stop() -> None:
@@ -418,13 +418,13 @@ def _quote(value: str) -> str:
     return quote(value, safe="/")
 
 
-async def _maintain(users: UsersStore) -> None:
+async def _maintain(users: UsersStore, interval: float) -> None:
     """Reload the users file when it changes; write last-used times in batches."""
     since_flush = 0.0
     while True:
-        await asyncio.sleep(RELOAD_EVERY)
+        await asyncio.sleep(interval)
         await asyncio.to_thread(users.reload)
-        since_flush += RELOAD_EVERY
+        since_flush += interval
         if since_flush >= FLUSH_EVERY:
             since_flush = 0.0
             await asyncio.to_thread(users.flush_last_used)
@@ -434,6 +434,8 @@ def build_portal(state: BrokerState) -> Portal:
     settings = state.settings
     users = UsersStore(settings.users_path)
     state.keys.attach_users(users.lookup)
+    if state.revocations is not None:
+        users.watch(state.revocations.note)
     # Nothing to sign with the portal off: do not leave a secret file in the data dir then.
     secret = (
         load_session_secret(settings.session_secret, settings.data_dir)

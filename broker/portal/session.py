@@ -9,7 +9,6 @@ must not be forgeable or outlive their expiry. The cookies are HttpOnly, SameSit
 
 from __future__ import annotations
 
-import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
 from broker.portal.oauth import Flow
+from shared.files import write_atomic
 
 SESSION_COOKIE = "remotellm_portal"
 FLOW_COOKIE = "remotellm_login"
@@ -36,11 +36,8 @@ def load_session_secret(given: str | None, data_dir: Path) -> str:
         existing = ""
     if existing:
         return existing
-    data_dir.mkdir(parents=True, exist_ok=True)
     secret = secrets.token_urlsafe(48)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(secret + "\n")
+    write_atomic(path, secret + "\n")
     return secret
 
 

@@ -80,7 +80,8 @@ async def test_error_before_the_head_ends_with_an_error(error: Exception) -> Non
     end = _end(frames)
     assert (end.ok, end.status, end.error_type) == (False, 502, "connector_error")
     assert end.error is not None and "before the answer began" in end.error
-    assert type(error).__name__ in end.error
+    # The detail goes to the connector's log only: the END frame's text is fixed.
+    assert type(error).__name__ not in end.error
 
 
 @pytest.mark.parametrize("error", [RuntimeError("bug"), ValueError("odd"), ZeroDivisionError()])

@@ -433,7 +433,8 @@ def test_bad_end_while_streaming_is_an_sse_error() -> None:
     m.feed([SSE_HEAD, b"data: 1\n\n"], 1)
     body, close = m.feed([ResponseEnd(ok=False, error="connection reset", status=502)], 2)
     assert isinstance(body, Body)
-    assert sse_error_of(body.data)["message"] == "connection reset"
+    # The broker's own text, never the connector's.
+    assert sse_error_of(body.data)["message"] == "the local LLM failed"
     assert close == Close()
     assert m.outcome.status == 502
 
