@@ -109,7 +109,7 @@ class Upstream:
             # Inside the try: a header httpx cannot encode fails here, and must end the
             # response like any other failure.
             request = self._client.build_request(
-                item.method, item.path, content=item.body.encode(), headers=headers
+                item.method, item.path, content=item.body, headers=headers
             )
             response = await self._client.send(request, stream=True)
             try:
