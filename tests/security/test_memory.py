@@ -176,6 +176,8 @@ async def test_queued_bodies_cost_less_than_three_times_their_bytes(
         )
         llm.release.set()
         answers = await asyncio.gather(busy, *sends)
+        after = await settled_rss(pid)
+        print(f"broker RSS {after / MIB:.0f} MiB once all {QUEUED + 1} were answered")
     assert [a.status_code for a in answers] == [200] * (QUEUED + 1), [
         a.text[:200] for a in answers if a.status_code != 200
     ]
