@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from typing import Any
 
 from broker.keys import KeyStore, UserKey, bearer
 from shared.errors import error_body, type_for_status
@@ -89,23 +88,3 @@ def authenticate(keys: KeyStore, authorization: str | None, rid: str) -> UserKey
         headers["x-should-retry"] = "false"
         raise ApiError(403, "This API key is blocked.", "key_blocked", headers=headers)
     return user
-
-
-def parse_json_object(raw: bytes, rid: str) -> tuple[str, dict[str, Any]]:
-    headers = {REQUEST_ID_HEADER: rid}
-    if not raw.strip():
-        raise ApiError(
-            400, "the request body is empty; send a JSON object", "invalid_json", headers=headers
-        )
-    try:
-        text = raw.decode("utf-8")
-        body = json.loads(text)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ApiError(
-            400, f"the request body is not valid JSON: {exc}", "invalid_json", headers=headers
-        ) from exc
-    if not isinstance(body, dict):
-        raise ApiError(
-            400, "the request body must be a JSON object", "invalid_json", headers=headers
-        )
-    return text, body

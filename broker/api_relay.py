@@ -23,13 +23,12 @@ from broker.api_input import (
     authenticate,
     client_label,
     new_request_id,
-    parse_json_object,
 )
 from broker.asgi import Message, Receive, Scope, Send
 from broker.core import DispatchError, Pending, StateUnavailable
-from broker.core.demand import estimate
+from broker.core.request_body import BodyRefused, JsonLimits, RequestBody, inspect
 from broker.core.response import Action, Begin, Body, Close, Outcome, ResponseMachine
-from broker.core.sse_usage import USAGE_PATHS, with_include_usage
+from broker.core.sse_usage import USAGE_PATHS
 from broker.forwarded import client_address, parse_networks
 from broker.keys import UserKey
 from broker.limit_gate import LimitGate, Reach, Ticket
@@ -118,7 +117,9 @@ async def read_body(receive: Receive, declared: str | None, limit: int, rid: str
     )
     if declared is not None and declared.isdigit() and int(declared) > DRAIN_LIMIT:
         raise too_large
-    parts: list[bytes] = []
+    # One growing buffer rather than a list of chunks: a chunk is freed once copied, so
+    # bodies read side by side leave no long-lived chunks interleaved in the heap.
+    buffer = bytearray()
     size = 0
     while True:
         message = await receive()
@@ -127,16 +128,16 @@ async def read_body(receive: Receive, declared: str | None, limit: int, rid: str
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            parts.clear()
+            buffer.clear()
             if size > DRAIN_LIMIT:
                 raise too_large
         elif chunk:
-            parts.append(chunk)
+            buffer += chunk
         if not message.get("more_body", False):
             break
     if size > limit:
         raise too_large
-    return b"".join(parts)
+    return bytes(buffer)
 
 
 class ApiRelay:
@@ -144,6 +145,9 @@ class ApiRelay:
         self.state = state
         self.hub = state.hub
         self.trusted_proxies = parse_networks(state.settings.trusted_proxies)
+        self.json_limits = JsonLimits(
+            state.settings.max_json_depth, state.settings.max_json_elements
+        )
         self.gate = LimitGate(
             state.limiter,
             state.settings.default_limits,
@@ -210,34 +214,30 @@ class ApiRelay:
             ) from None
         limit = state.settings.max_request_body
         raw = await read_body(receive, _header(scope, b"content-length"), limit, rid)
-        text, body = parse_json_object(raw, rid)
-        model = body.get("model")
-        if not isinstance(model, str) or not model:
+        # Ask a streaming upstream for its usage chunk; the machine removes it again.
+        asks = state.settings.ask_stream_usage and path in USAGE_PATHS
+        try:
+            request = inspect(raw, self.json_limits, asks)
+        except BodyRefused as exc:
             raise ApiError(
-                400,
-                "you must provide a model parameter",
-                "missing_model",
-                param="model",
-                headers={REQUEST_ID_HEADER: rid},
-            )
-        if not is_model_name(model):
+                400, exc.message, exc.code, param=exc.param, headers={REQUEST_ID_HEADER: rid}
+            ) from None
+        del raw  # the request holds its body once: request.raw
+        item = self._item(scope, rid, path, request)
+        if not is_model_name(request.model):
             # No connector may register such a name (shared/model_names.py): it cannot exist.
+            # Recorded like any refusal (the ledger cuts the name), so probing shows in usage.
+            self._refused(rid, user, item, 404, "model_not_found", started, known=False)
             raise ApiError(
                 404,
-                f"The model {shown(model)} does not exist",
+                f"The model {shown(request.model)} does not exist",
                 "model_not_found",
                 type_="invalid_request_error",
                 param="model",
                 headers={REQUEST_ID_HEADER: rid},
             )
-        # Ask a streaming upstream for its usage chunk; the machine removes it again.
-        asks = state.settings.ask_stream_usage and path in USAGE_PATHS
-        upstream_text = with_include_usage(text, body) if asks else None
-        item = self._item(
-            scope, rid, path, model, upstream_text or text, body.get("stream") is True
-        )
         try:
-            ticket = await self.gate.admit(user, body, item.path, rid)
+            ticket = await self.gate.admit(user, request.ask, item.path, rid)
         except ApiError as exc:  # over a limit: 429, recorded like the relay's refusals
             try:
                 live = item.model in (await self.hub.view()).live_models
@@ -246,7 +246,7 @@ class ApiRelay:
             self._refused(rid, user, item, exc.status, exc.code, started, known=live)
             raise
         progress = Progress()
-        usage = UsageWatch(upstream_text is not None, estimate(body, item.path, 0).prompt)
+        usage = UsageWatch(request.usage_added, request.ask.prompt)
         try:
             await self._dispatch(
                 scope, receive, send, rid, started, user, item, ticket, progress, usage
@@ -305,20 +305,18 @@ class ApiRelay:
         finally:
             self._done(rid, user, item, pending, machine.outcome, address, started)
 
-    def _item(
-        self, scope: Scope, rid: str, path: str, model: str, text: str, stream: bool
-    ) -> RequestItem:
+    def _item(self, scope: Scope, rid: str, path: str, request: RequestBody) -> RequestItem:
         headers = {REQUEST_ID_HEADER: rid, "content-type": "application/json"}
         for key, value in scope["headers"]:
             if key in _FORWARD_HEADERS and value:
                 headers[key.decode("latin-1")] = value.decode("latin-1")
         return RequestItem(
             request_id=rid,
-            model=model,
+            model=request.model,
             path=path,
-            body=text,
+            body=request.raw,
             headers=headers,
-            stream=stream,
+            stream=request.stream,
             timeout_s=self.state.settings.total_timeout,
         )
 

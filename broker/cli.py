@@ -139,10 +139,13 @@ def main(ctx: click.Context, /, config_file: Path | None, **options: Any) -> Non
         # Options given before the subcommand apply to it too.
         ctx.obj = {"config_file": config_file, **options}
         return
+    from broker.malloc import return_large_buffers
     from broker.server import serve
 
     settings = _settings(config_file, options)
     from broker.app import build_state
+
+    return_large_buffers()
 
     try:
         configure_logging(settings.log_level, settings.log_format)

@@ -13,10 +13,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
 
 from broker.api_input import ApiError
-from broker.core.demand import Demand, estimate
+from broker.core.demand import Ask, Demand
 from broker.core.limits import NO_LIMITS, Limits, RateInfo, Reason, Refusal, Reservation
 from broker.core.response import Outcome
 from broker.keys import UserKey
@@ -182,15 +181,13 @@ class LimitGate:
                 limits.append(key)
         return tuple(names), tuple(limits)
 
-    async def admit(
-        self, user: UserKey, body: dict[str, Any], path: str, rid: str
-    ) -> Ticket | None:
+    async def admit(self, user: UserKey, ask: Ask, path: str, rid: str) -> Ticket | None:
         """Reserve the request's worst case, or raise the 429 (``ApiError``)."""
         names, limits = self.subjects(user)
         if not names:
             return None
         counts_tokens = any(lim.counts_tokens for lim in limits)
-        demand = estimate(body, path, self.default_max_tokens) if counts_tokens else NO_DEMAND
+        demand = ask.demand(path, self.default_max_tokens) if counts_tokens else NO_DEMAND
         answer = await self.state.reserve(names, demand.total, limits, self.clock())
         if isinstance(answer, Refusal):
             self.metrics.rate_limited(answer.reason.value)

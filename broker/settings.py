@@ -222,6 +222,17 @@ class BrokerSettings(FileAwareSettings):
     max_request_body: int = Field(
         8 * MIB, ge=1024, description="Largest API request body in bytes (413 above)."
     )
+    max_json_depth: int = Field(
+        128,
+        ge=8,
+        description="Deepest nesting of arrays and objects in an API request body (400 above).",
+    )
+    max_json_elements: int = Field(
+        1_000_000,
+        ge=1000,
+        description="Most JSON values in an API request body (400 above): bounds the "
+        "memory of parsing it, which is many times the body's bytes for small values.",
+    )
     max_response_body: int = Field(
         256 * MIB, ge=1024, description="Largest relayed response in bytes."
     )
@@ -245,9 +256,11 @@ class BrokerSettings(FileAwareSettings):
         "(unset: unlimited).",
     )
     concurrency_limit: int | None = Field(
-        None,
+        32,
         ge=1,
-        description="Requests each user may have in flight at once (unset: unlimited).",
+        description="Requests each user may have in flight at once, queued ones included "
+        "(each holds its body in memory); raise it for users who need more, or per user "
+        "and key in the users file.",
     )
     daily_token_quota: int | None = Field(
         None,

@@ -145,9 +145,7 @@ class Upstream:
         try:
             # Inside the try: a header httpx cannot encode fails here, and must end the
             # response like any other failure.
-            request = self._client.build_request(
-                "POST", url, content=item.body.encode(), headers=headers
-            )
+            request = self._client.build_request("POST", url, content=item.body, headers=headers)
             response = await self._client.send(request, stream=True)
             try:
                 upstream_ms = (time.perf_counter() - started) * 1000.0

@@ -125,7 +125,9 @@ class RequestItem(_Model):
     model: str
     method: str = "POST"
     path: str
-    body: str
+    # The JSON body as the API user sent it (UTF-8); a JSON string on the wire. Bytes, so a
+    # queued request holds it once, at one byte per byte.
+    body: bytes
     headers: dict[str, str] = Field(default_factory=dict)
     upstream_api_key: str | None = None
     stream: bool = False

@@ -62,10 +62,24 @@ def _asked(body: dict[str, Any]) -> int | None:
     return None
 
 
+@dataclass(frozen=True, slots=True)
+class Ask:
+    """What the estimate reads of a body, kept instead of the body's parsed tree."""
+
+    prompt: int  # the prompt estimate in tokens
+    max_tokens: int | None  # the completion budget the request names, if any
+
+    def demand(self, path: str, default_max_tokens: int) -> Demand:
+        if path.rstrip("/").endswith("/embeddings"):
+            return Demand(self.prompt, 0)
+        completion = default_max_tokens if self.max_tokens is None else self.max_tokens
+        return Demand(self.prompt, completion)
+
+
+def ask_of(body: dict[str, Any]) -> Ask:
+    return Ask(_prompt_tokens(body), _asked(body))
+
+
 def estimate(body: dict[str, Any], path: str, default_max_tokens: int) -> Demand:
     """The tokens a request may use at most: its prompt estimate and its completion budget."""
-    prompt = _prompt_tokens(body)
-    if path.rstrip("/").endswith("/embeddings"):
-        return Demand(prompt, 0)
-    asked = _asked(body)
-    return Demand(prompt, default_max_tokens if asked is None else asked)
+    return ask_of(body).demand(path, default_max_tokens)

@@ -41,7 +41,7 @@ USAGE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 BYTES_PER_TOKEN = 4  # as broker.core.demand: about what OpenAI's tokenizers spend
 MAX_EVENT = 1024 * 1024  # past this without a blank line the stream is not SSE: stop parsing
 
-_INCLUDE_USAGE = ',"stream_options":{"include_usage":true}}'
+_INCLUDE_USAGE = b',"stream_options":{"include_usage":true}}'
 _USAGE = b'"usage"'
 _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
 _USAGE_NULL = re.compile(rb'"usage"[ \t]*:[ \t]*null(?=[ \t]*\}[ \t]*\r?(?:\n|$))')
@@ -55,10 +55,10 @@ _STRING_VALUE = re.compile(rb'\s*:\s*"(?!")')
 _BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 
 
-def with_include_usage(text: str, body: Mapping[str, object]) -> str | None:
+def with_include_usage(raw: bytes, body: Mapping[str, object]) -> bytes | None:
     """The request body asking for a usage chunk, or None when it needs no change.
 
-    ``text`` is the client's JSON object and ``body`` its parsed form. No change when the
+    ``raw`` is the client's JSON object (UTF-8) and ``body`` its parsed form. No change when the
     request is not streamed, already asks for usage, or has a ``stream_options`` that is not
     an object (the upstream answers that as it would without the broker).
     """
@@ -67,12 +67,12 @@ def with_include_usage(text: str, body: Mapping[str, object]) -> str | None:
     options = body.get("stream_options")
     if options is None and "stream_options" not in body:
         # Append the member textually: the client's bytes stay as they were otherwise.
-        return text.rstrip()[:-1] + _INCLUDE_USAGE
+        return raw.rstrip()[:-1] + _INCLUDE_USAGE
     if not isinstance(options, dict) or options.get("include_usage") is True:
         return None
     changed = dict(body)
     changed["stream_options"] = {**options, "include_usage": True}
-    return json.dumps(changed, ensure_ascii=False)
+    return json.dumps(changed, ensure_ascii=False).encode()
 
 
 def _text_bytes(value: object) -> int:

@@ -107,7 +107,8 @@ class Cluster:
                 ["-m", "broker", "--host", "127.0.0.1", "--port", str(port),
                  "--health-port", str(health), "--data-dir", str(self.workdir / f"data{i}"),
                  "--user-api-key", KEY, "--connector-token", TOKEN, "--no-generate-credentials",
-                 "--queue-max", "5000", "--log-level", "warning", "--log-format", "json",
+                 "--queue-max", "5000", "--concurrency-limit", "5000",  # one key sends all
+                 "--log-level", "warning", "--log-format", "json",
                  *redis_args],
                 log,
             )  # fmt: skip

@@ -241,6 +241,8 @@ class Setup:
                     "--no-generate-credentials",
                     "--queue-max",
                     "5000",
+                    "--concurrency-limit",  # one key sends every request
+                    "5000",
                     "--log-level",
                     "warning",
                     "--log-format",

@@ -175,6 +175,8 @@ async def test_utf8_split_across_writes(stack: Stack) -> None:
     assert text == "héllo wörld 你好 🙂 ✓"
 
 
+# One key with a hundred requests in flight: over the default per-user concurrency limit.
+@pytest.mark.parametrize("broker_overrides", [{"concurrency_limit": 100}])
 async def test_hundred_concurrent_streams_in_order(stack: Stack, fake_llm: FakeLLM) -> None:
     # The default connector has capacity 4; give it more so all run at once.
     conn = await start_connector(stack.broker.url, fake_llm.url, capacity=100)

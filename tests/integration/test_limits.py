@@ -170,6 +170,8 @@ async def test_every_response_carries_the_rate_headers(stack: Stack) -> None:
         assert RESET.match(response.headers["x-ratelimit-reset-tokens"])
 
 
+# The default per-user concurrency limit (32) is lifted: no limit at all.
+@pytest.mark.parametrize("broker_overrides", [{"concurrency_limit": None}])
 async def test_no_limit_configured_no_headers(stack: Stack) -> None:
     async with stack.client() as http:
         reply = await http.post(

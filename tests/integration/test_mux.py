@@ -39,7 +39,8 @@ def body(stream: bool, n: int = 20, content: str = "x") -> dict[str, Any]:
 
 @pytest.fixture
 async def mux_stack(tmp_path, fake_llm: FakeLLM) -> AsyncIterator[Stack]:
-    broker = await start_broker(tmp_path / "broker")
+    # 50 concurrent requests of one key: over the default per-user concurrency limit.
+    broker = await start_broker(tmp_path / "broker", concurrency_limit=64)
     conn = await start_connector(broker.url, fake_llm.url, upload_mode="mux", capacity=64)
     s = Stack(broker, [conn])
     yield s

@@ -11,7 +11,7 @@ import yaml
 from click.testing import CliRunner
 
 from broker import cli as broker_cli
-from broker.core.demand import Demand, estimate
+from broker.core.demand import Demand, ask_of, estimate
 from broker.core.limits import LimitOverrides, Limits, RateInfo, Reason, Refusal
 from broker.core.response import Outcome
 from broker.keys import UserKey, hash_secret
@@ -202,12 +202,13 @@ def test_subjects_are_the_user_and_a_key_with_its_own_limits() -> None:
 
 
 async def test_admit_skips_everything_without_limits() -> None:
-    assert await gate(Limits()).admit(UserKey("u", "u"), {}, "/v1/chat/completions", "r") is None
+    ticket = await gate(Limits()).admit(UserKey("u", "u"), ask_of({}), "/v1/chat/completions", "r")
+    assert ticket is None
 
 
 async def test_admit_refuses_and_counts_the_reason() -> None:
     g = gate(Limits(concurrency=1))
-    body = {"messages": [{"role": "user", "content": "hi"}]}
+    body = ask_of({"messages": [{"role": "user", "content": "hi"}]})
     ticket = await g.admit(UserKey("u", "u"), body, "/v1/chat/completions", "r")
     assert ticket is not None and ticket.demand == Demand(0, 0)  # no token limit: no estimate
     with pytest.raises(Exception, match="concurrent") as caught:

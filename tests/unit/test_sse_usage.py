@@ -235,8 +235,8 @@ def test_deltas_count_text_reasoning_and_tool_arguments() -> None:
     ],
 )
 def test_with_include_usage(body: str, expected: str | None) -> None:
-    changed = with_include_usage(body, json.loads(body))
-    assert changed == expected
+    changed = with_include_usage(body.encode(), json.loads(body))
+    assert changed == (None if expected is None else expected.encode())
     if changed is not None:
         assert json.loads(changed)["stream_options"]["include_usage"] is True
 
