@@ -123,7 +123,7 @@ class BrokerSettings(FileAwareSettings):
     )
     group_check_interval: float = Field(
         1 * HOURS,
-        ge=60 * SECONDS,
+        ge=1 * SECONDS,
         le=1 * HOURS,
         description="Seconds between checks that a logged-in portal user is still in an "
         "allowed group (with their GitLab token); a user who left is logged out.",

@@ -2,7 +2,8 @@
 
 Every POST under /portal/ must say its length (browsers always do for forms) and stay
 within ``--portal-max-form`` bytes; its body must arrive within ``--header-timeout``
-seconds. Otherwise the answer is a page that says what to do, sent before the body is read.
+seconds (it is read before the view runs). Otherwise the answer is a page that says what
+to do.
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ def install_form_limits(bp: Blueprint, settings: BrokerSettings) -> None:
     async def bound_form() -> Response | None:
         if not request.path.startswith("/portal/") or request.method in ("GET", "HEAD"):
             return None
-        request.body_timeout = int(settings.header_timeout) + 1
         length = request.content_length
         if length is not None and length <= limit:
+            # Read it now, whoever sends it: the view may answer before reading it.
+            request.body_timeout = int(settings.header_timeout) + 1
+            await request.get_data(cache=True)
             return None
         log.warning("portal_form_refused", path=request.path, length=length, limit=limit)
         if length is None:

@@ -157,7 +157,7 @@ class Portal:
         if not allowed:
             log.info("portal_group_left", gitlab_id=record.gitlab_id)
             return False
-        record.checked = now
+        record.checked, record.retry_at = now, 0.0
         return True
 
     def end_sessions(self, gitlab_id: int, why: str) -> None:
