@@ -155,7 +155,8 @@ class BrokerSettings(FileAwareSettings):
     admin_ids: Annotated[list[int], NoDecode] = Field(
         default_factory=list,
         description="Numeric GitLab user ID who may use the operator's pages at /portal/admin "
-        "(repeatable; env: comma-separated; the portal's users page and the log show it).",
+        "(repeatable; env: comma-separated; GitLab shows it on the user's profile, and the "
+        "portal's 403 page and its login log lines name it).",
         json_schema_extra={"flag": "--admin-id"},
     )
     admins: Annotated[list[str], NoDecode] = Field(

@@ -282,7 +282,12 @@ def create_portal_blueprint(portal: Portal) -> Blueprint:
         except UsersFileError as exc:
             log.error("portal_users_file_broken", error=str(exc))
             return _users_file_broken()
-        log.info("portal_login", user=gitlab.username, first=result.first_key is not None)
+        log.info(
+            "portal_login",
+            user=gitlab.username,
+            gitlab_id=gitlab.id,
+            first=result.first_key is not None,
+        )
         if gitlab.username in portal.state.settings.admins:
             log.warning(
                 "admin_by_username",
