@@ -131,8 +131,8 @@ class BrokerSettings(FileAwareSettings):
     session_secret: str | None = Field(
         None,
         description="Key that signs portal session cookies (generated into the data dir when "
-        "not given; sessions themselves live in the broker's memory, so a restart logs "
-        "everyone out).",
+        "not given; brokers sharing --redis-url need the same one). Sessions live in the "
+        "broker's memory (a restart logs everyone out), or in Redis with --redis-url.",
         json_schema_extra={"doc_default": "<data-dir>/session_secret"},
     )
     session_lifetime: float = Field(12 * HOURS, gt=0, description="Seconds a portal login lasts.")

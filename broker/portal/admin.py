@@ -79,7 +79,7 @@ def create_admin_blueprint(portal: Portal) -> Blueprint:
             return Response("", status=303, headers={"Location": "/portal/" + query})
         csrf = csrf_token(cookies.secret, session)
         if user.blocked:
-            portal.end_sessions(user.gitlab_id, "blocked")
+            await portal.end_sessions(user.gitlab_id, "blocked")
             return pages.page("blocked", 403, user=user, csrf="")
         if not portal.is_admin(user):
             log.warning("admin_refused", user=user.username, path=request.path)
@@ -291,7 +291,7 @@ def create_admin_blueprint(portal: Portal) -> Blueprint:
         await asyncio.to_thread(users.set_blocked, selector, blocked)
         target = admin_views.find_user(users.users, selector)
         if blocked and target is not None:
-            portal.end_sessions(target.gitlab_id, "blocked")
+            await portal.end_sessions(target.gitlab_id, "blocked")
         return "blocked" if blocked else "unblocked"
 
     async def revoke_key(who: Admin, form: dict[str, str]) -> str:
@@ -299,7 +299,7 @@ def create_admin_blueprint(portal: Portal) -> Blueprint:
         await asyncio.to_thread(users.revoke, selector, form.get("key", ""))
         target = admin_views.find_user(users.users, selector)
         if target is not None:  # whoever holds the key may hold the login too
-            portal.end_sessions(target.gitlab_id, "key revoked")
+            await portal.end_sessions(target.gitlab_id, "key revoked")
         return "revoked-key"
 
     async def set_limits(who: Admin, form: dict[str, str]) -> str:

@@ -26,6 +26,7 @@ from broker.portal.oauth import (
     GitLabOAuth,
     LoginFailed,
 )
+from broker.portal.redis_sessions import RedisSessions
 from broker.portal.security import add_security_headers, safe_next
 from broker.portal.session import (
     FLOW_COOKIE,
@@ -34,8 +35,9 @@ from broker.portal.session import (
     Session,
     load_session_secret,
 )
-from broker.portal.sessions import SessionRecord, SessionStore
+from broker.portal.sessions import SessionRecord, Sessions, SessionStore
 from broker.portal.usage_view import usage_for
+from broker.redis_state import RedisRelayState
 from broker.state import BrokerState
 from broker.users import KeyActionRefused, UserEntry, UsersFileError, UsersStore
 from shared.logging import get_logger
@@ -112,7 +114,7 @@ class Portal:
     users: UsersStore
     cookies: Cookies
     oauth: GitLabOAuth | None
-    sessions: SessionStore
+    sessions: Sessions
     reveals: Reveals = field(default_factory=Reveals)
 
     @property
@@ -129,11 +131,11 @@ class Portal:
         cookie = self.cookies.session(request.cookies.get(SESSION_COOKIE))
         if cookie is None:
             return None
-        record = self.sessions.get(cookie.sid, cookie.gitlab_id)
+        record = await self.sessions.get(cookie.sid, cookie.gitlab_id)
         if record is None:
             return None
         if not await self._still_in_group(record):
-            self.sessions.end(record.sid)
+            await self.sessions.end(record.sid, record.gitlab_id)
             return None
         return cookie
 
@@ -148,6 +150,7 @@ class Portal:
         if now < record.retry_at:
             return True
         record.retry_at = now + GROUP_RETRY  # one check at a time per session
+        await self.sessions.save(record)
         try:
             allowed, record.tokens = await oauth.recheck(record.tokens)
         except LoginFailed:
@@ -158,10 +161,11 @@ class Portal:
             log.info("portal_group_left", gitlab_id=record.gitlab_id)
             return False
         record.checked, record.retry_at = now, 0.0
+        await self.sessions.save(record)
         return True
 
-    def end_sessions(self, gitlab_id: int, why: str) -> None:
-        ended = self.sessions.end_user(gitlab_id)
+    async def end_sessions(self, gitlab_id: int, why: str) -> None:
+        ended = await self.sessions.end_user(gitlab_id)
         if ended:
             log.info("portal_sessions_ended", gitlab_id=gitlab_id, sessions=ended, why=why)
 
@@ -206,7 +210,7 @@ def create_portal_blueprint(portal: Portal) -> Blueprint:
             query = f"?next={_quote(target)}" if target else ""
             return _redirect("/portal/" + query, 303)
         if user.blocked:
-            portal.end_sessions(user.gitlab_id, "blocked")
+            await portal.end_sessions(user.gitlab_id, "blocked")
             return pages.page("blocked", 403, user=user, csrf="")
         return Viewer(session, user, csrf_token(cookies.secret, session))
 
@@ -295,7 +299,7 @@ def create_portal_blueprint(portal: Portal) -> Blueprint:
                 gitlab_id=gitlab.id,
                 todo=f"replace --admin {gitlab.username} by --admin-id {gitlab.id}",
             )
-        record = portal.sessions.create(gitlab.id, gitlab.tokens)
+        record = await portal.sessions.create(gitlab.id, gitlab.tokens)
         _, spec = cookies.new_session(gitlab.id, record.sid)
         target = flow.next
         if result.first_key is not None:
@@ -313,7 +317,7 @@ def create_portal_blueprint(portal: Portal) -> Blueprint:
             form = await form_checked(who)
             if isinstance(form, Response):
                 return form
-            portal.sessions.end(who.session.sid)
+            await portal.sessions.end(who.session.sid, who.user.gitlab_id)
             log.info("portal_logout", user=who.user.username)
         response = _redirect("/portal/", 303)
         response.delete_cookie(SESSION_COOKIE, path="/portal")
@@ -529,5 +533,9 @@ def build_portal(state: BrokerState) -> Portal:
         )
     if oauth is not None and not oauth.allowed_groups:
         log.warning("portal_open_to_any_gitlab_user", gitlab_url=settings.gitlab_url)
-    sessions = SessionStore(settings.session_lifetime, settings.session_idle)
+    sessions: Sessions = SessionStore(settings.session_lifetime, settings.session_idle)
+    if isinstance(state.hub, RedisRelayState):  # brokers share state: share sessions too
+        sessions = RedisSessions(
+            state.hub.redis, settings.redis_prefix, settings.session_lifetime, settings.session_idle
+        )
     return Portal(state=state, users=users, cookies=cookies, oauth=oauth, sessions=sessions)

@@ -18,6 +18,7 @@ import pytest
 from broker.settings import BrokerSettings
 from tests.portal.fake_gitlab import CLIENT_ID, CLIENT_SECRET, FakeGitLab, FakeUser
 from tests.portal.helpers import csrf_of, login
+from tests.support.redis_server import RedisServer, unique_prefix
 from tests.support.stack import RunningBroker, start_broker
 
 ALICE = FakeUser(1001, "alice", "Alice", ["acme"])
@@ -151,3 +152,43 @@ def test_a_portal_open_to_every_gitlab_account_must_be_asked_for(tmp_path: Path)
         BrokerSettings(**base)
     assert BrokerSettings(**base, gitlab_allow_any_user=True).gitlab_allow_any_user
     assert BrokerSettings(**base, gitlab_allowed_groups=["acme"]).gitlab_allowed_groups
+
+
+async def test_with_shared_redis_state_a_logout_or_block_on_one_broker_ends_it_on_all(
+    tmp_path: Path, gitlab: FakeGitLab, shared_redis: RedisServer
+) -> None:
+    shared: dict[str, Any] = {
+        "redis_url": shared_redis.url,
+        "redis_prefix": unique_prefix(),
+        "session_secret": "one-secret-for-both-brokers",
+        "users_file": tmp_path / "users.yaml",
+    }
+    one = await portal(tmp_path / "a", gitlab, **shared)
+    two = await portal(tmp_path / "b", gitlab, **shared)
+    try:
+        alice = await logged_in(one, gitlab, ALICE)
+        cookie = alice.cookies[COOKIE]
+        for _ in range(50):  # the other broker reads the new user from the file every 2 s
+            if await replay(two, cookie) == 200:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the other broker never took the session")
+        token = csrf_of((await alice.get("/portal/keys")).text)
+        assert (await alice.post("/portal/logout", data={"csrf_token": token})).status_code == 303
+        assert await replay(two, cookie) == 303
+        bob = await logged_in(one, gitlab, BOB)
+        admin = await logged_in(two, gitlab, ALICE)
+        token = csrf_of((await admin.get("/portal/admin/users")).text)
+        for blocked in ("1", "0"):
+            r = await admin.post(
+                "/portal/admin/users/block",
+                data={"user": "bob", "blocked": blocked, "csrf_token": token},
+            )
+            assert r.status_code == 303, r.text
+        assert await replay(one, bob.cookies[COOKIE]) == 303
+        for client in (alice, bob, admin):
+            await client.aclose()
+    finally:
+        await two.stop()
+        await one.stop()
