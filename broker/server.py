@@ -18,13 +18,24 @@ log = get_logger("broker.server")
 
 
 def hypercorn_config(host: str, port: int, settings: BrokerSettings, tls: bool) -> Config:
+    """The API/relay port (``tls=True``) or the health port (``tls=False``).
+
+    Hypercorn closes a connection whose request head is not complete within
+    ``keep_alive_timeout`` (its idle timer runs from accept and between requests and is not
+    reset by bytes of a partial head), so that is ``--header-timeout``: a slow-loris head
+    holds a socket that long at most. ``read_timeout`` bounds the silence of a connection
+    with a request in flight: on the health port a request is answered at once; on the API
+    port a client legitimately sends nothing while it waits up to ``--total-timeout`` for
+    its answer.
+    """
     config = Config()
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     config.accesslog = None
     config.errorlog = None
     config.include_server_header = False
-    # Connectors reuse connections between polls; proxies in between keep them ~60 s.
-    config.keep_alive_timeout = 75.0
+    config.keep_alive_timeout = settings.header_timeout
+    silence = settings.total_timeout + settings.header_timeout if tls else settings.header_timeout
+    config.read_timeout = int(silence) + 1
     config.graceful_timeout = 5.0
     # A burst of 1,000 new API clients overflows Hypercorn's default backlog of 100.
     config.backlog = settings.backlog

@@ -119,16 +119,41 @@ class BrokerSettings(FileAwareSettings):
     gitlab_allowed_groups: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="GitLab group (full path) whose members may log in to the portal; checked "
-        "on every login (repeatable; env: comma-separated; default: any GitLab user).",
+        "at login and again every --group-check-interval (repeatable; env: comma-separated). "
+        "A portal needs this or --gitlab-allow-any-user.",
         json_schema_extra={"flag": "--gitlab-allowed-group"},
+    )
+    gitlab_allow_any_user: bool = Field(
+        False,
+        description="Let every account of the GitLab instance log in to the portal and get a "
+        "key (on gitlab.com: anyone); without it a portal with no --gitlab-allowed-group "
+        "refuses to start.",
+    )
+    group_check_interval: float = Field(
+        1 * HOURS,
+        ge=1 * SECONDS,
+        le=1 * HOURS,
+        description="Seconds between checks that a logged-in portal user is still in an "
+        "allowed group (with their GitLab token); a user who left is logged out.",
     )
     session_secret: str | None = Field(
         None,
         description="Key that signs portal session cookies (generated into the data dir when "
-        "not given, so a restart keeps people logged in).",
+        "not given; brokers sharing --redis-url need the same one). Sessions live in the "
+        "broker's memory (a restart logs everyone out), or in Redis with --redis-url.",
         json_schema_extra={"doc_default": "<data-dir>/session_secret"},
     )
     session_lifetime: float = Field(12 * HOURS, gt=0, description="Seconds a portal login lasts.")
+    session_idle: float = Field(
+        8 * HOURS,
+        gt=0,
+        description="Seconds a portal login lasts without a request before it ends.",
+    )
+    portal_max_form: int = Field(
+        64 * 1024,
+        ge=1024,
+        description="Largest portal form body in bytes (a page with status 413 above).",
+    )
     users_file: Path | None = Field(
         None,
         description="YAML file of portal users and their keys (hashes only), reloaded on "
@@ -142,16 +167,33 @@ class BrokerSettings(FileAwareSettings):
         description="Seconds between checks of the users file for changes (and, with "
         "--redis-url, of the brokers' shared revocations).",
     )
+    admin_ids: Annotated[list[int], NoDecode] = Field(
+        default_factory=list,
+        description="Numeric GitLab user ID who may use the operator's pages at /portal/admin "
+        "(repeatable; env: comma-separated; GitLab shows it on the user's profile, and the "
+        "portal's 403 page and its login log lines name it).",
+        json_schema_extra={"flag": "--admin-id"},
+    )
     admins: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="GitLab username who may use the operator's pages at /portal/admin "
-        "(repeatable; env: comma-separated).",
+        description="GitLab username who may use the operator's pages (repeatable; env: "
+        "comma-separated). Deprecated: users can rename themselves, so it logs a warning; "
+        "use --admin-id.",
         json_schema_extra={"flag": "--admin"},
     )
     allow_enrollment: bool = Field(
         False,
         description="Let connectors without a token ask to join; the request waits on "
         "/portal/admin until an admin approves it (docs/enrollment.md).",
+    )
+    header_timeout: float = Field(
+        30 * SECONDS,
+        gt=0,
+        le=3600 * SECONDS,
+        description="Seconds a connection (either port) may stay open without sending a complete "
+        "request head, new or kept alive between requests; also how long a portal form body "
+        "and a health request may take. Keep a reverse proxy's idle upstream connections "
+        "shorter than this.",
     )
     certfile: Path | None = Field(None, description="TLS certificate (PEM) to serve HTTPS.")
     keyfile: Path | None = Field(None, description="TLS private key (PEM).")
@@ -320,6 +362,7 @@ class BrokerSettings(FileAwareSettings):
         "extra_api_routes",
         "gitlab_allowed_groups",
         "admins",
+        "admin_ids",
         mode="before",
     )
     @classmethod
@@ -355,6 +398,21 @@ class BrokerSettings(FileAwareSettings):
         for flag, path in (("--certfile", self.certfile), ("--keyfile", self.keyfile)):
             if path is not None and not path.is_file():
                 raise ValueError(f"{flag} {path}: no such file")
+        return self
+
+    @model_validator(mode="after")
+    def _portal_audience(self) -> BrokerSettings:
+        if (
+            self.gitlab_client_id
+            and not self.gitlab_allowed_groups
+            and not (self.gitlab_allow_any_user)
+        ):
+            raise ValueError(
+                "the key portal (--gitlab-client-id) would give an API key to every account "
+                f"of {self.gitlab_url}: name who may log in with --gitlab-allowed-group "
+                "(REMOTELLM_BROKER_GITLAB_ALLOWED_GROUPS), or say that anyone may with "
+                "--gitlab-allow-any-user (REMOTELLM_BROKER_GITLAB_ALLOW_ANY_USER=true)"
+            )
         return self
 
     @property

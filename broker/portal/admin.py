@@ -1,4 +1,4 @@
-"""The operator's pages under /portal/admin, for the GitLab usernames in ``--admin``.
+"""The operator's pages under /portal/admin, for the GitLab users in ``--admin-id``.
 
 Same session cookie, CSRF token, templates and security headers as the rest of the portal.
 Sections, one page each: users, connectors (live sessions and enrollment), queues, usage,
@@ -21,7 +21,7 @@ from broker.portal import admin_actions, admin_usage, admin_views, pages
 from broker.portal.csrf import FORM_FIELD, csrf_ok, csrf_token
 from broker.portal.routes import Portal
 from broker.portal.security import add_security_headers
-from broker.portal.session import SESSION_COOKIE, Session
+from broker.portal.session import Session
 from broker.users import KeyActionRefused, UserEntry, UsersFileError
 from shared.logging import get_logger
 
@@ -65,14 +65,13 @@ def create_admin_blueprint(portal: Portal) -> Blueprint:
     state = portal.state
     users = portal.users
     cookies = portal.cookies
-    admins = frozenset(state.settings.admins)
 
     @bp.after_request
     async def headers(response: Response) -> Response:
         return add_security_headers(response)
 
-    def admin() -> Admin | Response:
-        session = cookies.session(request.cookies.get(SESSION_COOKIE))
+    async def admin() -> Admin | Response:
+        session = await portal.session()
         user = users.user(session.gitlab_id) if session else None
         if session is None or user is None:
             target = request.full_path.rstrip("?") if request.method == "GET" else ""
@@ -80,8 +79,9 @@ def create_admin_blueprint(portal: Portal) -> Blueprint:
             return Response("", status=303, headers={"Location": "/portal/" + query})
         csrf = csrf_token(cookies.secret, session)
         if user.blocked:
-            return pages.page("blocked", 403, user=user, csrf=csrf)
-        if user.username not in admins:
+            await portal.end_sessions(user.gitlab_id, "blocked")
+            return pages.page("blocked", 403, user=user, csrf="")
+        if not portal.is_admin(user):
             log.warning("admin_refused", user=user.username, path=request.path)
             return pages.page(
                 "error",
@@ -89,9 +89,10 @@ def create_admin_blueprint(portal: Portal) -> Blueprint:
                 user=user,
                 csrf=csrf,
                 title="Only for the broker's operators",
-                what=f"You are logged in as {user.username}, who is not an admin of this broker.",
-                todo="If you run this broker, add your GitLab username with --admin "
-                "(REMOTELLM_BROKER_ADMINS) and restart it; otherwise go back to your keys.",
+                what=f"You are logged in as {user.username} (GitLab user ID {user.gitlab_id}), "
+                "who is not an admin of this broker.",
+                todo=f"If you run this broker, add --admin-id {user.gitlab_id} "
+                "(REMOTELLM_BROKER_ADMIN_IDS) and restart it; otherwise go back to your keys.",
                 retry=False,
             )
         return Admin(session, user, csrf)
@@ -125,7 +126,7 @@ def create_admin_blueprint(portal: Portal) -> Blueprint:
 
     def form_action(path: str, back: str, handler: Handler) -> None:
         async def view() -> Response:
-            who = admin()
+            who = await admin()
             if isinstance(who, Response):
                 return who
             form = {k: str(v) for k, v in (await request.form).items()}
@@ -173,7 +174,7 @@ def create_admin_blueprint(portal: Portal) -> Blueprint:
     @bp.get("/portal/admin")
     @bp.get("/portal/admin/")
     async def overview() -> Response:
-        who = admin()
+        who = await admin()
         if isinstance(who, Response):
             return who
         view = await state.hub.view()
@@ -193,7 +194,7 @@ def create_admin_blueprint(portal: Portal) -> Blueprint:
 
     @bp.get("/portal/admin/users")
     async def users_page() -> Response:
-        who = admin()
+        who = await admin()
         if isinstance(who, Response):
             return who
         query = request.args.get("q", "")[:100]
@@ -215,7 +216,7 @@ def create_admin_blueprint(portal: Portal) -> Blueprint:
 
     @bp.get("/portal/admin/connectors")
     async def connectors_page() -> Response:
-        who = admin()
+        who = await admin()
         if isinstance(who, Response):
             return who
         entries = _entries(portal)
@@ -230,7 +231,7 @@ def create_admin_blueprint(portal: Portal) -> Blueprint:
 
     @bp.get("/portal/admin/queues")
     async def queues_page() -> Response:
-        who = admin()
+        who = await admin()
         if isinstance(who, Response):
             return who
         names = admin_views.usernames(users.users)
@@ -244,7 +245,7 @@ def create_admin_blueprint(portal: Portal) -> Blueprint:
 
     @bp.get("/portal/admin/usage")
     async def usage_page() -> Response:
-        who = admin()
+        who = await admin()
         if isinstance(who, Response):
             return who
         try:
@@ -255,7 +256,7 @@ def create_admin_blueprint(portal: Portal) -> Blueprint:
 
     @bp.get("/portal/admin/requests")
     async def requests_page() -> Response:
-        who = admin()
+        who = await admin()
         if isinstance(who, Response):
             return who
         try:
@@ -288,11 +289,17 @@ def create_admin_blueprint(portal: Portal) -> Blueprint:
                 "Ask another admin, or use `remotellm-broker users block` on the server.",
             )
         await asyncio.to_thread(users.set_blocked, selector, blocked)
+        target = admin_views.find_user(users.users, selector)
+        if blocked and target is not None:
+            await portal.end_sessions(target.gitlab_id, "blocked")
         return "blocked" if blocked else "unblocked"
 
     async def revoke_key(who: Admin, form: dict[str, str]) -> str:
         selector = known_user(form)
         await asyncio.to_thread(users.revoke, selector, form.get("key", ""))
+        target = admin_views.find_user(users.users, selector)
+        if target is not None:  # whoever holds the key may hold the login too
+            await portal.end_sessions(target.gitlab_id, "key revoked")
         return "revoked-key"
 
     async def set_limits(who: Admin, form: dict[str, str]) -> str:

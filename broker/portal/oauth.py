@@ -12,7 +12,9 @@ client there is one HTTP stack, no warning, and the switch to httpx2 stays one i
 Group membership: GitLab's ``/api/v4/groups`` needs the broad ``read_api`` scope, so when
 ``--gitlab-allowed-group`` is set we also ask for ``openid`` and read the ``groups`` claim
 of ``/oauth/userinfo`` (full paths of every group the user belongs to, directly or through
-an ancestor). Without allowed groups the scope is ``read_user`` alone.
+an ancestor). Without allowed groups the scope is ``read_user`` alone. The tokens stay with
+the server-side session so membership is checked again while the user stays logged in
+(``recheck``); an expired access token is renewed with the refresh token first.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from authlib.oauth2.rfc6749.parameters import (  # type: ignore[import-untyped]
 )
 from authlib.oauth2.rfc7636 import create_s256_code_challenge  # type: ignore[import-untyped]
 
+from broker.portal.sessions import GitLabTokens
 from shared.logging import get_logger
 
 log = get_logger("broker.portal.oauth")
@@ -65,6 +68,7 @@ class GitLabUser:
     username: str
     name: str
     groups: tuple[str, ...]
+    tokens: GitLabTokens | None = None
 
 
 class GitLabOAuth:
@@ -103,19 +107,19 @@ class GitLabOAuth:
 
     async def finish(self, code: str, flow: Flow) -> GitLabUser:
         """Trade the code for a token, read the user, check the allowed groups."""
-        token = await self._token(code, flow)
+        tokens = await self._token(code, flow)
+        token = tokens.access
         profile = await self._get("/api/v4/user", token)
         groups: tuple[str, ...] = ()
         if self.allowed_groups:
-            info = await self._get("/oauth/userinfo", token)
-            raw = info.get("groups")
-            groups = tuple(str(g) for g in raw) if isinstance(raw, list) else ()
+            groups = _groups(await self._get("/oauth/userinfo", token))
         try:
             user = GitLabUser(
                 id=int(profile["id"]),
                 username=str(profile["username"]),
                 name=str(profile.get("name") or profile["username"]),
                 groups=groups,
+                tokens=tokens,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise LoginFailed(
@@ -126,10 +130,44 @@ class GitLabOAuth:
         return user
 
     def in_allowed_group(self, user: GitLabUser) -> bool:
-        mine = {g.strip("/").lower() for g in user.groups}
+        return self._allowed(user.groups)
+
+    def _allowed(self, groups: tuple[str, ...]) -> bool:
+        mine = {g.strip("/").lower() for g in groups}
         return any(g in mine for g in self.allowed_groups)
 
-    async def _token(self, code: str, flow: Flow) -> str:
+    async def recheck(self, tokens: GitLabTokens) -> tuple[bool, GitLabTokens]:
+        """Is the token's user still in an allowed group? With the tokens to keep.
+
+        False when GitLab refuses the tokens (revoked, or the refresh token too is spent)
+        or the groups no longer match; LoginFailed(GITLAB_DOWN) when GitLab cannot answer.
+        """
+        response = await self._send("GET", "/oauth/userinfo", headers=_bearer(tokens.access))
+        if response.status_code == 401 and tokens.refresh:
+            try:
+                tokens = await self._refresh(tokens.refresh)
+            except LoginFailed as exc:
+                if exc.kind == GITLAB_DOWN:
+                    raise
+                return False, tokens
+            response = await self._send("GET", "/oauth/userinfo", headers=_bearer(tokens.access))
+        if 400 <= response.status_code < 500:
+            return False, tokens
+        if response.status_code != 200:
+            raise LoginFailed(GITLAB_DOWN, f"GitLab answered {response.status_code}")
+        return self._allowed(_groups(_json(response))), tokens
+
+    async def _refresh(self, refresh: str) -> GitLabTokens:
+        body = prepare_token_request(
+            "refresh_token",
+            refresh_token=refresh,
+            redirect_uri=self.redirect_uri,
+            client_id=self.client_id,
+            client_secret=self.client_secret,
+        )
+        return await self._token_request(body)
+
+    async def _token(self, code: str, flow: Flow) -> GitLabTokens:
         body = prepare_token_request(
             "authorization_code",
             code=code,
@@ -138,6 +176,9 @@ class GitLabOAuth:
             client_secret=self.client_secret,
             code_verifier=flow.verifier,
         )
+        return await self._token_request(body)
+
+    async def _token_request(self, body: str) -> GitLabTokens:
         response = await self._send(
             "POST",
             "/oauth/token",
@@ -155,10 +196,11 @@ class GitLabOAuth:
         token = data.get("access_token")
         if not isinstance(token, str) or not token:
             raise LoginFailed(GITLAB_DOWN, "GitLab's token answer has no access_token")
-        return token
+        refresh = data.get("refresh_token")
+        return GitLabTokens(token, refresh if isinstance(refresh, str) else "")
 
     async def _get(self, path: str, token: str) -> dict[str, Any]:
-        response = await self._send("GET", path, headers={"Authorization": f"Bearer {token}"})
+        response = await self._send("GET", path, headers=_bearer(token))
         if response.status_code != 200:
             raise LoginFailed(GITLAB_DOWN, f"GitLab answered {response.status_code} on {path}")
         return _json(response)
@@ -173,6 +215,15 @@ class GitLabOAuth:
             log.warning("gitlab_error", path=path, status=response.status_code)
             raise LoginFailed(GITLAB_DOWN, f"GitLab answered {response.status_code}")
         return response
+
+
+def _bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def _groups(info: dict[str, Any]) -> tuple[str, ...]:
+    raw = info.get("groups")
+    return tuple(str(g) for g in raw) if isinstance(raw, list) else ()
 
 
 def _json(response: httpx.Response) -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import mimetypes
+import shlex
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -33,24 +35,31 @@ class Examples:
 
 
 def examples(base_url: str, model: str, key: str | None) -> Examples:
-    """Paste-ready snippets; they read the key from OPENAI_API_KEY set in ``env``."""
-    shown = key or "sk-…your key…"
+    """Paste-ready snippets; they read the key from OPENAI_API_KEY set in ``env``.
+
+    Model names come from connectors, so every value is quoted for where it lands: shell
+    words with ``shlex.quote``, the JSON body as JSON and then as one shell word, Python
+    strings as Python literals. Pasting a snippet runs nothing but the request.
+    """
+    url = shlex.quote(base_url)
+    shown = shlex.quote(key or "sk-…your key…")
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hello!"}]})
     env = (
-        f"export OPENAI_BASE_URL={base_url}\n"
-        f"export OPENAI_API_BASE={base_url}   # older tools (aider, Continue)\n"
+        f"export OPENAI_BASE_URL={url}\n"
+        f"export OPENAI_API_BASE={url}   # older tools (aider, Continue)\n"
         f"export OPENAI_API_KEY={shown}"
     )
     curl = (
-        f"curl {base_url}/chat/completions \\\n"
+        f"curl {shlex.quote(base_url + '/chat/completions')} \\\n"
         '  -H "Authorization: Bearer $OPENAI_API_KEY" \\\n'
         '  -H "Content-Type: application/json" \\\n'
-        f'  -d \'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}]}}\''
+        f"  -d {shlex.quote(body)}"
     )
     python = (
         "from openai import OpenAI\n\n"
         "client = OpenAI()  # reads OPENAI_BASE_URL and OPENAI_API_KEY\n"
         "reply = client.chat.completions.create(\n"
-        f'    model="{model}",\n'
+        f"    model={_py_str(model)},\n"
         '    messages=[{"role": "user", "content": "Hello!"}],\n'
         ")\n"
         "print(reply.choices[0].message.content)"
@@ -58,11 +67,19 @@ def examples(base_url: str, model: str, key: str | None) -> Examples:
     return Examples(env=env, curl=curl, python=python)
 
 
+def _py_str(value: str) -> str:
+    """A Python string literal, double-quoted when that needs no escape (the usual case)."""
+    literal = repr(value)
+    if literal.startswith("'") and '"' not in value and "\\" not in literal:
+        return '"' + literal[1:-1] + '"'
+    return literal
+
+
 def connector_command(base_url: str) -> str:
     """As the broker's banner prints it: the token in the environment, not in ``ps``."""
     return (
         "REMOTELLM_BROKER_TOKEN=ct-PASTE-YOUR-TOKEN \\\n"
-        f"  uv run remotellm-connector --broker-url {base_url} \\\n"
+        f"  uv run remotellm-connector --broker-url {shlex.quote(base_url)} \\\n"
         "  --llm-url http://localhost:11434"
     )
 

@@ -16,6 +16,7 @@ from quart import Blueprint, Response, request
 
 from broker.portal import pages
 from broker.portal.csrf import FORM_FIELD, HEADER, csrf_ok, csrf_token
+from broker.portal.form_limits import install_form_limits
 from broker.portal.oauth import (
     CODE_REFUSED,
     DENIED,
@@ -25,6 +26,7 @@ from broker.portal.oauth import (
     GitLabOAuth,
     LoginFailed,
 )
+from broker.portal.redis_sessions import RedisSessions
 from broker.portal.security import add_security_headers, safe_next
 from broker.portal.session import (
     FLOW_COOKIE,
@@ -33,7 +35,9 @@ from broker.portal.session import (
     Session,
     load_session_secret,
 )
+from broker.portal.sessions import SessionRecord, Sessions, SessionStore
 from broker.portal.usage_view import usage_for
+from broker.redis_state import RedisRelayState
 from broker.state import BrokerState
 from broker.users import KeyActionRefused, UserEntry, UsersFileError, UsersStore
 from shared.logging import get_logger
@@ -43,6 +47,7 @@ log = get_logger("broker.portal")
 FLUSH_EVERY = 15.0
 REVEAL_FOR = 300.0
 PLAYGROUND_KEY = "playground"
+GROUP_RETRY = 60.0  # seconds before a group check GitLab could not answer is tried again
 
 # What each failed login shows: status, title, what happened, what to do.
 FAILURES: dict[str, tuple[int, str, str, str]] = {
@@ -108,11 +113,60 @@ class Portal:
     users: UsersStore
     cookies: Cookies
     oauth: GitLabOAuth | None
+    sessions: Sessions
     reveals: Reveals = field(default_factory=Reveals)
 
     @property
     def base_url(self) -> str:
         return self.state.settings.advertised_url + "/v1"
+
+    def is_admin(self, user: UserEntry) -> bool:
+        """By numeric GitLab id; by username only if the operator still uses --admin."""
+        settings = self.state.settings
+        return user.gitlab_id in settings.admin_ids or user.username in settings.admins
+
+    async def session(self) -> Session | None:
+        """The request's live session: a signed cookie naming a session kept here."""
+        cookie = self.cookies.session(request.cookies.get(SESSION_COOKIE))
+        if cookie is None:
+            return None
+        record = await self.sessions.get(cookie.sid, cookie.gitlab_id)
+        if record is None:
+            return None
+        if not await self._still_in_group(record):
+            await self.sessions.end(record.sid, record.gitlab_id)
+            return None
+        return cookie
+
+    async def _still_in_group(self, record: SessionRecord) -> bool:
+        oauth = self.oauth
+        interval = self.state.settings.group_check_interval
+        now = self.sessions.clock()
+        if oauth is None or not oauth.allowed_groups or now - record.checked < interval:
+            return True
+        if record.tokens is None:
+            return False
+        if now < record.retry_at:
+            return True
+        record.retry_at = now + GROUP_RETRY  # one check at a time per session
+        await self.sessions.save(record)
+        try:
+            allowed, record.tokens = await oauth.recheck(record.tokens)
+        except LoginFailed:
+            # GitLab cannot answer: keep the session a while, never past two intervals.
+            log.warning("portal_group_check_failed", gitlab_id=record.gitlab_id)
+            return now - record.checked < 2 * interval
+        if not allowed:
+            log.info("portal_group_left", gitlab_id=record.gitlab_id)
+            return False
+        record.checked, record.retry_at = now, 0.0
+        await self.sessions.save(record)
+        return True
+
+    async def end_sessions(self, gitlab_id: int, why: str) -> None:
+        ended = await self.sessions.end_user(gitlab_id)
+        if ended:
+            log.info("portal_sessions_ended", gitlab_id=gitlab_id, sessions=ended, why=why)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +181,7 @@ def create_portal_blueprint(portal: Portal) -> Blueprint:
     users = portal.users
     cookies = portal.cookies
     background: list[asyncio.Task[None]] = []
+    install_form_limits(bp, portal.state.settings)
 
     @bp.before_app_serving
     async def start() -> None:
@@ -147,15 +202,16 @@ def create_portal_blueprint(portal: Portal) -> Blueprint:
     async def headers(response: Response) -> Response:
         return add_security_headers(response)
 
-    def viewer() -> Viewer | Response:
-        session = cookies.session(request.cookies.get(SESSION_COOKIE))
+    async def viewer() -> Viewer | Response:
+        session = await portal.session()
         user = users.user(session.gitlab_id) if session else None
         if session is None or user is None:
             target = request.full_path.rstrip("?") if request.method == "GET" else ""
             query = f"?next={_quote(target)}" if target else ""
             return _redirect("/portal/" + query, 303)
         if user.blocked:
-            return pages.page("blocked", 403, user=user, csrf=csrf_token(cookies.secret, session))
+            await portal.end_sessions(user.gitlab_id, "blocked")
+            return pages.page("blocked", 403, user=user, csrf="")
         return Viewer(session, user, csrf_token(cookies.secret, session))
 
     def failure(kind: str, detail: str = "") -> Response:
@@ -181,7 +237,7 @@ def create_portal_blueprint(portal: Portal) -> Blueprint:
 
     @bp.get("/portal/")
     async def home() -> Response:
-        session = cookies.session(request.cookies.get(SESSION_COOKIE))
+        session = await portal.session()
         nxt = safe_next(request.args.get("next"))
         if session is not None and users.user(session.gitlab_id) is not None:
             return _redirect(nxt, 303)
@@ -230,8 +286,21 @@ def create_portal_blueprint(portal: Portal) -> Blueprint:
         except UsersFileError as exc:
             log.error("portal_users_file_broken", error=str(exc))
             return _users_file_broken()
-        log.info("portal_login", user=gitlab.username, first=result.first_key is not None)
-        _, spec = cookies.new_session(gitlab.id)
+        log.info(
+            "portal_login",
+            user=gitlab.username,
+            gitlab_id=gitlab.id,
+            first=result.first_key is not None,
+        )
+        if gitlab.username in portal.state.settings.admins:
+            log.warning(
+                "admin_by_username",
+                user=gitlab.username,
+                gitlab_id=gitlab.id,
+                todo=f"replace --admin {gitlab.username} by --admin-id {gitlab.id}",
+            )
+        record = await portal.sessions.create(gitlab.id, gitlab.tokens)
+        _, spec = cookies.new_session(gitlab.id, record.sid)
         target = flow.next
         if result.first_key is not None:
             token = portal.reveals.put(gitlab.id, "default", result.first_key)
@@ -243,11 +312,13 @@ def create_portal_blueprint(portal: Portal) -> Blueprint:
 
     @bp.post("/portal/logout")
     async def logout() -> Response:
-        who = viewer()
+        who = await viewer()
         if isinstance(who, Viewer):
             form = await form_checked(who)
             if isinstance(form, Response):
                 return form
+            await portal.sessions.end(who.session.sid, who.user.gitlab_id)
+            log.info("portal_logout", user=who.user.username)
         response = _redirect("/portal/", 303)
         response.delete_cookie(SESSION_COOKIE, path="/portal")
         return response
@@ -264,7 +335,7 @@ def create_portal_blueprint(portal: Portal) -> Blueprint:
             status,
             user=who.user,
             csrf=who.csrf,
-            is_admin=who.user.username in settings.admins,
+            is_admin=portal.is_admin(who.user),
             keys=rows,
             reveal=reveal,
             error=error,
@@ -279,14 +350,14 @@ def create_portal_blueprint(portal: Portal) -> Blueprint:
 
     @bp.get("/portal/keys")
     async def keys() -> Response:
-        who = viewer()
+        who = await viewer()
         if isinstance(who, Response):
             return who
         reveal = portal.reveals.take(request.args.get("reveal"), who.user.gitlab_id)
         return await keys_page(who, reveal=reveal)
 
     async def key_action(action: str) -> Response:
-        who = viewer()
+        who = await viewer()
         if isinstance(who, Response):
             return who
         form = await form_checked(who)
@@ -327,14 +398,14 @@ def create_portal_blueprint(portal: Portal) -> Blueprint:
 
     @bp.get("/portal/playground")
     async def playground() -> Response:
-        who = viewer()
+        who = await viewer()
         if isinstance(who, Response):
             return who
         return pages.page(
             "playground",
             user=who.user,
             csrf=who.csrf,
-            is_admin=who.user.username in portal.state.settings.admins,
+            is_admin=portal.is_admin(who.user),
             models=await pages.live_models(portal.state),
             base_url=portal.base_url,
         )
@@ -342,7 +413,7 @@ def create_portal_blueprint(portal: Portal) -> Blueprint:
     @bp.post("/portal/api/playground-key")
     async def playground_key() -> Response:
         """A fresh secret for the key named "playground", for the page's memory only."""
-        session = cookies.session(request.cookies.get(SESSION_COOKIE))
+        session = await portal.session()
         user = users.user(session.gitlab_id) if session else None
         if session is None or user is None:
             return _json({"error": "not logged in"}, 401)
@@ -361,7 +432,7 @@ def create_portal_blueprint(portal: Portal) -> Blueprint:
 
     @bp.get("/portal/connect")
     async def connect() -> Response:
-        session = cookies.session(request.cookies.get(SESSION_COOKIE))
+        session = await portal.session()
         user = users.user(session.gitlab_id) if session else None
         return pages.page(
             "connect",
@@ -455,4 +526,18 @@ def build_portal(state: BrokerState) -> Portal:
             allowed_groups=settings.gitlab_allowed_groups,
             http=httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=5.0)),
         )
-    return Portal(state=state, users=users, cookies=cookies, oauth=oauth)
+    if settings.admins:
+        log.warning(
+            "admin_by_username",
+            usernames=settings.admins,
+            todo="GitLab users can change their username: name admins with --admin-id "
+            "(the numeric id; the login log line of each admin names it)",
+        )
+    if oauth is not None and not oauth.allowed_groups:
+        log.warning("portal_open_to_any_gitlab_user", gitlab_url=settings.gitlab_url)
+    sessions: Sessions = SessionStore(settings.session_lifetime, settings.session_idle)
+    if isinstance(state.hub, RedisRelayState):  # brokers share state: share sessions too
+        sessions = RedisSessions(
+            state.hub.redis, settings.redis_prefix, settings.session_lifetime, settings.session_idle
+        )
+    return Portal(state=state, users=users, cookies=cookies, oauth=oauth, sessions=sessions)

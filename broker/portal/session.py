@@ -2,9 +2,10 @@
 
 Both are itsdangerous timestamped signatures (HMAC-SHA1 over a salted key derived from
 ``--session-secret``) over small JSON payloads: nothing secret travels in them, they only
-must not be forgeable or outlive their expiry. The cookies are HttpOnly, SameSite=Lax
-(the OAuth callback is a top-level GET from GitLab, which Lax lets through), scoped to
-``/portal`` and Secure when the public URL is https.
+must not be forgeable or outlive their expiry. The session cookie only names a session
+the broker keeps (``broker.portal.sessions``): logout and blocking end it there. The
+cookies are HttpOnly, SameSite=Lax (the OAuth callback is a top-level GET from GitLab,
+which Lax lets through), scoped to ``/portal`` and Secure when the public URL is https.
 """
 
 from __future__ import annotations
@@ -74,8 +75,9 @@ class Cookies:
         self._session = URLSafeTimedSerializer(secret, salt="remotellm-portal-session")
         self._flow = URLSafeTimedSerializer(secret, salt="remotellm-portal-oauth-flow")
 
-    def new_session(self, gitlab_id: int) -> tuple[Session, CookieSpec]:
-        session = Session(gitlab_id=gitlab_id, sid=secrets.token_urlsafe(16))
+    def new_session(self, gitlab_id: int, sid: str) -> tuple[Session, CookieSpec]:
+        """The cookie naming server-side session ``sid`` (broker.portal.sessions)."""
+        session = Session(gitlab_id=gitlab_id, sid=sid)
         value = self._session.dumps({"u": gitlab_id, "s": session.sid})
         return session, CookieSpec(SESSION_COOKIE, value, self.lifetime, self.secure)
 

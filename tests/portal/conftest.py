@@ -36,6 +36,8 @@ def portal_settings(gitlab: FakeGitLab, **extra: Any) -> dict[str, Any]:
         "gitlab_client_id": CLIENT_ID,
         "gitlab_client_secret": CLIENT_SECRET,
     }
+    if not extra.get("gitlab_allowed_groups"):
+        values["gitlab_allow_any_user"] = True
     values.update(extra)
     return values
 

@@ -4,7 +4,9 @@
   back with ``code`` and ``state``; remembers the PKCE challenge with the code.
 - ``POST /oauth/token``: checks client id and secret, redirect URI, the code (once only)
   and the PKCE verifier (S256); ``token_status`` makes it fail like a GitLab that is down.
+  ``grant_type=refresh_token`` trades a refresh token (once) for new tokens.
 - ``GET /api/v4/user``, ``GET /oauth/userinfo`` (with ``groups``) and ``GET /api/v4/groups``.
+- ``expire_access_tokens()`` makes every access token answer 401, as GitLab's do after 2 h.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ class FakeGitLab(LoopbackApp):
     token_status: int | None = None
     grants: dict[str, Grant] = field(default_factory=dict)
     tokens: dict[str, FakeUser] = field(default_factory=dict)
+    refresh_tokens: dict[str, FakeUser] = field(default_factory=dict)
+    userinfo_requests: int = 0
     token_requests: list[dict[str, str]] = field(default_factory=list)
     authorize_requests: list[dict[str, str]] = field(default_factory=list)
 
@@ -78,6 +82,9 @@ class FakeGitLab(LoopbackApp):
                 return Response("<html>502 Bad Gateway</html>", status=self.token_status)
             if form.get("client_id") != CLIENT_ID or form.get("client_secret") != CLIENT_SECRET:
                 return _error(401, "invalid_client")
+            if form.get("grant_type") == "refresh_token":
+                owner = self.refresh_tokens.pop(form.get("refresh_token", ""), None)
+                return _error(400, "invalid_grant") if owner is None else self._issue(owner)
             grant = self.grants.get(form.get("code", ""))
             if grant is None or grant.used or form.get("grant_type") != "authorization_code":
                 return _error(400, "invalid_grant")
@@ -87,10 +94,7 @@ class FakeGitLab(LoopbackApp):
             digest = hashlib.sha256(form.get("code_verifier", "").encode()).digest()
             if base64.urlsafe_b64encode(digest).rstrip(b"=").decode() != grant.challenge:
                 return _error(400, "invalid_grant")
-            access = secrets.token_urlsafe(24)
-            self.tokens[access] = grant.user
-            body = {"access_token": access, "token_type": "Bearer", "expires_in": 7200}
-            return _ok(body)
+            return self._issue(grant.user)
 
         def who() -> FakeUser | None:
             auth = request.headers.get("Authorization", "")
@@ -105,6 +109,7 @@ class FakeGitLab(LoopbackApp):
 
         @app.get("/oauth/userinfo")
         async def userinfo() -> Response:
+            self.userinfo_requests += 1
             u = who()
             if u is None:
                 return _error(401, "invalid_token")
@@ -118,6 +123,21 @@ class FakeGitLab(LoopbackApp):
             return _ok([{"full_path": g} for g in u.groups])
 
         return app
+
+    def _issue(self, user: FakeUser) -> Response:
+        access, refresh = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+        self.tokens[access] = user
+        self.refresh_tokens[refresh] = user
+        body = {
+            "access_token": access,
+            "refresh_token": refresh,
+            "token_type": "Bearer",
+            "expires_in": 7200,
+        }
+        return _ok(body)
+
+    def expire_access_tokens(self) -> None:
+        self.tokens.clear()
 
 
 def _ok(body: object) -> Response:

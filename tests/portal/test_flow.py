@@ -246,7 +246,11 @@ async def test_denied_consent_and_gitlab_down_get_pages(
 async def test_unreachable_gitlab(tmp_path: Path) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
     broker = await start_broker(
-        tmp_path / "b", gitlab_url=dead, gitlab_client_id="id", gitlab_client_secret="s"
+        tmp_path / "b",
+        gitlab_url=dead,
+        gitlab_client_id="id",
+        gitlab_client_secret="s",
+        gitlab_allow_any_user=True,
     )
     try:
         async with httpx.AsyncClient(base_url=broker.url, timeout=15) as client:
@@ -284,6 +288,7 @@ async def test_blocked_user_and_a_broken_users_file(portal_stack: Stack, fake_ll
         assert r.status_code == 403 and "blocked" in r.text
         UsersStore(path).set_blocked("alice", False)
         await _until_status(portal_stack, key, 200)
+        await login(client)  # blocking ended the portal session: log in again
         # The operator breaks the file: keys keep working, changes are refused politely.
         path.write_text("users:\n  - gitlab_id: [\n")
         await asyncio.sleep(2.5)  # one reload period of the broker

@@ -36,6 +36,7 @@ async def test_operator_blocks_a_portal_user_of_a_running_broker(
         "--gitlab-url", fake_gitlab.url,
         "--gitlab-client-id", CLIENT_ID,
         "--gitlab-client-secret", CLIENT_SECRET,
+        "--gitlab-allow-any-user",
         "--connector-token", TOKEN,
         "--log-format", "json",
         "--drain-timeout", "2",
@@ -68,7 +69,7 @@ async def test_operator_blocks_a_portal_user_of_a_running_broker(
         )
         assert await cli.wait_exit(20) == 0, cli.tail()
 
-        # A restart keeps the session (the secret lives in the data dir) and the key.
+        # A restart ends the portal session (sessions live in the broker) and keeps the key.
         assert broker.proc is not None
         broker.proc.signal()
         assert await broker.proc.wait_exit(30) == 0, broker.proc.tail()
@@ -76,6 +77,7 @@ async def test_operator_blocks_a_portal_user_of_a_running_broker(
             assert key not in line.text, f"the broker printed a portal key: {line.text}"
         broker = await procs.broker(data, *flags, port=broker.port, name="broker again")
         await broker.wait_model("fake-model", timeout=30)
-        keys = await client.get("/portal/keys")
+        assert (await client.get("/portal/keys")).status_code == 303
+        keys = await client.get((await login(client)).headers["location"])
         assert keys.status_code == 200 and "alice" in keys.text
         assert await chat(broker.url, key)

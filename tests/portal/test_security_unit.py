@@ -53,7 +53,7 @@ def test_next_only_stays_inside_the_portal(value: str | None, expected: str) -> 
 
 def test_session_cookie_is_signed_scoped_and_expires() -> None:
     cookies = Cookies("s" * 40, lifetime=3600, secure=True)
-    session, spec = cookies.new_session(42)
+    session, spec = cookies.new_session(42, "sid-a")
     assert cookies.session(spec.value) == session
     kw = spec.header_kwargs()
     assert kw["httponly"] and kw["secure"] and kw["samesite"] == "Lax"
@@ -82,8 +82,8 @@ def test_session_cookie_is_signed_scoped_and_expires() -> None:
 
 def test_csrf_token_is_bound_to_the_login_and_the_secret() -> None:
     cookies = Cookies("s" * 40, lifetime=3600, secure=False)
-    one, _ = cookies.new_session(1)
-    two, _ = cookies.new_session(1)
+    one, _ = cookies.new_session(1, "sid-a")
+    two, _ = cookies.new_session(1, "sid-b")
     token = csrf_token(cookies.secret, one)
     assert csrf_ok(cookies.secret, one, token)
     assert not csrf_ok(cookies.secret, two, token)

@@ -200,6 +200,7 @@ def test_with_the_portal_on_no_user_key_is_needed_to_start(tmp_path: Path) -> No
         data_dir=tmp_path,
         connector_tokens=["ct-x"],
         gitlab_client_id="app",
+        gitlab_allow_any_user=True,
         generate_credentials=False,
     )
     _, creds = broker_cli.prepare(settings)

@@ -52,7 +52,8 @@ async def broker(tmp_path: Path, gitlab: FakeGitLab) -> AsyncIterator[RunningBro
         gitlab_url=gitlab.url,
         gitlab_client_id=CLIENT_ID,
         gitlab_client_secret=CLIENT_SECRET,
-        admins=["alice"],
+        admin_ids=[1001],
+        gitlab_allowed_groups=["team"],
     )
     yield running
     await running.stop()

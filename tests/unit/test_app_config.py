@@ -17,10 +17,13 @@ def test_no_framework_timeout_cuts_long_streams(tmp_path) -> None:
     assert app.config["BODY_TIMEOUT"] is None
     # Bodies are bounded per route instead (API body limit, per-frame and response limits).
     assert app.config["MAX_CONTENT_LENGTH"] is None
-    config = hypercorn_config("127.0.0.1", 1, settings, tls=False)
-    assert config.read_timeout is None
-    # Connectors reuse connections between polls; proxies keep idle ones ~60 s.
-    assert config.keep_alive_timeout >= 60
+    # The API port: a client may be silent while it waits for its whole answer.
+    api = hypercorn_config("127.0.0.1", 1, settings, tls=True)
+    assert api.read_timeout is not None and api.read_timeout > settings.total_timeout
+    # A request head must be complete within --header-timeout (slow loris), on both ports.
+    health = hypercorn_config("127.0.0.1", 1, settings, tls=False)
+    assert api.keep_alive_timeout == health.keep_alive_timeout == settings.header_timeout
+    assert health.read_timeout is not None and health.read_timeout <= settings.header_timeout + 1
 
 
 def test_listen_backlog_comes_from_settings(tmp_path) -> None:
