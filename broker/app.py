@@ -73,7 +73,10 @@ def build_state(settings: BrokerSettings, keys: KeyStore | None = None) -> Broke
             prefix=settings.redis_prefix,
             upstream_key=keys.upstream_key,
         )
-        limiter = RedisLimitState(redis, prefix=settings.redis_prefix)
+        # A reservation outlives any request (--total-timeout) only if its broker died.
+        limiter = RedisLimitState(
+            redis, prefix=settings.redis_prefix, lease=settings.total_timeout + 60.0
+        )
     else:
         hub = RelayHub(timings_from(settings))
         limiter = MemoryLimitState()

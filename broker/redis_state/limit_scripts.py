@@ -10,7 +10,11 @@ One hash per subject, ``P lim:<subject>``: ``rl``/``ra`` request meter level and
 ``tl``/``ta`` token meter, ``inf`` in flight, ``dp``/``du``/``dh`` and ``mp``/``mu``/``mh``
 day and month period, used, held; ``refusals``, ``lr`` (last refused), ``lreason``; and
 the subject's current limits (``rpm``, ``tpm``, ``conc``, ``daily``, ``monthly``; -1 is
-unlimited). ``P lims`` is the set of subjects; ``P res:<id>`` marks an open reservation.
+unlimited). ``P lims`` is the set of subjects; ``P res:<id>`` holds an open reservation's
+holds (what settling releases) and ``P resz`` orders open reservations by their lease's end:
+a broker killed with requests in flight never settles them, so each reserve first releases
+up to ``RECLAIM`` reservations whose lease ended (``settle`` with no tokens used), and a
+crashed broker's requests stop counting against their users' limits.
 """
 
 from __future__ import annotations
@@ -57,6 +61,46 @@ local function remaining(level, at, limit, now)
   return math.max(0, math.floor(limit - l + EPS)), l * MINUTE / limit
 end
 
+-- Give back one reservation's holds: h is the settle layout from index b0 (8 per hold).
+local function release(h, b0, n, actual, now, dayp, monthp)
+  for i = 0, n - 1 do
+    local b = b0 + i * 8
+    local c = load(h[b])
+    if redis.call('EXISTS', c.k) == 1 then
+      c.inf = math.max(0, c.inf - 1)
+      local tpm = tonumber(h[b + 1])
+      if tpm >= 0 then
+        c.tl = math.max(0, current(c.tl, c.ta, tpm, now) + actual - tonumber(h[b + 3]))
+        c.ta = math.max(c.ta, now)
+      end
+      if h[b + 2] == '1' then
+        roll(c, dayp, monthp)
+        if tonumber(h[b + 5]) == c.dp then c.dh = math.max(0, c.dh - tonumber(h[b + 4])) end
+        c.du = c.du + actual
+        if tonumber(h[b + 7]) == c.mp then c.mh = math.max(0, c.mh - tonumber(h[b + 6])) end
+        c.mu = c.mu + actual
+      end
+      save(c)
+    end
+  end
+end
+
+-- Release up to `most` reservations whose lease ended before `now` (their broker died).
+local function reclaim(now, dayp, monthp, most)
+  local gone = redis.call('ZRANGEBYSCORE', P .. 'resz', '-inf', f(now), 'LIMIT', 0, most)
+  for _, rid in ipairs(gone) do
+    redis.call('ZREM', P .. 'resz', rid)
+    local rec = redis.call('GET', P .. 'res:' .. rid)
+    if rec then
+      redis.call('DEL', P .. 'res:' .. rid)
+      local h = {}
+      for part in string.gmatch(rec, '[^\n]+') do h[#h + 1] = part end
+      release(h, 1, #h / 8, 0, now, dayp, monthp)
+    end
+  end
+  return #gone
+end
+
 -- The x-ratelimit values: per dimension, the subject with the least remaining.
 local function info(cs, now)
   local rq, tk = nil, nil
@@ -85,7 +129,8 @@ end
 """
 
 # ARGV: P, reservation id, now, demand, day period, month period, day end, month end,
-# subjects, then per subject: name, rpm, tpm, concurrency, daily, monthly (-1: unlimited).
+# subjects, then per subject: name, rpm, tpm, concurrency, daily, monthly (-1: unlimited),
+# then the lease in seconds and how many ended leases to reclaim first.
 # Returns {'ok', info x6, per subject: tokens, day hold, day period, month hold, month
 # period} or {'no', reason, subject, limit, used, requested, retry after, info x6}.
 RESERVE = r"""
@@ -93,6 +138,8 @@ local rid, now, demand = ARGV[2], tonumber(ARGV[3]), math.max(0, tonumber(ARGV[4
 local dayp, monthp = tonumber(ARGV[5]), tonumber(ARGV[6])
 local dayend, monthend = tonumber(ARGV[7]), tonumber(ARGV[8])
 local n = tonumber(ARGV[9])
+local lease, most = tonumber(ARGV[10 + n * 6]), tonumber(ARGV[11 + n * 6])
+reclaim(now, dayp, monthp, most)
 local cs = {}
 for i = 0, n - 1 do
   local b = 10 + i * 6
@@ -156,7 +203,7 @@ if worst then
   for _, v in ipairs(info(cs, now)) do out[#out + 1] = v end
   return out
 end
-local holds = {}
+local holds, record = {}, {}
 for _, c in ipairs(cs) do
   c.inf = c.inf + 1
   if c.rpm >= 0 then
@@ -174,8 +221,12 @@ for _, c in ipairs(cs) do
   end
   save(c)
   for _, v in ipairs({taken, dh, dp, mh, mp}) do holds[#holds + 1] = v end
+  for _, v in ipairs({c.name, c.tpm, c.quota and '1' or '0', taken, dh, dp, mh, mp}) do
+    record[#record + 1] = tostring(v)
+  end
 end
-redis.call('SET', P .. 'res:' .. rid, 1, 'EX', 86400 * 2)
+redis.call('SET', P .. 'res:' .. rid, table.concat(record, '\n'), 'EX', math.ceil(lease) + 86400)
+redis.call('ZADD', P .. 'resz', f(now + lease), rid)
 local out = {'ok'}
 for _, v in ipairs(info(cs, now)) do out[#out + 1] = v end
 for _, v in ipairs(holds) do out[#out + 1] = v end
@@ -189,26 +240,7 @@ SETTLE = r"""
 local rid, now, actual = ARGV[2], tonumber(ARGV[3]), math.max(0, tonumber(ARGV[4]))
 local dayp, monthp = tonumber(ARGV[5]), tonumber(ARGV[6])
 if redis.call('DEL', P .. 'res:' .. rid) == 0 then return 0 end
-local n = tonumber(ARGV[7])
-for i = 0, n - 1 do
-  local b = 8 + i * 8
-  local c = load(ARGV[b])
-  if redis.call('EXISTS', c.k) == 1 then
-    c.inf = math.max(0, c.inf - 1)
-    local tpm = tonumber(ARGV[b + 1])
-    if tpm >= 0 then
-      c.tl = math.max(0, current(c.tl, c.ta, tpm, now) + actual - tonumber(ARGV[b + 3]))
-      c.ta = math.max(c.ta, now)
-    end
-    if ARGV[b + 2] == '1' then
-      roll(c, dayp, monthp)
-      if tonumber(ARGV[b + 5]) == c.dp then c.dh = math.max(0, c.dh - tonumber(ARGV[b + 4])) end
-      c.du = c.du + actual
-      if tonumber(ARGV[b + 7]) == c.mp then c.mh = math.max(0, c.mh - tonumber(ARGV[b + 6])) end
-      c.mu = c.mu + actual
-    end
-    save(c)
-  end
-end
+redis.call('ZREM', P .. 'resz', rid)
+release(ARGV, 8, tonumber(ARGV[7]), actual, now, dayp, monthp)
 return 1
 """

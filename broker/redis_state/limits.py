@@ -36,6 +36,8 @@ from broker.core.limits import (
 from broker.redis_state import limit_scripts
 
 UNAVAILABLE = "the limit counters (Redis) are unavailable; retry shortly"
+DEFAULT_LEASE = 3660.0  # seconds: the default --total-timeout and a minute
+RECLAIM = 8  # ended leases released by each reserve, at most
 
 
 def _n(value: int | None) -> int:
@@ -62,9 +64,17 @@ def _info(raw: Sequence[bytes]) -> RateInfo:
 
 
 class RedisLimitState:
-    def __init__(self, redis: Redis, prefix: str = "remotellm:") -> None:
+    def __init__(
+        self, redis: Redis, prefix: str = "remotellm:", lease: float = DEFAULT_LEASE
+    ) -> None:
+        """``lease``: seconds after which a reservation no broker settled is released.
+
+        Longer than any request may live (``--total-timeout``), so it only ever releases
+        the reservations of a broker that died with requests in flight.
+        """
         self.redis = redis
         self.prefix = prefix
+        self.lease = lease
         self._reserve: AsyncScript = redis.register_script(
             limit_scripts.COMMON + limit_scripts.RESERVE
         )
@@ -99,6 +109,7 @@ class RedisLimitState:
                 _n(lim.daily_tokens),
                 _n(lim.monthly_tokens),
             ]
+        args += [repr(self.lease), RECLAIM]
         try:
             answer = await self._reserve(args=args)
         except RedisError as exc:

@@ -33,7 +33,8 @@ LIMITS = [
 @pytest.fixture
 async def redis_limits(shared_redis: RedisServer) -> AsyncIterator[RedisLimitState]:
     client = connect(shared_redis.url)
-    yield RedisLimitState(client, prefix=unique_prefix())
+    # LimitBook has no lease (a dead process takes its counts with it): none ends here.
+    yield RedisLimitState(client, prefix=unique_prefix(), lease=1e9)
     await client.aclose()
 
 
@@ -110,3 +111,29 @@ async def test_settling_twice_counts_once(redis_limits: RedisLimitState) -> None
     (usage,) = await redis_limits.usage_snapshot(T0)
     assert usage.in_flight == 0
     assert usage.tokens_last_minute == 10
+
+
+async def test_a_dead_brokers_reservations_are_released_when_their_lease_ends(
+    shared_redis: RedisServer,
+) -> None:
+    # A broker killed with requests in flight never settles them: without the lease, its
+    # users would stay at their concurrency limit (and their quota holds) for good.
+    client = connect(shared_redis.url)
+    prefix = unique_prefix()
+    dead = RedisLimitState(client, prefix=prefix, lease=100.0)
+    alive = RedisLimitState(client, prefix=prefix, lease=100.0)
+    lim = [Limits(concurrency=2, daily_tokens=1000)]
+    for _ in range(2):
+        assert isinstance(await dead.reserve(("u",), 400, lim, T0), Reservation)
+    refused = await alive.reserve(("u",), 100, lim, T0 + 99.0)
+    assert isinstance(refused, Refusal) and refused.reason.value == "concurrency"
+    granted = await alive.reserve(("u",), 100, lim, T0 + 101.0)
+    assert isinstance(granted, Reservation)
+    (usage,) = await alive.usage_snapshot(T0 + 101.0)
+    assert usage.in_flight == 1
+    await alive.settle(granted, 30, T0 + 102.0)
+    (usage,) = await alive.usage_snapshot(T0 + 102.0)
+    assert usage.in_flight == 0
+    assert usage.tokens_today == 30  # the dead requests' 800 held tokens were given back
+    assert await client.zcard(prefix + "resz") == 0
+    await client.aclose()
