@@ -113,6 +113,21 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def _install_env(*, source_build: bool) -> dict[str, str]:
+    """The installer's environment.
+
+    uv builds an sdist under a lock in its shared cache and gives up waiting after 5 minutes:
+    a test run in another checkout compiling the same llama-cpp-python would fail this one.
+    Wait as long as a compile may take instead, then reuse what it built.
+    """
+    env = dict(os.environ)
+    env.setdefault("UV_LOCK_TIMEOUT", str(int(INSTALL_TIMEOUT)))
+    if source_build:
+        # Skip the multimodal library (a third of the compile), as the shared wheel does.
+        env["CMAKE_ARGS"] = (env.get("CMAKE_ARGS", "") + " -DLLAVA_BUILD=OFF").strip()
+    return env
+
+
 def ensure_venv() -> Path:
     """The python of a venv where llama_cpp.server imports; install it if needed."""
     venv = venv_dir()
@@ -131,13 +146,7 @@ def ensure_venv() -> Path:
         else:
             _run([sys.executable, "-m", "venv", str(venv)], "python -m venv", 300)
             install = [str(python), "-m", "pip", "install", target]
-        env = None
-        if wheel is None:
-            # A source build: skip the multimodal library (a third of the compile), as the
-            # shared wheel does.
-            env = dict(os.environ)
-            env["CMAKE_ARGS"] = (env.get("CMAKE_ARGS", "") + " -DLLAVA_BUILD=OFF").strip()
-        _run(install, f"installing {target}", INSTALL_TIMEOUT, env)
+        _run(install, f"installing {target}", INSTALL_TIMEOUT, _install_env(source_build=not wheel))
         if not _imports_ok(python):
             raise LlamaSetupError(f"{venv} still cannot run {_PROBE!r} after installing {target}")
         return python
