@@ -14,17 +14,19 @@ from tests.support.llama import (
     ensure_venv,
     start_llama_server,
 )
+from tests.support.tiny_gguf import TinyModel
 
 # The slow variant (about 100 tokens/s on 2 cores) keeps a long stream running for seconds.
-SLOW_MODEL_ARGS = ("--n-embd", "512", "--n-layer", "8")
+TINY_MODEL = TinyModel()
+SLOW_MODEL = TinyModel(n_embd=512, n_layer=8)
 
 
 def _serve(
-    tmp_path_factory: pytest.TempPathFactory, name: str, alias: str, *args: str, n_ctx: int
+    tmp_path_factory: pytest.TempPathFactory, spec: TinyModel, alias: str, n_ctx: int
 ) -> Iterator[LlamaServer]:
     try:
         python = ensure_venv()
-        model = ensure_model(python, name, *args)
+        model = ensure_model(spec)
         server = start_llama_server(
             python, model, alias, tmp_path_factory.mktemp("llama"), n_ctx=n_ctx
         )
@@ -39,13 +41,13 @@ def _serve(
 @pytest.fixture(scope="session")
 def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaServer]:
     """llama.cpp with the tiny random model as ``tiny``, n_ctx 512."""
-    yield from _serve(tmp_path_factory, "tiny", "tiny", n_ctx=512)
+    yield from _serve(tmp_path_factory, TINY_MODEL, "tiny", n_ctx=512)
 
 
 @pytest.fixture(scope="session")
 def llama_slow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaServer]:
     """llama.cpp with the bigger random model as ``tiny-slow`` (~100 tokens/s), n_ctx 2048."""
-    yield from _serve(tmp_path_factory, "tiny-512x8", "tiny-slow", *SLOW_MODEL_ARGS, n_ctx=2048)
+    yield from _serve(tmp_path_factory, SLOW_MODEL, "tiny-slow", n_ctx=2048)
 
 
 @pytest.fixture

@@ -1,15 +1,15 @@
 """A real llama.cpp OpenAI-compatible server for end-to-end tests.
 
 llama-cpp-python (``python -m llama_cpp.server``) with a tiny random-weight GGUF model made
-by ``make_tiny_gguf.py``: no model download. The engine lives in a venv of its own (never
-the project venv or uv.lock), installed once into a cache dir and reused across runs:
+by ``tests/support/tiny_gguf.py``: no model download, nothing needed beside the clone. The
+engine lives in a venv of its own (never the project venv or uv.lock), installed once into a
+cache dir and reused across runs:
 
-- the wheel: ``$REMOTELLM_LLAMA_WHEEL`` or ``<repo>/../shared/upstream/llama_cpp_python-*.whl``;
-  without one, ``llama-cpp-python[server]`` from the package index (a slow compile);
-- the model script: ``$REMOTELLM_TINY_GGUF_SCRIPT`` or
-  ``<repo>/../shared/upstream/make_tiny_gguf.py``;
+- the engine: ``llama-cpp-python[server]`` from the package index (it compiles llama.cpp:
+  minutes). A prebuilt wheel, when there is one, is an optional speed-up (seconds):
+  ``$REMOTELLM_LLAMA_WHEEL`` or ``<repo>/../shared/upstream/llama_cpp_python-*.whl``;
 - the venv: ``$REMOTELLM_LLAMA_VENV`` (default ``~/.cache/remotellm-test/llama-venv``);
-  models are cached beside it.
+  models are cached beside it, named after their shape and the generator's source.
 
 The server runs as a plain ``subprocess.Popen`` so a session-scoped fixture can own it
 whatever event loop the tests run in.
@@ -34,16 +34,18 @@ from typing import Any
 import httpx
 
 from tests.support.net import free_port
+from tests.support.tiny_gguf import TinyModel, write_model
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# Optional: a prebuilt wheel here saves the compile. A fresh clone has no such folder.
 UPSTREAM_DIR = REPO_ROOT.parent / "shared" / "upstream"
 INSTALL_TIMEOUT = 30 * 60.0  # the index fallback compiles llama.cpp: minutes on 2 cores
 READY_TIMEOUT = 60.0
-_PROBE = "import llama_cpp, llama_cpp.server.app, gguf, numpy"  # ~2.5 s: after installing
+_PROBE = "import llama_cpp, llama_cpp.server.app"  # ~2.5 s: after installing
 # Cheap check that a cached venv is whole (a real import costs seconds on every run).
 _QUICK_PROBE = (
     "import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in "
-    "('llama_cpp', 'gguf', 'numpy', 'uvicorn', 'fastapi', 'sse_starlette', "
+    "('llama_cpp', 'numpy', 'uvicorn', 'fastapi', 'sse_starlette', "
     "'starlette_context', 'pydantic_settings')))"
 )
 
@@ -72,17 +74,6 @@ def find_wheel() -> Path | None:
         return path
     wheels = sorted(UPSTREAM_DIR.glob("llama_cpp_python-*.whl"))
     return wheels[-1] if wheels else None
-
-
-def find_model_script() -> Path:
-    env = os.environ.get("REMOTELLM_TINY_GGUF_SCRIPT")
-    path = Path(env).expanduser() if env else UPSTREAM_DIR / "make_tiny_gguf.py"
-    if not path.is_file():
-        raise LlamaSetupError(
-            f"make_tiny_gguf.py not found at {path}: the e2e tests need the shared folder "
-            "beside the repo clone (../shared/upstream) or REMOTELLM_TINY_GGUF_SCRIPT"
-        )
-    return path
 
 
 def _python_in(venv: Path) -> Path:
@@ -122,8 +113,23 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def _install_env(*, source_build: bool) -> dict[str, str]:
+    """The installer's environment.
+
+    uv builds an sdist under a lock in its shared cache and gives up waiting after 5 minutes:
+    a test run in another checkout compiling the same llama-cpp-python would fail this one.
+    Wait as long as a compile may take instead, then reuse what it built.
+    """
+    env = dict(os.environ)
+    env.setdefault("UV_LOCK_TIMEOUT", str(int(INSTALL_TIMEOUT)))
+    if source_build:
+        # Skip the multimodal library (a third of the compile), as the shared wheel does.
+        env["CMAKE_ARGS"] = (env.get("CMAKE_ARGS", "") + " -DLLAVA_BUILD=OFF").strip()
+    return env
+
+
 def ensure_venv() -> Path:
-    """The python of a venv where llama_cpp.server, gguf and numpy import; install if needed."""
+    """The python of a venv where llama_cpp.server imports; install it if needed."""
     venv = venv_dir()
     python = _python_in(venv)
     with _locked(cache_dir() / "install.lock"):
@@ -136,32 +142,28 @@ def ensure_venv() -> Path:
             shutil.rmtree(venv)
         if uv:
             _run([uv, "venv", "--python", sys.executable, str(venv)], "uv venv", 300)
-            install = [uv, "pip", "install", "--python", str(python), target, "gguf", "numpy"]
+            install = [uv, "pip", "install", "--python", str(python), target]
         else:
             _run([sys.executable, "-m", "venv", str(venv)], "python -m venv", 300)
-            install = [str(python), "-m", "pip", "install", target, "gguf", "numpy"]
-        env = None
-        if wheel is None:
-            # A source build: skip the multimodal library (a third of the compile), as the
-            # shared wheel does.
-            env = dict(os.environ)
-            env["CMAKE_ARGS"] = (env.get("CMAKE_ARGS", "") + " -DLLAVA_BUILD=OFF").strip()
-        _run(install, f"installing {target}", INSTALL_TIMEOUT, env)
+            install = [str(python), "-m", "pip", "install", target]
+        _run(install, f"installing {target}", INSTALL_TIMEOUT, _install_env(source_build=not wheel))
         if not _imports_ok(python):
             raise LlamaSetupError(f"{venv} still cannot run {_PROBE!r} after installing {target}")
         return python
 
 
-def ensure_model(python: Path, name: str, *args: str) -> Path:
-    """A GGUF made by make_tiny_gguf.py with ``args``, cached as ``<cache>/<name>.gguf``."""
-    out = cache_dir() / f"{name}.gguf"
+def ensure_model(model: TinyModel) -> Path:
+    """The GGUF of ``model`` (tests/support/tiny_gguf.py), made once into the cache dir."""
+    out = cache_dir() / model.cache_name
     if out.is_file() and out.stat().st_size > 0:
         return out
-    script = find_model_script()
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".tmp{os.getpid()}.gguf")
     try:
-        _run([str(python), str(script), "--out", str(tmp), *args], f"making {out.name}", 300)
+        write_model(tmp, model)
         os.replace(tmp, out)
+    except (OSError, ValueError) as exc:
+        raise LlamaSetupError(f"making {out.name} failed: {exc}") from exc
     finally:
         tmp.unlink(missing_ok=True)
     return out
