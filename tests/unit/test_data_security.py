@@ -3,12 +3,15 @@ failure texts, control-character escaping, URL credential redaction, cleartext b
 
 from __future__ import annotations
 
+import json
+import logging
+
 import pytest
 
 from broker.core.errors import CONNECTOR_FAILURE, connector_failure
 from broker.revocations import RevocationBoard, UsersChange, users_change
 from connector.settings import cleartext_broker
-from shared.logging import escape_controls, redact_url_credentials
+from shared.logging import configure_logging, escape_controls, redact_url_credentials
 
 
 def test_first_load_publishes_blocks_only() -> None:
@@ -81,3 +84,24 @@ def test_url_credentials_are_redacted() -> None:
 )
 def test_cleartext_broker(url: str, cleartext: bool) -> None:
     assert cleartext_broker(url) is cleartext
+
+
+@pytest.mark.parametrize("fmt", ["console", "json"])
+def test_library_log_lines_are_escaped_and_redacted(
+    fmt: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # hypercorn and httpx log through the stdlib: the same escaping and redaction apply.
+    configure_logging("info", fmt)
+    try:
+        logging.getLogger("hypercorn.error").warning(
+            "bad line \x1b[2J\nforged from http://bob:hunter2@llm.local:8080/v1"
+        )
+        err = capsys.readouterr().err
+    finally:
+        configure_logging("info", "json")
+    assert err.count("\n") == 1, err
+    assert "\x1b" not in err and "hunter2" not in err
+    assert "hypercorn.error" in err
+    if fmt == "json":
+        line = json.loads(err)
+        assert line["level"] == "warning" and "[redacted]@llm.local" in line["event"]
