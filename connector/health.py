@@ -2,7 +2,9 @@
 ``/metrics`` (Prometheus text, ``connector.metrics``).
 
 A few lines of asyncio rather than a web framework: three read-only GET routes on a
-loopback port (by default) do not need more.
+loopback port (by default) do not need more. The routes read the connector's ``Status``
+(``connector.status``) and never change it: the question to the LLM behind ``llm.ok``
+goes through ``ModelWatch.check_llm``, which records the answer as an event.
 """
 
 from __future__ import annotations
