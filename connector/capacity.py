@@ -27,7 +27,11 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from connector.status import CapacityChanged, Emit
 from connector.upstream import UpstreamError
+from shared.logging import get_logger
+
+log = get_logger("connector.capacity")
 
 DEFAULT_CAPACITY = 64
 # Connection pools are sized before the engine is asked: ``auto`` never goes beyond this.
@@ -101,3 +105,31 @@ async def detect(get_json: GetJson) -> Capacity:
     if not reached:
         return undetected()
     return from_engine(answers.get("/props"), answers.get("/slots"))
+
+
+class CapacityWatch:
+    """The capacity offered to the broker, asked of the engine until it answers.
+
+    ``on_change`` runs when the engine reports a different number: the broker knows only
+    what the connector registered with.
+    """
+
+    def __init__(
+        self, setting: int | str, get_json: GetJson, emit: Emit, on_change: Callable[[], None]
+    ) -> None:
+        self._get_json = get_json
+        self._emit = emit
+        self._on_change = on_change
+        self.current = initial(setting)
+        emit(CapacityChanged(self.current.value, self.current.source))
+
+    async def detect(self) -> None:
+        found = await detect(self._get_json)
+        if found == self.current:
+            return
+        changed = found.value != self.current.value
+        self.current = found
+        self._emit(CapacityChanged(found.value, found.source))
+        log.info("capacity", capacity=found.value, source=found.source)
+        if changed and found.detected:
+            self._on_change()

@@ -20,7 +20,8 @@ from pathlib import Path
 from connector.backoff import Backoff
 from connector.broker_client import BrokerClient
 from connector.errors import BrokerRejected, BrokerUnavailable
-from connector.runner import VERSION, servable
+from connector.models import servable
+from connector.session import VERSION
 from connector.settings import ConnectorSettings, read_token_file
 from connector.upstream import Upstream, UpstreamError
 from shared.files import write_atomic

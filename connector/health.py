@@ -2,7 +2,9 @@
 ``/metrics`` (Prometheus text, ``connector.metrics``).
 
 A few lines of asyncio rather than a web framework: three read-only GET routes on a
-loopback port (by default) do not need more.
+loopback port (by default) do not need more. The routes read the connector's ``Status``
+(``connector.status``) and never change it: the question to the LLM behind ``llm.ok``
+goes through ``ModelWatch.check_llm``, which records the answer as an event.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from connector.metrics import ConnectorMetrics
 from connector.runner import Connector
-from connector.upstream import UpstreamError
 
 LLM_CHECK_INTERVAL = 5.0
 
@@ -40,18 +41,6 @@ class HealthServer:
             self._server.close()
             with contextlib.suppress(Exception):
                 await self._server.wait_closed()
-
-    async def _check_llm(self) -> None:
-        status = self.connector.status
-        if time.monotonic() - status.llm_checked < LLM_CHECK_INTERVAL:
-            return
-        try:
-            await self.connector.upstream.models(timeout=3.0)
-        except UpstreamError as exc:
-            status.llm_ok, status.llm_error = False, str(exc)
-        else:
-            status.llm_ok, status.llm_error = True, None
-        status.llm_checked = time.monotonic()
 
     def snapshot(self) -> dict[str, object]:
         c = self.connector
@@ -93,7 +82,7 @@ class HealthServer:
                 status, payload = 200, self.metrics.render()
                 content_type = CONTENT_TYPE_LATEST
             elif path in ("/health", "/ready"):
-                await self._check_llm()
+                await self.connector.models.check_llm(LLM_CHECK_INTERVAL)
                 snap = self.snapshot()
                 if path == "/health":
                     status, body = 200, snap

@@ -18,7 +18,7 @@ import httpx
 import pytest
 import structlog
 
-from connector import runner
+from connector import models, runner, trouble
 from connector.broker_client import BrokerClient
 from connector.health import HealthServer
 from connector.runner import Connector
@@ -154,7 +154,7 @@ async def test_restart_replacement_is_not_a_clash() -> None:
 async def test_session_replaced_warns_then_registers_again_after_a_pause(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(runner, "CLASH_RETRY", (0.4, 0.4))
+    monkeypatch.setattr(trouble, "CLASH_RETRY", (0.4, 0.4))
     relay = ScriptedRelay(polls=[_error(404, "session_replaced")])
     with structlog.testing.capture_logs() as logs:
         async with running(relay):
@@ -221,14 +221,14 @@ async def test_unreachable_broker_is_retried_about_every_second(
         await _until(lambda: len(delays) >= 12)
         connector.request_stop()
         await asyncio.wait_for(task, 10)
-    assert max(delays) <= runner.UNREACHABLE_RETRY
+    assert max(delays) <= trouble.UNREACHABLE_RETRY
     # Frequent tries, but not a warning each: the first few, then one per 30 s.
     warned = [e for e in _events(logs, "broker_unreachable") if e["log_level"] == "warning"]
     assert [e["tries"] for e in warned] == [1, 2, 3]
 
 
 async def test_capacity_asked_again_once_the_llm_answers(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(runner, "EMPTY_MODELS_REFRESH", 0.1)
+    monkeypatch.setattr(models, "EMPTY_MODELS_REFRESH", 0.1)
     llm_up = False
 
     def llm(request: httpx.Request) -> httpx.Response:
@@ -267,7 +267,7 @@ async def test_capacity_asked_again_once_the_llm_answers(monkeypatch: pytest.Mon
 
 
 async def test_a_lasting_clash_warns_once_a_minute(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(runner, "CLASH_RETRY", (0.05, 0.05))
+    monkeypatch.setattr(trouble, "CLASH_RETRY", (0.05, 0.05))
     relay = ScriptedRelay(replaced=[Replaced.LIVE] * 4, polls=[_error(404, "session_replaced")] * 3)
     with structlog.testing.capture_logs() as logs:
         async with running(relay):

@@ -19,8 +19,8 @@ from connector.errors import (
     SessionLost,
     SessionReplaced,
 )
-from connector.runner import UNREACHABLE_RETRY, by_proxy, retry_cap
 from connector.settings import ConnectorSettings
+from connector.trouble import UNREACHABLE_RETRY, by_proxy, retry_cap
 
 
 def _error(status: int, code: str | None, message: str = "m") -> httpx.Response:
