@@ -35,6 +35,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from broker.accounts.store import FileBroken, YamlFileStore
+from broker.core.errors import BrokerError
 from broker.keys import ConnectorIdentity, hash_secret, new_connector_token
 from broker.window import SlidingWindow
 from shared.errors import ConfigError
@@ -54,23 +55,9 @@ ASK_EVERY = 3.0  # seconds between a pending connector's asks
 MAX_KEY = 4096
 
 
-class EnrollmentError(Exception):
-    """An enrollment ask or an operator action that cannot be done; says why."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        code: str,
-        retry_after: float | None = None,
-        type_: str = "invalid_request_error",
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.code = code
-        self.retry_after = retry_after
-        self.type = type_
+# An enrollment ask or an operator action that cannot be done (says why): the broker's
+# one error type (``broker.core.errors``), answered by the relay like any other.
+EnrollmentError = BrokerError
 
 
 def _now() -> datetime:
@@ -349,7 +336,10 @@ def _verdict(entry: Enrolled) -> Verdict:
 
 def _slow_down(wait: float) -> EnrollmentError:
     return EnrollmentError(
-        429, "too many enrollment requests from this address; wait", "rate_limited", wait
+        429,
+        "too many enrollment requests from this address; wait",
+        "rate_limited",
+        retry_after=wait,
     )
 
 
