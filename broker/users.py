@@ -231,8 +231,9 @@ class UsersStore:
 
     def watch(self, callback: Callable[[UsersChange], None]) -> None:
         """Tell ``callback`` what each later load changes (and now: who is blocked)."""
-        self._watch = callback
-        callback(users_change(None, {}, frozenset(), self._blocked))
+        with self._file.locked():
+            self._watch = callback
+            callback(users_change(None, {}, frozenset(), self._blocked))
 
     @property
     def users(self) -> list[UserEntry]:

@@ -90,6 +90,12 @@ class YamlFileStore(Generic[T]):
         """The last good content (never a broken file's)."""
         return self._doc
 
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold off reloads and writes in this process (to read or hook in consistently)."""
+        with self._lock:
+            yield
+
     # -- reading ----------------------------------------------------------------------------
 
     def load(self) -> None:
