@@ -17,15 +17,11 @@ from broker.api_input import (
     client_label,
     new_request_id,
 )
+from broker.core.errors import BrokerError
+from broker.errors import error_response
 from broker.state import BrokerState
 from shared.errors import quote
 from shared.protocol import REQUEST_ID_HEADER
-
-
-def _error(exc: ApiError) -> Response:
-    response = Response(exc.body(), status=exc.status, content_type="application/json")
-    response.headers.update(exc.headers)
-    return response
 
 
 def _json(body: object, rid: str) -> Response:
@@ -47,9 +43,9 @@ def create_api_blueprint(state: BrokerState) -> Blueprint:
             "connectors": len(owners),
         }
 
-    @bp.errorhandler(ApiError)
-    async def api_error(exc: ApiError) -> Response:
-        return _error(exc)
+    @bp.errorhandler(BrokerError)
+    async def api_error(exc: BrokerError) -> Response:
+        return error_response(exc)  # StateUnavailable too: 503 with Retry-After
 
     @bp.after_request
     async def echo_label(response: Response) -> Response:

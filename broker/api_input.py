@@ -1,18 +1,17 @@
 """What every /v1 route checks first, with no web framework: request ID, key, JSON body.
 
-Errors are ``ApiError``: status, OpenAI-shaped message and code, and the headers to send;
-the Quart routes (``broker.api``) and the plain-ASGI relay route (``broker.api_relay``)
-each turn it into a response.
+Errors are ``ApiError`` (the broker's ``BrokerError``): status, OpenAI-shaped message and
+code, and the headers to send; ``broker.errors`` turns it into the answer for the Quart
+routes (``broker.api``) and the plain-ASGI relay route (``broker.api_relay``) alike.
 """
 
 from __future__ import annotations
 
-import json
 import re
 import uuid
 
+from broker.core.errors import BrokerError
 from broker.keys import KeyStore, UserKey, bearer
-from shared.errors import error_body, type_for_status
 from shared.protocol import REQUEST_ID_HEADER
 
 _CLIENT_REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
@@ -20,28 +19,8 @@ _CLIENT_REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 CLIENT_REQUEST_ID_HEADER = "x-client-request-id"
 
 
-class ApiError(Exception):
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        code: str,
-        *,
-        type_: str | None = None,
-        param: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.code = code
-        self.type = type_ or type_for_status(status)
-        self.param = param
-        self.headers = headers or {}
-
-    def body(self) -> bytes:
-        envelope = error_body(self.message, self.type, param=self.param, code=self.code)
-        return json.dumps(envelope).encode()
+# A /v1 route's refusal: the broker's one error type (``broker.core.errors``).
+ApiError = BrokerError
 
 
 def new_request_id() -> str:

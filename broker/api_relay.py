@@ -29,6 +29,7 @@ from broker.core import DispatchError, Pending, StateUnavailable
 from broker.core.request_body import BodyRefused, JsonLimits, RequestBody, inspect
 from broker.core.response import Action, Begin, Body, Close, Outcome, ResponseMachine
 from broker.core.sse_usage import USAGE_PATHS
+from broker.errors import send_error
 from broker.forwarded import client_address, parse_networks
 from broker.keys import UserKey
 from broker.limit_gate import LimitGate, Reach, Ticket
@@ -97,14 +98,6 @@ def _request_path(scope: Scope) -> str:
 
 def _encode(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
     return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
-
-
-async def _send_error(send: Send, exc: ApiError) -> None:
-    body = exc.body()
-    headers = {"content-type": "application/json", **exc.headers}
-    headers["content-length"] = str(len(body))
-    await send({"type": "http.response.start", "status": exc.status, "headers": _encode(headers)})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 async def read_body(receive: Receive, declared: str | None, limit: int, rid: str) -> bytes:
@@ -176,20 +169,15 @@ class ApiRelay:
 
         try:
             await self._relay(scope, receive, tracked, rid, started)
-        except ApiError as exc:
-            await _send_error(tracked, exc)
         except ClientGone:
             log.info("request_abandoned", stage="reading the body")
         except Exception as exc:
-            log.exception("api_unhandled_error", error_type=type(exc).__name__)
+            # The one conversion: ApiError, a limiter's or the relay state's
+            # StateUnavailable (503, Retry-After), anything else a fixed 500.
+            if not isinstance(exc, ApiError):
+                log.exception("api_unhandled_error", error_type=type(exc).__name__)
             if not began:  # mid-answer, the user sees the stream end early
-                failure = ApiError(
-                    500,
-                    "internal error in the broker",
-                    "internal",
-                    headers={REQUEST_ID_HEADER: rid},
-                )
-                await _send_error(tracked, failure)
+                await send_error(tracked, exc, {REQUEST_ID_HEADER: rid})
         finally:
             structlog.contextvars.unbind_contextvars("request_id", "client_request_id")
             _CLIENT_LABEL.reset(label_token)
@@ -274,16 +262,8 @@ class ApiRelay:
             pending, channel = await self.hub.submit(item, user=user.id)
         except DispatchError as exc:
             self._refused(rid, user, item, exc.status, exc.code, started, exc.status != 404)
-            raise ApiError(
-                exc.status,
-                exc.message,
-                exc.code,
-                type_="invalid_request_error" if exc.status < 500 else "server_error",
-                param="model" if exc.status == 404 else None,
-                headers={REQUEST_ID_HEADER: rid}
-                | limit_headers
-                | ({"Retry-After": "2"} if exc.status == 503 else {}),
-            ) from None
+            exc.headers.update(limit_headers)
+            raise
         progress.pending = pending
         client = scope.get("client")
         forwarded_for = _header(scope, b"x-forwarded-for")

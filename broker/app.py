@@ -15,8 +15,9 @@ from broker.api import create_api_blueprint
 from broker.api_relay import ApiRelay
 from broker.asgi import BrokerASGI
 from broker.core import StateUnavailable, Timings
+from broker.core.errors import BrokerError
 from broker.enrollment import EnrollmentStore
-from broker.errors import error_response, type_for_status
+from broker.errors import error_response
 from broker.hub import RelayHub
 from broker.keys import KeyStore
 from broker.limiter import LimitState, MemoryLimitState
@@ -155,28 +156,15 @@ def create_app(settings: BrokerSettings, state: BrokerState | None = None) -> Qu
         code = {404: "unknown_url", 405: "method_not_allowed", 413: "request_too_large"}.get(
             status, "http_error"
         )
-        return error_response(
-            status, exc.description or exc.name, type_for_status(status), code=code
-        )
+        return error_response(BrokerError(status, exc.description or exc.name, code))
 
     @app.errorhandler(Exception)
     async def unexpected(exc: Exception) -> Response:
-        log.exception("unhandled_error", error_type=type(exc).__name__)
-        return error_response(500, "internal error in the broker", "server_error", code="internal")
+        if not isinstance(exc, BrokerError):  # StateUnavailable: 503, Retry-After
+            log.exception("unhandled_error", error_type=type(exc).__name__)
+        return error_response(exc)
 
     return app
-
-
-def _unavailable(exc: StateUnavailable) -> Response:
-    body = {
-        "error": {"message": exc.message, "type": "server_error", "param": None, "code": exc.code}
-    }
-    return Response(
-        json.dumps(body),
-        status=503,
-        content_type="application/json",
-        headers={"Retry-After": "2"},
-    )
 
 
 async def _reload_keys(state: BrokerState) -> None:
@@ -206,7 +194,7 @@ def create_health_app(state: BrokerState) -> Quart:
         try:
             d = await state.hub.view()
         except StateUnavailable as exc:
-            return _unavailable(exc)
+            return error_response(exc)
         sessions = [
             {
                 "name": s.name,
@@ -238,7 +226,7 @@ def create_health_app(state: BrokerState) -> Quart:
         try:
             view = await state.hub.view()
         except StateUnavailable as exc:
-            return _unavailable(exc)
+            return error_response(exc)
         return Response(state.metrics.render(view), content_type=CONTENT_TYPE_LATEST)
 
     @app.get("/ready")

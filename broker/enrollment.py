@@ -11,7 +11,9 @@ approves the right one. The operator approves, rejects, or later revokes it on
 only its hash is kept, and the secret is forgotten with the delivery.
 
 Entries live in ``<data-dir>/enrolled_connectors.yaml``: broker-owned, written atomically
-(``write_yaml_atomic``, mode 600) and only when an entry changed, re-read when it changes.
+(``broker.accounts.store``, mode 600) and only when an entry changed, re-read when it changes;
+a file the operator left broken keeps the last good entries serving and is never written
+over (enrollment answers 503 ``enrollment_paused`` until it is fixed).
 Approved entries are connector identities to the ``KeyStore`` (``lookup``), with the
 upstream LLM key set on the admin page. Bounds: ``MAX_PENDING`` pending entries,
 ``MAX_ENTRIES`` in all (the oldest rejected or revoked ones go first), and
@@ -22,7 +24,6 @@ disk. The ask's fields are capped by ``EnrollRequest``.
 from __future__ import annotations
 
 import secrets
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,12 +34,9 @@ from typing import TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from broker.keys import (
-    ConnectorIdentity,
-    hash_secret,
-    new_connector_token,
-    write_yaml_atomic,
-)
+from broker.accounts.store import FileBroken, YamlFileStore
+from broker.core.errors import BrokerError
+from broker.keys import ConnectorIdentity, hash_secret, new_connector_token
 from broker.window import SlidingWindow
 from shared.errors import ConfigError
 from shared.fingerprint import fingerprint_of_digest
@@ -57,23 +55,9 @@ ASK_EVERY = 3.0  # seconds between a pending connector's asks
 MAX_KEY = 4096
 
 
-class EnrollmentError(Exception):
-    """An enrollment ask or an operator action that cannot be done; says why."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        code: str,
-        retry_after: float | None = None,
-        type_: str = "invalid_request_error",
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.code = code
-        self.retry_after = retry_after
-        self.type = type_
+# An enrollment ask or an operator action that cannot be done (says why): the broker's
+# one error type (``broker.core.errors``), answered by the relay like any other.
+EnrollmentError = BrokerError
 
 
 def _now() -> datetime:
@@ -120,20 +104,11 @@ class Verdict:
     reply: EnrollResponse
 
 
-def _parse(path: Path) -> EnrolledFile:
+def _parse(text: str, path: Path) -> EnrolledFile:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        return EnrolledFile.model_validate(data)
-    except (OSError, yaml.YAMLError, ValidationError) as exc:
+        return EnrolledFile.model_validate(yaml.safe_load(text) or {})
+    except (yaml.YAMLError, ValidationError) as exc:
         raise ConfigError(f"cannot read {path}: {exc}") from exc
-
-
-def _stamp(path: Path) -> tuple[int, int] | None:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return (st.st_mtime_ns, st.st_ino)
 
 
 class EnrollmentStore:
@@ -142,34 +117,36 @@ class EnrollmentStore:
     def __init__(self, path: Path, clock: Callable[[], float] = time.monotonic) -> None:
         self.path = path
         self._clock = clock
-        self._lock = threading.Lock()
-        self._doc = EnrolledFile()
-        self._stamp: tuple[int, int] | None = None
         self._index: dict[str, ConnectorIdentity] = {}
         self._new = SlidingWindow(NEW_PER_ADDRESS, 3600.0)
         self._asks = SlidingWindow(ASKS_PER_ADDRESS, 60.0)
         self.last_ask: dict[str, float] = {}  # entry id -> clock(), not written to disk
-        self.error: str | None = None
+        self._file = YamlFileStore(
+            path,
+            name="enrolled",
+            parse=_parse,
+            dump=lambda doc: doc.model_dump(mode="json"),
+            empty=EnrolledFile,
+            installed=self._installed,
+        )
         self.reload()
 
     # -- reading ----------------------------------------------------------------------------
 
+    @property
+    def error(self) -> str | None:
+        """Why the file on disk is not what serves (None when it is)."""
+        return self._file.error
+
+    @property
+    def _doc(self) -> EnrolledFile:
+        return self._file.doc
+
     def reload(self) -> bool:
         """Re-read the file if it changed; a broken file is logged, the last good state kept."""
-        with self._lock:
-            stamp = _stamp(self.path)
-            if stamp == self._stamp:
-                return False
-            try:
-                doc = _parse(self.path) if stamp is not None else EnrolledFile()
-            except ConfigError as exc:
-                self.error, self._stamp = str(exc), stamp
-                log.error("enrolled_file_invalid", path=str(self.path), error=str(exc))
-                return False
-            self._install(doc, stamp)
-            return True
+        return self._file.reload()
 
-    def _install(self, doc: EnrolledFile, stamp: tuple[int, int] | None) -> None:
+    def _installed(self, doc: EnrolledFile, present: bool) -> None:
         self._index = {
             # An enrolled connector serves the models it asked for and the operator approved.
             e.token_sha256: ConnectorIdentity(
@@ -178,7 +155,6 @@ class EnrollmentStore:
             for e in doc.connectors
             if e.status is EnrollStatus.APPROVED and e.token_sha256
         }
-        self._doc, self._stamp, self.error = doc, stamp, None
 
     @property
     def entries(self) -> list[Enrolled]:
@@ -195,19 +171,17 @@ class EnrollmentStore:
     # -- writing ----------------------------------------------------------------------------
 
     def _mutate(self, change: Callable[[EnrolledFile], T]) -> T:
-        with self._lock:
-            stamp = _stamp(self.path)
-            if stamp is not None and stamp != self._stamp:
-                current = _parse(self.path)  # an operator's edit: apply on top of it
-            else:
-                current = self._doc
-            doc = current.model_copy(deep=True)
-            result = change(doc)
-            if doc != current:  # nothing changed: the file is not written
-                write_yaml_atomic(self.path, doc.model_dump(mode="json"))
-                stamp = _stamp(self.path)
-            self._install(doc, stamp)
-            return result
+        try:
+            return self._file.mutate(change)
+        except FileBroken as exc:
+            # The operator's edit does not parse: nothing is written over it until fixed.
+            raise EnrollmentError(
+                503,
+                "enrollment is paused while the operator fixes the broker's connectors file",
+                "enrollment_paused",
+                retry_after=60.0,
+                type_="server_error",
+            ) from exc
 
     def ask(self, req: EnrollRequest, address: str | None) -> Verdict:
         """A connector's ask: create or find its entry, and answer with the verdict."""
@@ -362,7 +336,10 @@ def _verdict(entry: Enrolled) -> Verdict:
 
 def _slow_down(wait: float) -> EnrollmentError:
     return EnrollmentError(
-        429, "too many enrollment requests from this address; wait", "rate_limited", wait
+        429,
+        "too many enrollment requests from this address; wait",
+        "rate_limited",
+        retry_after=wait,
     )
 
 

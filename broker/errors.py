@@ -1,27 +1,52 @@
-"""OpenAI-shaped error responses for the broker's routes."""
+"""The one conversion of the broker's errors into OpenAI-shaped answers.
+
+Every route family raises ``BrokerError`` (``broker.core.errors``: status, type, code,
+message, headers); ``error_reply`` turns it, or any other exception (a 500 with a fixed
+text), into status, headers and the OpenAI envelope. ``send_error`` writes that as ASGI
+messages (the relayed API and the relay), ``error_response`` as a Quart response (the
+model list, pages' JSON errors and the health port). ``StateUnavailable`` from wherever it
+is raised (relay state, limiter, revocation board) is a 503 with ``Retry-After`` so.
+"""
 
 from __future__ import annotations
 
-import json
+from dataclasses import dataclass
 
 from quart import Response
 
-from shared.errors import error_body, type_for_status
+from broker.asgi import Send
+from broker.core.errors import BrokerError
 
-__all__ = ["error_response", "type_for_status"]
+__all__ = ["ErrorReply", "error_reply", "error_response", "send_error"]
 
 
-def error_response(
-    status: int,
-    message: str,
-    type_: str = "invalid_request_error",
-    *,
-    code: str | None = None,
-    param: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> Response:
-    body = json.dumps(error_body(message, type_, param=param, code=code))
-    response = Response(body, status=status, content_type="application/json")
-    for name, value in (headers or {}).items():
-        response.headers[name] = value
+@dataclass(frozen=True, slots=True)
+class ErrorReply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+def error_reply(exc: BaseException, headers: dict[str, str] | None = None) -> ErrorReply:
+    """Status, headers and body for ``exc``; ``headers`` (a request ID, say) are added."""
+    error = exc if isinstance(exc, BrokerError) else BrokerError()
+    merged = {**error.reply_headers(), **(headers or {})}
+    return ErrorReply(error.status, merged, error.envelope())
+
+
+async def send_error(send: Send, exc: BaseException, headers: dict[str, str] | None = None) -> None:
+    """``error_reply`` as ASGI response messages."""
+    reply = error_reply(exc, headers)
+    fields = {"content-type": "application/json", **reply.headers}
+    fields["content-length"] = str(len(reply.body))
+    encoded = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in fields.items()]
+    await send({"type": "http.response.start", "status": reply.status, "headers": encoded})
+    await send({"type": "http.response.body", "body": reply.body, "more_body": False})
+
+
+def error_response(exc: BaseException, headers: dict[str, str] | None = None) -> Response:
+    """``error_reply`` as a Quart response."""
+    reply = error_reply(exc, headers)
+    response = Response(reply.body, status=reply.status, content_type="application/json")
+    response.headers.update(reply.headers)
     return response

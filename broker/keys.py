@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from broker.accounts.store import YamlFileStore
 from broker.core.limits import LimitOverrides
 from shared.errors import ConfigError
-from shared.files import write_atomic
 from shared.logging import get_logger
 from shared.model_names import InvalidModelName, check_model_names
 
@@ -79,28 +79,37 @@ class ConnectorIdentity:
     models: frozenset[str] | None = None
 
 
-def write_yaml_atomic(path: Path, data: Any) -> None:
-    """Write an operator-editable YAML file durably (``shared.files.write_atomic``, mode 600)."""
-    write_atomic(path, yaml.safe_dump(data, sort_keys=False))
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
+def _mapping(text: str, path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as exc:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
         raise ConfigError(f"cannot read {path}: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping")
     return data
 
 
-def _mtime(path: Path | None) -> float | None:
-    if path is None:
-        return None
-    try:
-        return path.stat().st_mtime_ns / 1e9
-    except OSError:
-        return None
+def _credentials(text: str, path: Path) -> dict[str, Any]:
+    """``credentials.yaml`` as written (entries that are not mappings are skipped)."""
+    return _mapping(text, path)
+
+
+def _connector_config(text: str, path: Path) -> dict[str, ConnectorIdentity]:
+    """The operator's ``connectors.yaml``: identities by token hash."""
+    entries = _mapping(text, path).get("connectors") or []
+    if not isinstance(entries, list):
+        raise ConfigError(f"{path}: 'connectors' must be a list")
+    found: dict[str, ConnectorIdentity] = {}
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not isinstance(entry.get("token"), str):
+            raise ConfigError(f"{path}: entry {i + 1} needs a token")
+        digest = hash_secret(entry["token"])
+        try:
+            found[digest] = _identity(entry, digest)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: entry {i + 1}: {exc}") from None
+    _unique_ids(path, found.values())
+    return found
 
 
 def _identity(entry: dict[str, Any], digest: str) -> ConnectorIdentity:
@@ -159,9 +168,21 @@ class KeyStore:
         }
         self.connector_config = connector_config
         self.credentials_path = data_dir / CREDENTIALS_FILE
+        self._credentials: YamlFileStore[dict[str, Any]] = YamlFileStore(
+            self.credentials_path, name="credentials", parse=_credentials, dump=dict, empty=dict
+        )
+        self._config: YamlFileStore[dict[str, ConnectorIdentity]] | None = None
+        if connector_config is not None:
+            # Operator-owned and never written; a missing file keeps the last view.
+            self._config = YamlFileStore(
+                connector_config,
+                name="connectors",
+                parse=_connector_config,
+                empty=dict,
+                required=True,
+            )
         self._users: dict[str, UserKey] = {}
         self._connectors: dict[str, ConnectorIdentity] = {}
-        self._stamps: tuple[float | None, float | None] = (None, None)
         self._more_users: Callable[[str], UserKey | None] | None = None
         self._more_connectors: Callable[[str], ConnectorIdentity | None] | None = None
         self._board: RevocationBoard | None = None
@@ -181,63 +202,53 @@ class KeyStore:
 
     # -- loading --------------------------------------------------------------------------
 
+    def _files(self) -> list[YamlFileStore[Any]]:
+        return [f for f in (self._credentials, self._config) if f is not None]
+
     def reload(self, force: bool = False) -> bool:
-        """Re-read the YAML files if they changed; keep the old view if a file is broken."""
-        stamps = (_mtime(self.connector_config), _mtime(self.credentials_path))
-        if not force and stamps == self._stamps:
-            return False
+        """Re-read the YAML files if they changed; a broken file keeps its last good view.
+
+        ``force`` (at start): read both files and raise on a broken or missing one.
+        """
+        if force:
+            for file in self._files():
+                file.load()
+        else:
+            changed = [file.reload() for file in self._files()]
+            if not any(changed):
+                return False
         try:
-            users, connectors = self._load()
+            users, connectors = self._merged()
         except ConfigError as exc:
             if force:
                 raise
             log.error("key_reload_failed", error=str(exc))
-            self._stamps = stamps
             return False
-        self._users, self._connectors, self._stamps = users, connectors, stamps
+        self._users, self._connectors = users, connectors
         if not force:
             log.info("keys_reloaded", users=len(users), connectors=len(connectors))
         return True
 
-    def _load(self) -> tuple[dict[str, UserKey], dict[str, ConnectorIdentity]]:
+    def _merged(self) -> tuple[dict[str, UserKey], dict[str, ConnectorIdentity]]:
         users = dict(self._static_users)
         connectors = dict(self._static_connectors)
-        if self.connector_config is not None:
-            connectors.update(self._load_connector_config(self.connector_config))
-        if self.credentials_path.exists():
-            data = _read_yaml(self.credentials_path)
-            for entry in data.get("users") or []:
-                if isinstance(entry, dict) and isinstance(entry.get("key_sha256"), str):
-                    digest = entry["key_sha256"]
-                    users[digest] = UserKey(
-                        id=str(entry.get("id") or user_id(digest)),
-                        name=str(entry.get("name") or "user"),
-                        blocked=bool(entry.get("blocked", False)),
-                    )
-            for entry in data.get("connectors") or []:
-                if isinstance(entry, dict) and isinstance(entry.get("token_sha256"), str):
-                    connectors[entry["token_sha256"]] = _identity(entry, entry["token_sha256"])
+        if self._config is not None:
+            connectors.update(self._config.doc)
+        data = self._credentials.doc
+        for entry in data.get("users") or []:
+            if isinstance(entry, dict) and isinstance(entry.get("key_sha256"), str):
+                digest = entry["key_sha256"]
+                users[digest] = UserKey(
+                    id=str(entry.get("id") or user_id(digest)),
+                    name=str(entry.get("name") or "user"),
+                    blocked=bool(entry.get("blocked", False)),
+                )
+        for entry in data.get("connectors") or []:
+            if isinstance(entry, dict) and isinstance(entry.get("token_sha256"), str):
+                connectors[entry["token_sha256"]] = _identity(entry, entry["token_sha256"])
         _unique_ids(self.credentials_path, users.values())
         _unique_ids(self.connector_config or self.credentials_path, connectors.values())
         return users, connectors
-
-    @staticmethod
-    def _load_connector_config(path: Path) -> dict[str, ConnectorIdentity]:
-        if not path.exists():
-            raise ConfigError(f"connector config {path} does not exist")
-        entries = _read_yaml(path).get("connectors") or []
-        if not isinstance(entries, list):
-            raise ConfigError(f"{path}: 'connectors' must be a list")
-        found: dict[str, ConnectorIdentity] = {}
-        for i, entry in enumerate(entries):
-            if not isinstance(entry, dict) or not isinstance(entry.get("token"), str):
-                raise ConfigError(f"{path}: entry {i + 1} needs a token")
-            digest = hash_secret(entry["token"])
-            try:
-                found[digest] = _identity(entry, digest)
-            except ConfigError as exc:
-                raise ConfigError(f"{path}: entry {i + 1}: {exc}") from None
-        return found
 
     def ensure_credentials(self) -> GeneratedCredentials:
         """Create a user key and/or connector token when none exists; return the new ones."""
@@ -245,23 +256,23 @@ class KeyStore:
         token = None if self._connectors else new_connector_token()
         if user_key is None and token is None:
             return GeneratedCredentials(None, None)
-        data: dict[str, Any] = (
-            _read_yaml(self.credentials_path) if self.credentials_path.exists() else {}
-        )
-        if user_key is not None:
-            data.setdefault("users", []).append(
-                {
-                    "id": user_id(hash_secret(user_key)),
-                    "name": "default",
-                    "key_sha256": hash_secret(user_key),
-                    "blocked": False,
-                }
-            )
-        if token is not None:
-            data.setdefault("connectors", []).append(
-                {"id": connector_id(hash_secret(token)), "token_sha256": hash_secret(token)}
-            )
-        write_yaml_atomic(self.credentials_path, data)
+
+        def add(data: dict[str, Any]) -> None:
+            if user_key is not None:
+                data.setdefault("users", []).append(
+                    {
+                        "id": user_id(hash_secret(user_key)),
+                        "name": "default",
+                        "key_sha256": hash_secret(user_key),
+                        "blocked": False,
+                    }
+                )
+            if token is not None:
+                data.setdefault("connectors", []).append(
+                    {"id": connector_id(hash_secret(token)), "token_sha256": hash_secret(token)}
+                )
+
+        self._credentials.mutate(add)
         self.reload(force=True)
         return GeneratedCredentials(user_key, token)
 

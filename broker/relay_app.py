@@ -26,14 +26,15 @@ from pydantic import BaseModel, ValidationError
 from broker import enroll_relay
 from broker.asgi import Receive, Scope, Send
 from broker.claims import split_claims
-from broker.core import LeaseError, StateUnavailable, TooManySessions, UnknownSession
-from broker.enrollment import EnrollmentError
+from broker.core import LeaseError, UnknownSession
+from broker.core.errors import BrokerError
+from broker.errors import send_error
 from broker.keys import ConnectorIdentity, bearer
 from broker.mux import MuxRegistry
 from broker.relay_state import Superseded
 from broker.state import BrokerState
 from broker.upload import FrameApplier, PartAssembler, UploadTooLarge
-from shared.errors import FrameError, error_body
+from shared.errors import FrameError
 from shared.logging import get_logger
 from shared.model_names import InvalidModelName
 from shared.protocol import (
@@ -79,17 +80,8 @@ DRAIN_AFTER_ANSWER = 5.0
 M = TypeVar("M", bound=BaseModel)
 
 
-class RelayError(Exception):
-    """The one error type of the relay routes: status, message, code."""
-
-    def __init__(
-        self, status: int, message: str, code: str, type_: str = "invalid_request_error"
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.code = code
-        self.type = type_
+# The relay routes' refusals: the broker's one error type (``broker.core.errors``).
+RelayError = BrokerError
 
 
 def _invalid(what: str, exc: ValidationError) -> RelayError:
@@ -111,14 +103,6 @@ def _too_many_models(count: int, limit: int) -> RelayError:
         f"{count} models in one session; the broker takes at most {limit} "
         "(its --max-models-per-session)",
         "too_many_models",
-    )
-
-
-def _lease_lost() -> RelayError:
-    return RelayError(
-        409,
-        "this request is not leased to the session (it expired or was cancelled)",
-        "lease_lost",
     )
 
 
@@ -211,16 +195,8 @@ class RelayApp:
             route, call.params = self._match(scope["method"], scope["path"])
             call.ident = _NOBODY if route is self._enroll else self._authorise(scope)
             await route(call)
-        except RelayError as exc:
+        except BrokerError as exc:  # sessions, leases, enrollment, StateUnavailable: all here
             await self._error(call, exc)
-        except UnknownSession as exc:
-            await self._error(call, RelayError(404, exc.message, exc.code))
-        except LeaseError:
-            await self._error(call, _lease_lost())
-        except StateUnavailable as exc:
-            await self._error(call, RelayError(503, exc.message, exc.code, "server_error"))
-        except TooManySessions as exc:
-            await self._error(call, RelayError(429, exc.message, exc.code, "rate_limit_error"))
         except Exception as exc:
             log.exception(
                 "relay_unhandled_error",
@@ -228,9 +204,7 @@ class RelayApp:
                 request_id=structlog.contextvars.get_contextvars().get("request_id"),
                 error_type=type(exc).__name__,
             )
-            await self._error(
-                call, RelayError(500, "internal error in the broker", "internal", "server_error")
-            )
+            await self._error(call, exc)  # a fixed 500
         finally:
             structlog.contextvars.unbind_contextvars("request_id")
 
@@ -265,12 +239,11 @@ class RelayApp:
         return ident
 
     @staticmethod
-    async def _error(call: Call, exc: RelayError) -> None:
+    async def _error(call: Call, exc: BaseException) -> None:
         if call.started:
             return  # mid-stream: the connector sees the answer end early
-        body = error_body(exc.message, exc.type, code=exc.code)
         with contextlib.suppress(Exception):  # the connector may be gone already
-            await call.respond(exc.status, _json_bytes(body))
+            await send_error(call.send, exc)
 
     # -- sessions -------------------------------------------------------------------------
 
@@ -380,12 +353,9 @@ class RelayApp:
 
     async def enroll(self, call: Call) -> None:
         """A connector without a token asks to join, and asks again for the verdict."""
-        try:
-            enroll_relay.check_enabled(self.state)
-            req = await call.model(EnrollRequest)
-            status, body = await enroll_relay.answer(self.state, req, call.scope)
-        except EnrollmentError as exc:
-            raise RelayError(exc.status, exc.message, exc.code, exc.type) from None
+        enroll_relay.check_enabled(self.state)
+        req = await call.model(EnrollRequest)
+        status, body = await enroll_relay.answer(self.state, req, call.scope)
         await call.respond(status, body)
 
     # -- polls ----------------------------------------------------------------------------
@@ -489,7 +459,7 @@ class RelayApp:
         except (FrameError, UploadTooLarge) as exc:
             log.warning("upload_rejected", error=str(exc))
             await applier.abort(502, "bad_upload", f"the connector sent a bad response: {exc}")
-            status, body = 400, _json_bytes(error_body(str(exc), code="bad_upload"))
+            status, body = 400, RelayError(400, str(exc), "bad_upload").envelope()
         finally:
             if not applier.done and not applier.cancelled:
                 await applier.abort(502, "connector_lost", "the connector's upload ended early")
@@ -530,7 +500,7 @@ class RelayApp:
                 await call.drain(DRAIN_AFTER_ANSWER)
         except FrameError as exc:
             log.warning("mux_upload_rejected", session=session_id, error=str(exc))
-            status, body = 400, _json_bytes(error_body(str(exc), code="bad_upload"))
+            status, body = 400, RelayError(400, str(exc), "bad_upload").envelope()
         finally:
             await lane.end(clean=lane.closed)
             log.info("mux_upload_closed", session=session_id, clean=lane.closed)
@@ -556,7 +526,7 @@ class RelayApp:
             self.assemblers[request_id] = assembler
             self._prune()
         elif assembler.applier.pending.session_id != session_id:
-            raise _lease_lost()
+            raise LeaseError()
         data = await call.read(MAX_PART)
         applier = assembler.applier
         try:

@@ -15,13 +15,9 @@ hashes with name, a short prefix, created and last-used times; never a usable ke
 
 from __future__ import annotations
 
-import fcntl
-import os
 import re
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,11 +26,11 @@ from typing import Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
 
+from broker.accounts.store import FileBroken, YamlFileStore
 from broker.core.limits import LIMIT_FIELDS, LimitOverrides, Override
-from broker.keys import UserKey, hash_secret, new_user_key, write_yaml_atomic
+from broker.keys import UserKey, hash_secret, new_user_key
 from broker.revocations import UsersChange, users_change
 from shared.errors import ConfigError
-from shared.files import private_dir
 from shared.logging import get_logger
 
 log = get_logger("broker.users")
@@ -46,8 +42,8 @@ KEY_NAME = re.compile(r"^[\w .@:/+-]{1,40}$")
 FIRST_KEY_NAME = "default"
 
 
-class UsersFileError(ConfigError):
-    """The users file cannot be read or parsed; the message says where."""
+# The users file cannot be read or parsed (the message says where); changes wait for a fix.
+UsersFileError = FileBroken
 
 
 class KeyActionRefused(ValueError):
@@ -163,14 +159,6 @@ def parse_users(text: str, path: Path) -> UsersFile:
     return doc
 
 
-def _stamp(path: Path) -> tuple[int, int, int] | None:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return (st.st_mtime_ns, st.st_size, st.st_ino)
-
-
 def new_key_entry(name: str) -> tuple[str, KeyEntry]:
     secret = new_user_key()
     entry = KeyEntry(
@@ -191,48 +179,37 @@ class UsersStore:
 
     def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
         self.path = path
-        self._lock_path = path.with_name(f".{path.name}.lock")
         self._clock = clock
-        self._lock = threading.Lock()
-        self._doc = UsersFile()
         self._index: dict[str, UserKey] = {}
-        self._stamp: tuple[int, int, int] | None = None
-        self._bad_stamp: tuple[int, int, int] | None = None
         self._used: dict[str, float] = {}
         self._blocked: frozenset[str] = frozenset()
         self._watch: Callable[[UsersChange], None] | None = None
-        self.error: str | None = None
+        self._file = YamlFileStore(
+            path,
+            name="users",
+            parse=parse_users,
+            dump=lambda doc: doc.model_dump(mode="json", exclude_none=False),
+            empty=UsersFile,
+            installed=self._installed,
+        )
         self.reload()
 
     # -- reading ----------------------------------------------------------------------------
 
+    @property
+    def error(self) -> str | None:
+        """Why the file on disk is not what serves (None when it is)."""
+        return self._file.error
+
+    @property
+    def _doc(self) -> UsersFile:
+        return self._file.doc
+
     def reload(self) -> bool:
         """Re-read the file if it changed; keep the last good state if it is broken."""
-        # Under the writers' lock: a reload that saw "no file yet" just before a write
-        # must not install that emptiness after the write (a first login vanished so).
-        with self._lock:
-            return self._reload()
+        return self._file.reload()
 
-    def _reload(self) -> bool:
-        stamp = _stamp(self.path)
-        if stamp == self._stamp or (stamp is not None and stamp == self._bad_stamp):
-            return False
-        if stamp is None:
-            self._install(UsersFile(), stamp)
-            return True
-        try:
-            doc = parse_users(self.path.read_text(encoding="utf-8"), self.path)
-        except (OSError, UsersFileError) as exc:
-            # Logged once per broken version; _stamp stays the good one, so a write
-            # re-reads the file (and refuses) instead of overwriting the operator's edit.
-            self.error, self._bad_stamp = str(exc), stamp
-            log.error("users_file_invalid", path=str(self.path), error=str(exc))
-            return False
-        self._install(doc, stamp)
-        log.info("users_reloaded", path=str(self.path), users=len(doc.users))
-        return True
-
-    def _install(self, doc: UsersFile, stamp: tuple[int, int, int] | None) -> None:
+    def _installed(self, doc: UsersFile, present: bool) -> None:
         index: dict[str, UserKey] = {}
         for user in doc.users:
             limits = _limits_or_none(user.limits)
@@ -245,17 +222,16 @@ class UsersStore:
                     key_limits=_limits_or_none(key.limits),
                 )
         blocked = frozenset(user.user_id for user in doc.users if user.blocked)
-        if self._watch is not None and stamp is not None:
+        if self._watch is not None and present:
             # A missing file (mid-deploy, say) revokes nothing on the other brokers.
             before = {digest: key.id for digest, key in self._index.items()}
             after = {digest: key.id for digest, key in index.items()}
             self._watch(users_change(before, after, self._blocked, blocked))
-        self._doc, self._index, self._stamp, self.error = doc, index, stamp, None
-        self._blocked = blocked
+        self._index, self._blocked = index, blocked
 
     def watch(self, callback: Callable[[UsersChange], None]) -> None:
         """Tell ``callback`` what each later load changes (and now: who is blocked)."""
-        with self._lock:
+        with self._file.locked():
             self._watch = callback
             callback(users_change(None, {}, frozenset(), self._blocked))
 
@@ -282,32 +258,8 @@ class UsersStore:
 
     # -- writing ----------------------------------------------------------------------------
 
-    @contextmanager
-    def _file_lock(self) -> Iterator[None]:
-        private_dir(self.path.parent)
-        with self._lock, open(self._lock_path, "a") as fh:
-            os.fchmod(fh.fileno(), 0o600)
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
-
     def _mutate(self, change: Callable[[UsersFile], T]) -> T:
-        with self._file_lock():
-            stamp = _stamp(self.path)
-            if stamp is None:
-                current = UsersFile()
-            elif stamp != self._stamp:
-                # Raises when the operator left the file broken: never overwrite their edit.
-                current = parse_users(self.path.read_text(encoding="utf-8"), self.path)
-            else:
-                current = self._doc
-            doc = current.model_copy(deep=True)
-            result = change(doc)
-            write_yaml_atomic(self.path, doc.model_dump(mode="json", exclude_none=False))
-            self._install(doc, _stamp(self.path))
-            return result
+        return self._file.mutate(change)
 
     def login(self, gitlab_id: int, username: str, name: str) -> LoginResult:
         """Record a login; a user seen for the first time gets a first key."""
@@ -465,7 +417,7 @@ class UsersStore:
 
         try:
             return self._mutate(change)
-        except (OSError, UsersFileError) as exc:
+        except (OSError, ConfigError) as exc:
             for h, ts in pending.items():
                 self._used.setdefault(h, ts)
             log.error("users_last_used_not_written", error=str(exc), keys=len(pending))

@@ -22,10 +22,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 
-from broker.core.errors import connector_failure
+from broker.core.errors import BrokerError, connector_failure
 from broker.core.records import Failure, Pending
 from broker.core.sse_usage import StreamUsage, estimate_completion_tokens
-from shared.errors import error_body, normalize_error_body, type_for_status
+from shared.errors import normalize_error_body
 from shared.protocol import OVERHEAD_HEADER, REQUEST_ID_HEADER, ResponseEnd, ResponseHead
 
 Event = bytes | ResponseHead | ResponseEnd | Failure
@@ -118,10 +118,9 @@ class Phase(Enum):
     DONE = "done"
 
 
-def sse_error(status: int, message: str, code: str | None, tail: bytes) -> bytes:
+def sse_error(status: int, message: str, code: str, tail: bytes) -> bytes:
     """An error event (after a blank line if the stream stopped mid-event) and [DONE]."""
-    body = json.dumps(error_body(message, type_for_status(status), code=code)).encode()
-    return _sse_event(body, tail)
+    return _sse_event(BrokerError(status, message, code).envelope(), tail)
 
 
 def _sse_event(body: bytes, tail: bytes) -> bytes:
@@ -325,7 +324,7 @@ class ResponseMachine:
             headers["Content-Type"] = "application/json"
             if status == 503:
                 headers["Retry-After"] = "1"
-            body = json.dumps(error_body(message, type_for_status(status), code=code)).encode()
+            body = BrokerError(status, message, code).envelope()
             out += [Begin(status, headers), Body(body, upstream=False), CLOSE]
         self._end(status, code)
 

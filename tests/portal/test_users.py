@@ -218,10 +218,10 @@ def test_a_reload_racing_the_first_login_does_not_lose_the_user(
     state: the new user vanished until the next reload (a portal page redirected to login)."""
     import threading
 
-    import broker.users as users_module
+    import broker.accounts.store as store_module
 
     store = UsersStore(tmp_path / "users.yaml")
-    real_stamp = users_module._stamp
+    real_stamp = store_module.file_stamp
     login = threading.Thread(target=store.login, args=(7, "eve", "Eve"))
     calls = 0
 
@@ -234,7 +234,7 @@ def test_a_reload_racing_the_first_login_does_not_lose_the_user(
             login.join(timeout=0.5)  # a writer that does not wait for the reload finishes here
         return seen
 
-    monkeypatch.setattr(users_module, "_stamp", stamp_then_login)
+    monkeypatch.setattr(store_module, "file_stamp", stamp_then_login)
     store.reload()
     login.join(timeout=10)
     assert not login.is_alive()

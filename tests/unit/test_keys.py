@@ -136,7 +136,8 @@ def test_ensure_credentials_generates_and_stores_hashes_only(tmp_path: Path) -> 
     assert hash_secret(creds.user_key) in text
     assert hash_secret(creds.connector_token) in text
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert [p.name for p in path.parent.iterdir()] == [CREDENTIALS_FILE]  # no temp left
+    left = [p.name for p in path.parent.iterdir() if p.name != f".{CREDENTIALS_FILE}.lock"]
+    assert left == [CREDENTIALS_FILE]  # no temp left
 
     assert ks.user(creds.user_key) is not None
     assert ks.connector(creds.connector_token) is not None

@@ -123,7 +123,7 @@ def _refusal(reason: Reason, wait: float, subject: str = "gitlab-7") -> Refusal:
 
 def test_a_token_refusal_is_openais_429() -> None:
     exc = refusal_error(_refusal(Reason.TPM, 0.3), Demand(50, 200), "rid-1")
-    body = json.loads(exc.body())["error"]
+    body = json.loads(exc.envelope())["error"]
     assert exc.status == 429
     assert body["type"] == "tokens" and body["code"] == "rate_limit_exceeded"
     assert "tokens per minute (TPM) on user gitlab-7: Limit 1000, Used 990" in body["message"]
@@ -138,7 +138,7 @@ def test_a_token_refusal_is_openais_429() -> None:
 
 def test_a_used_up_quota_says_do_not_retry() -> None:
     exc = refusal_error(_refusal(Reason.MONTHLY, 7200.0, "gitlab-7/laptop"), Demand(1, 1), "r")
-    body = json.loads(exc.body())["error"]
+    body = json.loads(exc.envelope())["error"]
     assert body["type"] == "insufficient_quota" and body["code"] == "insufficient_quota"
     assert "monthly token quota of key 'laptop'" in body["message"]
     assert "resets in 2h0m0s" in body["message"]
@@ -147,7 +147,7 @@ def test_a_used_up_quota_says_do_not_retry() -> None:
 
 def test_concurrency_and_rpm_refusals_are_requests() -> None:
     for reason in (Reason.CONCURRENCY, Reason.RPM):
-        body = json.loads(refusal_error(_refusal(reason, 1.0), Demand(0, 0), "r").body())
+        body = json.loads(refusal_error(_refusal(reason, 1.0), Demand(0, 0), "r").envelope())
         assert body["error"]["type"] == "requests"
         assert body["error"]["code"] == "rate_limit_exceeded"
 
