@@ -6,7 +6,7 @@ from typing import Any
 import pytest
 
 from tests.support import stack as stack_module
-from tests.support.fake_llm import FakeLLM
+from shared.bench.upstream import FakeLLM
 from tests.support.redis_server import RedisServer, redis_server_running, unique_prefix
 from tests.support.stack import Stack, start_broker, start_connector
 

@@ -18,12 +18,12 @@ import pytest
 from broker.keys import KeyStore
 from broker.settings import BrokerSettings
 from connector.settings import ConnectorSettings
+from shared.bench.upstream import FakeLLM
 from shared.settings import load_settings
 from tests.deploy.conftest import Fakes, make_fakes
 from tests.deploy.helpers import (
     DEPLOY,
     SYSTEM_PYTHON,
-    FakeLLM,
     base_env,
     chat_stream,
     free_port,

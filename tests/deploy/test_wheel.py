@@ -7,12 +7,12 @@ from __future__ import annotations
 import zipfile
 from pathlib import Path
 
+from shared.bench.upstream import FakeLLM
 from tests.deploy.helpers import (
     BANNER_KEY,
     BANNER_TOKEN,
     DEPLOY,
     REPO,
-    FakeLLM,
     base_env,
     chat,
     chat_stream,

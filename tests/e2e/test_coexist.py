@@ -18,7 +18,7 @@ import openai
 import pytest
 
 from tests.e2e.procs import Broker, Procs, openai_client
-from tests.support.fake_llm import FakeLLM
+from shared.bench.upstream import FakeLLM
 
 pytestmark = pytest.mark.e2e
 

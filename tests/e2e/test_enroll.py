@@ -14,7 +14,7 @@ import pytest
 
 from broker.enrollment import EnrollmentStore
 from tests.e2e.procs import Procs, openai_client
-from tests.support.fake_llm import FakeLLM
+from shared.bench.upstream import FakeLLM
 
 pytestmark = pytest.mark.e2e
 

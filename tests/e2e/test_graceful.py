@@ -16,7 +16,7 @@ import pytest
 
 from broker.usage_query import recent_requests
 from tests.e2e.procs import Broker, Proc, Procs, openai_client
-from tests.support.fake_llm import FakeLLM
+from shared.bench.upstream import FakeLLM
 
 pytestmark = pytest.mark.e2e
 

@@ -11,7 +11,7 @@ import pytest
 import structlog
 
 from shared.protocol import RELAY_PREFIX, RegisterRequest, RegisterResponse, Replaced
-from tests.support.fake_llm import FakeLLM
+from shared.bench.upstream import FakeLLM
 from tests.support.stack import TOKEN, USER_KEY, start_broker, start_connector
 
 INTRUDER = "ct-intruder-token"

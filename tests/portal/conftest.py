@@ -12,7 +12,7 @@ from playwright.async_api import Browser, async_playwright
 
 from tests.e2e.conftest import procs
 from tests.portal.fake_gitlab import CLIENT_ID, CLIENT_SECRET, FakeGitLab
-from tests.support.fake_llm import FakeLLM
+from shared.bench.upstream import FakeLLM
 from tests.support.stack import Stack, start_broker, start_connector
 from tests.unit.conftest import clean_env
 

@@ -19,7 +19,7 @@ from connector.settings import ConnectorSettings
 from tests.portal.fake_gitlab import FakeGitLab, FakeUser
 from tests.portal.helpers import ask, csrf_of, login, new_key_of, portal_client
 from tests.portal.test_browser import DESKTOP, Watch, shoot
-from tests.support.fake_llm import FakeLLM
+from shared.bench.upstream import FakeLLM
 from tests.support.net import wait_for
 from tests.support.stack import Stack, start_connector
 

@@ -13,7 +13,7 @@ import pytest
 from tests.e2e.procs import Procs, openai_client
 from tests.portal.fake_gitlab import CLIENT_ID, CLIENT_SECRET, FakeGitLab
 from tests.portal.helpers import login, new_key_of
-from tests.support.fake_llm import FakeLLM
+from shared.bench.upstream import FakeLLM
 
 pytestmark = pytest.mark.e2e
 

@@ -13,7 +13,7 @@ from shared.errors import ConfigError
 from shared.settings import load_settings
 from tests.proxies.relay import chat, content_of
 from tests.proxies.servers import DEFAULT_LOCATION, start_nginx
-from tests.support.fake_llm import FakeLLM
+from shared.bench.upstream import FakeLLM
 from tests.support.stack import start_broker, start_connector
 
 TRUSTED = parse_networks(["10.0.0.0/8", "127.0.0.2/32", "fd00::/8"])

@@ -31,7 +31,7 @@ from tests.proxies.servers import (
     mitm_ca,
     start_mitmproxy,
 )
-from tests.support.fake_llm import FakeLLM
+from shared.bench.upstream import FakeLLM
 from tests.support.stack import TOKEN, RunningBroker, start_broker, start_connector
 
 

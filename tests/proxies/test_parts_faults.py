@@ -18,7 +18,7 @@ from connector.broker_client import BrokerClient
 from connector.runner import Connector
 from tests.proxies.measure import stream_timing
 from tests.proxies.relay import connector_settings
-from tests.support.fake_llm import FakeLLM
+from shared.bench.upstream import FakeLLM
 from tests.support.stack import RunningConnector, start_broker
 
 _PART = re.compile(r"/parts/(\d+)$")

@@ -33,7 +33,7 @@ from tests.proxies.servers import (
     squid_url,
     start_squid,
 )
-from tests.support.fake_llm import FakeLLM
+from shared.bench.upstream import FakeLLM
 from tests.support.net import free_port, wait_port
 from tests.support.stack import TOKEN, start_broker, start_connector
 

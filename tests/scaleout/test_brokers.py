@@ -15,7 +15,7 @@ import pytest
 
 from tests.e2e.procs import Broker, openai_client
 from tests.scaleout.conftest import Cluster, ready
-from tests.support.fake_llm import FakeLLM
+from shared.bench.upstream import FakeLLM
 from tests.support.net import wait_for
 from tests.support.roundrobin import RoundRobin
 from tests.support.stack import TOKEN, USER_KEY, start_connector

@@ -25,7 +25,7 @@ from shared.fingerprint import fingerprint
 from shared.protocol import RELAY_PREFIX, EnrollRequest
 from tests.portal.fake_gitlab import CLIENT_ID, CLIENT_SECRET, FakeGitLab
 from tests.portal.helpers import csrf_of, login
-from tests.support.fake_llm import FakeLLM
+from shared.bench.upstream import FakeLLM
 from tests.support.net import wait_for
 from tests.support.stack import RunningBroker, start_broker
 

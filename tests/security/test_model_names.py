@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from shared.protocol import RELAY_PREFIX
-from tests.support.fake_llm import FakeLLM
+from shared.bench.upstream import FakeLLM
 from tests.support.stack import TOKEN, RunningBroker, Stack, start_broker, start_connector
 
 SHELL = "x'; touch pwned; echo '"

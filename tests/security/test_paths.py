@@ -15,7 +15,7 @@ import pytest
 
 from broker.core.records import Failure
 from shared.protocol import RequestItem, ResponseEnd
-from tests.support.fake_llm import FakeLLM
+from shared.bench.upstream import FakeLLM
 from tests.support.raw_http import raw_request
 from tests.support.stack import USER_KEY, Stack, start_broker, start_connector
 
