@@ -26,7 +26,6 @@ from tests.deploy.helpers import (
     SYSTEM_PYTHON,
     base_env,
     chat_stream,
-    free_port,
     http_status,
     models_ready,
     parse_env_file,
@@ -38,6 +37,7 @@ from tests.deploy.helpers import (
     wait_for,
 )
 from tests.deploy.test_systemd import sandboxed, with_exec_start
+from tests.support.net import free_port
 
 NOBODY = 65534
 KEY = re.compile(r"^sk-[0-9a-f]{32}$")

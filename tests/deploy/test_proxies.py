@@ -19,7 +19,6 @@ from tests.deploy.helpers import (
     Proc,
     base_env,
     chat_stream,
-    free_port,
     http_status,
     models_ready,
     run,
@@ -27,6 +26,7 @@ from tests.deploy.helpers import (
     start,
     wait_for,
 )
+from tests.support.net import free_port
 
 NGINX_CONF = DEPLOY / "nginx" / "remotellm.conf"
 CADDYFILE = DEPLOY / "caddy" / "Caddyfile"

@@ -16,7 +16,6 @@ from tests.deploy.helpers import (
     base_env,
     chat,
     chat_stream,
-    free_port,
     http_status,
     models_ready,
     run,
@@ -24,6 +23,7 @@ from tests.deploy.helpers import (
     start,
     wait_for,
 )
+from tests.support.net import free_port
 
 
 def test_wheel_contents(wheel: Path) -> None:

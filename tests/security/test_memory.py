@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from shared.bench.upstream import FakeLLM
-from tests.e2e.procs import Broker, Procs
+from tests.support.procs import Broker, Procs
 
 pytestmark = pytest.mark.e2e
 
@@ -42,15 +42,6 @@ async def llm() -> AsyncIterator[FakeLLM]:
     finally:
         fake.release.set()
         await fake.stop()
-
-
-@pytest.fixture
-async def procs() -> AsyncIterator[Procs]:
-    running = Procs()
-    try:
-        yield running
-    finally:
-        await running.close()
 
 
 async def start_relay(procs: Procs, llm: FakeLLM, data_dir: Path, *extra: str) -> Broker:
