@@ -162,6 +162,8 @@ class FakeLLM:
             pass
         except (ConnectionError, Disconnected):
             pass
+        except asyncio.CancelledError:
+            pass  # only ``stop`` cancels: the connection just ends
         finally:
             self._handlers.discard(task)
             writer.close()
