@@ -103,6 +103,7 @@ class FakeLLM:
     _server: asyncio.Server | None = None
     _handlers: set[asyncio.Task[None]] = field(default_factory=set)
     _loop: asyncio.AbstractEventLoop | None = None
+    _thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
@@ -141,13 +142,16 @@ class FakeLLM:
         """Serve from an event loop in a daemon thread (for synchronous tests)."""
         loop = asyncio.new_event_loop()
         self._loop = loop
-        threading.Thread(target=loop.run_forever, daemon=True).start()
+        self._thread = threading.Thread(target=loop.run_forever, daemon=True)
+        self._thread.start()
         asyncio.run_coroutine_threadsafe(self.start(), loop).result(10)
 
     def stop_in_thread(self) -> None:
-        assert self._loop is not None
+        assert self._loop is not None and self._thread is not None
         asyncio.run_coroutine_threadsafe(self.stop(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
