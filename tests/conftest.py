@@ -5,8 +5,9 @@ from typing import Any
 
 import pytest
 
+from shared.bench.upstream import FakeLLM
 from tests.support import stack as stack_module
-from tests.support.fake_llm import FakeLLM
+from tests.support.procs import Procs
 from tests.support.redis_server import RedisServer, redis_server_running, unique_prefix
 from tests.support.stack import Stack, start_broker, start_connector
 
@@ -53,6 +54,16 @@ async def fake_llm() -> AsyncIterator[FakeLLM]:
     await fake.start()
     yield fake
     await fake.stop()
+
+
+@pytest.fixture
+async def procs() -> AsyncIterator[Procs]:
+    """Broker and connector processes of one test, killed at teardown if still running."""
+    running = Procs()
+    try:
+        yield running
+    finally:
+        await running.close()
 
 
 @pytest.fixture

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.deploy.helpers import REPO, SANDBOX, SYSTEM_PYTHON, FakeLLM, run
+from shared.bench.upstream import FakeLLM
+from tests.deploy.helpers import REPO, SANDBOX, SYSTEM_PYTHON, run
 
 # Filled by the tests that measure them, printed at the end of the run.
 REPORT: dict[str, str] = {}
@@ -76,10 +77,10 @@ def wheel_venv(world_dir: Path, wheel: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def fake_llm() -> Iterator[FakeLLM]:
-    fake = FakeLLM()
-    fake.start()
+    fake = FakeLLM(models=["tiny-model"], chunk_delay=0.05)
+    fake.start_in_thread()
     yield fake
-    fake.stop()
+    fake.stop_in_thread()
 
 
 FAKE_RECORD = """#!/bin/sh

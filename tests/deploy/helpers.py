@@ -1,4 +1,4 @@
-"""Helpers for the deployment tests: processes, a tiny fake LLM, file snapshots.
+"""Helpers for the deployment tests: processes, file snapshots, talking to a broker.
 
 Kept apart from tests/support on purpose: these tests drive installed programs as
 separate processes (a wheel in a venv, a staged install), nothing in-process.
@@ -12,15 +12,12 @@ import json
 import os
 import re
 import signal
-import socket
 import stat
 import subprocess
-import threading
 import time
 import tomllib
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,12 +42,6 @@ def entry_points() -> set[str]:
 def env_names(cls: type[BaseSettings]) -> set[str]:
     prefix = str(cls.model_config.get("env_prefix", ""))
     return {prefix + name.upper() for name in cls.model_fields}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def run(
@@ -242,86 +233,6 @@ def snapshot(root: Path) -> dict[str, Entry]:
             kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns, digest
         )
     return result
-
-
-# --- a fake OpenAI-compatible LLM ------------------------------------------------------
-
-
-@dataclass
-class FakeLLM:
-    """A few lines of stdlib http.server: /v1/models and /v1/chat/completions."""
-
-    model: str = "tiny-model"
-    words: tuple[str, ...] = ("Hello", " from", " the", " fake", " LLM")
-    chunk_delay: float = 0.05
-    requests: list[dict[str, Any]] = field(default_factory=list)
-    server: ThreadingHTTPServer | None = None
-
-    @property
-    def url(self) -> str:
-        assert self.server is not None
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    @property
-    def answer(self) -> str:
-        return "".join(self.words)
-
-    def start(self) -> None:
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-            def _json(self, status: int, body: object) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self) -> None:
-                if self.path.rstrip("/") == "/v1/models":
-                    model = {"id": fake.model, "object": "model", "owned_by": "fake"}
-                    self._json(200, {"object": "list", "data": [model]})
-                else:
-                    self._json(404, {"error": {"message": "not found"}})
-
-            def do_POST(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = json.loads(self.rfile.read(length) or b"{}")
-                fake.requests.append(body)
-                if self.path != "/v1/chat/completions":
-                    self._json(404, {"error": {"message": "not found"}})
-                    return
-                base = {"id": "chatcmpl-1", "created": 0, "model": fake.model}
-                if not body.get("stream"):
-                    message = {"role": "assistant", "content": fake.answer}
-                    choice = {"index": 0, "message": message, "finish_reason": "stop"}
-                    self._json(200, {**base, "object": "chat.completion", "choices": [choice]})
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", "text/event-stream")
-                self.send_header("Connection", "close")
-                self.end_headers()
-                for word in fake.words:
-                    delta = {"index": 0, "delta": {"content": word}, "finish_reason": None}
-                    chunk = {**base, "object": "chat.completion.chunk", "choices": [delta]}
-                    self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
-                    self.wfile.flush()
-                    time.sleep(fake.chunk_delay)
-                self.wfile.write(b"data: [DONE]\n\n")
-                self.wfile.flush()
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
 
 
 # --- talking to a broker ---------------------------------------------------------------

@@ -18,15 +18,14 @@ import pytest
 from broker.keys import KeyStore
 from broker.settings import BrokerSettings
 from connector.settings import ConnectorSettings
+from shared.bench.upstream import FakeLLM
 from shared.settings import load_settings
 from tests.deploy.conftest import Fakes, make_fakes
 from tests.deploy.helpers import (
     DEPLOY,
     SYSTEM_PYTHON,
-    FakeLLM,
     base_env,
     chat_stream,
-    free_port,
     http_status,
     models_ready,
     parse_env_file,
@@ -38,6 +37,7 @@ from tests.deploy.helpers import (
     wait_for,
 )
 from tests.deploy.test_systemd import sandboxed, with_exec_start
+from tests.support.net import free_port
 
 NOBODY = 65534
 KEY = re.compile(r"^sk-[0-9a-f]{32}$")

@@ -11,15 +11,14 @@ from pathlib import Path
 import pytest
 
 from shared.bench.procs import write_self_signed
+from shared.bench.upstream import FakeLLM
 from tests.deploy.helpers import (
     BANNER_KEY,
     BANNER_TOKEN,
     DEPLOY,
-    FakeLLM,
     Proc,
     base_env,
     chat_stream,
-    free_port,
     http_status,
     models_ready,
     run,
@@ -27,6 +26,7 @@ from tests.deploy.helpers import (
     start,
     wait_for,
 )
+from tests.support.net import free_port
 
 NGINX_CONF = DEPLOY / "nginx" / "remotellm.conf"
 CADDYFILE = DEPLOY / "caddy" / "Caddyfile"
@@ -97,10 +97,10 @@ def test_caddyfile_is_valid(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def slow_llm() -> Iterator[FakeLLM]:
-    fake = FakeLLM(model="slow-model", chunk_delay=CHUNK_DELAY)
-    fake.start()
+    fake = FakeLLM(models=["slow-model"], chunk_delay=CHUNK_DELAY)
+    fake.start_in_thread()
     yield fake
-    fake.stop()
+    fake.stop_in_thread()
 
 
 def start_broker(wheel_venv: Path, logs: Path) -> tuple[Proc, int, int]:

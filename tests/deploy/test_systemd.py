@@ -23,7 +23,6 @@ from tests.deploy.helpers import (
     base_env,
     entry_points,
     env_names,
-    free_port,
     http_status,
     run,
     running,
@@ -32,6 +31,7 @@ from tests.deploy.helpers import (
     unit_settings,
     wait_for,
 )
+from tests.support.net import free_port
 
 UNITS = {
     "broker": DEPLOY / "systemd" / "remotellm-broker.service",

@@ -7,16 +7,15 @@ from __future__ import annotations
 import zipfile
 from pathlib import Path
 
+from shared.bench.upstream import FakeLLM
 from tests.deploy.helpers import (
     BANNER_KEY,
     BANNER_TOKEN,
     DEPLOY,
     REPO,
-    FakeLLM,
     base_env,
     chat,
     chat_stream,
-    free_port,
     http_status,
     models_ready,
     run,
@@ -24,6 +23,7 @@ from tests.deploy.helpers import (
     start,
     wait_for,
 )
+from tests.support.net import free_port
 
 
 def test_wheel_contents(wheel: Path) -> None:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import pytest
 
-from tests.e2e.procs import Procs
 from tests.support.llama import (
     LlamaServer,
     LlamaSetupError,
@@ -48,12 +47,3 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaServ
 def llama_slow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaServer]:
     """llama.cpp with the bigger random model as ``tiny-slow`` (~100 tokens/s), n_ctx 2048."""
     yield from _serve(tmp_path_factory, SLOW_MODEL, "tiny-slow", n_ctx=2048)
-
-
-@pytest.fixture
-async def procs() -> AsyncIterator[Procs]:
-    running = Procs()
-    try:
-        yield running
-    finally:
-        await running.close()

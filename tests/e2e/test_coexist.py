@@ -17,8 +17,8 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.e2e.procs import Broker, Procs, openai_client
-from tests.support.fake_llm import FakeLLM
+from shared.bench.upstream import FakeLLM
+from tests.support.procs import Broker, Procs, openai_client
 
 pytestmark = pytest.mark.e2e
 

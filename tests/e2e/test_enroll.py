@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from broker.enrollment import EnrollmentStore
-from tests.e2e.procs import Procs, openai_client
-from tests.support.fake_llm import FakeLLM
+from shared.bench.upstream import FakeLLM
+from tests.support.procs import Procs, openai_client
 
 pytestmark = pytest.mark.e2e
 

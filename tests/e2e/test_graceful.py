@@ -15,8 +15,8 @@ import openai
 import pytest
 
 from broker.usage_query import recent_requests
-from tests.e2e.procs import Broker, Proc, Procs, openai_client
-from tests.support.fake_llm import FakeLLM
+from shared.bench.upstream import FakeLLM
+from tests.support.procs import Broker, Proc, Procs, openai_client
 
 pytestmark = pytest.mark.e2e
 

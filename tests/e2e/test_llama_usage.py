@@ -18,8 +18,8 @@ import httpx
 import pytest
 
 from broker.usage_query import recent_requests
-from tests.e2e.procs import Broker, Proc, Procs
 from tests.support.llama import LlamaServer
+from tests.support.procs import Broker, Proc, Procs
 
 pytestmark = pytest.mark.e2e
 

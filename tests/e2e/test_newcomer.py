@@ -14,8 +14,8 @@ import time
 import openai
 import pytest
 
-from tests.e2e.procs import Broker, Proc, Procs, openai_client
 from tests.support.llama import LlamaServer
+from tests.support.procs import Broker, Proc, Procs, openai_client
 
 pytestmark = pytest.mark.e2e
 

@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from broker.keys import hash_secret, user_id
-from tests.support.fake_llm import FakeLLM
+from shared.bench.upstream import FakeLLM
 from tests.support.stack import USER_KEY, Stack, start_connector
 
 pytestmark = pytest.mark.both_states  # relay semantics: in memory and in Redis

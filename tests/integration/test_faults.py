@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from tests.support.fake_llm import FakeLLM
+from shared.bench.upstream import FakeLLM
 from tests.support.net import wait_for
 from tests.support.stack import TOKEN, USER_KEY, Stack, start_broker, start_connector
 

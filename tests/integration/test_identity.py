@@ -10,8 +10,8 @@ import openai
 import pytest
 import structlog
 
+from shared.bench.upstream import FakeLLM
 from shared.protocol import RELAY_PREFIX, RegisterRequest, RegisterResponse, Replaced
-from tests.support.fake_llm import FakeLLM
 from tests.support.stack import TOKEN, USER_KEY, start_broker, start_connector
 
 INTRUDER = "ct-intruder-token"

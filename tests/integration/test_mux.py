@@ -12,8 +12,8 @@ import pytest
 
 from broker.core import State
 from shared import framing
+from shared.bench.upstream import FakeLLM
 from shared.protocol import RELAY_PREFIX, RegisterRequest, ResponseEnd, ResponseHead
-from tests.support.fake_llm import FakeLLM
 from tests.support.net import TcpForwarder, wait_for
 from tests.support.stack import (
     TOKEN,

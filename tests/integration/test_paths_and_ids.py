@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from tests.support.fake_llm import FakeLLM
+from shared.bench.upstream import FakeLLM
 from tests.support.raw_http import raw_request
 from tests.support.stack import USER_KEY, Stack
 

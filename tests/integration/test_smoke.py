@@ -3,7 +3,7 @@ from __future__ import annotations
 import openai
 import pytest
 
-from tests.support.fake_llm import FakeLLM
+from shared.bench.upstream import FakeLLM
 from tests.support.stack import USER_KEY, Stack
 
 pytestmark = pytest.mark.both_states  # relay semantics: in memory and in Redis

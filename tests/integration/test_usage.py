@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from broker.usage_query import RequestRow, recent_requests
 from connector.health import HealthServer
-from tests.support.fake_llm import FakeLLM
+from shared.bench.upstream import FakeLLM
 from tests.support.net import wait_for
 from tests.support.stack import TOKEN, USER_KEY, RunningBroker, start_broker, start_connector
 

@@ -10,9 +10,8 @@ from typing import Any
 import pytest
 from playwright.async_api import Browser, async_playwright
 
-from tests.e2e.conftest import procs
+from shared.bench.upstream import FakeLLM
 from tests.portal.fake_gitlab import CLIENT_ID, CLIENT_SECRET, FakeGitLab
-from tests.support.fake_llm import FakeLLM
 from tests.support.stack import Stack, start_broker, start_connector
 from tests.unit.conftest import clean_env
 
@@ -87,4 +86,4 @@ def artifacts() -> Path:
     return ARTIFACTS
 
 
-__all__ = ["clean_env", "procs"]
+__all__ = ["clean_env"]

@@ -16,10 +16,10 @@ from playwright.async_api import Browser, BrowserContext, Page, expect
 from connector.enroll import enroll
 from connector.errors import EnrollmentRefused
 from connector.settings import ConnectorSettings
+from shared.bench.upstream import FakeLLM
 from tests.portal.fake_gitlab import FakeGitLab, FakeUser
 from tests.portal.helpers import ask, csrf_of, login, new_key_of, portal_client
 from tests.portal.test_browser import DESKTOP, Watch, shoot
-from tests.support.fake_llm import FakeLLM
 from tests.support.net import wait_for
 from tests.support.stack import Stack, start_connector
 

@@ -13,9 +13,9 @@ import pytest
 from playwright.async_api import Browser, BrowserContext, Page, expect
 
 from broker.users import UsersStore
+from shared.bench.upstream import FakeLLM
 from tests.portal.fake_gitlab import FakeGitLab, FakeUser
 from tests.portal.helpers import ask
-from tests.support.fake_llm import FakeLLM
 from tests.support.net import wait_for
 from tests.support.stack import Stack
 

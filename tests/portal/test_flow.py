@@ -15,10 +15,10 @@ import openai
 import pytest
 
 from broker.users import UsersStore
+from shared.bench.upstream import FakeLLM
 from tests.portal.conftest import portal_settings
 from tests.portal.fake_gitlab import FakeGitLab, FakeUser
 from tests.portal.helpers import ask, csrf_of, login, new_key_of, portal_client
-from tests.support.fake_llm import FakeLLM
 from tests.support.net import free_port, wait_for
 from tests.support.stack import USER_KEY, Stack, start_broker
 

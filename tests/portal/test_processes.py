@@ -10,10 +10,10 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.procs import Procs, openai_client
+from shared.bench.upstream import FakeLLM
 from tests.portal.fake_gitlab import CLIENT_ID, CLIENT_SECRET, FakeGitLab
 from tests.portal.helpers import login, new_key_of
-from tests.support.fake_llm import FakeLLM
+from tests.support.procs import Procs, openai_client
 
 pytestmark = pytest.mark.e2e
 

@@ -11,8 +11,8 @@ import httpx
 import pytest
 
 from broker.usage_query import recent_requests
+from shared.bench.upstream import FakeLLM
 from tests.portal.helpers import ask, login, new_key_of, portal_client
-from tests.support.fake_llm import FakeLLM
 from tests.support.net import wait_for
 from tests.support.stack import Stack
 

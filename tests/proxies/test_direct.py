@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from shared.bench.upstream import FakeLLM
 from tests.proxies.measure import CHUNK_DELAY, expected_tokens, stream_timing
-from tests.support.fake_llm import FakeLLM
 from tests.support.stack import start_broker, start_connector
 
 

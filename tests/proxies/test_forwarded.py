@@ -9,11 +9,11 @@ import structlog
 
 from broker.forwarded import client_address, parse_networks
 from broker.settings import BrokerSettings
+from shared.bench.upstream import FakeLLM
 from shared.errors import ConfigError
 from shared.settings import load_settings
 from tests.proxies.relay import chat, content_of
 from tests.proxies.servers import DEFAULT_LOCATION, start_nginx
-from tests.support.fake_llm import FakeLLM
 from tests.support.stack import start_broker, start_connector
 
 TRUSTED = parse_networks(["10.0.0.0/8", "127.0.0.2/32", "fd00::/8"])

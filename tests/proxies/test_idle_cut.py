@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from shared.bench.upstream import FakeLLM
 from tests.proxies.relay import broker_health, chat, content_of
 from tests.proxies.servers import DEFAULT_LOCATION, squid_url, start_nginx, start_squid
-from tests.support.fake_llm import FakeLLM
 from tests.support.stack import start_broker, start_connector
 
 CUT_AFTER = 2.0

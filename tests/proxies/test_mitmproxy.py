@@ -15,6 +15,7 @@ import structlog
 
 from connector.broker_client import BrokerClient
 from connector.check import Checker
+from shared.bench.upstream import FakeLLM
 from tests.proxies.measure import CHUNK_DELAY, StreamTiming, expected_tokens, stream_timing
 from tests.proxies.relay import (
     broker_health,
@@ -31,7 +32,6 @@ from tests.proxies.servers import (
     mitm_ca,
     start_mitmproxy,
 )
-from tests.support.fake_llm import FakeLLM
 from tests.support.stack import TOKEN, RunningBroker, start_broker, start_connector
 
 

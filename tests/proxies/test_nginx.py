@@ -11,10 +11,10 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from shared.bench.upstream import FakeLLM
 from tests.proxies.measure import CHUNK_DELAY, expected_tokens, stream_timing
 from tests.proxies.relay import broker_health, chat, content_of
 from tests.proxies.servers import DEFAULT_LOCATION, RECOMMENDED_SERVER, nginx_hits, start_nginx
-from tests.support.fake_llm import FakeLLM
 from tests.support.stack import start_broker, start_connector
 
 MIB = 1024 * 1024

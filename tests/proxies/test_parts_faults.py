@@ -16,9 +16,9 @@ import httpx
 
 from connector.broker_client import BrokerClient
 from connector.runner import Connector
+from shared.bench.upstream import FakeLLM
 from tests.proxies.measure import stream_timing
 from tests.proxies.relay import connector_settings
-from tests.support.fake_llm import FakeLLM
 from tests.support.stack import RunningConnector, start_broker
 
 _PART = re.compile(r"/parts/(\d+)$")

@@ -17,6 +17,7 @@ from hypercorn.asyncio import serve
 from hypercorn.config import Config
 from quart import Quart, websocket
 
+from shared.bench.upstream import FakeLLM
 from tests.proxies.measure import CHUNK_DELAY, expected_tokens, stream_timing
 from tests.proxies.relay import (
     broker_health,
@@ -33,7 +34,6 @@ from tests.proxies.servers import (
     squid_url,
     start_squid,
 )
-from tests.support.fake_llm import FakeLLM
 from tests.support.net import free_port, wait_port
 from tests.support.stack import TOKEN, start_broker, start_connector
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.procs import Broker, Procs
-from tests.support.fake_llm import FakeLLM
+from shared.bench.upstream import FakeLLM
 from tests.support.net import free_ports
+from tests.support.procs import Broker, Procs
 from tests.support.redis_server import RedisServer
 from tests.support.stack import TOKEN, USER_KEY, RunningConnector
 

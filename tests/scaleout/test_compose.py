@@ -14,9 +14,9 @@ import yaml
 
 from broker.settings import BrokerSettings
 from connector.settings import ConnectorSettings
+from shared.bench.upstream import FakeLLM
 from tests.deploy.helpers import env_names
 from tests.proxies.servers import NGINX, ProxyProcess, need, open_dir
-from tests.support.fake_llm import FakeLLM
 from tests.support.net import free_port
 from tests.support.redis_server import RedisServer, unique_prefix
 from tests.support.stack import USER_KEY, start_broker, start_connector

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import sqlite3
 import stat
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -21,15 +20,8 @@ import pytest
 from broker.keys import KeyStore
 from broker.users import UsersStore
 from connector.enroll import write_private
-from tests.e2e.procs import Procs
+from tests.support.procs import Procs
 from tests.support.stack import USER_KEY
-
-
-@pytest.fixture
-async def procs() -> AsyncIterator[Procs]:
-    p = Procs()
-    yield p
-    await p.close()
 
 
 def mode(path: Path) -> int:

@@ -9,14 +9,13 @@ another host said nothing. Real processes throughout.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.e2e.procs import Procs
 from tests.support.net import free_port
+from tests.support.procs import Procs
 from tests.support.stack import TOKEN, USER_KEY
 
 pytestmark = pytest.mark.e2e
@@ -26,13 +25,6 @@ pytestmark = pytest.mark.e2e
 EVIL_MODEL = "evil\x1b[2J\x1b]0;pwned\x07\x1b[31m"
 EVIL_LINE = "evil\nFORGED_EVENT\x1b[2J"
 LLM_SECRET = "s3cret-llm-pass"
-
-
-@pytest.fixture
-async def procs() -> AsyncIterator[Procs]:
-    p = Procs()
-    yield p
-    await p.close()
 
 
 async def chat(url: str, model: str) -> httpx.Response:

@@ -17,8 +17,8 @@ import httpx
 import pytest
 
 from broker.users import UsersStore
-from tests.e2e.procs import Broker, Procs
 from tests.scaleout.conftest import Cluster
+from tests.support.procs import Broker, Procs
 from tests.support.redis_server import RedisServer
 
 pytestmark = pytest.mark.e2e

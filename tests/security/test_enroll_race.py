@@ -21,11 +21,11 @@ import structlog
 from broker import enrollment
 from connector.enroll import enroll
 from connector.settings import ConnectorSettings
+from shared.bench.upstream import FakeLLM
 from shared.fingerprint import fingerprint
 from shared.protocol import RELAY_PREFIX, EnrollRequest
 from tests.portal.fake_gitlab import CLIENT_ID, CLIENT_SECRET, FakeGitLab
 from tests.portal.helpers import csrf_of, login
-from tests.support.fake_llm import FakeLLM
 from tests.support.net import wait_for
 from tests.support.stack import RunningBroker, start_broker
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support.fake_llm import FakeLLM
+from shared.bench.upstream import FakeLLM
 from tests.support.stack import Stack
 
 HOSTILE = [

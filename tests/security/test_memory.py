@@ -11,16 +11,13 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
-from quart import Response
 
-from tests.e2e.procs import Broker, Procs
-from tests.support.fake_llm import FakeLLM, _completion, _json
+from shared.bench.upstream import FakeLLM
+from tests.support.procs import Broker, Procs
 
 pytestmark = pytest.mark.e2e
 
@@ -35,40 +32,16 @@ QUEUED = 10
 ELEMENT = b"12345678,"
 
 
-@dataclass
-class HoldingLLM(FakeLLM):
-    """The fake LLM, whose ``hold`` prompt keeps its answer until ``release`` is set."""
-
-    release: asyncio.Event = field(default_factory=asyncio.Event)
-    held: asyncio.Event = field(default_factory=asyncio.Event)
-
-    async def _answer(self, body: dict[str, Any], raw_len: int) -> Response:
-        messages = body.get("messages") or [{}]
-        if messages[-1].get("content") == "hold":
-            self.held.set()
-            await self.release.wait()
-            return _json(_completion(MODEL, "released"))
-        return await super()._answer(body, raw_len)
-
-
 @pytest.fixture
-async def llm() -> AsyncIterator[HoldingLLM]:
-    fake = HoldingLLM()
+async def llm() -> AsyncIterator[FakeLLM]:
+    """The fake LLM, whose ``hold`` prompt keeps its answer until ``release`` is set."""
+    fake = FakeLLM()
     await fake.start()
     try:
         yield fake
     finally:
         fake.release.set()
         await fake.stop()
-
-
-@pytest.fixture
-async def procs() -> AsyncIterator[Procs]:
-    running = Procs()
-    try:
-        yield running
-    finally:
-        await running.close()
 
 
 async def start_relay(procs: Procs, llm: FakeLLM, data_dir: Path, *extra: str) -> Broker:
@@ -136,7 +109,7 @@ async def settled_rss(pid: int) -> int:
 
 
 async def test_queued_bodies_cost_less_than_three_times_their_bytes(
-    procs: Procs, llm: HoldingLLM, tmp_path: Path
+    procs: Procs, llm: FakeLLM, tmp_path: Path
 ) -> None:
     broker = await start_relay(procs, llm, tmp_path)
     assert broker.proc is not None
@@ -185,7 +158,7 @@ async def test_queued_bodies_cost_less_than_three_times_their_bytes(
 
 
 async def test_too_deep_and_too_many_elements_are_refused(
-    procs: Procs, llm: HoldingLLM, tmp_path: Path
+    procs: Procs, llm: FakeLLM, tmp_path: Path
 ) -> None:
     broker = await start_relay(procs, llm, tmp_path)
     head = b'{"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "x": '

@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from shared.bench.upstream import FakeLLM
 from shared.protocol import RELAY_PREFIX
-from tests.support.fake_llm import FakeLLM
 from tests.support.stack import TOKEN, RunningBroker, Stack, start_broker, start_connector
 
 SHELL = "x'; touch pwned; echo '"

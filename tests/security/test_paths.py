@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from broker.core.records import Failure
+from shared.bench.upstream import FakeLLM
 from shared.protocol import RequestItem, ResponseEnd
-from tests.support.fake_llm import FakeLLM
 from tests.support.raw_http import raw_request
 from tests.support.stack import USER_KEY, Stack, start_broker, start_connector
 

@@ -12,7 +12,7 @@ import uuid
 
 import httpx
 
-from tests.support.fake_llm import FakeLLM
+from shared.bench.upstream import FakeLLM
 from tests.support.stack import Stack
 
 

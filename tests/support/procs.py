@@ -1,4 +1,4 @@
-"""Real broker and connector processes for end-to-end tests.
+"""Real broker and connector processes for the e2e, security, portal and scale-out tests.
 
 ``Proc`` runs ``sys.executable -m <module> ...`` as an asyncio subprocess, keeps every line
 it prints (stdout and stderr, in order) and lets a test wait for a line, signal it and read
@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import openai
 
+from shared.bench.procs import cpu_seconds
 from tests.support.net import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -83,9 +84,7 @@ class Proc:
         return self.process.returncode
 
     def cpu_seconds(self) -> float:
-        """User + system CPU time the process has used so far (Linux /proc)."""
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return cpu_seconds(self.pid)
 
     def text(self, stream: str | None = None) -> str:
         return "\n".join(ln.text for ln in self.lines if stream is None or ln.stream == stream)
