@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.enrollment import EnrollmentStore
+from broker.accounts.enrollment import EnrollmentStore
 from tests.e2e.procs import Procs, openai_client
 from tests.support.fake_llm import FakeLLM
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from broker.usage_query import recent_requests
+from broker.usage.query import recent_requests
 from tests.e2e.procs import Broker, Proc, Procs, openai_client
 from tests.support.fake_llm import FakeLLM
 

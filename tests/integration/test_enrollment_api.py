@@ -6,7 +6,7 @@ from pathlib import Path
 
 import httpx
 
-from broker.keys import hash_secret
+from broker.accounts.keys import hash_secret
 from broker.portal.admin_actions import revoke_connector
 from shared.protocol import (
     RELAY_PREFIX,
@@ -87,11 +87,11 @@ async def test_pending_is_idempotent_approve_gives_a_working_token_once_then_rev
             r = await conn.post("/sessions", content=_register())
             assert r.status_code == 200, r.text
             session_id = r.json()["session_id"]
-            assert broker.hub.core.sessions[session_id].owner == entry.id
+            assert broker.state.memory.relay.core.sessions[session_id].owner == entry.id
 
             # Revoked: the session ends and the token stops working at once.
             await revoke_connector(broker.server.state, entry.id, "root")
-            assert session_id not in broker.hub.core.sessions
+            assert session_id not in broker.state.memory.relay.core.sessions
             r = await conn.post(f"/sessions/{session_id}/poll", content=b"{}")
             assert r.status_code == 401
             r = await conn.post("/sessions", content=_register())
@@ -129,7 +129,7 @@ async def test_enrolled_file_edits_are_picked_up_without_a_restart(tmp_path: Pat
             store.approve(r.json()["enrollment_id"], "root")
             token = (await relay.post("/enroll", content=_ask())).json()["token"]
         # Another store (the operator's copy of the file) sets the upstream key.
-        from broker.enrollment import EnrollmentStore
+        from broker.accounts.enrollment import EnrollmentStore
 
         other = EnrollmentStore(broker.settings.enrolled_path)
         other.set_llm_key(other.entries[0].id, "sk-upstream-1")
@@ -157,11 +157,11 @@ async def test_a_revocation_written_to_the_file_ends_the_sessions_too(tmp_path: 
             r = await conn.post("/sessions", content=_register())
             session_id = r.json()["session_id"]
             # The operator edits the file by hand (another process's store).
-            from broker.enrollment import EnrollmentStore
+            from broker.accounts.enrollment import EnrollmentStore
 
             other = EnrollmentStore(broker.settings.enrolled_path)
             other.revoke(other.entries[0].id, "operator")
-            core = broker.hub.core
+            core = broker.state.memory.relay.core
             await wait_for(lambda: session_id not in core.sessions, timeout=10)
             r = await conn.post("/sessions", content=_register())
             assert r.status_code == 401

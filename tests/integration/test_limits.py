@@ -14,8 +14,8 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from broker.limiter import MemoryLimitState
-from broker.users import UsersStore
+from broker.accounts.users import UsersStore
+from broker.state.memory.limits import MemoryLimitState
 from tests.support.fake_llm import FakeLLM
 from tests.support.net import wait_for
 from tests.support.stack import TOKEN, USER_KEY, Stack, start_broker, start_connector
@@ -299,7 +299,7 @@ async def test_a_redispatched_request_is_settled_once(tmp_path: Path, fake_llm: 
                 try:
                     reply = await answer
                     assert reply.status_code == 200
-                    assert broker.hub.core.redispatched == 1
+                    assert broker.state.memory.relay.core.redispatched == 1
                     await wait_for(lambda: book.open_reservations == 0)
                     # The slot is free again, and the tokens were counted once, as used.
                     again = await api.post("/v1/chat/completions", json=chat)

@@ -14,7 +14,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from broker.usage_query import RequestRow, recent_requests
+from broker.usage.query import RequestRow, recent_requests
 from connector.health import HealthServer
 from tests.support.fake_llm import FakeLLM
 from tests.support.net import wait_for
@@ -160,7 +160,7 @@ async def test_redispatched_stream_is_one_row_with_the_last_attempt(
                 data = await pending
             finally:
                 await conn.stop()
-        assert broker.hub.core.redispatched == 1
+        assert broker.state.memory.relay.core.redispatched == 1
         assert data.count(b'"content"') == 4
     finally:
         await broker.stop()

@@ -12,7 +12,7 @@ import openai
 import pytest
 from playwright.async_api import Browser, BrowserContext, Page, expect
 
-from broker.users import UsersStore
+from broker.accounts.users import UsersStore
 from tests.portal.fake_gitlab import FakeGitLab, FakeUser
 from tests.portal.helpers import ask
 from tests.support.fake_llm import FakeLLM

@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from broker.users import UsersStore
+from broker.accounts.users import UsersStore
 from tests.portal.conftest import portal_settings
 from tests.portal.fake_gitlab import FakeGitLab, FakeUser
 from tests.portal.helpers import ask, csrf_of, login, new_key_of, portal_client

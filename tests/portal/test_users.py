@@ -10,9 +10,9 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from broker import cli as broker_cli
-from broker.keys import KeyStore, hash_secret
-from broker.users import KeyActionRefused, UsersFileError, UsersStore, parse_users
+from broker.accounts.keys import KeyStore, hash_secret
+from broker.accounts.users import KeyActionRefused, UsersFileError, UsersStore, parse_users
+from broker.cli import main as broker_cli
 from shared.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("clean_env")
@@ -218,7 +218,7 @@ def test_a_reload_racing_the_first_login_does_not_lose_the_user(
     state: the new user vanished until the next reload (a portal page redirected to login)."""
     import threading
 
-    import broker.users as users_module
+    import broker.accounts.users as users_module
 
     store = UsersStore(tmp_path / "users.yaml")
     real_stamp = users_module._stamp

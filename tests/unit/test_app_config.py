@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from broker.app import create_app
+from broker.composition import create_app
 from broker.server import hypercorn_config
 from broker.settings import BrokerSettings
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-from broker.channel import ResponseChannel
 from broker.core import Failure
+from broker.state.channel import ResponseChannel
 from shared.protocol import ResponseEnd, ResponseHead
 
 HEAD = ResponseHead(status=200, headers=[("content-type", "text/event-stream")])

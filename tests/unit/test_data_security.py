@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from broker.accounts.revocations import RevocationBoard, UsersChange, users_change
 from broker.core.errors import CONNECTOR_FAILURE, connector_failure
-from broker.revocations import RevocationBoard, UsersChange, users_change
 from connector.settings import cleartext_broker
 from shared.logging import escape_controls, redact_url_credentials
 

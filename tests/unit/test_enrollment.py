@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from broker import enrollment
-from broker.enrollment import EnrollmentError, EnrollmentStore
-from broker.keys import hash_secret
-from broker.window import SlidingWindow
+from broker.accounts import enrollment
+from broker.accounts.enrollment import EnrollmentError, EnrollmentStore
+from broker.accounts.keys import hash_secret
+from broker.accounts.window import SlidingWindow
 from shared.fingerprint import fingerprint
 from shared.protocol import EnrollRequest, EnrollStatus
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from broker.keys import CREDENTIALS_FILE, KeyStore, bearer, hash_secret
+from broker.accounts.keys import CREDENTIALS_FILE, KeyStore, bearer, hash_secret
 from shared.errors import ConfigError
 
 

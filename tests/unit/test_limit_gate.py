@@ -10,12 +10,9 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from broker import cli as broker_cli
-from broker.core.demand import Demand, ask_of, estimate
-from broker.core.limits import LimitOverrides, Limits, RateInfo, Reason, Refusal
-from broker.core.response import Outcome
-from broker.keys import UserKey, hash_secret
-from broker.limit_gate import (
+from broker.accounts.keys import UserKey, hash_secret
+from broker.accounts.users import KeyActionRefused, UsersStore, parse_users
+from broker.api.limit_gate import (
     LimitGate,
     Reach,
     actual_tokens,
@@ -23,8 +20,11 @@ from broker.limit_gate import (
     rate_headers,
     refusal_error,
 )
-from broker.limiter import MemoryLimitState
-from broker.users import KeyActionRefused, UsersStore, parse_users
+from broker.cli import main as broker_cli
+from broker.core.demand import Demand, ask_of, estimate
+from broker.core.limits import LimitOverrides, Limits, RateInfo, Reason, Refusal
+from broker.core.response import Outcome
+from broker.state.memory.limits import MemoryLimitState
 
 pytestmark = pytest.mark.usefixtures("clean_env")
 

@@ -23,7 +23,8 @@ from broker.core.limits import (
     month_end,
     month_of,
 )
-from broker.limiter import LimitState, MemoryLimitState
+from broker.state.limits import LimitState
+from broker.state.memory.limits import MemoryLimitState
 
 LIMIT_STATES: dict[str, Callable[[], LimitState]] = {"memory": MemoryLimitState}
 

@@ -9,8 +9,8 @@ import pytest
 
 from broker.core import NoConnector, Timings, TooManySessions, UnknownModel
 from broker.metrics import UNKNOWN_MODEL_LABEL, BrokerMetrics
-from broker.redis_state import RedisRelayState, connect
-from broker.relay_state import RelayView
+from broker.state.redis import RedisRelayState, connect
+from broker.state.relay import RelayView
 from shared.model_names import check_model_names, is_model_name, shown, split_valid
 from shared.protocol import RequestItem, UploadMode
 from tests.support.redis_server import RedisServer, unique_prefix

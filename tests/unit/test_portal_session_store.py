@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from broker.portal.sessions import MAX_PER_USER, GitLabTokens, SessionStore
+from broker.state.memory.portal_sessions import SessionStore
+from broker.state.portal_sessions import MAX_PER_USER, GitLabTokens
 
 
 class Clock:

@@ -6,7 +6,7 @@ import pytest
 
 from broker.core import Timings
 from broker.core.timers import Kind
-from broker.redis_state.home import (
+from broker.state.redis.home import (
     NO_HEAD,
     QUEUE_TIMEOUT,
     STALLED,

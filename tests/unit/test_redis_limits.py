@@ -15,8 +15,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from broker.core.limits import LimitBook, Limits, Refusal, Reservation
-from broker.redis_state import connect
-from broker.redis_state.limits import RedisLimitState
+from broker.state.redis import connect
+from broker.state.redis.limits import RedisLimitState
 from tests.support.redis_server import RedisServer, unique_prefix
 
 T0 = 1_767_225_000.0  # 2025-12-31 23:50 UTC: the runs cross a day and a month boundary

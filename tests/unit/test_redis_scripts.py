@@ -12,8 +12,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from broker.core import DuplicateRequest, LeaseError, Timings, UnknownModel, UnknownSession
-from broker.redis_state import RedisRelayState, connect
-from broker.redis_state.inbox import decode_failure, entry_frames
+from broker.state.redis import RedisRelayState, connect
+from broker.state.redis.inbox import decode_failure, entry_frames
 from shared.protocol import CancelItem, RequestItem, UploadMode
 from tests.support.redis_server import RedisServer, unique_prefix
 

@@ -4,11 +4,11 @@ import random
 
 import pytest
 
-from broker.channel import ResponseChannel
 from broker.core import Failure, Pending, Timings
 from broker.core.response import Event
-from broker.hub import RelayHub
-from broker.upload import FrameApplier, PartAssembler, UploadTooLarge
+from broker.relay.upload import FrameApplier, PartAssembler, UploadTooLarge
+from broker.state.channel import ResponseChannel
+from broker.state.memory.relay import MemoryRelayState
 from shared.errors import FrameError
 from shared.framing import HEARTBEAT_FRAME, encode_data, encode_end, encode_head
 from shared.protocol import RequestItem, ResponseEnd, ResponseHead, UploadMode
@@ -27,9 +27,9 @@ class Clock:
 
 async def _setup(
     limit: int = 1 << 20,
-) -> tuple[RelayHub, Pending, ResponseChannel, FrameApplier, Clock]:
+) -> tuple[MemoryRelayState, Pending, ResponseChannel, FrameApplier, Clock]:
     clock = Clock()
-    hub = RelayHub(Timings(), clock=clock)
+    hub = MemoryRelayState(Timings(), clock=clock)
     session, _ = await hub.register(
         owner="o",
         name="c1",

@@ -1,4 +1,4 @@
-"""The usage ledger on disk: schema migration, the read side (broker.usage_query), prices,
+"""The usage ledger on disk: schema migration, the read side (broker.usage.query), prices,
 and ``remotellm-broker usage`` (run through click, no server)."""
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from broker import cli as broker_cli
-from broker.prices import PricesFileError, load_prices, parse_prices
-from broker.usage import UsageRecord, UsageRecorder
-from broker.usage_cli import parse_when
-from broker.usage_query import (
+from broker.cli import main as broker_cli
+from broker.cli.usage import parse_when
+from broker.usage.ledger import UsageRecord, UsageRecorder
+from broker.usage.prices import PricesFileError, load_prices, parse_prices
+from broker.usage.query import (
     LedgerMissing,
     UsageFilter,
     daily_tokens,
