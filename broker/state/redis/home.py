@@ -4,7 +4,7 @@ The home broker is the one holding the API user's connection. It alone sees the 
 frames arrive, so it alone can tell a stalled response (idle) or a missing head (first
 byte); the shared state says where the request is (queued, leased, active). This module
 turns (kind of deadline, where the request is, what the home saw, now) into a verdict,
-without I/O: ``tests/unit/test_redis_home.py`` drives it with a fake clock.
+without I/O: ``tests/unit/broker/state/redis/test_home.py`` drives it with a fake clock.
 """
 
 from __future__ import annotations

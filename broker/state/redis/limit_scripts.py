@@ -1,6 +1,6 @@
 """The limit counters of ``broker.core.limits`` as two atomic Lua scripts.
 
-The same arithmetic as ``LimitBook`` (tests/unit/test_redis_limits.py replays random
+The same arithmetic as ``LimitBook`` (tests/unit/broker/state/redis/test_limits.py replays random
 sequences through both and compares every answer): per-minute meters that drain at
 ``limit / 60`` per second, in-flight counts, and daily and monthly quotas. Calendar periods
 are computed by the caller from ``now`` and passed in; Lua only compares them. Numbers

@@ -14,7 +14,7 @@ from broker.state.relay import RelayView
 from shared.model_names import check_model_names, is_model_name, shown, split_valid
 from shared.protocol import RequestItem, UploadMode
 from tests.support.redis_server import RedisServer, unique_prefix
-from tests.unit.test_relay_core import Harness
+from tests.unit.broker.core.test_relay import Harness
 
 GRACE = 100.0
 T0 = 1_000_000.0
