@@ -87,11 +87,11 @@ async def test_pending_is_idempotent_approve_gives_a_working_token_once_then_rev
             r = await conn.post("/sessions", content=_register())
             assert r.status_code == 200, r.text
             session_id = r.json()["session_id"]
-            assert broker.state.memory.relay.core.sessions[session_id].owner == entry.id
+            assert broker.hub.core.sessions[session_id].owner == entry.id
 
             # Revoked: the session ends and the token stops working at once.
             await revoke_connector(broker.server.state, entry.id, "root")
-            assert session_id not in broker.state.memory.relay.core.sessions
+            assert session_id not in broker.hub.core.sessions
             r = await conn.post(f"/sessions/{session_id}/poll", content=b"{}")
             assert r.status_code == 401
             r = await conn.post("/sessions", content=_register())
@@ -161,7 +161,7 @@ async def test_a_revocation_written_to_the_file_ends_the_sessions_too(tmp_path: 
 
             other = EnrollmentStore(broker.settings.enrolled_path)
             other.revoke(other.entries[0].id, "operator")
-            core = broker.state.memory.relay.core
+            core = broker.hub.core
             await wait_for(lambda: session_id not in core.sessions, timeout=10)
             r = await conn.post("/sessions", content=_register())
             assert r.status_code == 401

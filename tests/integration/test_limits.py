@@ -299,7 +299,7 @@ async def test_a_redispatched_request_is_settled_once(tmp_path: Path, fake_llm: 
                 try:
                     reply = await answer
                     assert reply.status_code == 200
-                    assert broker.state.memory.relay.core.redispatched == 1
+                    assert broker.hub.core.redispatched == 1
                     await wait_for(lambda: book.open_reservations == 0)
                     # The slot is free again, and the tokens were counted once, as used.
                     again = await api.post("/v1/chat/completions", json=chat)

@@ -139,7 +139,7 @@ async def test_slow_client_does_not_stall_the_others(tmp_path, fake_llm: FakeLLM
         # The stalled request was failed and its upstream call closed; nothing leaks.
         await wait_for(lambda: fake_llm.active == 0, timeout=20)
         assert fake_llm.disconnects == 1
-        await wait_for(lambda: broker.state.memory.relay.core.in_flight() == 0, timeout=10)
+        await wait_for(lambda: broker.hub.core.in_flight() == 0, timeout=10)
         # What the slow client gets when it reads at last: the bytes that waited for it,
         # then the error event and [DONE].
         stalled = await asyncio.wait_for(reader.read(), 30)
@@ -210,7 +210,7 @@ async def test_lease_and_refused_frames(tmp_path) -> None:
             )
             poll = await http.post(base + "/poll", content=b"{}", headers=AUTH)
             rid = poll.json()["items"][0]["request_id"]
-            pending = broker.state.memory.relay.core.requests[rid]
+            pending = broker.hub.core.requests[rid]
             assert pending.state is State.LEASED
             lane.send(rid, framing.HEARTBEAT_FRAME)
             await wait_for(lambda: pending.state is State.ACTIVE)
@@ -263,7 +263,7 @@ async def test_cut_upload_fails_its_requests_and_the_next_one_serves(
                         assert forwarder.cut(b"/mux HTTP/1.1") == 1
             assert 3 <= len(got) < 200
             await wait_for(lambda: fake_llm.disconnects == 1, timeout=10)
-            await wait_for(lambda: broker.state.memory.relay.core.in_flight() == 0, timeout=10)
+            await wait_for(lambda: broker.hub.core.in_flight() == 0, timeout=10)
             fake_llm.chunk_delay = 0.0
             answer = await client.chat.completions.create(
                 model="fake-model", messages=[{"role": "user", "content": "x"}], max_tokens=4

@@ -160,7 +160,7 @@ async def test_redispatched_stream_is_one_row_with_the_last_attempt(
                 data = await pending
             finally:
                 await conn.stop()
-        assert broker.state.memory.relay.core.redispatched == 1
+        assert broker.hub.core.redispatched == 1
         assert data.count(b'"content"') == 4
     finally:
         await broker.stop()

@@ -131,16 +131,16 @@ async def test_interleaved_responses_cut_anywhere_arrive_whole_and_in_order() ->
         got = events(broker.channels[rid])
         assert got[0] == HEAD and got[-1] == END
         assert b"".join(e for e in got if isinstance(e, bytes)) == bodies[rid]
-        assert broker.broker_state(rid) is None  # the END frame finished it: its slot is free
+        assert broker.state(rid) is None  # the END frame finished it: its slot is free
     assert not broker.registry.appliers
 
 
 async def test_first_frame_acknowledges_the_lease() -> None:
     broker = Broker()
     await broker.lease("r1")
-    assert broker.broker_state("r1") is State.LEASED
+    assert broker.state("r1") is State.LEASED
     await broker.lane().feed(encode_mux(b"r1", framing.HEARTBEAT_FRAME))
-    assert broker.broker_state("r1") is State.ACTIVE
+    assert broker.state("r1") is State.ACTIVE
 
 
 async def test_frames_for_a_request_not_held_are_dropped_with_a_cancel_item() -> None:
@@ -158,11 +158,11 @@ async def test_a_re_leased_request_is_refused() -> None:
     broker = Broker()
     await broker.lease("r1")
     broker.clock.now += 16  # past the lease: it goes back to the queue
-    broker.state.memory.relay.core.expire(broker.clock())
-    assert broker.broker_state("r1") is State.QUEUED
-    broker.state.memory.relay.core.sessions[broker.sid].cancels.clear()
+    broker.hub.core.expire(broker.clock())
+    assert broker.state("r1") is State.QUEUED
+    broker.hub.core.sessions[broker.sid].cancels.clear()
     await broker.lane().feed(encode_mux(b"r1", framing.HEARTBEAT_FRAME))
-    assert broker.broker_state("r1") is State.QUEUED
+    assert broker.state("r1") is State.QUEUED
     assert broker.cancels() == ["r1"]
 
 
@@ -179,7 +179,7 @@ async def test_a_slow_client_fails_alone_and_the_shared_reader_never_waits() -> 
     slow = events(broker.channels["slow"])
     failure = slow[-1]
     assert isinstance(failure, Failure) and failure.code == "client_too_slow"
-    assert broker.broker_state("slow") is None
+    assert broker.state("slow") is None
     assert broker.cancels() == ["slow"]
     await lane.feed(encode_mux(b"fast", framing.encode_end(END)))
     assert events(broker.channels["fast"]) == [END]
@@ -222,9 +222,9 @@ async def test_a_cut_upload_fails_what_it_carried() -> None:
     got = events(broker.channels["started"])
     assert got[:2] == [HEAD, b"x"]
     assert isinstance(got[2], Failure) and got[2].code == "connector_lost"
-    assert broker.broker_state("started") is None
+    assert broker.state("started") is None
     # A request that had sent nothing is untouched: its lease still covers it.
-    assert broker.broker_state("waiting") is State.LEASED
+    assert broker.state("waiting") is State.LEASED
 
 
 async def test_after_a_clean_close_a_response_continues_on_the_next_upload() -> None:
@@ -235,7 +235,7 @@ async def test_after_a_clean_close_a_response_continues_on_the_next_upload() -> 
     await first.feed(framing.CLOSE_FRAME)
     assert first.closed
     await first.end(clean=True)
-    assert broker.broker_state("r1") is State.ACTIVE
+    assert broker.state("r1") is State.ACTIVE
     second = broker.lane()
     await second.feed(encode_mux(b"r1", framing.encode_data(b"b") + framing.encode_end(END)))
     assert events(broker.channels["r1"]) == [HEAD, b"a", b"b", END]
@@ -255,8 +255,8 @@ async def test_a_cancelled_request_is_dropped_on_its_next_frame() -> None:
     await broker.lease("r1")
     lane = broker.lane()
     await lane.feed(encode_mux(b"r1", framing.encode_head(HEAD)))
-    await broker.state.memory.relay.cancel("r1")  # the API user left
-    await broker.state.memory.relay.finish("r1")
+    await broker.hub.cancel("r1")  # the API user left
+    await broker.hub.finish("r1")
     await lane.feed(encode_mux(b"r1", framing.encode_data(b"late")))
     assert not broker.registry.appliers
     assert broker.cancels() == ["r1"]  # the one cancel the API side already sent
