@@ -8,9 +8,9 @@ import signal
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config
 
-from broker.app import build_state, create_app, create_health_app
+from broker.broker_state import BrokerState
+from broker.composition import build_state, create_app, create_health_app
 from broker.settings import BrokerSettings
-from broker.state import BrokerState
 from shared.logging import get_logger
 from shared.loop import run
 
@@ -93,7 +93,7 @@ class BrokerServer:
 
     async def _drain_on_stop(self) -> None:
         await self._stop.wait()
-        hub = self.state.hub
+        hub = self.state.relay
         log.info("broker_draining", in_flight=hub.local_in_flight())
         hub.begin_drain()
         finished = await hub.wait_idle(self.settings.drain_timeout)

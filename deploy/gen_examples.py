@@ -192,7 +192,7 @@ def yaml_example(component: str, cls: type[BaseSettings], program: str, source: 
 def _config_envvar(program: str) -> str:
     """The variable naming the --config file, as the command line declares it."""
     if program == "remotellm-broker":
-        from broker.cli import main as command
+        from broker.cli.main import main as command
     else:
         from connector.cli import main as command
     for param in command.params:

@@ -1,7 +1,7 @@
 """The relay core: all relay state and every change to it, with no I/O.
 
 Nothing here imports asyncio, Quart, Hypercorn or ``time``: every call that depends on time
-takes ``now``, and the adapters (``broker.hub``, ``broker.api_relay``) sleep until
+takes ``now``, and the adapters (``broker.state.memory.relay``, ``broker.api.relay``) sleep until
 ``next_deadline()``. See docs/architecture.md.
 """
 

@@ -5,16 +5,16 @@
 (headers, ``next=``), ``pages`` (templates, examples, live models, static files),
 ``usage_view`` (a user's usage), ``routes`` (the blueprint); the operator's pages in
 ``admin`` (routes), ``admin_views`` (rows), ``admin_actions`` (what forms do) and
-``svg_chart``. Keys live in ``broker.users``.
+``svg_chart``. Keys live in ``broker.accounts.users``.
 """
 
 from __future__ import annotations
 
 from quart import Quart
 
+from broker.broker_state import BrokerState
 from broker.portal.admin import create_admin_blueprint
 from broker.portal.routes import build_portal, create_portal_blueprint
-from broker.state import BrokerState
 
 
 def install_portal(app: Quart, state: BrokerState) -> None:

@@ -16,13 +16,13 @@ from urllib.parse import urlencode
 
 from quart import Blueprint, Response, request
 
-from broker.enrollment import Enrolled, EnrollmentError
+from broker.accounts.enrollment import Enrolled, EnrollmentError
+from broker.accounts.users import KeyActionRefused, UserEntry, UsersFileError
 from broker.portal import admin_actions, admin_usage, admin_views, pages
 from broker.portal.csrf import FORM_FIELD, csrf_ok, csrf_token
 from broker.portal.routes import Portal
 from broker.portal.security import add_security_headers
 from broker.portal.session import Session
-from broker.users import KeyActionRefused, UserEntry, UsersFileError
 from shared.logging import get_logger
 
 log = get_logger("broker.portal.admin")
@@ -177,7 +177,7 @@ def create_admin_blueprint(portal: Portal) -> Blueprint:
         who = await admin()
         if isinstance(who, Response):
             return who
-        view = await state.hub.view()
+        view = await state.relay.view()
         groups = admin_views.enrollment_groups(_entries(portal))
         return section(
             "overview",
@@ -223,7 +223,7 @@ def create_admin_blueprint(portal: Portal) -> Blueprint:
         return section(
             "connectors",
             who,
-            sessions=admin_views.session_rows(await state.hub.view(), state.poll_modes, entries),
+            sessions=admin_views.session_rows(await state.relay.view(), state.poll_modes, entries),
             groups=admin_views.enrollment_groups(entries),
             enrollment=state.settings.allow_enrollment,
             enrolled_error=state.enrollment.error if state.enrollment else None,
@@ -238,7 +238,9 @@ def create_admin_blueprint(portal: Portal) -> Blueprint:
         return section(
             "queues",
             who,
-            rows=admin_views.queue_rows(await state.hub.view(), await state.hub.waiting(), names),
+            rows=admin_views.queue_rows(
+                await state.relay.view(), await state.relay.waiting(), names
+            ),
             queue_max=state.settings.queue_max,
             queue_wait=state.settings.queue_wait,
         )

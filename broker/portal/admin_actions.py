@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+from broker.accounts.enrollment import Enrolled, EnrollmentError, EnrollmentStore
+from broker.broker_state import BrokerState
 from broker.core import UnknownSession
-from broker.enrollment import Enrolled, EnrollmentError, EnrollmentStore
-from broker.state import BrokerState
 from shared.logging import get_logger
 
 log = get_logger("broker.admin")
@@ -25,11 +25,11 @@ def store_of(state: BrokerState) -> EnrollmentStore:
 
 async def end_sessions(state: BrokerState, identity: str) -> int:
     """End every live session of a connector identity (its token no longer works)."""
-    view = await state.hub.view()
+    view = await state.relay.view()
     ids = [s.id for s in view.sessions.values() if s.owner == identity]
     for session_id in ids:
         with contextlib.suppress(UnknownSession):  # it ended meanwhile
-            await state.hub.deregister(identity, session_id)
+            await state.relay.deregister(identity, session_id)
     return len(ids)
 
 

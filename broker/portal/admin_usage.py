@@ -1,6 +1,6 @@
 """The admin page's usage and request log: query parameters in, what the page shows out.
 
-Every number comes from ``broker.usage_query`` (the ledger's one read side, shared with
+Every number comes from ``broker.usage.query`` (the ledger's one read side, shared with
 ``remotellm-broker usage``), run in a thread. Query parameters are checked here; a bad
 one raises ``BadQuery`` with a message the page shows.
 """
@@ -14,10 +14,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 
+from broker.accounts.users import UsersStore
+from broker.broker_state import BrokerState
 from broker.portal.admin_views import find_user, usernames
 from broker.portal.svg_chart import DayBar, fill_days, tokens_chart
-from broker.state import BrokerState
-from broker.usage_query import (
+from broker.usage.query import (
     LedgerError,
     LedgerMissing,
     RequestRow,
@@ -28,7 +29,6 @@ from broker.usage_query import (
     recent_requests,
     totals,
 )
-from broker.users import UsersStore
 
 PERIODS = {"1d": 1, "7d": 7, "30d": 30}
 DEFAULT_PERIOD = "7d"

@@ -10,10 +10,10 @@ from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
 
+from broker.accounts.enrollment import Enrolled
+from broker.accounts.users import KeyActionRefused, LimitsEntry, UserEntry, UsersStore
 from broker.core.limits import LIMIT_FIELDS, UNLIMITED, Limits, Override, SubjectUsage
-from broker.enrollment import Enrolled
-from broker.relay_state import RelayView, Waiting
-from broker.users import KeyActionRefused, LimitsEntry, UserEntry, UsersStore
+from broker.state.relay import RelayView, Waiting
 from shared.protocol import EnrollStatus
 
 

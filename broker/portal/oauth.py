@@ -30,7 +30,7 @@ from authlib.oauth2.rfc6749.parameters import (  # type: ignore[import-untyped]
 )
 from authlib.oauth2.rfc7636 import create_s256_code_challenge  # type: ignore[import-untyped]
 
-from broker.portal.sessions import GitLabTokens
+from broker.state.portal_sessions import GitLabTokens
 from shared.logging import get_logger
 
 log = get_logger("broker.portal.oauth")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from quart import Response
 
-from broker.state import BrokerState
+from broker.broker_state import BrokerState
 from shared.templates import render, template_dir
 
 STATIC_FILES = ("portal.css", "portal.js", "playground.js", "markdown.js")
@@ -19,7 +19,7 @@ STATIC_FILES = ("portal.css", "portal.js", "playground.js", "markdown.js")
 
 async def live_models(state: BrokerState) -> list[str]:
     """The models live right now (the one place the portal asks the relay core)."""
-    return sorted((await state.hub.view()).live_models)
+    return sorted((await state.relay.view()).live_models)
 
 
 def page(name: str, status: int = 200, **context: object) -> Response:

@@ -14,6 +14,8 @@ from urllib.parse import quote
 import httpx
 from quart import Blueprint, Response, request
 
+from broker.accounts.users import KeyActionRefused, UserEntry, UsersFileError, UsersStore
+from broker.broker_state import BrokerState
 from broker.portal import pages
 from broker.portal.csrf import FORM_FIELD, HEADER, csrf_ok, csrf_token
 from broker.portal.form_limits import install_form_limits
@@ -26,7 +28,6 @@ from broker.portal.oauth import (
     GitLabOAuth,
     LoginFailed,
 )
-from broker.portal.redis_sessions import RedisSessions
 from broker.portal.security import add_security_headers, safe_next
 from broker.portal.session import (
     FLOW_COOKIE,
@@ -35,11 +36,11 @@ from broker.portal.session import (
     Session,
     load_session_secret,
 )
-from broker.portal.sessions import SessionRecord, Sessions, SessionStore
 from broker.portal.usage_view import usage_for
-from broker.redis_state import RedisRelayState
-from broker.state import BrokerState
-from broker.users import KeyActionRefused, UserEntry, UsersFileError, UsersStore
+from broker.state.memory.portal_sessions import SessionStore
+from broker.state.portal_sessions import SessionRecord, Sessions
+from broker.state.redis import RedisRelayState
+from broker.state.redis.portal_sessions import RedisSessions
 from shared.logging import get_logger
 
 log = get_logger("broker.portal")
@@ -536,8 +537,11 @@ def build_portal(state: BrokerState) -> Portal:
     if oauth is not None and not oauth.allowed_groups:
         log.warning("portal_open_to_any_gitlab_user", gitlab_url=settings.gitlab_url)
     sessions: Sessions = SessionStore(settings.session_lifetime, settings.session_idle)
-    if isinstance(state.hub, RedisRelayState):  # brokers share state: share sessions too
+    if isinstance(state.relay, RedisRelayState):  # brokers share state: share sessions too
         sessions = RedisSessions(
-            state.hub.redis, settings.redis_prefix, settings.session_lifetime, settings.session_idle
+            state.relay.redis,
+            settings.redis_prefix,
+            settings.session_lifetime,
+            settings.session_idle,
         )
     return Portal(state=state, users=users, cookies=cookies, oauth=oauth, sessions=sessions)

@@ -3,7 +3,7 @@
 Both are itsdangerous timestamped signatures (HMAC-SHA1 over a salted key derived from
 ``--session-secret``) over small JSON payloads: nothing secret travels in them, they only
 must not be forgeable or outlive their expiry. The session cookie only names a session
-the broker keeps (``broker.portal.sessions``): logout and blocking end it there. The
+the broker keeps (``broker.state.portal_sessions``): logout and blocking end it there. The
 cookies are HttpOnly, SameSite=Lax (the OAuth callback is a top-level GET from GitLab,
 which Lax lets through), scoped to ``/portal`` and Secure when the public URL is https.
 """
@@ -76,7 +76,7 @@ class Cookies:
         self._flow = URLSafeTimedSerializer(secret, salt="remotellm-portal-oauth-flow")
 
     def new_session(self, gitlab_id: int, sid: str) -> tuple[Session, CookieSpec]:
-        """The cookie naming server-side session ``sid`` (broker.portal.sessions)."""
+        """The cookie naming server-side session ``sid`` (broker.state.portal_sessions)."""
         session = Session(gitlab_id=gitlab_id, sid=sid)
         value = self._session.dumps({"u": gitlab_id, "s": session.sid})
         return session, CookieSpec(SESSION_COOKIE, value, self.lifetime, self.secure)

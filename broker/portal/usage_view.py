@@ -1,4 +1,4 @@
-"""A user's own usage per day and model (last 30 days), read through ``broker.usage_query``."""
+"""A user's own usage per day and model (last 30 days), read through ``broker.usage.query``."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import asyncio
 import time
 from pathlib import Path
 
-from broker.prices import PriceBook
-from broker.usage_query import LedgerError, LedgerMissing, TotalRow, UsageFilter, totals
+from broker.usage.prices import PriceBook
+from broker.usage.query import LedgerError, LedgerMissing, TotalRow, UsageFilter, totals
 from shared.logging import get_logger
 
 log = get_logger("broker.portal.usage")

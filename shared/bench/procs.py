@@ -143,7 +143,7 @@ def warm_bytecode(python: str, imports: str, env: dict[str, str] | None = None) 
 
 
 OUR_IMPORTS = (
-    "import broker.cli, broker.server, broker.app, connector.cli, connector.runner, "
+    "import broker.cli.main, broker.server, broker.composition, connector.cli, connector.runner, "
     "connector.tls, connector.check, shared.bench.upstream, uvloop"
 )
 

@@ -134,7 +134,7 @@ def test_dockerfile(component: str) -> None:
 def test_dockerignore_keeps_secrets_and_clutter_out() -> None:
     for path in (".venv/bin/python", ".git/config", "tests/unit/test_cli.py", "x/.env"):
         assert dockerignore_excludes(path), path
-    for path in ("broker/cli.py", "uv.lock", "deploy/docker/healthcheck.py"):
+    for path in ("broker/cli/main.py", "uv.lock", "deploy/docker/healthcheck.py"):
         assert not dockerignore_excludes(path), path
     assert dockerignore_excludes("broker/__pycache__/cli.cpython-311.pyc")
 

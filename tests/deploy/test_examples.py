@@ -12,7 +12,7 @@ import pytest
 import yaml
 from pydantic_settings import BaseSettings
 
-from broker.keys import KeyStore
+from broker.accounts.keys import KeyStore
 from broker.settings import BrokerSettings
 from connector.settings import ConnectorSettings
 from shared.settings import load_settings

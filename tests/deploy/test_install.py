@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.keys import KeyStore
+from broker.accounts.keys import KeyStore
 from broker.settings import BrokerSettings
 from connector.settings import ConnectorSettings
 from shared.bench.upstream import FakeLLM

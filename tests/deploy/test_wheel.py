@@ -33,7 +33,7 @@ def test_wheel_contents(wheel: Path) -> None:
     assert not any(name.startswith(("tests/", "deploy/")) for name in names)
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
-    assert "remotellm-broker = broker.cli:main" in text
+    assert "remotellm-broker = broker.cli.main:main" in text
     assert "remotellm-connector = connector.cli:main" in text
 
 

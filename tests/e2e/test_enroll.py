@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.enrollment import EnrollmentStore
+from broker.accounts.enrollment import EnrollmentStore
 from shared.bench.upstream import FakeLLM
 from tests.support.procs import Procs, openai_client
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from broker.usage_query import recent_requests
+from broker.usage.query import recent_requests
 from shared.bench.upstream import FakeLLM
 from tests.support.procs import Broker, Proc, Procs, openai_client
 

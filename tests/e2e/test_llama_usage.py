@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from broker.usage_query import recent_requests
+from broker.usage.query import recent_requests
 from tests.support.llama import LlamaServer
 from tests.support.procs import Broker, Proc, Procs
 

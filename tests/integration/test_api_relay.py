@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from broker.keys import hash_secret, user_id
+from broker.accounts.keys import hash_secret, user_id
 from shared.bench.upstream import FakeLLM
 from tests.support.stack import USER_KEY, Stack, start_connector
 

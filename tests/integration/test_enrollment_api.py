@@ -6,7 +6,7 @@ from pathlib import Path
 
 import httpx
 
-from broker.keys import hash_secret
+from broker.accounts.keys import hash_secret
 from broker.portal.admin_actions import revoke_connector
 from shared.protocol import (
     RELAY_PREFIX,
@@ -129,7 +129,7 @@ async def test_enrolled_file_edits_are_picked_up_without_a_restart(tmp_path: Pat
             store.approve(r.json()["enrollment_id"], "root")
             token = (await relay.post("/enroll", content=_ask())).json()["token"]
         # Another store (the operator's copy of the file) sets the upstream key.
-        from broker.enrollment import EnrollmentStore
+        from broker.accounts.enrollment import EnrollmentStore
 
         other = EnrollmentStore(broker.settings.enrolled_path)
         other.set_llm_key(other.entries[0].id, "sk-upstream-1")
@@ -157,7 +157,7 @@ async def test_a_revocation_written_to_the_file_ends_the_sessions_too(tmp_path: 
             r = await conn.post("/sessions", content=_register())
             session_id = r.json()["session_id"]
             # The operator edits the file by hand (another process's store).
-            from broker.enrollment import EnrollmentStore
+            from broker.accounts.enrollment import EnrollmentStore
 
             other = EnrollmentStore(broker.settings.enrolled_path)
             other.revoke(other.entries[0].id, "operator")

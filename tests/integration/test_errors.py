@@ -209,7 +209,7 @@ async def test_relay_endpoints_refuse_bad_input(stack: Stack) -> None:
 async def test_blocked_key_403_without_restart(tmp_path, fake_llm: FakeLLM) -> None:
     import yaml
 
-    from broker.keys import hash_secret
+    from broker.accounts.keys import hash_secret
 
     data = tmp_path / "b"
     data.mkdir()
@@ -331,7 +331,7 @@ async def test_unexpected_error_in_the_api_relay_is_logged_and_answered_500(
 ) -> None:
     import structlog
 
-    from broker.api_relay import ApiRelay
+    from broker.api.relay import ApiRelay
 
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("boom")

@@ -105,7 +105,7 @@ async def test_unexpected_error_in_a_relay_route_is_logged_and_answered_500(
     tmp_path: Path, monkeypatch
 ) -> None:
     """The relay app's catch-all: a JSON 500 and a log line with the request ID, no silence."""
-    from broker.relay_app import RelayApp
+    from broker.relay.app import RelayApp
 
     async def broken(self: RelayApp, call: object) -> None:
         raise RuntimeError("boom")

@@ -14,8 +14,8 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from broker.limiter import MemoryLimitState
-from broker.users import UsersStore
+from broker.accounts.users import UsersStore
+from broker.state.memory.limits import MemoryLimitState
 from shared.bench.upstream import FakeLLM
 from tests.support.net import wait_for
 from tests.support.stack import TOKEN, USER_KEY, Stack, start_broker, start_connector

@@ -14,7 +14,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from broker.usage_query import RequestRow, recent_requests
+from broker.usage.query import RequestRow, recent_requests
 from connector.health import HealthServer
 from shared.bench.upstream import FakeLLM
 from tests.support.net import wait_for

@@ -12,7 +12,7 @@ import openai
 import pytest
 from playwright.async_api import Browser, BrowserContext, Page, expect
 
-from broker.users import UsersStore
+from broker.accounts.users import UsersStore
 from shared.bench.upstream import FakeLLM
 from tests.portal.fake_gitlab import FakeGitLab, FakeUser
 from tests.portal.helpers import ask

@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from broker.users import UsersStore
+from broker.accounts.users import UsersStore
 from shared.bench.upstream import FakeLLM
 from tests.portal.conftest import portal_settings
 from tests.portal.fake_gitlab import FakeGitLab, FakeUser

@@ -1,4 +1,4 @@
-"""The user's usage table on the keys page: read through broker.usage_query, with costs
+"""The user's usage table on the keys page: read through broker.usage.query, with costs
 when the broker has --models-file, and the estimated mark."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from broker.usage_query import recent_requests
+from broker.usage.query import recent_requests
 from shared.bench.upstream import FakeLLM
 from tests.portal.helpers import ask, login, new_key_of, portal_client
 from tests.support.net import wait_for

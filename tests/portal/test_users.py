@@ -10,9 +10,9 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from broker import cli as broker_cli
-from broker.keys import KeyStore, hash_secret
-from broker.users import KeyActionRefused, UsersFileError, UsersStore, parse_users
+from broker.accounts.keys import KeyStore, hash_secret
+from broker.accounts.users import KeyActionRefused, UsersFileError, UsersStore, parse_users
+from broker.cli import main as broker_cli
 from shared.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("clean_env")

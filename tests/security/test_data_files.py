@@ -17,8 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from broker.keys import KeyStore
-from broker.users import UsersStore
+from broker.accounts.keys import KeyStore
+from broker.accounts.users import UsersStore
 from connector.enroll import write_private
 from tests.support.procs import Procs
 from tests.support.stack import USER_KEY

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from broker.users import UsersStore
+from broker.accounts.users import UsersStore
 from tests.scaleout.conftest import Cluster
 from tests.support.procs import Broker, Procs
 from tests.support.redis_server import RedisServer

@@ -18,7 +18,7 @@ import httpx
 import pytest
 import structlog
 
-from broker import enrollment
+from broker.accounts import enrollment
 from connector.enroll import enroll
 from connector.settings import ConnectorSettings
 from shared.bench.upstream import FakeLLM

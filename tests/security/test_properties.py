@@ -2,7 +2,7 @@
 anything but the documented error, and never make the parser hold more than its bounds.
 
 The frame decoder and MUX split (``shared.framing``: ``FrameError``), the parts assembler
-(``broker.upload``: ``FrameError`` or ``UploadTooLarge``), the mux lane (``broker.mux``:
+(``broker.relay.upload``: ``FrameError`` or ``UploadTooLarge``), the mux lane (``broker.relay.mux``:
 ``FrameError`` ends the upload) and the protocol models (``shared.protocol``:
 ``ValidationError``). Bounded example counts keep the module well under 30 s.
 """
@@ -20,12 +20,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 
-from broker.channel import ResponseChannel
 from broker.core import Timings
 from broker.core.relay import MAX_REFUSALS
-from broker.hub import RelayHub
-from broker.mux import DROPPED_REMEMBERED, MuxRegistry
-from broker.upload import FrameApplier, PartAssembler, UploadTooLarge
+from broker.relay.mux import DROPPED_REMEMBERED, MuxRegistry
+from broker.relay.upload import FrameApplier, PartAssembler, UploadTooLarge
+from broker.state.channel import ResponseChannel
+from broker.state.memory.relay import MemoryRelayState
 from shared import framing, protocol
 from shared.errors import FrameError
 from shared.framing import HEADER_SIZE, FrameDecoder, FrameType
@@ -103,8 +103,8 @@ def test_split_mux_and_head_end_decoders_raise_only_frame_error(payload: bytes) 
 # -- the parts assembler ------------------------------------------------------------------
 
 
-async def _leased(upload_mode: UploadMode, rids: list[str]) -> tuple[RelayHub, str]:
-    hub = RelayHub(Timings(), clock=lambda: 100.0)
+async def _leased(upload_mode: UploadMode, rids: list[str]) -> tuple[MemoryRelayState, str]:
+    hub = MemoryRelayState(Timings(), clock=lambda: 100.0)
     session, _ = hub.core.register(
         now=100.0,
         owner="o",

@@ -11,9 +11,9 @@ from typing import Any
 
 import httpx
 
-from broker.relay_state import RelayView
 from broker.server import BrokerServer
 from broker.settings import BrokerSettings
+from broker.state.relay import RelayView
 from connector.runner import Connector
 from connector.settings import ConnectorSettings
 from tests.support.net import free_port, wait_for, wait_port
@@ -42,7 +42,7 @@ class RunningBroker:
 
     @property
     def hub(self):  # type: ignore[no-untyped-def]
-        return self.server.state.hub
+        return self.server.state.relay
 
     @property
     def redis_mode(self) -> bool:
@@ -50,7 +50,7 @@ class RunningBroker:
 
     async def view(self) -> RelayView:
         """The relay state as this broker sees it (shared by all brokers in the Redis mode)."""
-        view: RelayView = await self.server.state.hub.view()
+        view: RelayView = await self.server.state.relay.view()
         return view
 
     async def wait_view(

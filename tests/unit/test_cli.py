@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 from pydantic_settings import BaseSettings
 
-from broker import cli as broker_cli
+from broker.cli import main as broker_cli
 from broker.settings import BrokerSettings
 from connector import cli as connector_cli
 from connector.settings import ConnectorSettings

@@ -8,8 +8,8 @@ import logging
 
 import pytest
 
+from broker.accounts.revocations import RevocationBoard, UsersChange, users_change
 from broker.core.errors import CONNECTOR_FAILURE, connector_failure
-from broker.revocations import RevocationBoard, UsersChange, users_change
 from connector.settings import cleartext_broker
 from shared.logging import configure_logging, escape_controls, redact_url_credentials
 

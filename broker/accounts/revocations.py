@@ -1,0 +1,132 @@
+"""Key revocations and user blocks shared by brokers that keep their own users file.
+
+With ``--redis-url`` every broker reports what it saw change in its users file (a key
+gone, a user blocked or unblocked: the portal, ``remotellm-broker users`` or an operator's
+edit) to a board in Redis, and reads the board back every ``--users-reload-interval``:
+
+- ``P rv:keys``  hash  key SHA-256 -> when it was revoked (a revoked key never returns)
+- ``P rv:users`` hash  user ID -> when it was blocked (removed when a broker sees the
+  user unblocked)
+
+A key on the board is refused as unknown (401) and a blocked user's keys as blocked
+(403) on every broker, whatever its own copy of the file says. A broker that could not
+read the board for ``--revocation-max-age`` seconds refuses API requests with 503 rather
+than serve keys that may have been revoked meanwhile (docs/scale-out.md).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from shared.logging import get_logger
+
+log = get_logger("broker.accounts.revocations")
+
+
+@dataclass(frozen=True, slots=True)
+class UsersChange:
+    """What one reload of the users file changed, as far as access goes."""
+
+    revoked_keys: frozenset[str] = frozenset()
+    blocked: frozenset[str] = frozenset()
+    unblocked: frozenset[str] = frozenset()
+
+    @property
+    def empty(self) -> bool:
+        return not (self.revoked_keys or self.blocked or self.unblocked)
+
+
+def users_change(
+    before: Mapping[str, str] | None,
+    after: Mapping[str, str],
+    blocked_before: frozenset[str],
+    blocked_after: frozenset[str],
+) -> UsersChange:
+    """The change between two loads: key hash -> user ID maps and the blocked user IDs.
+
+    ``before`` is None for a broker's first load: then nothing is revoked or unblocked
+    (an older copy of the file must not undo another broker's revocation), but the blocks
+    it holds are published (blocking more is always safe).
+    """
+    if before is None:
+        return UsersChange(blocked=blocked_after)
+    return UsersChange(
+        revoked_keys=frozenset(before.keys() - after.keys()),
+        blocked=blocked_after - blocked_before,
+        unblocked=blocked_before - blocked_after,
+    )
+
+
+@dataclass(slots=True)
+class RevocationBoard:
+    """This broker's copy of the shared board, and the changes it has yet to publish."""
+
+    redis: Redis
+    prefix: str
+    max_age: float
+    clock: Callable[[], float] = time.monotonic
+    keys: frozenset[str] = frozenset()
+    users: frozenset[str] = frozenset()
+    synced_at: float | None = None
+    _pending: list[UsersChange] = field(default_factory=list)
+
+    def note(self, change: UsersChange) -> None:
+        """Called by the users store (any thread) when a reload changed access."""
+        if not change.empty:
+            self._pending.append(change)
+
+    def stale(self) -> bool:
+        """True when the board was not read for ``max_age``: the API then answers 503."""
+        last = self.synced_at
+        return last is None or self.clock() - last > self.max_age
+
+    def revoked(self, key_hash: str) -> bool:
+        return key_hash in self.keys
+
+    def blocked(self, user_id: str) -> bool:
+        return user_id in self.users
+
+    async def sync(self) -> None:
+        """Publish what this broker saw change, then read the whole board."""
+        try:
+            await self._publish()
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hkeys(self.prefix + "rv:keys")
+                pipe.hkeys(self.prefix + "rv:users")
+                keys, users = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            log.warning("revocations_unreadable", error=str(exc))
+            return
+        self.keys = frozenset(_text(k) for k in keys)
+        self.users = frozenset(_text(u) for u in users)
+        self.synced_at = self.clock()
+
+    async def _publish(self) -> None:
+        while self._pending:
+            change = self._pending[0]
+            now = str(time.time())
+            keys, users = self.prefix + "rv:keys", self.prefix + "rv:users"
+            async with self.redis.pipeline(transaction=True) as pipe:
+                if change.revoked_keys:
+                    pipe.hset(keys, mapping=dict.fromkeys(change.revoked_keys, now))
+                if change.blocked:
+                    pipe.hset(users, mapping=dict.fromkeys(change.blocked, now))
+                if change.unblocked:
+                    pipe.hdel(users, *change.unblocked)
+                await pipe.execute()
+            self._pending.pop(0)  # only once written: a Redis outage keeps it for next time
+            log.info(
+                "revocations_published",
+                keys=len(change.revoked_keys),
+                blocked=sorted(change.blocked),
+                unblocked=sorted(change.unblocked),
+            )
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

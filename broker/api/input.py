@@ -1,0 +1,69 @@
+"""What every /v1 route checks first, with no web framework: request ID, key, JSON body.
+
+Errors are ``ApiError`` (the broker's ``BrokerError``): status, OpenAI-shaped message and
+code, and the headers to send; ``broker.errors`` turns it into the answer for the Quart
+routes (``broker.api.models``) and the plain-ASGI relay route (``broker.api.relay``) alike.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+from broker.accounts.keys import KeyStore, UserKey, bearer
+from broker.core.errors import BrokerError
+from shared.protocol import REQUEST_ID_HEADER
+
+_CLIENT_REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+# The client's x-request-id comes back under this name; x-request-id is the broker's own.
+CLIENT_REQUEST_ID_HEADER = "x-client-request-id"
+
+
+# A /v1 route's refusal: the broker's one error type (``broker.core.errors``).
+ApiError = BrokerError
+
+
+def new_request_id() -> str:
+    """The broker's key for a request: a UUID, whatever the client sent.
+
+    A UUID also because llama-cpp-python's server refuses any other x-request-id with a 400.
+    """
+    return str(uuid.uuid4())
+
+
+def client_label(header: str | None) -> str | None:
+    """The client's own x-request-id when well-formed (a label: logs, ledger, echo), else None.
+
+    A malformed one is dropped, not refused: it names nothing the broker uses, and a
+    completion should not fail over a label. The client sees it dropped: no echo comes back.
+    """
+    if header and _CLIENT_REQUEST_ID_OK.fullmatch(header):
+        return header
+    return None
+
+
+def authenticate(keys: KeyStore, authorization: str | None, rid: str) -> UserKey:
+    """The key's user; ApiError 401 for a missing or wrong key, 403 for a blocked one."""
+    headers = {REQUEST_ID_HEADER: rid}
+    key = bearer(authorization)
+    if key is None:
+        raise ApiError(
+            401,
+            "Missing API key: send 'Authorization: Bearer <key>'.",
+            "missing_api_key",
+            headers=headers,
+        )
+    if keys.revocations_stale():
+        raise ApiError(
+            503,
+            "The broker cannot check revoked keys right now; try again shortly.",
+            "revocations_unavailable",
+            headers=headers | {"Retry-After": "2"},
+        )
+    user = keys.user(key)
+    if user is None:
+        raise ApiError(401, "Incorrect API key provided.", "invalid_api_key", headers=headers)
+    if user.blocked:
+        headers["x-should-retry"] = "false"
+        raise ApiError(403, "This API key is blocked.", "key_blocked", headers=headers)
+    return user

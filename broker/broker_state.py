@@ -1,0 +1,34 @@
+"""What every route shares: settings, the relay state, the stores (built in broker.composition)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from broker.accounts.enrollment import EnrollmentStore
+from broker.accounts.keys import KeyStore
+from broker.accounts.revocations import RevocationBoard
+from broker.metrics import BrokerMetrics
+from broker.settings import BrokerSettings
+from broker.state.limits import LimitState
+from broker.state.memory.limits import MemoryLimitState
+from broker.state.relay import RelayState
+from broker.usage.ledger import UsageRecorder
+from broker.usage.prices import PriceBook
+
+
+@dataclass
+class BrokerState:
+    settings: BrokerSettings
+    relay: RelayState  # MemoryRelayState, or RedisRelayState with --redis-url
+    keys: KeyStore
+    metrics: BrokerMetrics
+    usage: UsageRecorder | None = None
+    enrollment: EnrollmentStore | None = None
+    prices: PriceBook | None = None  # from --models-file
+    # The limit counters (docs/limits.md): in memory here, shared when brokers scale out.
+    limiter: LimitState = field(default_factory=MemoryLimitState)
+    # Key revocations and user blocks shared by several brokers (--redis-url only).
+    revocations: RevocationBoard | None = None
+    started: float = 0.0
+    # Session id -> "stream" or "classic": how it polled last (for the admin page).
+    poll_modes: dict[str, str] = field(default_factory=dict)

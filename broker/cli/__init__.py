@@ -1,0 +1,1 @@
+"""The ``remotellm-broker`` command line: serve, users, usage."""

@@ -1,0 +1,250 @@
+"""``create_app(settings)``: the broker's Quart app (API, relay) and its health app."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+
+from prometheus_client import CONTENT_TYPE_LATEST
+from quart import Quart, Response
+from werkzeug.exceptions import HTTPException
+
+from broker.accounts.enrollment import EnrollmentStore
+from broker.accounts.keys import KeyStore
+from broker.accounts.revocations import RevocationBoard
+from broker.api.models import create_api_blueprint
+from broker.api.relay import ApiRelay
+from broker.asgi import BrokerASGI
+from broker.broker_state import BrokerState
+from broker.core import StateUnavailable, Timings
+from broker.core.errors import BrokerError
+from broker.errors import error_response
+from broker.metrics import BrokerMetrics
+from broker.portal import install_portal
+from broker.portal.admin_actions import end_sessions
+from broker.portal.security import add_security_headers
+from broker.relay.app import RelayApp
+from broker.settings import BrokerSettings
+from broker.state.limits import LimitState
+from broker.state.memory.limits import MemoryLimitState
+from broker.state.memory.relay import MemoryRelayState
+from broker.state.redis import RedisRelayState, connect
+from broker.state.redis.limits import RedisLimitState
+from broker.state.relay import RelayState
+from broker.usage.ledger import UsageRecorder
+from broker.usage.prices import load_prices
+from shared.logging import get_logger
+from shared.templates import render
+
+log = get_logger("broker.composition")
+
+
+def timings_from(settings: BrokerSettings) -> Timings:
+    return Timings(
+        lease=settings.lease,
+        session_ttl=settings.session_ttl,
+        queue_wait=settings.queue_wait,
+        queue_max=settings.queue_max,
+        first_byte_timeout=settings.first_byte_timeout,
+        idle_timeout=settings.idle_timeout,
+        total_timeout=settings.total_timeout,
+        max_redispatch=settings.max_redispatch,
+        max_sessions_per_identity=settings.max_sessions_per_identity,
+        model_grace=settings.model_grace,
+    )
+
+
+def build_state(settings: BrokerSettings, keys: KeyStore | None = None) -> BrokerState:
+    if keys is None:
+        keys = KeyStore(
+            static_user_keys=settings.user_api_keys,
+            static_connector_tokens=settings.connector_tokens,
+            connector_config=settings.connector_config,
+            data_dir=settings.data_dir,
+        )
+    hub: RelayState
+    limiter: LimitState
+    if settings.redis_url:
+        # One client (one pool) for the relay state and the limits: the same Redis.
+        redis = connect(settings.redis_url)
+        hub = RedisRelayState(
+            timings_from(settings),
+            redis,
+            prefix=settings.redis_prefix,
+            upstream_key=keys.upstream_key,
+        )
+        # A reservation outlives any request (--total-timeout) only if its broker died.
+        limiter = RedisLimitState(
+            redis, prefix=settings.redis_prefix, lease=settings.total_timeout + 60.0
+        )
+    else:
+        hub = MemoryRelayState(timings_from(settings))
+        limiter = MemoryLimitState()
+    revocations = None
+    if settings.redis_url:
+        revocations = RevocationBoard(redis, settings.redis_prefix, settings.revocation_max_age)
+        keys.attach_revocations(revocations)
+    usage = UsageRecorder(settings.usage_path) if settings.record_usage else None
+    # Approved connectors keep working with enrollment turned off later: always loaded.
+    enrollment = EnrollmentStore(settings.enrolled_path)
+    keys.attach_connectors(enrollment.lookup)
+    prices = load_prices(settings.models_file) if settings.models_file else None
+    return BrokerState(
+        settings=settings,
+        relay=hub,
+        keys=keys,
+        metrics=BrokerMetrics(),
+        usage=usage,
+        enrollment=enrollment,
+        prices=prices,
+        limiter=limiter,
+        revocations=revocations,
+    )
+
+
+def create_app(settings: BrokerSettings, state: BrokerState | None = None) -> Quart:
+    """The public app: OpenAI API under /v1 and the connector relay under /relay/v1."""
+    if state is None:
+        state = build_state(settings)
+    app = Quart("remotellm-broker")
+    # Long generations and uploads must never be cut by a framework default (60 s).
+    app.config["RESPONSE_TIMEOUT"] = None
+    app.config["BODY_TIMEOUT"] = None
+    # Bodies are bounded per route (API: max_request_body; uploads: per frame and response).
+    app.config["MAX_CONTENT_LENGTH"] = None
+    app.extensions["remotellm"] = state
+    app.register_blueprint(create_api_blueprint(state))
+    install_portal(app, state)
+    # /relay/v1/* and POST /v1/* are plain ASGI in front of Quart (docs/architecture.md).
+    app.asgi_app = BrokerASGI(  # type: ignore[method-assign]
+        app.asgi_app, RelayApp(state), ApiRelay(state)
+    )
+    reloader: list[asyncio.Task[None]] = []
+
+    @app.before_serving
+    async def start() -> None:
+        state.started = time.time()
+        await state.relay.start()
+        if state.usage is not None:
+            await state.usage.start()
+        reloader.append(asyncio.create_task(_reload_keys(state)))
+        if state.revocations is not None:
+            await state.revocations.sync()  # before the first request: else it answers 503
+            reloader.append(asyncio.create_task(_sync_revocations(state)))
+
+    @app.after_serving
+    async def stop() -> None:
+        for task in reloader:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await state.relay.stop()
+        if state.usage is not None:
+            await state.usage.stop()
+
+    @app.get("/")
+    async def index() -> Response:
+        """A landing page for people who open the broker's URL in a browser."""
+        models = sorted((await state.relay.view()).live_models)
+        page = render("index.html.j2", base_url=settings.advertised_url, models=models)
+        return add_security_headers(Response(page, content_type="text/html; charset=utf-8"))
+
+    @app.errorhandler(HTTPException)
+    async def http_error(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        code = {404: "unknown_url", 405: "method_not_allowed", 413: "request_too_large"}.get(
+            status, "http_error"
+        )
+        return error_response(BrokerError(status, exc.description or exc.name, code))
+
+    @app.errorhandler(Exception)
+    async def unexpected(exc: Exception) -> Response:
+        if not isinstance(exc, BrokerError):  # StateUnavailable: 503, Retry-After
+            log.exception("unhandled_error", error_type=type(exc).__name__)
+        return error_response(exc)
+
+    return app
+
+
+async def _reload_keys(state: BrokerState) -> None:
+    while True:
+        await asyncio.sleep(2.0)
+        state.keys.reload()
+        if state.enrollment is not None and state.enrollment.reload():
+            # An operator's edit may have revoked a connector: its sessions end too.
+            for identity in state.enrollment.closed_ids():
+                await end_sessions(state, identity)
+
+
+async def _sync_revocations(state: BrokerState) -> None:
+    board = state.revocations
+    assert board is not None
+    while True:
+        await asyncio.sleep(state.settings.users_reload_interval)
+        await board.sync()
+
+
+def create_health_app(state: BrokerState) -> Quart:
+    """Liveness and readiness for load balancers and service managers (health port)."""
+    app = Quart("remotellm-broker-health")
+
+    @app.get("/health")
+    async def health() -> Response:
+        try:
+            d = await state.relay.view()
+        except StateUnavailable as exc:
+            return error_response(exc)
+        sessions = [
+            {
+                "name": s.name,
+                "identity": s.owner,
+                "models": sorted(s.models),
+                "capacity": s.capacity,
+                "capacity_source": s.capacity_source,
+                "active": s.active,
+                "upload_mode": s.upload_mode.value,
+                "version": s.version,
+                "served": s.served,
+            }
+            for s in d.sessions.values()
+        ]
+        body = {
+            "status": "draining" if state.relay.draining else "ok",
+            "uptime_s": round(time.time() - state.started, 1) if state.started else 0.0,
+            "connectors": sessions,
+            "models": sorted(d.live_models),
+            "in_flight": d.in_flight,
+            "queued": d.queue_depth,
+            "redispatched": d.redispatched,
+            "waited_for_slots": d.slot_waits,
+        }
+        return Response(json.dumps(body), content_type="application/json")
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        try:
+            view = await state.relay.view()
+        except StateUnavailable as exc:
+            return error_response(exc)
+        return Response(state.metrics.render(view), content_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/ready")
+    async def ready() -> Response:
+        hub = state.relay
+        reachable = await hub.ready()
+        ok = state.started > 0 and not hub.draining and reachable
+        body: dict[str, object] = {"ready": ok}
+        if not reachable:
+            body["reason"] = "the shared relay state (Redis) cannot be reached"
+        else:
+            try:
+                body["connectors"] = len((await hub.view()).sessions)
+            except StateUnavailable:
+                body |= {"ready": False, "reason": "the shared relay state went away"}
+                ok = False
+        status = 200 if ok else 503
+        return Response(json.dumps(body), status=status, content_type="application/json")
+
+    return app

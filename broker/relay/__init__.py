@@ -1,0 +1,1 @@
+"""The connector-facing relay protocol (``/relay/v1/*``): polls, uploads, the mux, enrollment."""

@@ -1,0 +1,1 @@
+"""State held in this process: one broker alone."""

@@ -1,0 +1,1 @@
+"""What requests cost: the usage ledger (SQLite), its queries, and model prices."""
