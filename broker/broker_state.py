@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from broker.accounts.enrollment import EnrollmentStore
 from broker.accounts.keys import KeyStore
 from broker.accounts.revocations import RevocationBoard
+from broker.accounts.users import UsersStore
 from broker.metrics import BrokerMetrics
 from broker.settings import BrokerSettings
 from broker.state.limits import LimitState
@@ -22,6 +23,8 @@ class BrokerState:
     relay: RelayState  # MemoryRelayState, or RedisRelayState with --redis-url
     keys: KeyStore
     metrics: BrokerMetrics
+    # The users file: its keys authenticate the API whether the portal is on or not.
+    users: UsersStore
     usage: UsageRecorder | None = None
     enrollment: EnrollmentStore | None = None
     prices: PriceBook | None = None  # from --models-file

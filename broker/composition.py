@@ -1,12 +1,18 @@
-"""``create_app(settings)``: the broker's Quart app (API, relay) and its health app."""
+"""The composition root: builds every store, picks the memory or Redis state, builds the
+apps (the public one with the API, relay and portal; the health one) and starts every
+background loop. Nothing else in the broker constructs a store or starts a loop."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+import secrets
 import time
+from collections.abc import Coroutine
+from typing import Any
 
+import httpx
 from prometheus_client import CONTENT_TYPE_LATEST
 from quart import Quart, Response
 from werkzeug.exceptions import HTTPException
@@ -14,6 +20,7 @@ from werkzeug.exceptions import HTTPException
 from broker.accounts.enrollment import EnrollmentStore
 from broker.accounts.keys import KeyStore
 from broker.accounts.revocations import RevocationBoard
+from broker.accounts.users import UsersStore
 from broker.api.models import create_api_blueprint
 from broker.api.relay import ApiRelay
 from broker.asgi import BrokerASGI
@@ -22,23 +29,30 @@ from broker.core import StateUnavailable, Timings
 from broker.core.errors import BrokerError
 from broker.errors import error_response
 from broker.metrics import BrokerMetrics
-from broker.portal import install_portal
+from broker.portal import PortalContext, install_portal
 from broker.portal.admin_actions import end_sessions
+from broker.portal.oauth import GitLabOAuth
 from broker.portal.security import add_security_headers
+from broker.portal.session import Cookies, load_session_secret
 from broker.relay.app import RelayApp
 from broker.settings import BrokerSettings
 from broker.state.limits import LimitState
 from broker.state.memory.limits import MemoryLimitState
+from broker.state.memory.portal_sessions import SessionStore
 from broker.state.memory.relay import MemoryRelayState
+from broker.state.portal_sessions import Sessions
 from broker.state.redis import RedisRelayState, connect
 from broker.state.redis.limits import RedisLimitState
-from broker.state.relay import RelayState
+from broker.state.redis.portal_sessions import RedisSessions
+from broker.state.relay import RelayState, RelayView
 from broker.usage.ledger import UsageRecorder
 from broker.usage.prices import load_prices
 from shared.logging import get_logger
 from shared.templates import render
 
 log = get_logger("broker.composition")
+
+FLUSH_EVERY = 15.0  # seconds between writes of the users' last-used times
 
 
 def timings_from(settings: BrokerSettings) -> Timings:
@@ -56,6 +70,37 @@ def timings_from(settings: BrokerSettings) -> Timings:
     )
 
 
+def _shared_state(
+    settings: BrokerSettings, keys: KeyStore
+) -> tuple[RelayState, LimitState, RevocationBoard | None]:
+    """The relay state, the limit counters and the revocation board: in this process, or
+    in Redis (one client, one pool for all three) when brokers share --redis-url."""
+    if not settings.redis_url:
+        return MemoryRelayState(timings_from(settings)), MemoryLimitState(), None
+    redis = connect(settings.redis_url)
+    hub = RedisRelayState(
+        timings_from(settings), redis, prefix=settings.redis_prefix, upstream_key=keys.upstream_key
+    )
+    # A reservation outlives any request (--total-timeout) only if its broker died.
+    limiter = RedisLimitState(
+        redis, prefix=settings.redis_prefix, lease=settings.total_timeout + 60.0
+    )
+    revocations = RevocationBoard(redis, settings.redis_prefix, settings.revocation_max_age)
+    keys.attach_revocations(revocations)
+    return hub, limiter, revocations
+
+
+def build_users(
+    settings: BrokerSettings, keys: KeyStore, revocations: RevocationBoard | None
+) -> UsersStore:
+    """The users file: its keys authenticate the API, with or without the portal."""
+    users = UsersStore(settings.users_path)
+    keys.attach_users(users.lookup)
+    if revocations is not None:
+        users.watch(revocations.note)
+    return users
+
+
 def build_state(settings: BrokerSettings, keys: KeyStore | None = None) -> BrokerState:
     if keys is None:
         keys = KeyStore(
@@ -64,28 +109,7 @@ def build_state(settings: BrokerSettings, keys: KeyStore | None = None) -> Broke
             connector_config=settings.connector_config,
             data_dir=settings.data_dir,
         )
-    hub: RelayState
-    limiter: LimitState
-    if settings.redis_url:
-        # One client (one pool) for the relay state and the limits: the same Redis.
-        redis = connect(settings.redis_url)
-        hub = RedisRelayState(
-            timings_from(settings),
-            redis,
-            prefix=settings.redis_prefix,
-            upstream_key=keys.upstream_key,
-        )
-        # A reservation outlives any request (--total-timeout) only if its broker died.
-        limiter = RedisLimitState(
-            redis, prefix=settings.redis_prefix, lease=settings.total_timeout + 60.0
-        )
-    else:
-        hub = MemoryRelayState(timings_from(settings))
-        limiter = MemoryLimitState()
-    revocations = None
-    if settings.redis_url:
-        revocations = RevocationBoard(redis, settings.redis_prefix, settings.revocation_max_age)
-        keys.attach_revocations(revocations)
+    hub, limiter, revocations = _shared_state(settings, keys)
     usage = UsageRecorder(settings.usage_path) if settings.record_usage else None
     # Approved connectors keep working with enrollment turned off later: always loaded.
     enrollment = EnrollmentStore(settings.enrolled_path)
@@ -96,6 +120,7 @@ def build_state(settings: BrokerSettings, keys: KeyStore | None = None) -> Broke
         relay=hub,
         keys=keys,
         metrics=BrokerMetrics(),
+        users=build_users(settings, keys, revocations),
         usage=usage,
         enrollment=enrollment,
         prices=prices,
@@ -104,8 +129,65 @@ def build_state(settings: BrokerSettings, keys: KeyStore | None = None) -> Broke
     )
 
 
+def portal_sessions(state: BrokerState) -> Sessions:
+    """Portal sessions in memory; in Redis, sharing the relay state's connection, when
+    brokers share state (a login on one broker is valid on all)."""
+    settings = state.settings
+    if isinstance(state.relay, RedisRelayState):
+        return RedisSessions(
+            state.relay.redis,
+            settings.redis_prefix,
+            settings.session_lifetime,
+            settings.session_idle,
+        )
+    return SessionStore(settings.session_lifetime, settings.session_idle)
+
+
+def _gitlab(settings: BrokerSettings) -> GitLabOAuth | None:
+    if not settings.gitlab_client_id:
+        return None
+    return GitLabOAuth(
+        base_url=settings.gitlab_url,
+        client_id=settings.gitlab_client_id,
+        client_secret=settings.gitlab_client_secret,
+        redirect_uri=settings.advertised_url + "/portal/callback",
+        allowed_groups=settings.gitlab_allowed_groups,
+        http=httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=5.0)),
+    )
+
+
+def build_portal(state: BrokerState) -> PortalContext:
+    """What the portal's routes use: the users store, cookies, GitLab, the session store."""
+    settings = state.settings
+    # Nothing to sign with the portal off: do not leave a secret file in the data dir then.
+    secret = (
+        load_session_secret(settings.session_secret, settings.data_dir)
+        if settings.portal_enabled
+        else secrets.token_urlsafe(32)
+    )
+    secure = settings.advertised_url.startswith("https://")
+    oauth = _gitlab(settings)
+    if settings.admins:
+        log.warning(
+            "admin_by_username",
+            usernames=settings.admins,
+            todo="GitLab users can change their username: name admins with --admin-id "
+            "(the numeric id; the login log line of each admin names it)",
+        )
+    if oauth is not None and not oauth.allowed_groups:
+        log.warning("portal_open_to_any_gitlab_user", gitlab_url=settings.gitlab_url)
+    return PortalContext(
+        state=state,
+        users=state.users,
+        cookies=Cookies(secret, settings.session_lifetime, secure),
+        oauth=oauth,
+        sessions=portal_sessions(state),
+    )
+
+
 def create_app(settings: BrokerSettings, state: BrokerState | None = None) -> Quart:
-    """The public app: OpenAI API under /v1 and the connector relay under /relay/v1."""
+    """The public app: OpenAI API under /v1, the connector relay under /relay/v1, the
+    portal under /portal/."""
     if state is None:
         state = build_state(settings)
     app = Quart("remotellm-broker")
@@ -116,12 +198,23 @@ def create_app(settings: BrokerSettings, state: BrokerState | None = None) -> Qu
     app.config["MAX_CONTENT_LENGTH"] = None
     app.extensions["remotellm"] = state
     app.register_blueprint(create_api_blueprint(state))
-    install_portal(app, state)
+    portal = build_portal(state)
+    install_portal(app, portal)
     # /relay/v1/* and POST /v1/* are plain ASGI in front of Quart (docs/architecture.md).
     app.asgi_app = BrokerASGI(  # type: ignore[method-assign]
         app.asgi_app, RelayApp(state), ApiRelay(state)
     )
-    reloader: list[asyncio.Task[None]] = []
+    _add_lifecycle(app, state, portal)
+    _add_index_and_errors(app, state)
+    return app
+
+
+def _add_lifecycle(app: Quart, state: BrokerState, portal: PortalContext) -> None:
+    """Start the state and every background loop before serving; stop them after."""
+    loops: list[asyncio.Task[None]] = []
+
+    def spawn(name: str, loop: Coroutine[Any, Any, None]) -> None:
+        loops.append(asyncio.create_task(loop, name=name))
 
     @app.before_serving
     async def start() -> None:
@@ -129,26 +222,32 @@ def create_app(settings: BrokerSettings, state: BrokerState | None = None) -> Qu
         await state.relay.start()
         if state.usage is not None:
             await state.usage.start()
-        reloader.append(asyncio.create_task(_reload_keys(state)))
+        spawn("reload-keys", _reload_keys(state))
+        spawn("reload-users", _maintain_users(state.users, state.settings.users_reload_interval))
         if state.revocations is not None:
             await state.revocations.sync()  # before the first request: else it answers 503
-            reloader.append(asyncio.create_task(_sync_revocations(state)))
+            spawn("sync-revocations", _sync_revocations(state))
 
     @app.after_serving
     async def stop() -> None:
-        for task in reloader:
+        for task in loops:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await asyncio.to_thread(state.users.flush_last_used)
+        if portal.oauth is not None:
+            await portal.oauth.http.aclose()
         await state.relay.stop()
         if state.usage is not None:
             await state.usage.stop()
 
+
+def _add_index_and_errors(app: Quart, state: BrokerState) -> None:
     @app.get("/")
     async def index() -> Response:
         """A landing page for people who open the broker's URL in a browser."""
         models = sorted((await state.relay.view()).live_models)
-        page = render("index.html.j2", base_url=settings.advertised_url, models=models)
+        page = render("index.html.j2", base_url=state.settings.advertised_url, models=models)
         return add_security_headers(Response(page, content_type="text/html; charset=utf-8"))
 
     @app.errorhandler(HTTPException)
@@ -165,8 +264,6 @@ def create_app(settings: BrokerSettings, state: BrokerState | None = None) -> Qu
             log.exception("unhandled_error", error_type=type(exc).__name__)
         return error_response(exc)
 
-    return app
-
 
 async def _reload_keys(state: BrokerState) -> None:
     while True:
@@ -176,6 +273,18 @@ async def _reload_keys(state: BrokerState) -> None:
             # An operator's edit may have revoked a connector: its sessions end too.
             for identity in state.enrollment.closed_ids():
                 await end_sessions(state, identity)
+
+
+async def _maintain_users(users: UsersStore, interval: float) -> None:
+    """Reload the users file when it changes; write last-used times in batches."""
+    since_flush = 0.0
+    while True:
+        await asyncio.sleep(interval)
+        await asyncio.to_thread(users.reload)
+        since_flush += interval
+        if since_flush >= FLUSH_EVERY:
+            since_flush = 0.0
+            await asyncio.to_thread(users.flush_last_used)
 
 
 async def _sync_revocations(state: BrokerState) -> None:
@@ -196,30 +305,7 @@ def create_health_app(state: BrokerState) -> Quart:
             d = await state.relay.view()
         except StateUnavailable as exc:
             return error_response(exc)
-        sessions = [
-            {
-                "name": s.name,
-                "identity": s.owner,
-                "models": sorted(s.models),
-                "capacity": s.capacity,
-                "capacity_source": s.capacity_source,
-                "active": s.active,
-                "upload_mode": s.upload_mode.value,
-                "version": s.version,
-                "served": s.served,
-            }
-            for s in d.sessions.values()
-        ]
-        body = {
-            "status": "draining" if state.relay.draining else "ok",
-            "uptime_s": round(time.time() - state.started, 1) if state.started else 0.0,
-            "connectors": sessions,
-            "models": sorted(d.live_models),
-            "in_flight": d.in_flight,
-            "queued": d.queue_depth,
-            "redispatched": d.redispatched,
-            "waited_for_slots": d.slot_waits,
-        }
+        body = _health_body(state, d)
         return Response(json.dumps(body), content_type="application/json")
 
     @app.get("/metrics")
@@ -248,3 +334,30 @@ def create_health_app(state: BrokerState) -> Quart:
         return Response(json.dumps(body), status=status, content_type="application/json")
 
     return app
+
+
+def _health_body(state: BrokerState, d: RelayView) -> dict[str, object]:
+    sessions = [
+        {
+            "name": s.name,
+            "identity": s.owner,
+            "models": sorted(s.models),
+            "capacity": s.capacity,
+            "capacity_source": s.capacity_source,
+            "active": s.active,
+            "upload_mode": s.upload_mode.value,
+            "version": s.version,
+            "served": s.served,
+        }
+        for s in d.sessions.values()
+    ]
+    return {
+        "status": "draining" if state.relay.draining else "ok",
+        "uptime_s": round(time.time() - state.started, 1) if state.started else 0.0,
+        "connectors": sessions,
+        "models": sorted(d.live_models),
+        "in_flight": d.in_flight,
+        "queued": d.queue_depth,
+        "redispatched": d.redispatched,
+        "waited_for_slots": d.slot_waits,
+    }

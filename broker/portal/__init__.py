@@ -1,27 +1,49 @@
 """The key portal at /portal/: GitLab login, personal API keys, a playground.
 
-``install_portal(app, state)`` is all ``create_app`` calls. Modules:
-``oauth`` (GitLab OAuth 2 + PKCE), ``session`` (signed cookies), ``csrf``, ``security``
-(headers, ``next=``), ``pages`` (templates, examples, live models, static files),
-``usage_view`` (a user's usage), ``routes`` (the blueprint); the operator's pages in
-``admin`` (routes), ``admin_views`` (rows), ``admin_actions`` (what forms do) and
-``svg_chart``. Keys live in ``broker.accounts.users``.
+Routes are module-level functions on one blueprint per page group: ``login`` (login page,
+GitLab round trip, logout), ``keys``, ``playground`` (playground, its key, connect, static
+files); the operator's pages in ``admin_connectors`` (overview, connectors, queues,
+enrollment forms), ``admin_users`` and ``admin_reports`` (usage, request log), sharing
+``admin`` (admin check, CSRF, form plumbing). Every route gets what it needs from the
+``PortalContext`` (``context``) that ``broker.composition`` builds and ``install_portal``
+stores on the app. Helpers: ``common`` (who is asking, checked forms), ``oauth`` (GitLab
+OAuth 2 + PKCE), ``session`` (signed cookies), ``csrf``, ``security`` (headers, ``next=``),
+``form_limits``, ``pages`` (templates, examples, live models, static files), ``usage_view``,
+``admin_views``, ``admin_actions``, ``admin_usage``, ``svg_chart``. Keys live in
+``broker.accounts.users``.
 """
 
 from __future__ import annotations
 
-from quart import Quart
+from quart import Blueprint, Quart
 
-from broker.broker_state import BrokerState
-from broker.portal.admin import create_admin_blueprint
-from broker.portal.routes import build_portal, create_portal_blueprint
+from broker.portal import (
+    admin_connectors,
+    admin_reports,
+    admin_users,
+    form_limits,
+    keys,
+    login,
+    playground,
+)
+from broker.portal.context import PortalContext, attach_context
+
+BLUEPRINTS: tuple[Blueprint, ...] = (
+    form_limits.bp,
+    login.bp,
+    keys.bp,
+    playground.bp,
+    admin_connectors.bp,
+    admin_users.bp,
+    admin_reports.bp,
+)
 
 
-def install_portal(app: Quart, state: BrokerState) -> None:
-    """Serve /portal/ and let the users file's keys authenticate the API."""
-    portal = build_portal(state)
-    app.register_blueprint(create_portal_blueprint(portal))
-    app.register_blueprint(create_admin_blueprint(portal))
+def install_portal(app: Quart, context: PortalContext) -> None:
+    """Serve /portal/ with the routes' dependencies in ``context``."""
+    attach_context(app, context)
+    for blueprint in BLUEPRINTS:
+        app.register_blueprint(blueprint)
 
 
-__all__ = ["install_portal"]
+__all__ = ["PortalContext", "install_portal"]

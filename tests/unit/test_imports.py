@@ -26,15 +26,6 @@ EXCEPTIONS: dict[tuple[str, str], str] = {
     ("broker.broker_state", "broker.state.memory.limits"): (
         "a BrokerState built without limits (tests, one broker) counts them in memory"
     ),
-    ("broker.portal.routes", "broker.state.memory.portal_sessions"): (
-        "the portal builds its own session store: in memory unless the relay state is Redis"
-    ),
-    ("broker.portal.routes", "broker.state.redis"): (
-        "it shares the relay state's Redis connection for portal sessions across brokers"
-    ),
-    ("broker.portal.routes", "broker.state.redis.portal_sessions"): (
-        "portal sessions in Redis when brokers share --redis-url"
-    ),
 }
 
 
