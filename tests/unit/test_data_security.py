@@ -98,7 +98,8 @@ def test_library_log_lines_are_escaped_and_redacted(
         )
         err = capsys.readouterr().err
     finally:
-        configure_logging("info", "json")
+        with capsys.disabled():  # bind the handlers to the real stderr again, not capsys's
+            configure_logging("info", "json")
     assert err.count("\n") == 1, err
     assert "\x1b" not in err and "hunter2" not in err
     assert "hypercorn.error" in err
