@@ -113,7 +113,7 @@ def build_state(settings: BrokerSettings, keys: KeyStore | None = None) -> Broke
     usage = UsageRecorder(settings.usage_path) if settings.record_usage else None
     # Approved connectors keep working with enrollment turned off later: always loaded.
     enrollment = EnrollmentStore(settings.enrolled_path)
-    keys.attach_connectors(enrollment.lookup)
+    keys.attach_connectors(enrollment.lookup, enrollment.upstream_key)
     prices = load_prices(settings.models_file) if settings.models_file else None
     return BrokerState(
         settings=settings,
