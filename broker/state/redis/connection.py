@@ -44,7 +44,7 @@ def sentinel_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _credentials(url: str | None) -> dict[str, Any]:
+def url_credentials(url: str | None) -> dict[str, Any]:
     """The password, user name, db and TLS of ``url`` (its host is the sentinels' to name)."""
     if not url:
         return {}
@@ -72,6 +72,6 @@ def connect_sentinel(
         master,
         connection_pool_class=_BlockingSentinelPool,
         **_pool_options(max_connections),
-        **_credentials(url),
+        **url_credentials(url),
     )
     return client
