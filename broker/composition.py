@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 from prometheus_client import CONTENT_TYPE_LATEST
 from quart import Quart, Response
+from redis.asyncio import Redis
 from werkzeug.exceptions import HTTPException
 
 from broker.accounts.enrollment import EnrollmentStore
@@ -41,7 +42,7 @@ from broker.state.memory.limits import MemoryLimitState
 from broker.state.memory.portal_sessions import SessionStore
 from broker.state.memory.relay import MemoryRelayState
 from broker.state.portal_sessions import Sessions
-from broker.state.redis import RedisRelayState, connect
+from broker.state.redis import RedisRelayState, connect, connect_sentinel
 from broker.state.redis.limits import RedisLimitState
 from broker.state.redis.portal_sessions import RedisSessions
 from broker.state.relay import RelayState, RelayView
@@ -70,14 +71,24 @@ def timings_from(settings: BrokerSettings) -> Timings:
     )
 
 
+def _redis_client(settings: BrokerSettings) -> Redis:
+    """At --redis-url, or the master the sentinels name (their failovers followed)."""
+    if settings.redis_sentinel_master:
+        return connect_sentinel(
+            settings.redis_sentinels, settings.redis_sentinel_master, settings.redis_url
+        )
+    assert settings.redis_url is not None  # redis_configured
+    return connect(settings.redis_url)
+
+
 def _shared_state(
     settings: BrokerSettings, keys: KeyStore
 ) -> tuple[RelayState, LimitState, RevocationBoard | None]:
     """The relay state, the limit counters and the revocation board: in this process, or
-    in Redis (one client, one pool for all three) when brokers share --redis-url."""
-    if not settings.redis_url:
+    in Redis (one client, one pool for all three) when brokers share it."""
+    if not settings.redis_configured:
         return MemoryRelayState(timings_from(settings)), MemoryLimitState(), None
-    redis = connect(settings.redis_url)
+    redis = _redis_client(settings)
     hub = RedisRelayState(
         timings_from(settings), redis, prefix=settings.redis_prefix, upstream_key=keys.upstream_key
     )
@@ -113,7 +124,7 @@ def build_state(settings: BrokerSettings, keys: KeyStore | None = None) -> Broke
     usage = UsageRecorder(settings.usage_path) if settings.record_usage else None
     # Approved connectors keep working with enrollment turned off later: always loaded.
     enrollment = EnrollmentStore(settings.enrolled_path)
-    keys.attach_connectors(enrollment.lookup)
+    keys.attach_connectors(enrollment.lookup, enrollment.upstream_key)
     prices = load_prices(settings.models_file) if settings.models_file else None
     return BrokerState(
         settings=settings,

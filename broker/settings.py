@@ -344,6 +344,17 @@ class BrokerSettings(FileAwareSettings):
         description="Redis holding the relay state several brokers share, e.g. "
         "redis://redis:6379/0 (a password in it is a secret; unset: in this process).",
     )
+    redis_sentinels: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="A Redis Sentinel (host:port) that names the current Redis master, so "
+        "the brokers follow a failover without a restart (repeatable; env: comma-separated; "
+        "needs --redis-sentinel-master; --redis-url then only gives the password and db).",
+        json_schema_extra={"flag": "--redis-sentinel"},
+    )
+    redis_sentinel_master: str | None = Field(
+        None,
+        description="With --redis-sentinel: the name the sentinels monitor the master under.",
+    )
     redis_prefix: str = Field(
         "remotellm:",
         description="Prefix of every Redis key and channel (one per deployment sharing a Redis).",
@@ -351,7 +362,7 @@ class BrokerSettings(FileAwareSettings):
     revocation_max_age: float = Field(
         10 * SECONDS,
         gt=0,
-        description="With --redis-url: seconds the brokers' shared key revocations and user "
+        description="With Redis: seconds the brokers' shared key revocations and user "
         "blocks may go unread before this broker answers API requests with 503.",
     )
 
@@ -361,6 +372,7 @@ class BrokerSettings(FileAwareSettings):
         "trusted_proxies",
         "extra_api_routes",
         "gitlab_allowed_groups",
+        "redis_sentinels",
         "admins",
         "admin_ids",
         mode="before",
@@ -399,6 +411,30 @@ class BrokerSettings(FileAwareSettings):
             if path is not None and not path.is_file():
                 raise ValueError(f"{flag} {path}: no such file")
         return self
+
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _sentinels(cls, value: list[str]) -> list[str]:
+        for address in value:
+            host, sep, port = address.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"--redis-sentinel {address!r} is not host:port")
+        return value
+
+    @model_validator(mode="after")
+    def _sentinel_master(self) -> BrokerSettings:
+        if bool(self.redis_sentinels) != bool(self.redis_sentinel_master):
+            raise ValueError(
+                "--redis-sentinel (REMOTELLM_BROKER_REDIS_SENTINELS) and "
+                "--redis-sentinel-master (REMOTELLM_BROKER_REDIS_SENTINEL_MASTER) go "
+                "together: the sentinels' addresses and the master name they monitor"
+            )
+        return self
+
+    @property
+    def redis_configured(self) -> bool:
+        """Brokers share their state in Redis (--redis-url or --redis-sentinel)."""
+        return bool(self.redis_url or self.redis_sentinels)
 
     @model_validator(mode="after")
     def _portal_audience(self) -> BrokerSettings:

@@ -168,6 +168,13 @@ class EnrollmentStore:
         """The KeyStore's hook: an approved connector's identity by its token's hash."""
         return self._index.get(token_sha256)
 
+    def upstream_key(self, identity_id: str) -> str | None:
+        """The KeyStore's hook: the operator's upstream LLM key of an approved connector."""
+        for ident in self._index.values():
+            if ident.id == identity_id:
+                return ident.upstream_api_key
+        return None
+
     # -- writing ----------------------------------------------------------------------------
 
     def _mutate(self, change: Callable[[EnrolledFile], T]) -> T:

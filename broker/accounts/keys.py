@@ -185,6 +185,7 @@ class KeyStore:
         self._connectors: dict[str, ConnectorIdentity] = {}
         self._more_users: Callable[[str], UserKey | None] | None = None
         self._more_connectors: Callable[[str], ConnectorIdentity | None] | None = None
+        self._more_upstream_keys: Callable[[str], str | None] | None = None
         self._board: RevocationBoard | None = None
         self.reload(force=True)
 
@@ -196,9 +197,15 @@ class KeyStore:
         """Refuse the keys and users on the brokers' shared board (docs/scale-out.md)."""
         self._board = board
 
-    def attach_connectors(self, lookup: Callable[[str], ConnectorIdentity | None]) -> None:
-        """Also accept the tokens ``lookup`` knows by hash (enrolled connectors)."""
+    def attach_connectors(
+        self,
+        lookup: Callable[[str], ConnectorIdentity | None],
+        upstream_key: Callable[[str], str | None],
+    ) -> None:
+        """Also accept the tokens ``lookup`` knows by hash (enrolled connectors), whose
+        upstream LLM keys ``upstream_key`` gives by identity id."""
         self._more_connectors = lookup
+        self._more_upstream_keys = upstream_key
 
     # -- loading --------------------------------------------------------------------------
 
@@ -312,10 +319,13 @@ class KeyStore:
         return found
 
     def upstream_key(self, identity_id: str) -> str | None:
-        """The upstream LLM key of a connector identity (the Redis mode keeps none in Redis)."""
+        """The upstream LLM key of a connector identity, configured or enrolled (the Redis
+        mode keeps none in Redis: it asks here when it hands a request over)."""
         for ident in self._connectors.values():
             if ident.id == identity_id:
                 return ident.upstream_api_key
+        if self._more_upstream_keys is not None:
+            return self._more_upstream_keys(identity_id)
         return None
 
 

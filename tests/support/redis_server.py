@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from tests.support.net import free_port, wait_port
 
@@ -100,3 +101,65 @@ def redis_server_running() -> Iterator[RedisServer]:
 def unique_prefix() -> str:
     """One key prefix per test: tests sharing one redis-server never see each other."""
     return "t" + secrets.token_hex(4) + ":"
+
+
+REDIS_SENTINEL = shutil.which("redis-sentinel") or "/usr/bin/redis-sentinel"
+
+
+@dataclass
+class Replica(RedisServer):
+    """A redis-server replicating ``master_port`` (the sentinels may promote it)."""
+
+    master_port: int = 0
+
+    @property
+    def args(self) -> list[str]:
+        # Loads the master's data from the socket: no dump.rdb left in the working dir.
+        sync = ["--replicaof", "127.0.0.1", str(self.master_port), "--repl-diskless-load", "swapdb"]
+        return [*super().args, *sync]
+
+
+@dataclass
+class SentinelServer:
+    """A redis-sentinel watching the master at ``master_port`` under ``name``: it decides
+    the master is down after ``down_after_ms`` and, with a quorum of two, promotes a replica.
+    Its config file lives in ``folder`` (Sentinel rewrites it as it learns)."""
+
+    folder: Path
+    master_port: int
+    name: str = "remotellm"
+    down_after_ms: int = 1000
+    port: int = field(default_factory=free_port)
+    process: asyncio.subprocess.Process | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _config(self) -> Path:
+        path = self.folder / f"sentinel-{self.port}.conf"
+        path.write_text(
+            f"port {self.port}\nbind 127.0.0.1\nprotected-mode no\ndir {self.folder}\n"
+            f"sentinel monitor {self.name} 127.0.0.1 {self.master_port} 2\n"
+            f"sentinel down-after-milliseconds {self.name} {self.down_after_ms}\n"
+            f"sentinel failover-timeout {self.name} 3000\n"
+            f"sentinel parallel-syncs {self.name} 1\n"
+        )
+        return path
+
+    async def start(self) -> SentinelServer:
+        self.process = await asyncio.create_subprocess_exec(
+            REDIS_SENTINEL,
+            str(self._config()),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        await wait_port(self.port)
+        return self
+
+    async def stop(self) -> None:
+        process, self.process = self.process, None
+        if process is not None and process.returncode is None:
+            process.kill()
+            await process.wait()

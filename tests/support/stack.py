@@ -46,7 +46,7 @@ class RunningBroker:
 
     @property
     def redis_mode(self) -> bool:
-        return self.settings.redis_url is not None
+        return self.settings.redis_configured
 
     async def view(self) -> RelayView:
         """The relay state as this broker sees it (shared by all brokers in the Redis mode)."""

@@ -526,3 +526,15 @@ def test_no_token_means_enrollment_and_an_enrolled_token_is_read_back(
 def test_token_is_not_in_the_settings_repr() -> None:
     s = ConnectorSettings(broker_url="https://b", broker_token="ct-secret-123")
     assert "ct-secret-123" not in repr(s)
+
+
+def test_redis_sentinels_come_with_a_master_name(clean_env: pytest.MonkeyPatch) -> None:
+    assert not load_settings(BrokerSettings, None, {}).redis_configured
+    clean_env.setenv("REMOTELLM_BROKER_REDIS_SENTINELS", "10.0.0.1:26379,[::1]:26380")
+    with pytest.raises(ConfigError, match="--redis-sentinel-master"):
+        load_settings(BrokerSettings, None, {})
+    clean_env.setenv("REMOTELLM_BROKER_REDIS_SENTINEL_MASTER", "remotellm")
+    s = load_settings(BrokerSettings, None, {})
+    assert s.redis_sentinels == ["10.0.0.1:26379", "[::1]:26380"] and s.redis_configured
+    with pytest.raises(ConfigError, match="is not host:port"):
+        load_settings(BrokerSettings, None, {"redis_sentinels": ["sentinel-1"]})

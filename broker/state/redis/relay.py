@@ -24,9 +24,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
+from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
@@ -75,24 +73,6 @@ INBOX_BLOCK_MS = 1000
 UNAVAILABLE = "the relay state (Redis) is unavailable; retry shortly"
 
 UpstreamKey = Callable[[str], str | None]
-
-
-def connect(url: str, max_connections: int = 64) -> Redis:
-    """A client that fails fast while Redis is down (one quick retry for a stale socket).
-
-    A bursty broker waits for a pooled connection rather than opening one per request:
-    redis-py's default pool refuses the 101st concurrent command outright.
-    """
-    pool = BlockingConnectionPool.from_url(
-        url,
-        max_connections=max_connections,
-        timeout=5.0,
-        socket_timeout=5.0,
-        socket_connect_timeout=2.0,
-        retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 1),
-        health_check_interval=10,
-    )
-    return Redis.from_pool(pool)  # closing the client closes the pool
 
 
 class RedisRelayState:
