@@ -13,21 +13,16 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Protocol
 
+from broker.core import failures
 from broker.core.errors import (
-    Draining,
-    DuplicateRequest,
     LeaseError,
-    NoConnector,
-    QueueFull,
     SessionReplaced,
     TooManySessions,
-    UnknownModel,
     UnknownSession,
 )
 from broker.core.queues import ModelQueue
 from broker.core.records import Failure, Pending, Session, State, Timings
 from broker.core.timers import Deadlines, Kind
-from shared.errors import quote
 from shared.protocol import CancelItem, Replaced, RequestItem, UploadMode, WorkItem
 
 REPLACED_REMEMBERED = 4096
@@ -102,7 +97,7 @@ class RelayCore:
             old = self.sessions[old_id]
             live = old.polling > 0 and old.instance_id != instance_id
             replaced = Replaced.LIVE if live else Replaced.RESTART
-            self._drop(old, now, "connector registered again")
+            self._drop(old, now, failures.REGISTERED_AGAIN)
             self._replaced[old_id] = owner
             while len(self._replaced) > REPLACED_REMEMBERED:
                 self._replaced.popitem(last=False)
@@ -145,7 +140,7 @@ class RelayCore:
         self._out.wake(session_id)
 
     def deregister(self, owner: str, session_id: str, now: float) -> None:
-        self._drop(self.session(owner, session_id), now, "connector stopped")
+        self._drop(self.session(owner, session_id), now, failures.STOPPED)
 
     def poll_started(self, owner: str, session_id: str, now: float) -> Session:
         session = self.session(owner, session_id)
@@ -270,7 +265,7 @@ class RelayCore:
             if pending.state is State.LEASED:
                 self._requeue(pending, now)
             else:
-                self._fail(pending, 502, "connector_lost", f"the connector went away ({reason})")
+                self._fail(pending, failures.connector_gone(reason))
         session.active.clear()
         self._out.wake(session.id)
         self._out.session_dropped(session, reason)
@@ -279,21 +274,19 @@ class RelayCore:
 
     def submit(self, item: RequestItem, now: float, user: str | None = None) -> Pending:
         if self.draining:
-            raise Draining("the broker is shutting down")
+            raise failures.refusal("draining")
         model = item.model
         serving = self._serving.get(model)
         if not serving:
             if model in self._unserved:
-                raise NoConnector(f"no connector serving model '{quote(model)}' is online")
-            raise UnknownModel(f"The model '{quote(model)}' does not exist")
+                raise failures.refusal("noconn", model)
+            raise failures.refusal("unknown", model)
         if item.request_id in self.requests:
-            raise DuplicateRequest(
-                "a request with this x-request-id is in flight: send a unique one, or none"
-            )
+            raise failures.refusal("dup")
         queue = self.queues.setdefault(model, ModelQueue())
         t = self.timings
         if len(queue) >= t.queue_max:
-            raise QueueFull(f"too many requests waiting for model '{quote(model)}'")
+            raise failures.refusal("full", model)
         pending = Pending(
             item=item,
             created=now,
@@ -422,7 +415,7 @@ class RelayCore:
             return  # the poll's end schedules the next check
         expires = session.last_seen + self.timings.session_ttl
         if expires <= now:
-            self._drop(session, now, "session expired")
+            self._drop(session, now, failures.EXPIRED)
         else:
             self._check_ttl(session, expires)
 
@@ -432,7 +425,7 @@ class RelayCore:
             self.finish(pending.id)
             return
         if kind is Kind.QUEUE:
-            self._fail(pending, 503, "queue_timeout", "no connector became free in time")
+            self._fail(pending, failures.QUEUE_TIMEOUT)
         elif kind is Kind.LEASE:
             holder = self.sessions.get(pending.session_id or "")
             if holder is not None:
@@ -440,13 +433,13 @@ class RelayCore:
                 holder.cancels[pending.id] = None
             self._requeue(pending, now)
         elif kind is Kind.TOTAL:
-            self._fail(pending, 504, "timeout", "the request took too long")
+            self._fail(pending, failures.TOO_LONG)
         elif kind is Kind.FIRST_BYTE:
-            self._fail(pending, 504, "timeout", "the local LLM did not answer in time")
+            self._fail(pending, failures.NO_HEAD)
         elif kind is Kind.IDLE:
             stalls = pending.last_activity + self.timings.idle_timeout
             if stalls <= now:
-                self._fail(pending, 504, "timeout", "the response stalled")
+                self._fail(pending, failures.STALLED)
             else:
                 self._deadlines.add(stalls, Kind.IDLE, pending.id)
 
@@ -473,10 +466,10 @@ class RelayCore:
 
     def _requeue(self, pending: Pending, now: float) -> None:
         if pending.delivered:
-            self._fail(pending, 502, "connector_lost", "the connector went away mid-response")
+            self._fail(pending, failures.LOST_MID_RESPONSE)
             return
         if pending.dispatches > self.timings.max_redispatch:
-            self._fail(pending, 502, "connector_lost", "no connector answered the request")
+            self._fail(pending, failures.UNANSWERED)
             return
         session = self.sessions.get(pending.session_id or "")
         if session is not None:
@@ -489,9 +482,9 @@ class RelayCore:
         self.redispatched += 1
         self._wake_model(pending.model)
 
-    def _fail(self, pending: Pending, status: int, code: str, message: str) -> None:
+    def _fail(self, pending: Pending, failure: Failure) -> None:
         self.finish(pending.id)
-        self._out.failed(pending, Failure(status, code, message))
+        self._out.failed(pending, failure)
 
     def _wake_model(self, model: str) -> bool:
         """Wake the polling sessions with a free slot for ``model``; False if there is none."""

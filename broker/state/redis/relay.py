@@ -31,22 +31,17 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from broker.core import (
-    Draining,
-    DuplicateRequest,
-    Failure,
     LeaseError,
-    NoConnector,
     Pending,
-    QueueFull,
     Session,
     SessionReplaced,
     State,
     StateUnavailable,
     Timings,
     TooManySessions,
-    UnknownModel,
     UnknownSession,
 )
+from broker.core.failures import STATE_UNAVAILABLE, refusal
 from broker.core.relay import new_session_id
 from broker.core.timers import Deadlines, Kind
 from broker.state.channel import ResponseChannel
@@ -55,7 +50,6 @@ from broker.state.redis.home import Drop, Later, Where, judge, queue_verdict
 from broker.state.redis.local import Home, LocalState, PollWaiter, apply_meta
 from broker.state.redis.records import session_record, session_view
 from broker.state.relay import Clock, FrameSink, RelayView, SessionView, Superseded, Waiting
-from shared.errors import quote
 from shared.logging import get_logger
 from shared.protocol import (
     CancelItem,
@@ -72,7 +66,7 @@ HEARTBEAT_EVERY = 1.0
 ALIVE_FOR = 6.0  # a broker silent this long is gone: the uploads it carried fail
 SWEEP_LIMIT = 256
 INBOX_BLOCK_MS = 1000
-UNAVAILABLE = "the relay state (Redis) is unavailable; retry shortly"
+UNAVAILABLE = STATE_UNAVAILABLE.message
 
 UpstreamKey = Callable[[str], str | None]
 
@@ -354,7 +348,7 @@ class RedisRelayState:
         self, item: RequestItem, user: str | None = None
     ) -> tuple[Pending, ResponseChannel]:
         if self._draining:
-            raise Draining("the broker is shutting down")
+            raise refusal("draining")
         t = self.timings
         mono, now = self.clock(), self.wall()
         rid = item.request_id
@@ -368,9 +362,7 @@ class RedisRelayState:
             last_activity=mono,
         )
         if rid in self._local.homes:
-            raise DuplicateRequest(
-                "a request with this x-request-id is in flight: send a unique one, or none"
-            )
+            raise refusal("dup")
         home = Home(pending, ResponseChannel())
         self._local.homes[rid] = home  # before Redis: its frames may come back at once
         try:
@@ -394,16 +386,7 @@ class RedisRelayState:
         verdict = answer[0].decode()
         if verdict not in ("ok", "busy"):
             self._local.homes.pop(rid, None)
-            model = quote(item.model)
-            if verdict == "unknown":
-                raise UnknownModel(f"The model '{model}' does not exist")
-            if verdict == "noconn":
-                raise NoConnector(f"no connector serving model '{model}' is online")
-            if verdict == "dup":
-                raise DuplicateRequest(
-                    "a request with this x-request-id is in flight: send a unique one, or none"
-                )
-            raise QueueFull(f"too many requests waiting for model '{model}'")
+            raise refusal(verdict, item.model)
         if verdict == "busy":
             self._slots_busy(item.model, int(answer[1]), answer[2], now)
         for when, kind in (
@@ -611,7 +594,7 @@ class RedisRelayState:
                 if not self._inbox_down or self._local.homes:
                     log.warning("relay_state_unreachable", error=str(exc))
                 self._inbox_down = True
-                self._local.fail_homes(Failure(503, "state_unavailable", UNAVAILABLE))
+                self._local.fail_homes(STATE_UNAVAILABLE)
                 await asyncio.sleep(0.25)
                 continue
             for _stream, entries in answer:
