@@ -260,6 +260,3 @@ async def test_usage_snapshot_shows_who_is_limited(limits: LimitState) -> None:
     (alice,) = await limits.usage_snapshot(NOON + 6, ["alice", "nobody"])
     assert alice.in_flight == 0 and alice.tokens_today == 25
     assert alice.tokens_last_minute == 15  # 25 used, 10 drained in 6 s
-
-
-# -- overrides -------------------------------------------------------------------------------
