@@ -87,6 +87,12 @@ class MemoryRelayState:
         self._schedule()
         self._update_idle()
 
+    async def run_due(self) -> None:
+        """Apply at once whatever is due at ``clock()`` (for tests that drive a fake clock)."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._fire()
+
     # -- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:

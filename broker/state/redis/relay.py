@@ -116,6 +116,8 @@ class RedisRelayState:
         self._tasks: list[asyncio.Task[None]] = []
         self._draining = False
         self._inbox_down = False  # the inbox reader's last read failed
+        self._inbox_last: bytes | str = "0-0"
+        self._inbox_reads = 0
         self._slots_noticed: dict[str, float] = {}
 
     # -- the one place Redis errors enter ------------------------------------------------
@@ -583,12 +585,9 @@ class RedisRelayState:
         return self.prefix + "i:" + broker_id
 
     async def _read_inbox(self) -> None:
-        key = self._inbox(self.broker_id)
-        last: bytes | str = "0-0"
-        reads = 0
         while True:
             try:
-                answer: Any = await self.redis.xread({key: last}, count=512, block=INBOX_BLOCK_MS)
+                await self._read_inbox_once(INBOX_BLOCK_MS)
                 self._inbox_down = False
             except RedisError as exc:
                 if not self._inbox_down or self._local.homes:
@@ -596,18 +595,22 @@ class RedisRelayState:
                 self._inbox_down = True
                 self._local.fail_homes(STATE_UNAVAILABLE)
                 await asyncio.sleep(0.25)
-                continue
-            for _stream, entries in answer:
-                for entry_id, fields in entries:
-                    last = entry_id
-                    requeued = self._local.apply(fields, self.clock, self.wall)
-                    if requeued is not None:
-                        self._add_deadline(requeued, Kind.QUEUE, fields[b"r"].decode())
-            reads += 1
-            if answer and reads % 64 == 0:
-                with contextlib.suppress(RedisError):
-                    await self.redis.xtrim(key, minid=last)
-                    await self.redis.expire(key, 3600)
+
+    async def _read_inbox_once(self, block_ms: int | None) -> None:
+        """Apply the inbox entries that arrived (waiting up to ``block_ms`` for one)."""
+        key = self._inbox(self.broker_id)
+        answer: Any = await self.redis.xread({key: self._inbox_last}, count=512, block=block_ms)
+        for _stream, entries in answer:
+            for entry_id, fields in entries:
+                self._inbox_last = entry_id
+                requeued = self._local.apply(fields, self.clock, self.wall)
+                if requeued is not None:
+                    self._add_deadline(requeued, Kind.QUEUE, fields[b"r"].decode())
+        self._inbox_reads += 1
+        if answer and self._inbox_reads % 64 == 0:
+            with contextlib.suppress(RedisError):
+                await self.redis.xtrim(key, minid=self._inbox_last)
+                await self.redis.expire(key, 3600)
 
     # -- background: sweeper and heartbeat ------------------------------------------------
 
@@ -616,7 +619,6 @@ class RedisRelayState:
 
     async def _sweep_loop(self) -> None:
         """Every broker sweeps; the script makes each due entry count once (scripts.py)."""
-        t = self.timings
         beat_at = 0.0
         while True:
             pause = HEARTBEAT_EVERY
@@ -625,15 +627,28 @@ class RedisRelayState:
                     await self._heartbeat()
                     beat_at = self.clock() + HEARTBEAT_EVERY
                 now = self.wall()
-                _, nxt = await self._run(
-                    "sweep", repr(now), t.lease, t.max_redispatch, SWEEP_LIMIT, t.model_grace
-                )
-                due = float(nxt)
+                due = await self._sweep(now)
                 if due >= 0:
                     pause = min(pause, max(0.02, due - now))
             except (RedisError, StateUnavailable):
                 pass  # the inbox reader reports it; try again in a moment
             await asyncio.sleep(pause)
+
+    async def _sweep(self, now: float) -> float:
+        """One sweep of the shared state at ``now``; when the next entry is due (-1: none)."""
+        t = self.timings
+        _, nxt = await self._run(
+            "sweep", repr(now), t.lease, t.max_redispatch, SWEEP_LIMIT, t.model_grace
+        )
+        return float(nxt)
+
+    async def run_due(self) -> None:
+        """Do at once what the background tasks do over time: heartbeat, sweep, read the
+        inbox, act on this broker's due deadlines (for tests that drive a fake clock)."""
+        await self._heartbeat()
+        await self._sweep(self.wall())
+        await self._read_inbox_once(None)
+        await self._expire_due()
 
     # -- background: the deadlines of this broker's requests ------------------------------
 
@@ -650,13 +665,16 @@ class RedisRelayState:
             self._rearm.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._rearm.wait(), timeout)
-            for _when, kind, rid in list(self._deadlines.due(self.clock())):
-                if rid in self._local.homes:
-                    try:
-                        await self._due(kind, rid)
-                    except (RedisError, StateUnavailable):
-                        self._add_deadline(self.clock() + 1.0, kind, rid)
-            self._deadlines.sweep(len(self._local.homes), self._still_home)
+            await self._expire_due()
+
+    async def _expire_due(self) -> None:
+        for _when, kind, rid in list(self._deadlines.due(self.clock())):
+            if rid in self._local.homes:
+                try:
+                    await self._due(kind, rid)
+                except (RedisError, StateUnavailable):
+                    self._add_deadline(self.clock() + 1.0, kind, rid)
+        self._deadlines.sweep(len(self._local.homes), self._still_home)
 
     def _still_home(self, _when: float, _kind: Kind, rid: str) -> bool:
         return rid in self._local.homes
