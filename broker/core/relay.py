@@ -21,7 +21,7 @@ from broker.core.errors import (
     UnknownSession,
 )
 from broker.core.queues import ModelQueue
-from broker.core.records import Failure, Pending, Session, State, Timings
+from broker.core.records import Failure, Pending, Seen, Session, State, Timings
 from broker.core.timers import Deadlines, Kind
 from shared.protocol import CancelItem, Replaced, RequestItem, UploadMode, WorkItem
 
@@ -322,19 +322,17 @@ class RelayCore:
         return pending
 
     @staticmethod
-    def activity(pending: Pending, now: float) -> None:
-        """A frame arrived for the request (the idle deadline moves lazily)."""
-        pending.last_activity = now
+    def progress(pending: Pending, event: Seen, now: float, nbytes: int = 0) -> None:
+        """Record what was seen of the request's response (``nbytes``: for ``DELIVERED``).
 
-    @staticmethod
-    def head_seen(pending: Pending, now: float) -> None:
-        pending.head_seen = True
+        The one place a request's progress fields change, for every ``RelayState``.
+        """
+        if event is Seen.DELIVERED:
+            pending.delivered += nbytes
+            return
         pending.last_activity = now
-
-    @staticmethod
-    def delivered(pending: Pending, nbytes: int) -> None:
-        """Upstream bytes reached the API user: the request can no longer be redispatched."""
-        pending.delivered += nbytes
+        if event is Seen.HEAD:
+            pending.head_seen = True
 
     def finish(self, request_id: str) -> None:
         """The request is over (answered, failed or cancelled): free its slot."""

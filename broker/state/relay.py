@@ -5,7 +5,7 @@ Two implementations: ``broker.state.memory.relay.MemoryRelayState`` (in memory, 
 process) and
 ``broker.state.redis.RedisRelayState`` (several brokers share one Redis, docs/scale-out.md).
 Calls that may need a round trip to shared state are ``async``; calls on the hot path of
-every chunk (``activity``, ``head_seen``, ``delivered``, ``is_cancelled``) are plain calls
+every chunk (``progress``, ``is_cancelled``) are plain calls
 that only touch what this process holds.
 """
 
@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from broker.core import Failure, Pending, Session
+from broker.core import Failure, Pending, Seen, Session
 from broker.core.response import Event
 from shared.protocol import Replaced, RequestItem, ResponseEnd, ResponseHead, UploadMode, WorkItem
 
@@ -175,9 +175,9 @@ class RelayState(Protocol):
         """Frames came for a request the session no longer holds: send it a cancel item."""
 
     async def finish(self, request_id: str) -> None: ...
-    def activity(self, pending: Pending, now: float) -> None: ...
-    def head_seen(self, pending: Pending, now: float) -> None: ...
-    def delivered(self, pending: Pending, nbytes: int) -> None: ...
+    def progress(self, pending: Pending, event: Seen, now: float, nbytes: int = 0) -> None:
+        """What was seen of the response (``RelayCore.progress`` records it)."""
+
     def is_cancelled(self, request_id: str) -> bool:
         """For an upload in this process: was its request cancelled or ended elsewhere?"""
 

@@ -13,7 +13,7 @@ import asyncio
 import functools
 import time
 
-from broker.core import Failure, Pending, RelayCore, Session, Timings
+from broker.core import Failure, Pending, RelayCore, Seen, Session, Timings
 from broker.state.channel import ResponseChannel
 from broker.state.relay import Clock, RelayView, Superseded, Waiting, session_view
 from shared.logging import get_logger
@@ -256,14 +256,8 @@ class MemoryRelayState:
         self.channels.pop(request_id, None)
         self._update_idle()
 
-    def activity(self, pending: Pending, now: float) -> None:
-        self.core.activity(pending, now)
-
-    def head_seen(self, pending: Pending, now: float) -> None:
-        self.core.head_seen(pending, now)
-
-    def delivered(self, pending: Pending, nbytes: int) -> None:
-        self.core.delivered(pending, nbytes)
+    def progress(self, pending: Pending, event: Seen, now: float, nbytes: int = 0) -> None:
+        self.core.progress(pending, event, now, nbytes)
 
     def is_cancelled(self, request_id: str) -> bool:
         return self.core.is_cancelled(request_id)

@@ -13,7 +13,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from broker.core import Failure, Pending, State
+from broker.core import Failure, Pending, RelayCore, Seen, State
 from broker.state.channel import ResponseChannel
 from broker.state.redis import inbox
 from shared.protocol import ResponseEnd, ResponseHead
@@ -95,13 +95,13 @@ class LocalState:
         if home is None:
             return None
         pending, channel = home.pending, home.channel
-        pending.last_activity = clock()
+        RelayCore.progress(pending, Seen.FRAME, clock())
         requeued = None
         for kind, value in frames:
             if kind == inbox.DATA:
                 channel.data(value)
             elif kind == inbox.HEAD:
-                pending.head_seen = True
+                RelayCore.progress(pending, Seen.HEAD, clock())
                 channel.head(ResponseHead.model_validate_json(value))
             elif kind == inbox.END:
                 channel.end(ResponseEnd.model_validate_json(value))

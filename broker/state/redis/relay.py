@@ -33,6 +33,8 @@ from redis.exceptions import RedisError
 from broker.core import (
     LeaseError,
     Pending,
+    RelayCore,
+    Seen,
     Session,
     SessionReplaced,
     State,
@@ -459,17 +461,10 @@ class RedisRelayState:
         if held:
             await self._quietly("finish", request_id)
 
-    def activity(self, pending: Pending, now: float) -> None:
-        pending.last_activity = now
-
-    def head_seen(self, pending: Pending, now: float) -> None:
-        pending.head_seen = True
-        pending.last_activity = now
-
-    def delivered(self, pending: Pending, nbytes: int) -> None:
-        # Only a leased request is ever redispatched, and a leased one has sent nothing:
-        # the shared state need not know (the in-memory core keeps it as a safety net).
-        pending.delivered += nbytes
+    def progress(self, pending: Pending, event: Seen, now: float, nbytes: int = 0) -> None:
+        # Only this process's record changes: only a leased request is ever redispatched,
+        # and a leased one has sent nothing, so the shared state need not know.
+        RelayCore.progress(pending, event, now, nbytes)
 
     def is_cancelled(self, request_id: str) -> bool:
         local = self._local

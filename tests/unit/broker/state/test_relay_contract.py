@@ -21,6 +21,7 @@ from broker.core import (
     Failure,
     Pending,
     QueueFull,
+    Seen,
     SessionReplaced,
     Timings,
     TooManySessions,
@@ -316,7 +317,7 @@ async def a_silent_response_stalls(r: Relay) -> None:
     channel = await r.submit("r1")
     await r.handed(sid)
     pending = await r.ack(sid, "r1")
-    r.state.head_seen(pending, r.clock())
+    r.state.progress(pending, Seen.HEAD, r.clock())
     await r.advance(TIMINGS.first_byte_timeout + 1)
     assert await failure_of(channel) is None
     await r.advance(TIMINGS.idle_timeout - TIMINGS.first_byte_timeout)
@@ -329,10 +330,10 @@ async def a_live_response_still_ends_at_the_total_timeout(r: Relay) -> None:
     channel = await r.submit("r1")
     await r.handed(sid)
     pending = await r.ack(sid, "r1")
-    r.state.head_seen(pending, r.clock())
+    r.state.progress(pending, Seen.HEAD, r.clock())
     for _ in range(4):
         await r.advance(10)
-        r.state.activity(pending, r.clock())
+        r.state.progress(pending, Seen.FRAME, r.clock())
     assert await failure_of(channel) is None
     await r.advance(TIMINGS.total_timeout - 40 + 1)
     assert await failure_of(channel) == rules.TOO_LONG
