@@ -334,6 +334,26 @@ class RelayCore:
         if event is Seen.HEAD:
             pending.head_seen = True
 
+    # -- a record whose request lives in shared state (the Redis mode) -------------------
+
+    @staticmethod
+    def mirror_lease(pending: Pending, connector: str, attempt: int, leased_at: float) -> None:
+        """The shared state handed the request out (``leased_at`` on this process's clock)."""
+        pending.connector = connector
+        pending.dispatches = attempt
+        pending.leased_at = leased_at
+
+    @staticmethod
+    def mirror_state(pending: Pending, state: State, session_id: str | None = None) -> None:
+        """The shared state moved the request (requeued, or acknowledged by ``session_id``)."""
+        pending.state = state
+        if session_id is not None:
+            pending.session_id = session_id
+
+    @staticmethod
+    def mirror_cancel(pending: Pending) -> None:
+        pending.cancelled = True
+
     def finish(self, request_id: str) -> None:
         """The request is over (answered, failed or cancelled): free its slot."""
         pending = self.requests.pop(request_id, None)

@@ -111,7 +111,7 @@ class LocalState:
             elif kind == inbox.META:
                 apply_meta(pending, inbox.Meta.decode(value), clock, wall)
             elif kind == inbox.REQUEUED:
-                pending.state = State.QUEUED
+                RelayCore.mirror_state(pending, State.QUEUED)
                 requeued = clock() + max(0.0, float(value) - wall())
         return requeued
 
@@ -122,6 +122,5 @@ class LocalState:
 
 
 def apply_meta(pending: Pending, meta: inbox.Meta, clock: Clock, wall: Clock) -> None:
-    pending.connector = meta.connector
-    pending.dispatches = meta.attempt
-    pending.leased_at = clock() - max(0.0, wall() - meta.leased_at)
+    leased_at = clock() - max(0.0, wall() - meta.leased_at)
+    RelayCore.mirror_lease(pending, meta.connector, meta.attempt, leased_at)

@@ -419,8 +419,7 @@ class RedisRelayState:
         home = self._local.homes.get(request_id) if home_id == self.broker_id else None
         if home is not None:
             apply_meta(home.pending, meta, self.clock, self.wall)
-            home.pending.session_id = session_id
-            home.pending.state = State.ACTIVE
+            RelayCore.mirror_state(home.pending, State.ACTIVE, session_id)
             return home.pending, home.channel
         pending = Pending(
             item=RequestItem.model_validate_json(raw),
@@ -438,7 +437,7 @@ class RedisRelayState:
     async def cancel(self, request_id: str) -> None:
         home = self._local.homes.get(request_id)
         if home is not None:
-            home.pending.cancelled = True
+            RelayCore.mirror_cancel(home.pending)
         if request_id in self._local.uploads:
             self._local.ended.add(request_id)
         await self._quietly("cancel", request_id)
