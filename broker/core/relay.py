@@ -22,7 +22,7 @@ from broker.core.errors import (
 )
 from broker.core.queues import ModelQueue
 from broker.core.records import Failure, Pending, Seen, Session, State, Timings
-from broker.core.timers import Deadlines, Kind
+from broker.core.timers import Deadlines, Kind, Throttle
 from shared.protocol import CancelItem, Replaced, RequestItem, UploadMode, WorkItem
 
 REPLACED_REMEMBERED = 4096
@@ -69,7 +69,7 @@ class RelayCore:
         self.draining = False
         self.redispatched = 0
         self.slot_waits: dict[str, int] = {}
-        self._slots_noticed: dict[str, float] = {}
+        self._slots_noticed = Throttle(timings.slots_notice_every)
 
     # -- sessions -------------------------------------------------------------------------
 
@@ -245,7 +245,7 @@ class RelayCore:
         if queue is not None and not queue:
             del self.queues[model]
         self.slot_waits.pop(model, None)
-        self._slots_noticed.pop(model, None)
+        self._slots_noticed.forget(model)
 
     def _drop(self, session: Session, now: float, reason: str) -> None:
         """Forget a session: requeue what it never acknowledged, fail what it was serving."""
@@ -517,10 +517,8 @@ class RelayCore:
 
     def _note_slots_busy(self, model: str, serving: set[str], waiting: int, now: float) -> None:
         self.slot_waits[model] = self.slot_waits.get(model, 0) + 1
-        last = self._slots_noticed.get(model)
-        if last is not None and now - last < self.timings.slots_notice_every:
+        if not self._slots_noticed.allow(model, now):
             return
-        self._slots_noticed[model] = now
         capacities = {self.sessions[s].name: self.sessions[s].capacity for s in serving}
         self._out.slots_busy(model, capacities, waiting)
 

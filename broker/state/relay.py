@@ -18,9 +18,11 @@ from typing import Protocol
 
 from broker.core import Failure, Pending, Seen, Session
 from broker.core.response import Event
+from shared.logging import get_logger
 from shared.protocol import Replaced, RequestItem, ResponseEnd, ResponseHead, UploadMode, WorkItem
 
 Clock = Callable[[], float]
+log = get_logger("broker.state.relay")
 
 
 class Superseded(Exception):
@@ -96,6 +98,18 @@ class RelayView:
     # series for these only).
     known_models: frozenset[str] = frozenset()
     draining: bool = False
+
+
+def log_slots_busy(model: str, capacities: dict[str, int], waiting: int) -> None:
+    """The slot-wait notice (at most one per model per ``slots_notice_every``)."""
+    log.warning(
+        "requests_wait_for_connector_slots",
+        model=model,
+        waiting=waiting,
+        capacities=capacities,
+        hint="every connector slot for this model is busy: raise --capacity where the "
+        "engine can take more, or add connectors",
+    )
 
 
 def session_view(session: Session, now: float) -> SessionView:

@@ -15,7 +15,14 @@ import time
 
 from broker.core import Failure, Pending, RelayCore, Seen, Session, Timings
 from broker.state.channel import ResponseChannel
-from broker.state.relay import Clock, RelayView, Superseded, Waiting, session_view
+from broker.state.relay import (
+    Clock,
+    RelayView,
+    Superseded,
+    Waiting,
+    log_slots_busy,
+    session_view,
+)
 from shared.logging import get_logger
 from shared.protocol import Replaced, RequestItem, UploadMode, WorkItem
 
@@ -54,14 +61,7 @@ class MemoryRelayState:
         log.info("session_closed", session=session.id, connector=session.name, reason=reason)
 
     def slots_busy(self, model: str, capacities: dict[str, int], waiting: int) -> None:
-        log.warning(
-            "requests_wait_for_connector_slots",
-            model=model,
-            waiting=waiting,
-            capacities=capacities,
-            hint="every connector slot for this model is busy: raise --capacity where the "
-            "engine can take more, or add connectors",
-        )
+        log_slots_busy(model, capacities, waiting)
 
     # -- the timer ------------------------------------------------------------------------
 

@@ -45,13 +45,21 @@ from broker.core import (
 )
 from broker.core.failures import STATE_UNAVAILABLE, refusal
 from broker.core.relay import new_session_id
-from broker.core.timers import Deadlines, Kind
+from broker.core.timers import Deadlines, Kind, Throttle
 from broker.state.channel import ResponseChannel
 from broker.state.redis import inbox, scripts
 from broker.state.redis.home import Drop, Later, Where, judge, queue_verdict
 from broker.state.redis.local import Home, LocalState, PollWaiter, apply_meta
 from broker.state.redis.records import session_record, session_view
-from broker.state.relay import Clock, FrameSink, RelayView, SessionView, Superseded, Waiting
+from broker.state.relay import (
+    Clock,
+    FrameSink,
+    RelayView,
+    SessionView,
+    Superseded,
+    Waiting,
+    log_slots_busy,
+)
 from shared.logging import get_logger
 from shared.protocol import (
     CancelItem,
@@ -120,7 +128,7 @@ class RedisRelayState:
         self._inbox_down = False  # the inbox reader's last read failed
         self._inbox_last: bytes | str = "0-0"
         self._inbox_reads = 0
-        self._slots_noticed: dict[str, float] = {}
+        self._slots_noticed = Throttle(timings.slots_notice_every)
 
     # -- the one place Redis errors enter ------------------------------------------------
 
@@ -700,19 +708,10 @@ class RedisRelayState:
             home.channel.fail(verdict)
 
     def _slots_busy(self, model: str, waiting: int, caps: list[bytes], now: float) -> None:
-        last = self._slots_noticed.get(model)
-        if last is not None and now - last < self.timings.slots_notice_every:
+        if not self._slots_noticed.allow(model, now):
             return
-        self._slots_noticed[model] = now
         capacities = {caps[i].decode(): int(caps[i + 1]) for i in range(0, len(caps), 2)}
-        log.warning(
-            "requests_wait_for_connector_slots",
-            model=model,
-            waiting=waiting,
-            capacities=capacities,
-            hint="every connector slot for this model is busy: raise --capacity where the "
-            "engine can take more, or add connectors",
-        )
+        log_slots_busy(model, capacities, waiting)
 
     async def _guard(self, name: str, body: Callable[[], Coroutine[Any, Any, None]]) -> None:
         """A background loop that logs and restarts instead of dying silently."""

@@ -254,6 +254,16 @@ async def a_session_gets_no_more_than_its_capacity(r: Relay) -> None:
 
 
 @scenario
+async def a_request_that_waits_only_for_a_slot_is_counted(r: Relay) -> None:
+    sid = await r.register(capacity=1)
+    await r.submit("r1")
+    assert (await r.state.view()).slot_waits == {}
+    await r.handed(sid)
+    await r.submit("r2")
+    assert (await r.state.view()).slot_waits == {"m": 1}
+
+
+@scenario
 async def draining_refuses_submits_and_holds_the_queue(r: Relay) -> None:
     sid = await r.register()
     await r.submit("r1")
