@@ -28,7 +28,7 @@ from broker.api.input import (
 from broker.api.limit_gate import LimitGate, Reach, Ticket
 from broker.asgi import Message, Receive, Scope, Send
 from broker.broker_state import BrokerState
-from broker.core import DispatchError, Pending, StateUnavailable
+from broker.core import DispatchError, Pending, Seen, StateUnavailable
 from broker.core.request_body import BodyRefused, JsonLimits, RequestBody, inspect
 from broker.core.response import Action, Begin, Body, Close, Outcome, ResponseMachine
 from broker.core.sse_usage import USAGE_PATHS
@@ -431,7 +431,7 @@ class AsgiResponder:
             for action in actions:
                 if type(action) is Body:
                     if action.upstream:
-                        hub.delivered(pending, len(action.data))
+                        hub.progress(pending, Seen.DELIVERED, clock(), len(action.data))
                     await send(
                         {"type": "http.response.body", "body": action.data, "more_body": True}
                     )
@@ -455,7 +455,7 @@ class AsgiResponder:
         assert isinstance(begin, Begin)
         body = b"".join(a.data for a in actions if isinstance(a, Body))
         if any(isinstance(a, Body) and a.upstream for a in actions):
-            self.hub.delivered(self.pending, len(body))
+            self.hub.progress(self.pending, Seen.DELIVERED, self.hub.clock(), len(body))
         headers = dict(begin.headers)
         headers["content-length"] = str(len(body))
         await send(

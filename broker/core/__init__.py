@@ -18,7 +18,7 @@ from broker.core.errors import (
     UnknownModel,
     UnknownSession,
 )
-from broker.core.records import Failure, Pending, Session, State, Timings
+from broker.core.records import Failure, Pending, Seen, Session, State, Timings
 from broker.core.relay import Listener, RelayCore
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "Pending",
     "QueueFull",
     "RelayCore",
+    "Seen",
     "Session",
     "SessionReplaced",
     "State",

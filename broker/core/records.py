@@ -36,6 +36,14 @@ class Failure:
     message: str
 
 
+class Seen(Enum):
+    """What an upload or the API handler saw of a request's response."""
+
+    FRAME = "frame"  # a frame arrived: the request is alive (the idle deadline moves lazily)
+    HEAD = "head"  # the response head arrived (the first-byte deadline no longer applies)
+    DELIVERED = "delivered"  # upstream bytes reached the API user: no redispatch after one
+
+
 class State(Enum):
     QUEUED = "queued"
     LEASED = "leased"  # handed out in a poll, not yet acknowledged by an upload

@@ -13,21 +13,16 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Protocol
 
+from broker.core import failures
 from broker.core.errors import (
-    Draining,
-    DuplicateRequest,
     LeaseError,
-    NoConnector,
-    QueueFull,
     SessionReplaced,
     TooManySessions,
-    UnknownModel,
     UnknownSession,
 )
 from broker.core.queues import ModelQueue
-from broker.core.records import Failure, Pending, Session, State, Timings
-from broker.core.timers import Deadlines, Kind
-from shared.errors import quote
+from broker.core.records import Failure, Pending, Seen, Session, State, Timings
+from broker.core.timers import Deadlines, Kind, Throttle
 from shared.protocol import CancelItem, Replaced, RequestItem, UploadMode, WorkItem
 
 REPLACED_REMEMBERED = 4096
@@ -74,7 +69,7 @@ class RelayCore:
         self.draining = False
         self.redispatched = 0
         self.slot_waits: dict[str, int] = {}
-        self._slots_noticed: dict[str, float] = {}
+        self._slots_noticed = Throttle(timings.slots_notice_every)
 
     # -- sessions -------------------------------------------------------------------------
 
@@ -102,7 +97,7 @@ class RelayCore:
             old = self.sessions[old_id]
             live = old.polling > 0 and old.instance_id != instance_id
             replaced = Replaced.LIVE if live else Replaced.RESTART
-            self._drop(old, now, "connector registered again")
+            self._drop(old, now, failures.REGISTERED_AGAIN)
             self._replaced[old_id] = owner
             while len(self._replaced) > REPLACED_REMEMBERED:
                 self._replaced.popitem(last=False)
@@ -145,7 +140,7 @@ class RelayCore:
         self._out.wake(session_id)
 
     def deregister(self, owner: str, session_id: str, now: float) -> None:
-        self._drop(self.session(owner, session_id), now, "connector stopped")
+        self._drop(self.session(owner, session_id), now, failures.STOPPED)
 
     def poll_started(self, owner: str, session_id: str, now: float) -> Session:
         session = self.session(owner, session_id)
@@ -250,7 +245,7 @@ class RelayCore:
         if queue is not None and not queue:
             del self.queues[model]
         self.slot_waits.pop(model, None)
-        self._slots_noticed.pop(model, None)
+        self._slots_noticed.forget(model)
 
     def _drop(self, session: Session, now: float, reason: str) -> None:
         """Forget a session: requeue what it never acknowledged, fail what it was serving."""
@@ -270,7 +265,7 @@ class RelayCore:
             if pending.state is State.LEASED:
                 self._requeue(pending, now)
             else:
-                self._fail(pending, 502, "connector_lost", f"the connector went away ({reason})")
+                self._fail(pending, failures.connector_gone(reason))
         session.active.clear()
         self._out.wake(session.id)
         self._out.session_dropped(session, reason)
@@ -279,21 +274,19 @@ class RelayCore:
 
     def submit(self, item: RequestItem, now: float, user: str | None = None) -> Pending:
         if self.draining:
-            raise Draining("the broker is shutting down")
+            raise failures.refusal("draining")
         model = item.model
         serving = self._serving.get(model)
         if not serving:
             if model in self._unserved:
-                raise NoConnector(f"no connector serving model '{quote(model)}' is online")
-            raise UnknownModel(f"The model '{quote(model)}' does not exist")
+                raise failures.refusal("noconn", model)
+            raise failures.refusal("unknown", model)
         if item.request_id in self.requests:
-            raise DuplicateRequest(
-                "a request with this x-request-id is in flight: send a unique one, or none"
-            )
+            raise failures.refusal("dup")
         queue = self.queues.setdefault(model, ModelQueue())
         t = self.timings
         if len(queue) >= t.queue_max:
-            raise QueueFull(f"too many requests waiting for model '{quote(model)}'")
+            raise failures.refusal("full", model)
         pending = Pending(
             item=item,
             created=now,
@@ -329,19 +322,37 @@ class RelayCore:
         return pending
 
     @staticmethod
-    def activity(pending: Pending, now: float) -> None:
-        """A frame arrived for the request (the idle deadline moves lazily)."""
+    def progress(pending: Pending, event: Seen, now: float, nbytes: int = 0) -> None:
+        """Record what was seen of the request's response (``nbytes``: for ``DELIVERED``).
+
+        The one place a request's progress fields change, for every ``RelayState``.
+        """
+        if event is Seen.DELIVERED:
+            pending.delivered += nbytes
+            return
         pending.last_activity = now
+        if event is Seen.HEAD:
+            pending.head_seen = True
+
+    # -- a record whose request lives in shared state (the Redis mode) -------------------
 
     @staticmethod
-    def head_seen(pending: Pending, now: float) -> None:
-        pending.head_seen = True
-        pending.last_activity = now
+    def mirror_lease(pending: Pending, connector: str, attempt: int, leased_at: float) -> None:
+        """The shared state handed the request out (``leased_at`` on this process's clock)."""
+        pending.connector = connector
+        pending.dispatches = attempt
+        pending.leased_at = leased_at
 
     @staticmethod
-    def delivered(pending: Pending, nbytes: int) -> None:
-        """Upstream bytes reached the API user: the request can no longer be redispatched."""
-        pending.delivered += nbytes
+    def mirror_state(pending: Pending, state: State, session_id: str | None = None) -> None:
+        """The shared state moved the request (requeued, or acknowledged by ``session_id``)."""
+        pending.state = state
+        if session_id is not None:
+            pending.session_id = session_id
+
+    @staticmethod
+    def mirror_cancel(pending: Pending) -> None:
+        pending.cancelled = True
 
     def finish(self, request_id: str) -> None:
         """The request is over (answered, failed or cancelled): free its slot."""
@@ -422,7 +433,7 @@ class RelayCore:
             return  # the poll's end schedules the next check
         expires = session.last_seen + self.timings.session_ttl
         if expires <= now:
-            self._drop(session, now, "session expired")
+            self._drop(session, now, failures.EXPIRED)
         else:
             self._check_ttl(session, expires)
 
@@ -432,7 +443,7 @@ class RelayCore:
             self.finish(pending.id)
             return
         if kind is Kind.QUEUE:
-            self._fail(pending, 503, "queue_timeout", "no connector became free in time")
+            self._fail(pending, failures.QUEUE_TIMEOUT)
         elif kind is Kind.LEASE:
             holder = self.sessions.get(pending.session_id or "")
             if holder is not None:
@@ -440,13 +451,13 @@ class RelayCore:
                 holder.cancels[pending.id] = None
             self._requeue(pending, now)
         elif kind is Kind.TOTAL:
-            self._fail(pending, 504, "timeout", "the request took too long")
+            self._fail(pending, failures.TOO_LONG)
         elif kind is Kind.FIRST_BYTE:
-            self._fail(pending, 504, "timeout", "the local LLM did not answer in time")
+            self._fail(pending, failures.NO_HEAD)
         elif kind is Kind.IDLE:
             stalls = pending.last_activity + self.timings.idle_timeout
             if stalls <= now:
-                self._fail(pending, 504, "timeout", "the response stalled")
+                self._fail(pending, failures.STALLED)
             else:
                 self._deadlines.add(stalls, Kind.IDLE, pending.id)
 
@@ -473,10 +484,10 @@ class RelayCore:
 
     def _requeue(self, pending: Pending, now: float) -> None:
         if pending.delivered:
-            self._fail(pending, 502, "connector_lost", "the connector went away mid-response")
+            self._fail(pending, failures.LOST_MID_RESPONSE)
             return
         if pending.dispatches > self.timings.max_redispatch:
-            self._fail(pending, 502, "connector_lost", "no connector answered the request")
+            self._fail(pending, failures.UNANSWERED)
             return
         session = self.sessions.get(pending.session_id or "")
         if session is not None:
@@ -489,9 +500,9 @@ class RelayCore:
         self.redispatched += 1
         self._wake_model(pending.model)
 
-    def _fail(self, pending: Pending, status: int, code: str, message: str) -> None:
+    def _fail(self, pending: Pending, failure: Failure) -> None:
         self.finish(pending.id)
-        self._out.failed(pending, Failure(status, code, message))
+        self._out.failed(pending, failure)
 
     def _wake_model(self, model: str) -> bool:
         """Wake the polling sessions with a free slot for ``model``; False if there is none."""
@@ -506,10 +517,8 @@ class RelayCore:
 
     def _note_slots_busy(self, model: str, serving: set[str], waiting: int, now: float) -> None:
         self.slot_waits[model] = self.slot_waits.get(model, 0) + 1
-        last = self._slots_noticed.get(model)
-        if last is not None and now - last < self.timings.slots_notice_every:
+        if not self._slots_noticed.allow(model, now):
             return
-        self._slots_noticed[model] = now
         capacities = {self.sessions[s].name: self.sessions[s].capacity for s in serving}
         self._out.slots_busy(model, capacities, waiting)
 

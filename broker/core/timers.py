@@ -56,3 +56,24 @@ class Deadlines:
             return
         self._heap = [e for e in self._heap if valid(e[0], e[2], e[3])]
         heapq.heapify(self._heap)
+
+
+class Throttle:
+    """At most one notice per key in each ``every`` seconds (the slot-wait log)."""
+
+    __slots__ = ("_every", "_last")
+
+    def __init__(self, every: float) -> None:
+        self._every = every
+        self._last: dict[str, float] = {}
+
+    def allow(self, key: str, now: float) -> bool:
+        """Whether a notice for ``key`` may go out at ``now`` (then it is counted)."""
+        last = self._last.get(key)
+        if last is not None and now - last < self._every:
+            return False
+        self._last[key] = now
+        return True
+
+    def forget(self, key: str) -> None:
+        self._last.pop(key, None)

@@ -9,7 +9,7 @@ broker's inbox in the Redis mode: ``flush`` hands over each fed piece in one wri
 
 from __future__ import annotations
 
-from broker.core import Failure, Pending
+from broker.core import Failure, Pending, Seen
 from broker.state.relay import Clock, FrameSink, RelayState
 from shared.errors import FrameError
 from shared.framing import FrameDecoder, FrameType, decode_end, decode_head
@@ -48,7 +48,7 @@ class FrameApplier:
         if self.done:
             return
         now = self._clock()
-        self.state.activity(self.pending, now)
+        self.state.progress(self.pending, Seen.FRAME, now)
         channel = self.channel
         for frame in self.decoder.feed(data):
             kind = frame.type
@@ -58,7 +58,7 @@ class FrameApplier:
                     raise UploadTooLarge(f"response exceeds {self.limit} bytes")
                 channel.data(frame.payload)
             elif kind is FrameType.HEAD:
-                self.state.head_seen(self.pending, now)
+                self.state.progress(self.pending, Seen.HEAD, now)
                 channel.head(decode_head(frame.payload))
             elif kind is FrameType.END:
                 channel.end(decode_end(frame.payload))

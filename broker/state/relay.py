@@ -5,7 +5,7 @@ Two implementations: ``broker.state.memory.relay.MemoryRelayState`` (in memory, 
 process) and
 ``broker.state.redis.RedisRelayState`` (several brokers share one Redis, docs/scale-out.md).
 Calls that may need a round trip to shared state are ``async``; calls on the hot path of
-every chunk (``activity``, ``head_seen``, ``delivered``, ``is_cancelled``) are plain calls
+every chunk (``progress``, ``is_cancelled``) are plain calls
 that only touch what this process holds.
 """
 
@@ -16,11 +16,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from broker.core import Failure, Pending, Session
+from broker.core import Failure, Pending, Seen, Session
 from broker.core.response import Event
+from shared.logging import get_logger
 from shared.protocol import Replaced, RequestItem, ResponseEnd, ResponseHead, UploadMode, WorkItem
 
 Clock = Callable[[], float]
+log = get_logger("broker.state.relay")
 
 
 class Superseded(Exception):
@@ -96,6 +98,18 @@ class RelayView:
     # series for these only).
     known_models: frozenset[str] = frozenset()
     draining: bool = False
+
+
+def log_slots_busy(model: str, capacities: dict[str, int], waiting: int) -> None:
+    """The slot-wait notice (at most one per model per ``slots_notice_every``)."""
+    log.warning(
+        "requests_wait_for_connector_slots",
+        model=model,
+        waiting=waiting,
+        capacities=capacities,
+        hint="every connector slot for this model is busy: raise --capacity where the "
+        "engine can take more, or add connectors",
+    )
 
 
 def session_view(session: Session, now: float) -> SessionView:
@@ -175,9 +189,9 @@ class RelayState(Protocol):
         """Frames came for a request the session no longer holds: send it a cancel item."""
 
     async def finish(self, request_id: str) -> None: ...
-    def activity(self, pending: Pending, now: float) -> None: ...
-    def head_seen(self, pending: Pending, now: float) -> None: ...
-    def delivered(self, pending: Pending, nbytes: int) -> None: ...
+    def progress(self, pending: Pending, event: Seen, now: float, nbytes: int = 0) -> None:
+        """What was seen of the response (``RelayCore.progress`` records it)."""
+
     def is_cancelled(self, request_id: str) -> bool:
         """For an upload in this process: was its request cancelled or ended elsewhere?"""
 

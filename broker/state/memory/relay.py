@@ -13,9 +13,16 @@ import asyncio
 import functools
 import time
 
-from broker.core import Failure, Pending, RelayCore, Session, Timings
+from broker.core import Failure, Pending, RelayCore, Seen, Session, Timings
 from broker.state.channel import ResponseChannel
-from broker.state.relay import Clock, RelayView, Superseded, Waiting, session_view
+from broker.state.relay import (
+    Clock,
+    RelayView,
+    Superseded,
+    Waiting,
+    log_slots_busy,
+    session_view,
+)
 from shared.logging import get_logger
 from shared.protocol import Replaced, RequestItem, UploadMode, WorkItem
 
@@ -54,14 +61,7 @@ class MemoryRelayState:
         log.info("session_closed", session=session.id, connector=session.name, reason=reason)
 
     def slots_busy(self, model: str, capacities: dict[str, int], waiting: int) -> None:
-        log.warning(
-            "requests_wait_for_connector_slots",
-            model=model,
-            waiting=waiting,
-            capacities=capacities,
-            hint="every connector slot for this model is busy: raise --capacity where the "
-            "engine can take more, or add connectors",
-        )
+        log_slots_busy(model, capacities, waiting)
 
     # -- the timer ------------------------------------------------------------------------
 
@@ -86,6 +86,12 @@ class MemoryRelayState:
             log.exception("relay_timer_failed")
         self._schedule()
         self._update_idle()
+
+    async def run_due(self) -> None:
+        """Apply at once whatever is due at ``clock()`` (for tests that drive a fake clock)."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._fire()
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -250,14 +256,8 @@ class MemoryRelayState:
         self.channels.pop(request_id, None)
         self._update_idle()
 
-    def activity(self, pending: Pending, now: float) -> None:
-        self.core.activity(pending, now)
-
-    def head_seen(self, pending: Pending, now: float) -> None:
-        self.core.head_seen(pending, now)
-
-    def delivered(self, pending: Pending, nbytes: int) -> None:
-        self.core.delivered(pending, nbytes)
+    def progress(self, pending: Pending, event: Seen, now: float, nbytes: int = 0) -> None:
+        self.core.progress(pending, event, now, nbytes)
 
     def is_cancelled(self, request_id: str) -> bool:
         return self.core.is_cancelled(request_id)

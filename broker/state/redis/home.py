@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from broker.core import Failure, Timings
+from broker.core.failures import NO_HEAD, QUEUE_TIMEOUT, STALLED, TOO_LONG
 from broker.core.timers import Kind
 
 QUEUED, LEASED, ACTIVE = "q", "l", "a"
@@ -38,11 +39,6 @@ class Drop:
 
 
 Verdict = Failure | Later | Drop
-
-STALLED = Failure(504, "timeout", "the response stalled")
-NO_HEAD = Failure(504, "timeout", "the local LLM did not answer in time")
-TOO_LONG = Failure(504, "timeout", "the request took too long")
-QUEUE_TIMEOUT = Failure(503, "queue_timeout", "no connector became free in time")
 
 
 def judge(kind: Kind, where: Where, head_seen: bool, quiet_for: float, t: Timings) -> Verdict:

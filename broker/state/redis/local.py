@@ -13,7 +13,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from broker.core import Failure, Pending, State
+from broker.core import Failure, Pending, RelayCore, Seen, State
 from broker.state.channel import ResponseChannel
 from broker.state.redis import inbox
 from shared.protocol import ResponseEnd, ResponseHead
@@ -95,13 +95,13 @@ class LocalState:
         if home is None:
             return None
         pending, channel = home.pending, home.channel
-        pending.last_activity = clock()
+        RelayCore.progress(pending, Seen.FRAME, clock())
         requeued = None
         for kind, value in frames:
             if kind == inbox.DATA:
                 channel.data(value)
             elif kind == inbox.HEAD:
-                pending.head_seen = True
+                RelayCore.progress(pending, Seen.HEAD, clock())
                 channel.head(ResponseHead.model_validate_json(value))
             elif kind == inbox.END:
                 channel.end(ResponseEnd.model_validate_json(value))
@@ -111,7 +111,7 @@ class LocalState:
             elif kind == inbox.META:
                 apply_meta(pending, inbox.Meta.decode(value), clock, wall)
             elif kind == inbox.REQUEUED:
-                pending.state = State.QUEUED
+                RelayCore.mirror_state(pending, State.QUEUED)
                 requeued = clock() + max(0.0, float(value) - wall())
         return requeued
 
@@ -122,6 +122,5 @@ class LocalState:
 
 
 def apply_meta(pending: Pending, meta: inbox.Meta, clock: Clock, wall: Clock) -> None:
-    pending.connector = meta.connector
-    pending.dispatches = meta.attempt
-    pending.leased_at = clock() - max(0.0, wall() - meta.leased_at)
+    leased_at = clock() - max(0.0, wall() - meta.leased_at)
+    RelayCore.mirror_lease(pending, meta.connector, meta.attempt, leased_at)

@@ -29,31 +29,35 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from broker.core import (
-    Draining,
-    DuplicateRequest,
-    Failure,
     LeaseError,
-    NoConnector,
     Pending,
-    QueueFull,
+    RelayCore,
+    Seen,
     Session,
     SessionReplaced,
     State,
     StateUnavailable,
     Timings,
     TooManySessions,
-    UnknownModel,
     UnknownSession,
 )
+from broker.core.failures import STATE_UNAVAILABLE, refusal
 from broker.core.relay import new_session_id
-from broker.core.timers import Deadlines, Kind
+from broker.core.timers import Deadlines, Kind, Throttle
 from broker.state.channel import ResponseChannel
 from broker.state.redis import inbox, scripts
 from broker.state.redis.home import Drop, Later, Where, judge, queue_verdict
 from broker.state.redis.local import Home, LocalState, PollWaiter, apply_meta
 from broker.state.redis.records import session_record, session_view
-from broker.state.relay import Clock, FrameSink, RelayView, SessionView, Superseded, Waiting
-from shared.errors import quote
+from broker.state.relay import (
+    Clock,
+    FrameSink,
+    RelayView,
+    SessionView,
+    Superseded,
+    Waiting,
+    log_slots_busy,
+)
 from shared.logging import get_logger
 from shared.protocol import (
     CancelItem,
@@ -70,7 +74,7 @@ HEARTBEAT_EVERY = 1.0
 ALIVE_FOR = 6.0  # a broker silent this long is gone: the uploads it carried fail
 SWEEP_LIMIT = 256
 INBOX_BLOCK_MS = 1000
-UNAVAILABLE = "the relay state (Redis) is unavailable; retry shortly"
+UNAVAILABLE = STATE_UNAVAILABLE.message
 
 UpstreamKey = Callable[[str], str | None]
 
@@ -102,7 +106,9 @@ class RedisRelayState:
         self._tasks: list[asyncio.Task[None]] = []
         self._draining = False
         self._inbox_down = False  # the inbox reader's last read failed
-        self._slots_noticed: dict[str, float] = {}
+        self._inbox_last: bytes | str = "0-0"
+        self._inbox_reads = 0
+        self._slots_noticed = Throttle(timings.slots_notice_every)
 
     # -- the one place Redis errors enter ------------------------------------------------
 
@@ -334,7 +340,7 @@ class RedisRelayState:
         self, item: RequestItem, user: str | None = None
     ) -> tuple[Pending, ResponseChannel]:
         if self._draining:
-            raise Draining("the broker is shutting down")
+            raise refusal("draining")
         t = self.timings
         mono, now = self.clock(), self.wall()
         rid = item.request_id
@@ -348,9 +354,7 @@ class RedisRelayState:
             last_activity=mono,
         )
         if rid in self._local.homes:
-            raise DuplicateRequest(
-                "a request with this x-request-id is in flight: send a unique one, or none"
-            )
+            raise refusal("dup")
         home = Home(pending, ResponseChannel())
         self._local.homes[rid] = home  # before Redis: its frames may come back at once
         try:
@@ -374,16 +378,7 @@ class RedisRelayState:
         verdict = answer[0].decode()
         if verdict not in ("ok", "busy"):
             self._local.homes.pop(rid, None)
-            model = quote(item.model)
-            if verdict == "unknown":
-                raise UnknownModel(f"The model '{model}' does not exist")
-            if verdict == "noconn":
-                raise NoConnector(f"no connector serving model '{model}' is online")
-            if verdict == "dup":
-                raise DuplicateRequest(
-                    "a request with this x-request-id is in flight: send a unique one, or none"
-                )
-            raise QueueFull(f"too many requests waiting for model '{model}'")
+            raise refusal(verdict, item.model)
         if verdict == "busy":
             self._slots_busy(item.model, int(answer[1]), answer[2], now)
         for when, kind in (
@@ -412,8 +407,7 @@ class RedisRelayState:
         home = self._local.homes.get(request_id) if home_id == self.broker_id else None
         if home is not None:
             apply_meta(home.pending, meta, self.clock, self.wall)
-            home.pending.session_id = session_id
-            home.pending.state = State.ACTIVE
+            RelayCore.mirror_state(home.pending, State.ACTIVE, session_id)
             return home.pending, home.channel
         pending = Pending(
             item=RequestItem.model_validate_json(raw),
@@ -431,7 +425,7 @@ class RedisRelayState:
     async def cancel(self, request_id: str) -> None:
         home = self._local.homes.get(request_id)
         if home is not None:
-            home.pending.cancelled = True
+            RelayCore.mirror_cancel(home.pending)
         if request_id in self._local.uploads:
             self._local.ended.add(request_id)
         await self._quietly("cancel", request_id)
@@ -454,17 +448,10 @@ class RedisRelayState:
         if held:
             await self._quietly("finish", request_id)
 
-    def activity(self, pending: Pending, now: float) -> None:
-        pending.last_activity = now
-
-    def head_seen(self, pending: Pending, now: float) -> None:
-        pending.head_seen = True
-        pending.last_activity = now
-
-    def delivered(self, pending: Pending, nbytes: int) -> None:
-        # Only a leased request is ever redispatched, and a leased one has sent nothing:
-        # the shared state need not know (the in-memory core keeps it as a safety net).
-        pending.delivered += nbytes
+    def progress(self, pending: Pending, event: Seen, now: float, nbytes: int = 0) -> None:
+        # Only this process's record changes: only a leased request is ever redispatched,
+        # and a leased one has sent nothing, so the shared state need not know.
+        RelayCore.progress(pending, event, now, nbytes)
 
     def is_cancelled(self, request_id: str) -> bool:
         local = self._local
@@ -580,31 +567,32 @@ class RedisRelayState:
         return self.prefix + "i:" + broker_id
 
     async def _read_inbox(self) -> None:
-        key = self._inbox(self.broker_id)
-        last: bytes | str = "0-0"
-        reads = 0
         while True:
             try:
-                answer: Any = await self.redis.xread({key: last}, count=512, block=INBOX_BLOCK_MS)
+                await self._read_inbox_once(INBOX_BLOCK_MS)
                 self._inbox_down = False
             except RedisError as exc:
                 if not self._inbox_down or self._local.homes:
                     log.warning("relay_state_unreachable", error=str(exc))
                 self._inbox_down = True
-                self._local.fail_homes(Failure(503, "state_unavailable", UNAVAILABLE))
+                self._local.fail_homes(STATE_UNAVAILABLE)
                 await asyncio.sleep(0.25)
-                continue
-            for _stream, entries in answer:
-                for entry_id, fields in entries:
-                    last = entry_id
-                    requeued = self._local.apply(fields, self.clock, self.wall)
-                    if requeued is not None:
-                        self._add_deadline(requeued, Kind.QUEUE, fields[b"r"].decode())
-            reads += 1
-            if answer and reads % 64 == 0:
-                with contextlib.suppress(RedisError):
-                    await self.redis.xtrim(key, minid=last)
-                    await self.redis.expire(key, 3600)
+
+    async def _read_inbox_once(self, block_ms: int | None) -> None:
+        """Apply the inbox entries that arrived (waiting up to ``block_ms`` for one)."""
+        key = self._inbox(self.broker_id)
+        answer: Any = await self.redis.xread({key: self._inbox_last}, count=512, block=block_ms)
+        for _stream, entries in answer:
+            for entry_id, fields in entries:
+                self._inbox_last = entry_id
+                requeued = self._local.apply(fields, self.clock, self.wall)
+                if requeued is not None:
+                    self._add_deadline(requeued, Kind.QUEUE, fields[b"r"].decode())
+        self._inbox_reads += 1
+        if answer and self._inbox_reads % 64 == 0:
+            with contextlib.suppress(RedisError):
+                await self.redis.xtrim(key, minid=self._inbox_last)
+                await self.redis.expire(key, 3600)
 
     # -- background: sweeper and heartbeat ------------------------------------------------
 
@@ -613,7 +601,6 @@ class RedisRelayState:
 
     async def _sweep_loop(self) -> None:
         """Every broker sweeps; the script makes each due entry count once (scripts.py)."""
-        t = self.timings
         beat_at = 0.0
         while True:
             pause = HEARTBEAT_EVERY
@@ -622,15 +609,28 @@ class RedisRelayState:
                     await self._heartbeat()
                     beat_at = self.clock() + HEARTBEAT_EVERY
                 now = self.wall()
-                _, nxt = await self._run(
-                    "sweep", repr(now), t.lease, t.max_redispatch, SWEEP_LIMIT, t.model_grace
-                )
-                due = float(nxt)
+                due = await self._sweep(now)
                 if due >= 0:
                     pause = min(pause, max(0.02, due - now))
             except (RedisError, StateUnavailable):
                 pass  # the inbox reader reports it; try again in a moment
             await asyncio.sleep(pause)
+
+    async def _sweep(self, now: float) -> float:
+        """One sweep of the shared state at ``now``; when the next entry is due (-1: none)."""
+        t = self.timings
+        _, nxt = await self._run(
+            "sweep", repr(now), t.lease, t.max_redispatch, SWEEP_LIMIT, t.model_grace
+        )
+        return float(nxt)
+
+    async def run_due(self) -> None:
+        """Do at once what the background tasks do over time: heartbeat, sweep, read the
+        inbox, act on this broker's due deadlines (for tests that drive a fake clock)."""
+        await self._heartbeat()
+        await self._sweep(self.wall())
+        await self._read_inbox_once(None)
+        await self._expire_due()
 
     # -- background: the deadlines of this broker's requests ------------------------------
 
@@ -647,13 +647,16 @@ class RedisRelayState:
             self._rearm.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._rearm.wait(), timeout)
-            for _when, kind, rid in list(self._deadlines.due(self.clock())):
-                if rid in self._local.homes:
-                    try:
-                        await self._due(kind, rid)
-                    except (RedisError, StateUnavailable):
-                        self._add_deadline(self.clock() + 1.0, kind, rid)
-            self._deadlines.sweep(len(self._local.homes), self._still_home)
+            await self._expire_due()
+
+    async def _expire_due(self) -> None:
+        for _when, kind, rid in list(self._deadlines.due(self.clock())):
+            if rid in self._local.homes:
+                try:
+                    await self._due(kind, rid)
+                except (RedisError, StateUnavailable):
+                    self._add_deadline(self.clock() + 1.0, kind, rid)
+        self._deadlines.sweep(len(self._local.homes), self._still_home)
 
     def _still_home(self, _when: float, _kind: Kind, rid: str) -> bool:
         return rid in self._local.homes
@@ -685,19 +688,10 @@ class RedisRelayState:
             home.channel.fail(verdict)
 
     def _slots_busy(self, model: str, waiting: int, caps: list[bytes], now: float) -> None:
-        last = self._slots_noticed.get(model)
-        if last is not None and now - last < self.timings.slots_notice_every:
+        if not self._slots_noticed.allow(model, now):
             return
-        self._slots_noticed[model] = now
         capacities = {caps[i].decode(): int(caps[i + 1]) for i in range(0, len(caps), 2)}
-        log.warning(
-            "requests_wait_for_connector_slots",
-            model=model,
-            waiting=waiting,
-            capacities=capacities,
-            hint="every connector slot for this model is busy: raise --capacity where the "
-            "engine can take more, or add connectors",
-        )
+        log_slots_busy(model, capacities, waiting)
 
     async def _guard(self, name: str, body: Callable[[], Coroutine[Any, Any, None]]) -> None:
         """A background loop that logs and restarts instead of dying silently."""

@@ -13,8 +13,43 @@ an expired lease is redispatched exactly once however many brokers sweep.
 
 from __future__ import annotations
 
+import json
+
+from broker.core import Failure, failures
+from broker.core.relay import MAX_REFUSALS
+
+
+def lua_string(text: str) -> str:
+    """``text`` as a Lua string literal (ASCII only: JSON's escapes are Lua's too)."""
+    if not text.isascii():
+        raise ValueError(f"not ASCII: {text!r}")
+    return json.dumps(text)
+
+
+def lua_failure(failure: Failure) -> str:
+    """A Lua function of ``reason`` returning the failure's {status, code, message}."""
+    head, _, tail = failure.message.partition("{reason}")
+    message = lua_string(head)
+    if _:
+        message += " .. reason .. " + lua_string(tail)
+    return (
+        f"function(reason) return {{status = {failure.status}, "
+        f"code = {lua_string(failure.code)}, message = {message}}} end"
+    )
+
+
+def rules() -> str:
+    """The relay's rules as Lua: the failure table, the drop reasons, the refusal cap."""
+    lines = ["local F = {}"]
+    lines += [f"F.{name} = {lua_failure(f)}" for name, f in failures.FAILURES.items()]
+    lines.append("local REASON = {}")
+    lines += [f"REASON.{k} = {lua_string(v)}" for k, v in failures.DROP_REASONS.items()]
+    lines.append(f"local MAX_REFUSALS = {MAX_REFUSALS}")
+    return "\n".join(lines) + "\n"
+
+
 # Helpers shared by every script (Lua has no includes: they are prepended).
-COMMON = r"""
+_COMMON = r"""
 local P = ARGV[1]
 local MAXLEN = 100000
 
@@ -56,15 +91,16 @@ local function to_home(rid, r, kind, value)
   end
 end
 
-local function fail(rid, r, status, code, message)
-  to_home(rid, r, '0f', cjson.encode({status = status, code = code, message = message}))
+-- ``failure``: an entry of F (the table rendered from broker.core.failures).
+local function fail(rid, r, failure, reason)
+  to_home(rid, r, '0f', cjson.encode(failure(reason or '')))
   forget(rid, r)
 end
 
 -- A leased request goes back to the front of its user's line, and that user is next.
 local function requeue(rid, r, now, lease, maxr)
   if r.disp > maxr then
-    fail(rid, r, 502, 'connector_lost', 'no connector answered the request')
+    fail(rid, r, F.unanswered)
     return
   end
   if r.sid ~= '' then redis.call('SREM', P .. 'sa:' .. r.sid, rid) end
@@ -113,7 +149,7 @@ local function drop_session(sid, reason, now, lease, maxr)
       if r.state == 'l' then
         requeue(rid, r, now, lease, maxr)
       else
-        fail(rid, r, 502, 'connector_lost', 'the connector went away (' .. reason .. ')')
+        fail(rid, r, F.connector_gone, reason)
       end
     end
   end
@@ -142,7 +178,7 @@ if old then
   local polling = tonumber(redis.call('HGET', P .. 's:' .. old, 'polling')) or 0
   local inst = redis.call('HGET', P .. 's:' .. old, 'instance')
   if polling > 0 and inst ~= instance then replaced = 'live' else replaced = 'restart' end
-  drop_session(old, 'connector registered again', now, lease, maxr)
+  drop_session(old, REASON.registered_again, now, lease, maxr)
   redis.call('SET', P .. 'rep:' .. old, owner, 'EX', 3600)
 end
 redis.call('HSET', P .. 's:' .. sid, 'owner', owner, 'name', name, 'instance', instance,
@@ -172,7 +208,7 @@ return 1
 DEREGISTER = r"""
 local sid, owner = ARGV[2], ARGV[3]
 if redis.call('HGET', P .. 's:' .. sid, 'owner') ~= owner then return 0 end
-return drop_session(sid, 'connector stopped', tonumber(ARGV[4]), tonumber(ARGV[5]),
+return drop_session(sid, REASON.stopped, tonumber(ARGV[4]), tonumber(ARGV[5]),
   tonumber(ARGV[6]))
 """
 
@@ -346,7 +382,7 @@ REFUSE = r"""
 local sid, rid = ARGV[2], ARGV[3]
 if redis.call('EXISTS', P .. 's:' .. sid) == 0 then return 0 end
 -- Bounded (as the in-memory core's MAX_REFUSALS): made-up request IDs earn no more.
-if redis.call('LLEN', P .. 'sc:' .. sid) >= 1024 then return 0 end
+if redis.call('LLEN', P .. 'sc:' .. sid) >= MAX_REFUSALS then return 0 end
 if redis.call('LPOS', P .. 'sc:' .. sid, rid) then return 0 end
 redis.call('RPUSH', P .. 'sc:' .. sid, rid)
 redis.call('PUBLISH', P .. 'w:s:' .. sid, '')
@@ -404,14 +440,14 @@ for _, rid in ipairs(redis.call('ZRANGEBYSCORE', P .. 'lx', '-inf', now, 'LIMIT'
   end
 end
 for _, sid in ipairs(redis.call('ZRANGEBYSCORE', P .. 'sx', '-inf', now, 'LIMIT', 0, limit)) do
-  n = n + drop_session(sid, 'session expired', now, lease, maxr)
+  n = n + drop_session(sid, REASON.expired, now, lease, maxr)
 end
 for _, b in ipairs(redis.call('ZRANGEBYSCORE', P .. 'b', '-inf', now, 'LIMIT', 0, limit)) do
   redis.call('ZREM', P .. 'b', b)
   for _, rid in ipairs(redis.call('SMEMBERS', P .. 'bu:' .. b)) do
     local r = req(rid)
     if r and r.state == 'a' and r.via == b then
-      fail(rid, r, 502, 'connector_lost', 'the broker carrying the upload went away')
+      fail(rid, r, F.upload_broker_gone)
       n = n + 1
     end
   end
@@ -427,6 +463,8 @@ for _, z in ipairs({'lx', 'sx', 'b'}) do
 end
 return {n, tostring(nxt)}
 """
+
+COMMON = rules() + _COMMON
 
 ALL = {
     "register": REGISTER,

@@ -18,6 +18,7 @@ from broker.core import (
     Pending,
     QueueFull,
     RelayCore,
+    Seen,
     Session,
     SessionReplaced,
     State,
@@ -778,7 +779,7 @@ def test_no_redispatch_once_bytes_were_delivered(
     if state == "active":
         h.core.ack(s.id, "r1", now=1)
     if delivered:
-        RelayCore.delivered(p, delivered)
+        RelayCore.progress(p, Seen.DELIVERED, 0.0, delivered)
     if how == "replaced":
         h.register(now=2)
     elif how == "deregistered":
@@ -860,9 +861,9 @@ def test_timeouts(case: TimeoutCase) -> None:
     for when, kind in sorted(frames):
         h.core.expire(now=when)
         if kind == "head":
-            RelayCore.head_seen(p, when)
+            RelayCore.progress(p, Seen.HEAD, when)
         else:
-            RelayCore.activity(p, when)
+            RelayCore.progress(p, Seen.FRAME, when)
     h.core.expire(now=case.ok_at)
     assert h.out.failures.get("r1") is None
     if case.fail_at is None:
@@ -1216,7 +1217,7 @@ def _scenario_timeouts(h: Harness) -> list[tuple[float, Action]]:
             for rid in ("idle", "total") if at < 1 else ("total",):
                 p = h.core.requests.get(rid)
                 if p is not None:
-                    (RelayCore.head_seen if at < 1 else RelayCore.activity)(p, at)
+                    RelayCore.progress(p, Seen.HEAD if at < 1 else Seen.FRAME, at)
 
         return apply
 
@@ -1313,8 +1314,8 @@ def _state_after(op: str) -> Harness:
         h.poll(s, now=4)
         h.unpoll(s, now=5)
         return h
-    RelayCore.head_seen(h.core.requests["r1"], 4)
-    RelayCore.activity(h.core.requests["r1"], 5)
+    RelayCore.progress(h.core.requests["r1"], Seen.HEAD, 4)
+    RelayCore.progress(h.core.requests["r1"], Seen.FRAME, 5)
     if op == "frames":
         return h
     h.core.finish("r1")
@@ -1347,7 +1348,7 @@ def test_stale_deadlines_are_dropped_and_heap_stays_bounded() -> None:
         h.submit(f"r{n}", now=now)
         h.take(s, now=now)
         h.core.ack(s.id, f"r{n}", now=now)
-        RelayCore.head_seen(h.core.requests[f"r{n}"], now)
+        RelayCore.progress(h.core.requests[f"r{n}"], Seen.HEAD, now)
         if n >= 4:
             h.core.finish(f"r{n - 4}")
         live = len(h.core.requests) + len(h.core.sessions)

@@ -5,18 +5,9 @@ from __future__ import annotations
 import pytest
 
 from broker.core import Timings
+from broker.core.failures import NO_HEAD, QUEUE_TIMEOUT, STALLED, TOO_LONG
 from broker.core.timers import Kind
-from broker.state.redis.home import (
-    NO_HEAD,
-    QUEUE_TIMEOUT,
-    STALLED,
-    TOO_LONG,
-    Drop,
-    Later,
-    Where,
-    judge,
-    queue_verdict,
-)
+from broker.state.redis.home import Drop, Later, Where, judge, queue_verdict
 
 T = Timings(lease=15.0, first_byte_timeout=600.0, idle_timeout=300.0)
 
