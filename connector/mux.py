@@ -257,12 +257,9 @@ class MuxUploader:
                 self._dirty[stream] = frames
                 continue
             stream.lane = lane
-            blob = frames[0] if len(frames) == 1 else b"".join(frames)
-            share = min(budget, FAIR_SHARE)
-            if len(blob) > share:
-                # A run may end mid-frame: the broker decodes each response on its own.
-                self._dirty[stream] = [blob[share:]]
-                blob = blob[:share]
+            blob, rest = take_frames(frames, min(budget, FAIR_SHARE))
+            if rest:
+                self._dirty[stream] = rest
             budget -= len(blob)
             tag = stream.tag
             for start in range(0, len(blob), MAX_RUN):
@@ -282,6 +279,38 @@ class MuxUploader:
             for s in self.streams.values()
             if s.lane == lane and s.last_sent <= due and not s.ended
         )
+
+
+def take_frames(frames: list[bytes], share: int) -> tuple[bytes, list[bytes]]:
+    """Whole frames from ``frames`` up to about ``share`` bytes, and the frames left over.
+
+    A run never ends mid-frame, so an upload that ends (rotation) ends on a frame boundary
+    and the next one, whichever broker receives it, starts with a whole frame. A DATA
+    frame that does not fit is split into two DATA frames (the bytes are what counts); a
+    HEAD or END frame is never split: it goes whole when it comes first (so every call
+    makes progress), else it waits.
+    """
+    taken: list[bytes] = []
+    room = share
+    for i, frame in enumerate(frames):
+        if len(frame) <= room or (not taken and frame[0] != framing.FrameType.DATA):
+            taken.append(frame)
+            room -= len(frame)
+            continue
+        rest = frames[i:]
+        if frame[0] == framing.FrameType.DATA and room > framing.HEADER_SIZE:
+            cut = room - framing.HEADER_SIZE
+            body = frame[framing.HEADER_SIZE :]
+            taken.append(framing.encode_data(body[:cut]))
+            rest[0] = framing.encode_data(body[cut:])
+        elif not taken and room > 0:
+            # Not one payload byte fits: take a small DATA frame's first byte, so a tiny
+            # budget still makes progress towards the rotation.
+            body = frame[framing.HEADER_SIZE :]
+            taken.append(framing.encode_data(body[:1]))
+            rest[0] = framing.encode_data(body[1:])
+        return b"".join(taken), rest
+    return b"".join(taken), []
 
 
 def _resolve(waiter: asyncio.Future[None]) -> None:

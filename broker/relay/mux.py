@@ -75,6 +75,21 @@ class MuxRegistry:
         while len(self.dropped) > DROPPED_REMEMBERED:
             self.dropped.popitem(last=False)
 
+    def hand_over(self, rid: str) -> None:
+        """Its lane closed cleanly: the connector's next lane continues it, here or on
+        another broker. Where the relay state lets go of it, so does the registry (not as
+        dropped: if the next lane comes here, its first frame acknowledges it again).
+
+        A connector older than frame-boundary rotation may have cut a frame: the rest of it
+        can be decoded only here, so such a request stays held here as before.
+        """
+        applier = self.appliers.get(rid)
+        if applier is not None and not applier.decoder.pending and self.hub.hand_over(rid):
+            self.appliers.pop(rid, None)
+            self.owners.pop(rid, None)
+        else:
+            self.owners[rid] = None
+
     async def forget(self, rid: str) -> None:
         """The request was uploaded here and is over: drop it and free its slot."""
         self.drop(rid)
@@ -209,7 +224,7 @@ class MuxLane:
             if applier is None:
                 continue
             if clean:
-                registry.owners[rid] = None
+                registry.hand_over(rid)
             else:
                 await applier.abort(502, "connector_lost", "the connector's upload ended early")
                 await registry.forget(rid)
