@@ -293,24 +293,23 @@ def take_frames(frames: list[bytes], share: int) -> tuple[bytes, list[bytes]]:
     taken: list[bytes] = []
     room = share
     for i, frame in enumerate(frames):
-        if len(frame) <= room or (not taken and frame[0] != framing.FrameType.DATA):
+        data = frame[0] == framing.FrameType.DATA
+        if len(frame) <= room or (not taken and (not data or len(frame) <= _SMALLEST_CUT)):
             taken.append(frame)
             room -= len(frame)
             continue
         rest = frames[i:]
-        if frame[0] == framing.FrameType.DATA and room > framing.HEADER_SIZE:
-            cut = room - framing.HEADER_SIZE
+        if data and (room > framing.HEADER_SIZE or not taken):
+            # At least one payload byte each side, so a tiny budget still makes progress.
+            cut = max(1, room - framing.HEADER_SIZE)
             body = frame[framing.HEADER_SIZE :]
             taken.append(framing.encode_data(body[:cut]))
             rest[0] = framing.encode_data(body[cut:])
-        elif not taken and room > 0:
-            # Not one payload byte fits: take a small DATA frame's first byte, so a tiny
-            # budget still makes progress towards the rotation.
-            body = frame[framing.HEADER_SIZE :]
-            taken.append(framing.encode_data(body[:1]))
-            rest[0] = framing.encode_data(body[1:])
         return b"".join(taken), rest
     return b"".join(taken), []
+
+
+_SMALLEST_CUT = framing.HEADER_SIZE + 1  # a DATA frame this small is never split
 
 
 def _resolve(waiter: asyncio.Future[None]) -> None:
