@@ -11,7 +11,9 @@ each run of one response's frames tagged with its request ID (``shared.framing``
   idle timeout stays per request); the upload gets one when nothing at all was sent.
 - An upload ends cleanly with ``CLOSE`` (after ``rotate_bytes``, because proxies limit
   request bodies — nginx: 1 MiB — or when the connector stops); the next one opens once
-  the broker answered, and unfinished responses continue on it.
+  the broker answered, and unfinished responses continue on it. Runs hold whole frames
+  (``take_frames``), so no upload ends mid-frame: a load balancer may send the next one to
+  another broker, which decodes it from its first byte.
 - An upload that fails (the connection was cut, the broker restarted) loses the requests
   whose frames it carried: their tasks are cancelled, which closes their upstream calls,
   and the broker ends them for their users as it does a cut per-request upload. Requests
@@ -243,7 +245,8 @@ class MuxUploader:
 
     def _collect(self, lane: int, now: float, budget: int = 1 << 62) -> bytes:
         """Every stream's pending frames, one MUX frame per stream (or per MAX_RUN bytes),
-        at most ``budget`` bytes of them: the rest waits for the next write (or upload)."""
+        about ``budget`` bytes of whole frames: the rest waits for the next write (or
+        upload)."""
         dirty = self._dirty
         self._dirty = {}
         runs: list[bytes] = []

@@ -19,11 +19,14 @@ request's own ``FrameApplier``, so every per-request rule keeps its meaning:
   ``buffer_limit`` (its client stopped reading) fails with ``client_too_slow`` and the
   connector is told to stop, so its GPU does not keep generating for nobody.
 
-A lane that ends with ``CLOSE`` ended cleanly: its unfinished requests wait in the
-registry for the connector's next lane. A lane cut without ``CLOSE`` (a proxy or the
-network dropped it) fails the requests whose frames it carried with 502, as a cut
-per-request upload does; the core never redispatches a request once a byte reached its
-user.
+A lane that ends with ``CLOSE`` ended cleanly: its unfinished requests are handed over
+to the connector's next lane, which a load balancer may send to another broker (the
+connector rotates only at frame boundaries). Where the relay state lets go of them (Redis:
+they stop counting here, so a drain completes) the registry forgets them too, and the next
+lane's first frame for each acknowledges it again; otherwise they wait in the registry.
+A lane cut without ``CLOSE`` (a proxy or the network dropped it) fails the requests whose
+frames it carried with 502, as a cut per-request upload does; the core never redispatches
+a request once a byte reached its user.
 """
 
 from __future__ import annotations
