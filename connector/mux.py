@@ -11,7 +11,9 @@ each run of one response's frames tagged with its request ID (``shared.framing``
   idle timeout stays per request); the upload gets one when nothing at all was sent.
 - An upload ends cleanly with ``CLOSE`` (after ``rotate_bytes``, because proxies limit
   request bodies — nginx: 1 MiB — or when the connector stops); the next one opens once
-  the broker answered, and unfinished responses continue on it.
+  the broker answered, and unfinished responses continue on it. Runs hold whole frames
+  (``take_frames``), so no upload ends mid-frame: a load balancer may send the next one to
+  another broker, which decodes it from its first byte.
 - An upload that fails (the connection was cut, the broker restarted) loses the requests
   whose frames it carried: their tasks are cancelled, which closes their upstream calls,
   and the broker ends them for their users as it does a cut per-request upload. Requests
@@ -243,7 +245,8 @@ class MuxUploader:
 
     def _collect(self, lane: int, now: float, budget: int = 1 << 62) -> bytes:
         """Every stream's pending frames, one MUX frame per stream (or per MAX_RUN bytes),
-        at most ``budget`` bytes of them: the rest waits for the next write (or upload)."""
+        about ``budget`` bytes of whole frames: the rest waits for the next write (or
+        upload)."""
         dirty = self._dirty
         self._dirty = {}
         runs: list[bytes] = []
@@ -257,12 +260,9 @@ class MuxUploader:
                 self._dirty[stream] = frames
                 continue
             stream.lane = lane
-            blob = frames[0] if len(frames) == 1 else b"".join(frames)
-            share = min(budget, FAIR_SHARE)
-            if len(blob) > share:
-                # A run may end mid-frame: the broker decodes each response on its own.
-                self._dirty[stream] = [blob[share:]]
-                blob = blob[:share]
+            blob, rest = take_frames(frames, min(budget, FAIR_SHARE))
+            if rest:
+                self._dirty[stream] = rest
             budget -= len(blob)
             tag = stream.tag
             for start in range(0, len(blob), MAX_RUN):
@@ -282,6 +282,37 @@ class MuxUploader:
             for s in self.streams.values()
             if s.lane == lane and s.last_sent <= due and not s.ended
         )
+
+
+def take_frames(frames: list[bytes], share: int) -> tuple[bytes, list[bytes]]:
+    """Whole frames from ``frames`` up to about ``share`` bytes, and the frames left over.
+
+    A run never ends mid-frame, so an upload that ends (rotation) ends on a frame boundary
+    and the next one, whichever broker receives it, starts with a whole frame. A DATA
+    frame that does not fit is split into two DATA frames (the bytes are what counts); a
+    HEAD or END frame is never split: it goes whole when it comes first (so every call
+    makes progress), else it waits.
+    """
+    taken: list[bytes] = []
+    room = share
+    for i, frame in enumerate(frames):
+        data = frame[0] == framing.FrameType.DATA
+        if len(frame) <= room or (not taken and (not data or len(frame) <= _SMALLEST_CUT)):
+            taken.append(frame)
+            room -= len(frame)
+            continue
+        rest = frames[i:]
+        if data and (room > framing.HEADER_SIZE or not taken):
+            # At least one payload byte each side, so a tiny budget still makes progress.
+            cut = max(1, room - framing.HEADER_SIZE)
+            body = frame[framing.HEADER_SIZE :]
+            taken.append(framing.encode_data(body[:cut]))
+            rest[0] = framing.encode_data(body[cut:])
+        return b"".join(taken), rest
+    return b"".join(taken), []
+
+
+_SMALLEST_CUT = framing.HEADER_SIZE + 1  # a DATA frame this small is never split
 
 
 def _resolve(waiter: asyncio.Future[None]) -> None:

@@ -19,11 +19,14 @@ request's own ``FrameApplier``, so every per-request rule keeps its meaning:
   ``buffer_limit`` (its client stopped reading) fails with ``client_too_slow`` and the
   connector is told to stop, so its GPU does not keep generating for nobody.
 
-A lane that ends with ``CLOSE`` ended cleanly: its unfinished requests wait in the
-registry for the connector's next lane. A lane cut without ``CLOSE`` (a proxy or the
-network dropped it) fails the requests whose frames it carried with 502, as a cut
-per-request upload does; the core never redispatches a request once a byte reached its
-user.
+A lane that ends with ``CLOSE`` ended cleanly: its unfinished requests are handed over
+to the connector's next lane, which a load balancer may send to another broker (the
+connector rotates only at frame boundaries). Where the relay state lets go of them (Redis:
+they stop counting here, so a drain completes) the registry forgets them too, and the next
+lane's first frame for each acknowledges it again; otherwise they wait in the registry.
+A lane cut without ``CLOSE`` (a proxy or the network dropped it) fails the requests whose
+frames it carried with 502, as a cut per-request upload does; the core never redispatches
+a request once a byte reached its user.
 """
 
 from __future__ import annotations
@@ -74,6 +77,21 @@ class MuxRegistry:
         self.dropped[(applier.pending.session_id or "", rid)] = None
         while len(self.dropped) > DROPPED_REMEMBERED:
             self.dropped.popitem(last=False)
+
+    def hand_over(self, rid: str) -> None:
+        """Its lane closed cleanly: the connector's next lane continues it, here or on
+        another broker. Where the relay state lets go of it, so does the registry (not as
+        dropped: if the next lane comes here, its first frame acknowledges it again).
+
+        A connector older than frame-boundary rotation may have cut a frame: the rest of it
+        can be decoded only here, so such a request stays held here as before.
+        """
+        applier = self.appliers.get(rid)
+        if applier is not None and not applier.decoder.pending and self.hub.hand_over(rid):
+            self.appliers.pop(rid, None)
+            self.owners.pop(rid, None)
+        else:
+            self.owners[rid] = None
 
     async def forget(self, rid: str) -> None:
         """The request was uploaded here and is over: drop it and free its slot."""
@@ -209,7 +227,7 @@ class MuxLane:
             if applier is None:
                 continue
             if clean:
-                registry.owners[rid] = None
+                registry.hand_over(rid)
             else:
                 await applier.abort(502, "connector_lost", "the connector's upload ended early")
                 await registry.forget(rid)

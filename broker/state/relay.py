@@ -184,6 +184,11 @@ class RelayState(Protocol):
     async def ack(self, session_id: str, request_id: str) -> tuple[Pending, FrameSink]:
         """The connector's upload began: its lease is acknowledged (LeaseError if not held)."""
 
+    def hand_over(self, request_id: str) -> bool:
+        """The multiplexed upload that carried the request here ended cleanly: its next
+        upload (on this broker or another) continues it. True: this process no longer holds
+        it for that upload (it stops counting it; the next upload acknowledges it again)."""
+
     async def cancel(self, request_id: str) -> None: ...
     async def refuse(self, session_id: str, request_id: str) -> None:
         """Frames came for a request the session no longer holds: send it a cancel item."""

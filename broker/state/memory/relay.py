@@ -239,6 +239,10 @@ class MemoryRelayState:
         self._schedule()
         return pending, self.channels[request_id]
 
+    def hand_over(self, request_id: str) -> bool:
+        # One process: the request stays here (its API user is here) until it ends.
+        return False
+
     async def cancel(self, request_id: str) -> None:
         self.core.cancel(request_id)
         if request_id not in self.core.requests:

@@ -422,6 +422,14 @@ class RedisRelayState:
         )
         return pending, inbox.RemoteSink(self.redis, self._inbox(home_id), request_id, meta)
 
+    def hand_over(self, request_id: str) -> bool:
+        # The next upload may land on another broker: nothing of it stays counted here (a
+        # request whose API user is here stays counted by its home entry).
+        local = self._local
+        local.uploads.discard(request_id)
+        local.ended.discard(request_id)
+        return True
+
     async def cancel(self, request_id: str) -> None:
         home = self._local.homes.get(request_id)
         if home is not None:

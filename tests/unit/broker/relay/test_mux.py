@@ -14,7 +14,7 @@ from broker.relay.mux import MuxLane, MuxRegistry
 from broker.state.channel import ResponseChannel
 from broker.state.memory.relay import MemoryRelayState
 from connector.errors import BrokerUnavailable
-from connector.mux import MuxUploader
+from connector.mux import MuxUploader, take_frames
 from shared import framing
 from shared.errors import FrameError
 from shared.framing import Frame, FrameDecoder, FrameType, encode_mux, split_mux
@@ -241,6 +241,47 @@ async def test_after_a_clean_close_a_response_continues_on_the_next_upload() -> 
     assert events(broker.channels["r1"]) == [HEAD, b"a", b"b", END]
 
 
+def handing_over(broker: Broker) -> list[str]:
+    """Make the broker's state let go of a request at a clean close, as the Redis one does."""
+    handed: list[str] = []
+
+    def hand_over(rid: str) -> bool:
+        handed.append(rid)
+        return True
+
+    broker.hub.hand_over = hand_over  # type: ignore[method-assign]
+    return handed
+
+
+async def test_a_handed_over_request_is_let_go_and_acknowledged_again_by_the_next_lane() -> None:
+    broker = Broker()
+    handed = handing_over(broker)
+    await broker.lease("r1")
+    first = broker.lane()
+    await first.feed(encode_mux(b"r1", framing.encode_head(HEAD) + framing.encode_data(b"a")))
+    await first.feed(framing.CLOSE_FRAME)
+    await first.end(clean=True)
+    assert handed == ["r1"]
+    assert not broker.registry.appliers and not broker.registry.dropped  # let go, not dropped
+    second = broker.lane()  # here or on another broker: its first frame acknowledges again
+    await second.feed(encode_mux(b"r1", framing.encode_data(b"b") + framing.encode_end(END)))
+    assert events(broker.channels["r1"]) == [HEAD, b"a", b"b", END]
+
+
+async def test_a_request_cut_mid_frame_by_an_older_connector_stays_held_here() -> None:
+    broker = Broker()
+    handed = handing_over(broker)
+    await broker.lease("r1")
+    data = framing.encode_data(b"abc")
+    first = broker.lane()
+    await first.feed(encode_mux(b"r1", framing.encode_head(HEAD) + data[:6]))
+    await first.feed(framing.CLOSE_FRAME)
+    await first.end(clean=True)
+    assert handed == [] and broker.registry.owners == {"r1": None}
+    await broker.lane().feed(encode_mux(b"r1", data[6:] + framing.encode_end(END)))
+    assert events(broker.channels["r1"]) == [HEAD, b"abc", END]
+
+
 async def test_one_response_on_two_open_uploads_is_refused() -> None:
     broker = Broker()
     await broker.lease("r1")
@@ -415,16 +456,42 @@ async def test_no_upload_grows_past_rotate_bytes_even_for_one_big_write() -> Non
     mux.start()
     await mux.close()
     assert len(fake.uploads) >= 5
-    wire = b""
+    data = b""
+    kinds: list[FrameType] = []
     for upload in fake.uploads:
         size = sum(5 + len(f.payload) for f in upload)
         assert size < 1100
+        # Each upload decodes on its own (another broker may receive it): the big DATA
+        # frame was split into whole DATA frames, never cut mid-frame.
+        decoder = FrameDecoder()
         for frame in upload:
             if frame.type is FrameType.MUX:
-                wire += split_mux(frame.payload)[1]
-    frames = FrameDecoder().feed(wire)  # runs were cut mid-frame; joined they decode whole
-    assert [f.type for f in frames] == [FrameType.HEARTBEAT, FrameType.DATA, FrameType.END]
-    assert frames[1].payload == blob
+                for inner in decoder.feed(split_mux(frame.payload)[1]):
+                    kinds.append(inner.type)
+                    data += inner.payload if inner.type is FrameType.DATA else b""
+        assert decoder.pending == 0
+    assert kinds[0] is FrameType.HEARTBEAT and kinds[-1] is FrameType.END
+    assert set(kinds[1:-1]) == {FrameType.DATA}
+    assert data == blob
+
+
+@pytest.mark.parametrize("share", [1, 3, 5, 6, 17, 100, 10_000])
+def test_take_frames_ends_on_a_frame_boundary_and_loses_nothing(share: int) -> None:
+    frames = [framing.encode_head(HEAD), framing.encode_data(b"x" * 50), framing.encode_end(END)]
+    runs: list[bytes] = []
+    rest = frames
+    while rest:
+        taken, rest = take_frames(rest, share)
+        assert taken  # always progress
+        runs.append(taken)
+    decoded = []
+    for run in runs:
+        decoder = FrameDecoder()
+        decoded += decoder.feed(run)
+        assert decoder.pending == 0  # every run is whole frames
+    assert decoded[0] == Frame(FrameType.HEAD, frames[0][5:])
+    assert b"".join(f.payload for f in decoded if f.type is FrameType.DATA) == b"x" * 50
+    assert decoded[-1].type is FrameType.END
 
 
 async def test_a_flooding_response_takes_turns_with_the_others() -> None:
