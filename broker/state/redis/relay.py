@@ -109,6 +109,9 @@ class RedisRelayState:
         self._inbox_last: bytes | str = "0-0"
         self._inbox_reads = 0
         self._slots_noticed = Throttle(timings.slots_notice_every)
+        # Models this broker saw served (wall time): if Redis loses its data, they answer
+        # 503 (retry) rather than 404 (gone) while their connectors register again.
+        self._recent_models: dict[str, float] = {}
 
     # -- the one place Redis errors enter ------------------------------------------------
 
@@ -376,9 +379,12 @@ class RedisRelayState:
             self._local.homes.pop(rid, None)
             raise
         verdict = answer[0].decode()
+        if verdict == "unknown" and self._served_lately(item.model, now):
+            verdict = "noconn"  # Redis forgot it (restart, failover): its connectors return
         if verdict not in ("ok", "busy"):
             self._local.homes.pop(rid, None)
             raise refusal(verdict, item.model)
+        self._recent_models[item.model] = now
         if verdict == "busy":
             self._slots_busy(item.model, int(answer[1]), answer[2], now)
         for when, kind in (
@@ -389,6 +395,13 @@ class RedisRelayState:
         ):
             self._add_deadline(when, kind, rid)
         return pending, home.channel
+
+    def _served_lately(self, model: str, now: float) -> bool:
+        seen = self._recent_models.get(model)
+        if seen is not None and now - seen <= self.timings.model_grace:
+            return True
+        self._recent_models.pop(model, None)
+        return False
 
     async def ack(self, session_id: str, request_id: str) -> tuple[Pending, FrameSink]:
         answer = await self._run("ack", session_id, request_id, repr(self.wall()), self.broker_id)
@@ -497,6 +510,7 @@ class RedisRelayState:
             for model in view.models:
                 live.setdefault(model, []).append(view.name)
         qlen, reqs, redisp, slotw, known = answers[2 * len(sids) :]
+        self._remember_models(live.keys() | {m.decode() for m in known})
         return RelayView(
             sessions=sessions,
             live_models={m: sorted(names) for m, names in live.items()},
@@ -507,6 +521,13 @@ class RedisRelayState:
             known_models=frozenset(m.decode() for m in known) | live.keys(),
             draining=self._draining,
         )
+
+    def _remember_models(self, models: set[str]) -> None:
+        now = self.wall()
+        grace = self.timings.model_grace
+        for name in [m for m, seen in self._recent_models.items() if now - seen > grace]:
+            del self._recent_models[name]  # bounded by the models Redis knew in the grace
+        self._recent_models.update(dict.fromkeys(models, now))
 
     async def waiting(self) -> dict[str, list[Waiting]]:
         """Every queue in serving order (for the admin page: a few round trips per model)."""

@@ -1,0 +1,76 @@
+"""Redis loses its data (a restart without persistence, a failover that lost writes).
+
+A model this broker served a moment ago is then unknown to Redis until its connectors
+register again; clients must be told to retry (503), not that the model does not exist
+(404: the OpenAI SDKs do not retry it). Against a real redis-server with a fake clock.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from broker.core import NoConnector, Timings, UnknownModel
+from broker.state.redis import RedisRelayState, connect
+from shared.protocol import RequestItem, UploadMode
+from tests.support.redis_server import RedisServer, unique_prefix
+
+T0 = 1_767_225_000.0
+GRACE = 100.0
+TIMINGS = Timings(
+    lease=5.0,
+    session_ttl=60.0,
+    queue_wait=20.0,
+    queue_max=8,
+    first_byte_timeout=20.0,
+    idle_timeout=35.0,
+    total_timeout=45.0,
+    max_redispatch=1,
+    max_sessions_per_identity=2,
+    model_grace=GRACE,
+)
+
+
+class Clock:
+    now = T0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def item(rid: str) -> RequestItem:
+    return RequestItem(request_id=rid, model="m", path="/v1/chat/completions", body="{}")
+
+
+async def test_a_model_served_before_redis_lost_its_data_answers_503_then_404(
+    shared_redis: RedisServer,
+) -> None:
+    clock = Clock()
+    client = connect(shared_redis.url)
+    prefix = unique_prefix()
+    state = RedisRelayState(TIMINGS, client, prefix=prefix, clock=clock, wall=clock)
+    try:
+        await state.register(
+            owner="o",
+            name="c1",
+            instance_id="i-c1",
+            models=["m"],
+            capacity=1,
+            capacity_source="--capacity",
+            version="t",
+            upload_mode=UploadMode.STREAM,
+            upstream_api_key=None,
+        )
+        await state.submit(item("r1"))
+        async for key in client.scan_iter(match=prefix + "*"):
+            await client.delete(key)  # what a restart without persistence leaves
+        with pytest.raises(NoConnector) as refused:
+            await state.submit(item("r2"))
+        assert refused.value.status == 503 and refused.value.retry_after
+        clock.now += GRACE + 1  # no connector came back within the grace: it is gone
+        with pytest.raises(UnknownModel):
+            await state.submit(item("r3"))
+        with pytest.raises(UnknownModel):
+            await state.submit(RequestItem(request_id="r4", model="never", path="/v1/x", body="{}"))
+    finally:
+        await state.stop()
+        await client.aclose()
