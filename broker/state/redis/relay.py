@@ -320,13 +320,19 @@ class RedisRelayState:
             await self._quietly("poll_end", session_id, repr(self.wall()), t.session_ttl)
 
     async def _take(self, owner: str, session_id: str) -> list[WorkItem]:
-        cancels, handed = await self._run(
+        answer = await self._run(
             "take",
             session_id,
             repr(self.wall()),
             self.timings.lease,
             "1" if self._draining else "0",
         )
+        if len(answer) > 2:
+            # Redis no longer knows the session (it restarted, or failed over): end the
+            # held poll now, so the connector registers again instead of waiting it out.
+            await self.session(owner, session_id)  # the right 404: replaced or unknown
+            raise UnknownSession(session_id)
+        cancels, handed = answer
         items: list[WorkItem] = [CancelItem(request_id=rid.decode()) for rid in cancels]
         if handed:
             key = self._upstream_key(owner)

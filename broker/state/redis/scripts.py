@@ -242,7 +242,7 @@ return 1
 TAKE = r"""
 local sid, now, lease = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local sk = P .. 's:' .. sid
-if redis.call('EXISTS', sk) == 0 then return {{}, {}} end
+if redis.call('EXISTS', sk) == 0 then return {{}, {}, 1} end  -- gone: end the poll
 redis.call('HSET', sk, 'last_seen', ARGV[3])
 local cx = redis.call('LRANGE', P .. 'sc:' .. sid, 0, -1)
 redis.call('DEL', P .. 'sc:' .. sid)

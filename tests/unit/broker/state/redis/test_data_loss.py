@@ -7,9 +7,11 @@ register again; clients must be told to retry (503), not that the model does not
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
-from broker.core import NoConnector, Timings, UnknownModel
+from broker.core import NoConnector, Timings, UnknownModel, UnknownSession
 from broker.state.redis import RedisRelayState, connect
 from shared.protocol import RequestItem, UploadMode
 from tests.support.redis_server import RedisServer, unique_prefix
@@ -71,6 +73,40 @@ async def test_a_model_served_before_redis_lost_its_data_answers_503_then_404(
             await state.submit(item("r3"))
         with pytest.raises(UnknownModel):
             await state.submit(RequestItem(request_id="r4", model="never", path="/v1/x", body="{}"))
+    finally:
+        await state.stop()
+        await client.aclose()
+
+
+async def test_a_held_poll_ends_at_once_when_redis_forgets_its_session(
+    shared_redis: RedisServer,
+) -> None:
+    # The poll's wake-up after Redis is back (or any wake) finds the session gone: 404 at
+    # once, so the connector registers again instead of waiting out its 25 s hold.
+    client = connect(shared_redis.url)
+    prefix = unique_prefix()
+    state = RedisRelayState(TIMINGS, client, prefix=prefix)
+    await state.start()
+    try:
+        session, _ = await state.register(
+            owner="o",
+            name="c1",
+            instance_id="i-c1",
+            models=["m"],
+            capacity=1,
+            capacity_source="--capacity",
+            version="t",
+            upload_mode=UploadMode.STREAM,
+            upstream_api_key=None,
+        )
+        poll = asyncio.create_task(state.poll("o", session.id, 25.0))
+        await asyncio.sleep(0.3)
+        assert not poll.done()
+        async for key in client.scan_iter(match=prefix + "*"):
+            await client.delete(key)
+        state._local.wake_all()  # what the listener does when it subscribes again
+        with pytest.raises(UnknownSession):
+            await asyncio.wait_for(poll, 2.0)
     finally:
         await state.stop()
         await client.aclose()
