@@ -357,6 +357,15 @@ if r.state == 'l' then
   redis.call('HSET', rk, 'state', 'a', 'via', ARGV[5])
   redis.call('ZREM', P .. 'lx', rid)
   redis.call('SADD', P .. 'bu:' .. ARGV[5], rid)
+else
+  -- Acknowledged again by another broker: its upload moved there (a rotation hand-over).
+  -- The new carrier is the one whose death fails the request, not the old one.
+  local via = redis.call('HGET', rk, 'via')
+  if via and via ~= ARGV[5] then
+    redis.call('SREM', P .. 'bu:' .. via, rid)
+    redis.call('HSET', rk, 'via', ARGV[5])
+    redis.call('SADD', P .. 'bu:' .. ARGV[5], rid)
+  end
 end
 return {r.home, redis.call('HGET', rk, 'item'), r.disp, r.conn, r.lat}
 """

@@ -212,3 +212,20 @@ async def test_a_request_id_in_flight_is_refused(brokers: tuple[RedisRelayState,
         with pytest.raises(DuplicateRequest):
             await broker.submit(item("r1"))
     assert (await a.view()).queue_depth == {"m": 1}
+
+
+async def test_a_second_acknowledgement_moves_the_carrier(
+    brokers: tuple[RedisRelayState, ...],
+) -> None:
+    # A rotated upload reached the other broker: that broker now carries the request, so
+    # the first one's death (its bu: set is failed by the sweeper) must not fail it.
+    a, b = brokers
+    sid = await register(a)
+    await a.submit(item("r1"))
+    assert await taken(a, sid) == ["r1"]
+    await a.ack(sid, "r1")
+    await b.ack(sid, "r1")
+    p = a.prefix
+    assert await a.redis.smembers(p + "bu:" + a.broker_id) == set()
+    assert await a.redis.smembers(p + "bu:" + b.broker_id) == {b"r1"}
+    assert await a.redis.hget(p + "r:r1", "via") == b.broker_id.encode()
