@@ -21,7 +21,7 @@ import httpx
 import openai
 
 from shared.bench.procs import cpu_seconds
-from tests.support.net import free_port
+from tests.support.net import free_ports
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -201,7 +201,10 @@ class Procs:
         self, data_dir: Path, *extra: str, port: int | None = None, name: str = "broker"
     ) -> Broker:
         """``python -m broker`` on free loopback ports; returns when both ports listen."""
-        broker = Broker(port or free_port(), free_port(), data_dir)
+        main, health = free_ports(2)
+        if port is not None:  # a restart in place: the health port must differ from it
+            main, health = port, health if health != port else main
+        broker = Broker(main, health, data_dir)
         broker.proc = await self.start(name, "-m", "broker", *broker.base_args(), *extra)
         await broker.wait_listening()
         return broker
