@@ -37,7 +37,7 @@ from tests.deploy.helpers import (
     wait_for,
 )
 from tests.deploy.test_systemd import sandboxed, with_exec_start
-from tests.support.net import free_port
+from tests.support.net import free_ports
 
 NOBODY = 65534
 KEY = re.compile(r"^sk-[0-9a-f]{32}$")
@@ -203,7 +203,7 @@ def test_linux_installed_services_relay_confined(
     """The installed programs, configured by the installed files, confined like their
     units, as the service user: a streamed chat completion goes through."""
     p = linux.path
-    port, health = free_port(), free_port()
+    port, health = free_ports(2)
     broker_unit = p("/etc/systemd/system/remotellm-broker.service")
     connector_unit = p("/etc/systemd/system/remotellm-connector.service")
     # What systemd would pass: Environment= overridden by EnvironmentFile=.

@@ -26,7 +26,7 @@ from tests.deploy.helpers import (
     start,
     wait_for,
 )
-from tests.support.net import free_port
+from tests.support.net import free_port, free_ports
 
 NGINX_CONF = DEPLOY / "nginx" / "remotellm.conf"
 CADDYFILE = DEPLOY / "caddy" / "Caddyfile"
@@ -104,7 +104,7 @@ def slow_llm() -> Iterator[FakeLLM]:
 
 
 def start_broker(wheel_venv: Path, logs: Path) -> tuple[Proc, int, int]:
-    port, health = free_port(), free_port()
+    port, health = free_ports(2)
     broker = start(
         "broker",
         [
@@ -153,7 +153,7 @@ def relay_through(
 
 
 def test_relay_through_nginx(tmp_path: Path, wheel_venv: Path, slow_llm: FakeLLM) -> None:
-    http_port, https_port = free_port(), free_port()
+    http_port, https_port = free_ports(2)
     broker, port, health = start_broker(wheel_venv, tmp_path)
     main, cert = nginx_site(tmp_path, http_port=http_port, https_port=https_port, broker_port=port)
     nginx = start(

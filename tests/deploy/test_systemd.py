@@ -31,7 +31,7 @@ from tests.deploy.helpers import (
     unit_settings,
     wait_for,
 )
-from tests.support.net import free_port
+from tests.support.net import free_ports
 
 UNITS = {
     "broker": DEPLOY / "systemd" / "remotellm-broker.service",
@@ -178,7 +178,7 @@ def test_broker_runs_confined_like_its_unit(world_dir: Path, wheel_venv: Path) -
     data = world_dir / "broker-data"
     data.mkdir(mode=0o700)
     shutil.chown(data, 65534, 65534)
-    port, health = free_port(), free_port()
+    port, health = free_ports(2)
     cmd = sandboxed(
         world_dir,
         UNITS["broker"],

@@ -23,7 +23,7 @@ from tests.deploy.helpers import (
     start,
     wait_for,
 )
-from tests.support.net import free_port
+from tests.support.net import free_ports
 
 
 def test_wheel_contents(wheel: Path) -> None:
@@ -54,7 +54,7 @@ def test_installed_broker_and_connector_relay(
     wheel_venv: Path, fake_llm: FakeLLM, world_dir: Path
 ) -> None:
     logs = world_dir / "logs-wheel"
-    port, health, connector_health = free_port(), free_port(), free_port()
+    port, health, connector_health = free_ports(3)
     data_dir = world_dir / "wheel-data"
     broker = start(
         "broker",

@@ -16,7 +16,7 @@ from broker.settings import BrokerSettings
 from broker.state.relay import RelayView
 from connector.runner import Connector
 from connector.settings import ConnectorSettings
-from tests.support.net import free_port, wait_for, wait_port
+from tests.support.net import free_port, free_ports, wait_for, wait_port
 
 USER_KEY = "sk-" + "1" * 32
 TOKEN = "ct-test-token"
@@ -71,10 +71,13 @@ class RunningBroker:
 
 
 async def start_broker(data_dir: Path, port: int | None = None, **overrides: Any) -> RunningBroker:
+    main, health = free_ports(2)
+    if port is not None:  # a restart in place: the health port must differ from it
+        main, health = port, health if health != port else main
     values: dict[str, Any] = {
         "host": "127.0.0.1",
-        "port": port or free_port(),
-        "health_port": free_port(),
+        "port": main,
+        "health_port": health,
         "data_dir": data_dir,
         "user_api_keys": [USER_KEY],
         "connector_tokens": [TOKEN],
