@@ -12,10 +12,9 @@ import click
 
 from connector.errors import EnrollmentRefused
 from connector.settings import ConnectorSettings, cleartext_broker, default_data_dir
-from shared.errors import ConfigError
 from shared.logging import configure_logging, get_logger
 from shared.loop import run
-from shared.settings import load_settings, options_from_settings
+from shared.settings import CLI_CONTEXT, ProgramSettings, options_from_settings
 
 
 async def run_connector(settings: ConnectorSettings) -> None:
@@ -61,27 +60,11 @@ async def run_connector(settings: ConnectorSettings) -> None:
             await health.close()
 
 
-_CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
-config_option = click.option(
-    "--config",
-    "config_file",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    envvar="REMOTELLM_CONFIG",
-    help="YAML file with any of the settings below (keys as the option names).",
-)
+CONNECTOR = ProgramSettings(ConnectorSettings, "remotellm-connector", "REMOTELLM_CONFIG")
 
 
-def _settings(config_file: Path | None, options: dict[str, Any]) -> ConnectorSettings:
-    try:
-        return load_settings(ConnectorSettings, config_file, options)
-    except ConfigError as exc:
-        click.echo(f"remotellm-connector: {exc}", err=True)
-        sys.exit(2)
-
-
-@click.group(context_settings=_CONTEXT, invoke_without_command=True)
-@config_option
+@click.group(context_settings=CLI_CONTEXT, invoke_without_command=True)
+@CONNECTOR.config_option
 @options_from_settings(ConnectorSettings)
 @click.version_option(package_name="remotellm")
 @click.pass_context
@@ -98,30 +81,18 @@ def main(ctx: click.Context, /, config_file: Path | None, **options: Any) -> Non
     """
     if ctx.invoked_subcommand is not None:
         # Options given before the subcommand apply to it too.
-        ctx.obj = {"config_file": config_file, **options}
+        CONNECTOR.remember(ctx, config_file, options)
         return
-    settings = _settings(config_file, options)
+    settings = CONNECTOR.load(config_file, options)
     configure_logging(settings.log_level, settings.log_format)
     try:
         run(run_connector(settings))
     except EnrollmentRefused as exc:
-        click.echo(f"remotellm-connector: {exc}", err=True)
-        sys.exit(1)
+        CONNECTOR.fail(str(exc))
 
 
-def _sub_settings(
-    ctx: click.Context, config_file: Path | None, options: dict[str, Any]
-) -> ConnectorSettings:
-    """A subcommand's settings: options given before it apply too."""
-    given = {k: v for k, v in (ctx.obj or {}).items() if v is not None and v != ()}
-    given.update({k: v for k, v in options.items() if v is not None and v != ()})
-    config = config_file or given.pop("config_file", None)
-    given.pop("config_file", None)
-    return _settings(config, given)
-
-
-@main.command(context_settings=_CONTEXT)
-@config_option
+@main.command(context_settings=CLI_CONTEXT)
+@CONNECTOR.config_option
 @options_from_settings(ConnectorSettings)
 @click.pass_context
 def check(ctx: click.Context, /, config_file: Path | None, **options: Any) -> None:
@@ -131,15 +102,15 @@ def check(ctx: click.Context, /, config_file: Path | None, **options: Any) -> No
     """
     from connector.check import run_check
 
-    settings = _sub_settings(ctx, config_file, options)
+    settings = CONNECTOR.load_sub(ctx, config_file, options)
     # Only warnings (such as --insecure) reach stderr; the verdicts go to stdout.
     configure_logging("warning", "console")
     ok = run(run_check(settings, click.echo))
     sys.exit(0 if ok else 1)
 
 
-@main.command(context_settings=_CONTEXT)
-@config_option
+@main.command(context_settings=CLI_CONTEXT)
+@CONNECTOR.config_option
 @options_from_settings(ConnectorSettings)
 @click.pass_context
 def enroll(ctx: click.Context, /, config_file: Path | None, **options: Any) -> None:
@@ -151,7 +122,7 @@ def enroll(ctx: click.Context, /, config_file: Path | None, **options: Any) -> N
     """
     from connector.enroll import enroll as ask_to_enroll
 
-    settings = _sub_settings(ctx, config_file, options)
+    settings = CONNECTOR.load_sub(ctx, config_file, options)
     configure_logging(settings.log_level, settings.log_format)
     if settings.broker_token is not None:
         click.echo(
@@ -170,8 +141,7 @@ def enroll(ctx: click.Context, /, config_file: Path | None, **options: Any) -> N
     try:
         token = run(until_signal())
     except EnrollmentRefused as exc:
-        click.echo(f"remotellm-connector: {exc}", err=True)
-        sys.exit(1)
+        CONNECTOR.fail(str(exc))
     if token is None:
         sys.exit(130)
     click.echo(

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextvars
 import difflib
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar, get_args, get_origin
+from typing import Any, Generic, NoReturn, TypeVar, get_args, get_origin
 
 import click
 import yaml
@@ -118,12 +120,73 @@ def _config_file(path: Path | None) -> Iterator[None]:
 
 def load_settings(cls: type[S], config_file: Path | None, overrides: dict[str, Any]) -> S:
     """Build settings: ``overrides`` (the command line) win over env, file and defaults."""
-    given = {k: v for k, v in overrides.items() if v is not None and v != ()}
+    given = _given(overrides)
     with _config_file(config_file):
         try:
             return cls(**given)
         except ValidationError as exc:
             raise ConfigError(_explain(exc, cls)) from exc
+
+
+# Every command of both programs: -h as well as --help, help text wrapped at 100 columns.
+CLI_CONTEXT: dict[str, Any] = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _given(options: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in options.items() if v is not None and v != ()}
+
+
+@dataclass(frozen=True)
+class ProgramSettings(Generic[S]):
+    """One program's ``--config`` option and settings-or-exit, shared by all its commands.
+
+    Options given to the group before a subcommand (``remotellm-broker --data-dir d users
+    list``) are kept in the click context by ``remember`` and apply to the subcommand too.
+    A configuration error is the user's to fix: one line on stderr and exit status 2.
+    """
+
+    cls: type[S]
+    program: str
+    config_env: str
+
+    def config_option(self, func: F) -> F:
+        return click.option(
+            "--config",
+            "config_file",
+            type=click.Path(exists=True, dir_okay=False, path_type=Path),
+            default=None,
+            envvar=self.config_env,
+            help="YAML file with any of the settings below (keys as the option names).",
+        )(func)
+
+    def load(self, config_file: Path | None, options: dict[str, Any]) -> S:
+        try:
+            return load_settings(self.cls, config_file, options)
+        except ConfigError as exc:
+            self.fail(str(exc), 2)
+
+    def remember(
+        self, ctx: click.Context, config_file: Path | None, options: dict[str, Any]
+    ) -> None:
+        ctx.obj = {"config_file": config_file, **options}
+
+    def load_sub(
+        self,
+        ctx: click.Context,
+        config_file: Path | None = None,
+        options: dict[str, Any] | None = None,
+    ) -> S:
+        """A subcommand's settings: its own options over those given before it."""
+        given = _given(dict(ctx.obj or {}))
+        given.update(_given(options or {}))
+        config = config_file or given.pop("config_file", None)
+        given.pop("config_file", None)
+        return self.load(config, given)
+
+    def fail(self, message: str, code: int = 1) -> NoReturn:
+        click.echo(f"{self.program}: {message}", err=True)
+        sys.exit(code)
 
 
 def _explain(exc: ValidationError, cls: type[BaseSettings]) -> str:

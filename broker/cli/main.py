@@ -10,12 +10,13 @@ from typing import Any
 import click
 
 from broker.accounts.keys import GeneratedCredentials, KeyStore
+from broker.cli.program import BROKER
 from broker.cli.usage import usage_command
 from broker.cli.users import users_command
 from broker.settings import BrokerSettings
 from shared.errors import ConfigError
 from shared.logging import configure_logging, get_logger
-from shared.settings import load_settings, options_from_settings
+from shared.settings import CLI_CONTEXT, options_from_settings
 from shared.templates import render
 
 
@@ -100,27 +101,8 @@ def prepare(settings: BrokerSettings) -> tuple[KeyStore, GeneratedCredentials]:
     return keys, keys.ensure_credentials()
 
 
-_CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
-config_option = click.option(
-    "--config",
-    "config_file",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    envvar="REMOTELLM_BROKER_CONFIG",
-    help="YAML file with any of the settings below (keys as the option names).",
-)
-
-
-def _settings(config_file: Path | None, options: dict[str, Any]) -> BrokerSettings:
-    try:
-        return load_settings(BrokerSettings, config_file, options)
-    except ConfigError as exc:
-        click.echo(f"remotellm-broker: {exc}", err=True)
-        sys.exit(2)
-
-
-@click.group(context_settings=_CONTEXT, invoke_without_command=True)
-@config_option
+@click.group(context_settings=CLI_CONTEXT, invoke_without_command=True)
+@BROKER.config_option
 @options_from_settings(BrokerSettings)
 @click.version_option(package_name="remotellm")
 @click.pass_context
@@ -137,12 +119,12 @@ def main(ctx: click.Context, /, config_file: Path | None, **options: Any) -> Non
     """
     if ctx.invoked_subcommand is not None:
         # Options given before the subcommand apply to it too.
-        ctx.obj = {"config_file": config_file, **options}
+        BROKER.remember(ctx, config_file, options)
         return
     from broker.malloc import return_large_buffers
     from broker.server import serve
 
-    settings = _settings(config_file, options)
+    settings = BROKER.load(config_file, options)
     from broker.composition import build_state
 
     return_large_buffers()
@@ -152,16 +134,15 @@ def main(ctx: click.Context, /, config_file: Path | None, **options: Any) -> Non
         keys, creds = prepare(settings)
         state = build_state(settings, keys)
     except ConfigError as exc:
-        click.echo(f"remotellm-broker: {exc}", err=True)
-        sys.exit(2)
+        BROKER.fail(str(exc), 2)
     click.echo(banner(settings, creds, keys))
     sys.stdout.flush()
     get_logger("broker.cli.main").info("broker_configured", data_dir=str(settings.data_dir))
     serve(settings, state)
 
 
-@main.command("init-credentials", context_settings=_CONTEXT)
-@config_option
+@main.command("init-credentials", context_settings=CLI_CONTEXT)
+@BROKER.config_option
 @click.option(
     "--data-dir",
     "data_dir",
@@ -179,16 +160,12 @@ def init_credentials_command(
     Stores only their hashes (credentials.yaml, as the first start does) and prints the
     secrets this once. Exits 0 when the credentials already exist (and prints none).
     """
-    given = {k: v for k, v in (ctx.obj or {}).items() if v is not None and v != ()}
-    config = config_file or given.pop("config_file", None)
-    given.pop("config_file", None)
-    given.update({k: v for k, v in {"data_dir": data_dir, "public_url": public_url}.items() if v})
-    settings = _settings(config, given)
+    options = {"data_dir": data_dir, "public_url": public_url}
+    settings = BROKER.load_sub(ctx, config_file, options)
     try:
         click.echo(init_credentials(settings), nl=False)
     except (ConfigError, OSError) as exc:
-        click.echo(f"remotellm-broker: {exc}", err=True)
-        sys.exit(2)
+        BROKER.fail(str(exc), 2)
 
 
 main.add_command(users_command)

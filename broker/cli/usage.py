@@ -11,17 +11,17 @@ import csv
 import io
 import json
 import re
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn, cast
+from typing import Any, cast
 
 import click
 
 from broker.accounts.users import UsersFileError, parse_users
+from broker.cli.program import BROKER
 from broker.settings import BrokerSettings
 from broker.usage.prices import PriceBook, load_prices
 from broker.usage.query import (
@@ -34,7 +34,6 @@ from broker.usage.query import (
     merged_totals,
 )
 from shared.errors import ConfigError
-from shared.settings import load_settings
 
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -75,19 +74,10 @@ class WhenType(click.ParamType):  # type: ignore[type-arg]
 
 
 def _settings(ctx: click.Context, models_file: Path | None) -> BrokerSettings:
-    options = dict(ctx.obj or {})  # what was given before `usage` (see broker.cli.main.main)
-    config_file = options.pop("config_file", None)
-    if models_file is not None:
-        options["models_file"] = models_file
-    try:
-        return load_settings(BrokerSettings, config_file, options)
-    except ConfigError as exc:
-        _fail(str(exc), 2)
+    return BROKER.load_sub(ctx, options={"models_file": models_file})
 
 
-def _fail(message: str, code: int = 1) -> NoReturn:
-    click.echo(f"remotellm-broker: {message}", err=True)
-    sys.exit(code)
+_fail = BROKER.fail
 
 
 def _user_id(settings: BrokerSettings, user: str | None) -> str | None:

@@ -15,10 +15,8 @@ from typing import Any
 import click
 
 from broker.accounts.users import KeyActionRefused, LimitsEntry, UsersFileError, UsersStore
+from broker.cli.program import BROKER
 from broker.core.limits import LIMIT_FIELDS, UNLIMITED, Override
-from broker.settings import BrokerSettings
-from shared.errors import ConfigError
-from shared.settings import load_settings
 
 
 def _when(value: datetime | None) -> str:
@@ -26,17 +24,10 @@ def _when(value: datetime | None) -> str:
 
 
 def _store(ctx: click.Context) -> UsersStore:
-    options = dict(ctx.obj or {})  # what was given before `users` (see broker.cli.main.main)
-    config_file = options.pop("config_file", None)
-    try:
-        settings = load_settings(BrokerSettings, config_file, options)
-    except ConfigError as exc:
-        click.echo(f"remotellm-broker: {exc}", err=True)
-        sys.exit(2)
+    settings = BROKER.load_sub(ctx)
     store = UsersStore(settings.users_path)
     if store.error:
-        click.echo(f"remotellm-broker: {store.error}", err=True)
-        sys.exit(1)
+        BROKER.fail(store.error)
     return store
 
 
@@ -44,8 +35,7 @@ def _run(action: Callable[[], Any]) -> Any:
     try:
         return action()
     except (KeyActionRefused, UsersFileError) as exc:
-        click.echo(f"remotellm-broker: {exc}", err=True)
-        sys.exit(1)
+        BROKER.fail(str(exc))
 
 
 @click.group("users")
