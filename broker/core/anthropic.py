@@ -158,12 +158,12 @@ class AnthropicUsage:
         if not isinstance(doc, dict):
             return
         message = doc.get("message")
-        usage = message.get("usage") if isinstance(message, dict) else doc.get("usage")
-        tokens_in, tokens_out = usage_counts(usage)
+        started = isinstance(message, dict)  # message_start: its output count is a stub
+        tokens_in, tokens_out = usage_counts(message.get("usage") if started else doc.get("usage"))
         if tokens_in is not None:
             self.tokens_in = tokens_in
-        if tokens_out is not None:
-            self.tokens_out = tokens_out  # cumulative: the last one counts
+        if tokens_out is not None and not started:
+            self.tokens_out = tokens_out  # message_delta's is cumulative: the last one counts
 
 
 def _text_bytes(content: object) -> int:

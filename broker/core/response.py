@@ -320,7 +320,10 @@ class ResponseMachine:
         if usage.exact:
             outcome.tokens_in, outcome.tokens_out = usage.tokens_in, usage.tokens_out
         else:
-            outcome.tokens_in, outcome.tokens_out = self.prompt_tokens, usage.deltas
+            # A prompt count the stream gave (Anthropic's message_start) beats the estimate.
+            known = usage.tokens_in
+            outcome.tokens_in = self.prompt_tokens if known is None else known
+            outcome.tokens_out = usage.deltas
             outcome.estimated = True
 
     def _settle_whole(self, raw: bytes) -> None:

@@ -202,6 +202,7 @@ async def test_a_stream_that_fails_midway_ends_with_an_error_event(stack: Stack)
     (row,) = await wait_rows(stack, 1)
     assert row.status == 502 and row.partial
     assert row.tokens_in == messages.INPUT_TOKENS  # message_start's usage was read
+    assert row.tokens_out == 3 and row.estimated  # the deltas delivered, counted
 
 
 async def test_an_abort_stops_the_upstream(stack: Stack, fake_llm: FakeLLM) -> None:
@@ -220,4 +221,4 @@ async def test_an_abort_stops_the_upstream(stack: Stack, fake_llm: FakeLLM) -> N
     assert fake_llm.completed == 0
     (row,) = await wait_rows(stack, 1)
     assert (row.status, row.partial, row.tokens_in) == (499, True, messages.INPUT_TOKENS)
-    assert row.tokens_out is not None and row.tokens_out < 400
+    assert row.tokens_out is not None and 5 <= row.tokens_out < 400 and row.estimated
