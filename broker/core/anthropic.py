@@ -159,7 +159,8 @@ class AnthropicUsage:
             return
         message = doc.get("message")
         started = isinstance(message, dict)  # message_start: its output count is a stub
-        tokens_in, tokens_out = usage_counts(message.get("usage") if started else doc.get("usage"))
+        usage = message.get("usage") if isinstance(message, dict) else doc.get("usage")
+        tokens_in, tokens_out = usage_counts(usage)
         if tokens_in is not None:
             self.tokens_in = tokens_in
         if tokens_out is not None and not started:
