@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from broker.core.anthropic import ANTHROPIC, AnthropicUsage, error_type
+from broker.core.demand import ask_of
 from broker.core.errors import BrokerError
 from broker.core.limits import RateInfo
 from broker.core.rate_headers import anthropic_rate_headers, rfc3339
@@ -195,3 +196,12 @@ def test_the_machine_reads_a_whole_streams_usage() -> None:
     m.feed([head, STREAM, ResponseEnd()], 1)
     outcome = m.outcome
     assert (outcome.tokens_in, outcome.tokens_out, outcome.estimated) == (13, 3, False)
+
+
+def test_the_prompt_estimate_counts_anthropics_system_prompt() -> None:
+    body = {
+        "system": [{"type": "text", "text": "abcdefgh"}],
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "abcd"}]}],
+    }
+    assert ask_of(body).prompt == 3 + 4  # 12 bytes / 4, + 4 for the one message
+    assert ask_of({**body, "system": "abcdefgh"}).prompt == 3 + 4
