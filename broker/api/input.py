@@ -42,14 +42,38 @@ def client_label(header: str | None) -> str | None:
     return None
 
 
-def authenticate(keys: KeyStore, authorization: str | None, rid: str) -> UserKey:
-    """The key's user; ApiError 401 for a missing or wrong key, 403 for a blocked one."""
-    headers = {REQUEST_ID_HEADER: rid}
+def presented_key(authorization: str | None, api_key: str | None, rid: str) -> str | None:
+    """The key a request presents: ``Authorization: Bearer <key>`` or ``x-api-key: <key>``.
+
+    Anthropic's clients send ``x-api-key`` (Claude Code with ``ANTHROPIC_API_KEY``),
+    OpenAI's and ``ANTHROPIC_AUTH_TOKEN`` a Bearer token; both name one key. Two different
+    keys in one request are refused (401): which user would pay is ambiguous, and a proxy
+    or library that injects one header must not silently decide it (docs/security.md).
+    """
     key = bearer(authorization)
+    other = api_key.strip() if api_key else None
+    if key is not None and other and other != key:
+        raise ApiError(
+            401,
+            "Two different API keys: 'Authorization: Bearer' and 'x-api-key' must name the "
+            "same key, or send only one of them.",
+            "conflicting_api_keys",
+            headers={REQUEST_ID_HEADER: rid},
+        )
+    return key if key is not None else (other or None)
+
+
+def authenticate(
+    keys: KeyStore, authorization: str | None, rid: str, api_key: str | None = None
+) -> UserKey:
+    """The key's user; ApiError 401 for a missing, wrong or conflicting key, 403 for a
+    blocked one. ``api_key``: the ``x-api-key`` header, accepted like a Bearer token."""
+    headers = {REQUEST_ID_HEADER: rid}
+    key = presented_key(authorization, api_key, rid)
     if key is None:
         raise ApiError(
             401,
-            "Missing API key: send 'Authorization: Bearer <key>'.",
+            "Missing API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'.",
             "missing_api_key",
             headers=headers,
         )

@@ -17,12 +17,26 @@ from enum import Enum
 from broker.accounts.keys import UserKey
 from broker.api.input import ApiError
 from broker.core.demand import Ask, Demand
-from broker.core.limits import NO_LIMITS, Limits, RateInfo, Reason, Refusal, Reservation
+from broker.core.limits import NO_LIMITS, Limits, Reason, Refusal, Reservation
+from broker.core.rate_headers import go_duration, rate_headers
 from broker.core.response import Outcome
+from broker.core.route_shapes import shape_for
+from broker.core.shape import OPENAI, RouteShape
 from broker.metrics import BrokerMetrics
 from broker.state.limits import LimitState
 from shared.logging import get_logger
 from shared.protocol import REQUEST_ID_HEADER
+
+__all__ = [
+    "LimitGate",
+    "Reach",
+    "Ticket",
+    "actual_tokens",
+    "go_duration",
+    "key_subject",
+    "rate_headers",
+    "refusal_error",
+]
 
 log = get_logger("broker.limits")
 
@@ -40,36 +54,6 @@ class Ticket:
     reservation: Reservation
     demand: Demand
     headers: dict[str, str]
-
-
-def go_duration(seconds: float) -> str:
-    """A duration as OpenAI's reset headers write it (Go's style): ``12ms``, ``1s``, ``6m0s``."""
-    ms = max(0, round(seconds * 1000))
-    if ms == 0:
-        return "0s"
-    if ms < 1000:
-        return f"{ms}ms"
-    hours, rest = divmod(ms, 3_600_000)
-    minutes, rest = divmod(rest, 60_000)
-    secs = f"{rest / 1000:.3f}".rstrip("0").rstrip(".")
-    text = f"{hours}h" if hours else ""
-    if hours or minutes:
-        text += f"{minutes}m"
-    return f"{text}{secs}s"
-
-
-def rate_headers(info: RateInfo) -> dict[str, str]:
-    """OpenAI's ``x-ratelimit-*`` set for the dimensions that are limited."""
-    headers: dict[str, str] = {}
-    if info.limit_requests is not None:
-        headers["x-ratelimit-limit-requests"] = str(info.limit_requests)
-        headers["x-ratelimit-remaining-requests"] = str(info.remaining_requests)
-        headers["x-ratelimit-reset-requests"] = go_duration(info.reset_requests or 0.0)
-    if info.limit_tokens is not None:
-        headers["x-ratelimit-limit-tokens"] = str(info.limit_tokens)
-        headers["x-ratelimit-remaining-tokens"] = str(info.remaining_tokens)
-        headers["x-ratelimit-reset-tokens"] = go_duration(info.reset_tokens or 0.0)
-    return headers
 
 
 def key_subject(user: UserKey) -> str:
@@ -108,9 +92,12 @@ def _message(refusal: Refusal, demand: Demand) -> str:
     )
 
 
-def refusal_error(refusal: Refusal, demand: Demand, rid: str) -> ApiError:
-    """The 429 for a refused request: OpenAI's body, Retry-After and the rate headers."""
-    headers = {REQUEST_ID_HEADER: rid, **rate_headers(refusal.info)}
+def refusal_error(
+    refusal: Refusal, demand: Demand, rid: str, shape: RouteShape = OPENAI, now: float = 0.0
+) -> ApiError:
+    """The 429 for a refused request: Retry-After and the route's rate headers (its body
+    in the route's shape is made at the error boundary)."""
+    headers = {REQUEST_ID_HEADER: rid, **shape.rate_headers(refusal.info, now)}
     headers["Retry-After"] = str(max(1, math.ceil(refusal.retry_after)))
     headers["retry-after-ms"] = str(max(1, math.ceil(refusal.retry_after * 1000)))
     if refusal.retryable:
@@ -188,7 +175,8 @@ class LimitGate:
             return None
         counts_tokens = any(lim.counts_tokens for lim in limits)
         demand = ask.demand(path, self.default_max_tokens) if counts_tokens else NO_DEMAND
-        answer = await self.state.reserve(names, demand.total, limits, self.clock())
+        now = self.clock()
+        answer = await self.state.reserve(names, demand.total, limits, now)
         if isinstance(answer, Refusal):
             self.metrics.rate_limited(answer.reason.value)
             log.info(
@@ -201,8 +189,8 @@ class LimitGate:
                 requested=answer.requested,
                 retry_after_s=round(answer.retry_after, 3),
             )
-            raise refusal_error(answer, demand, rid)
-        return Ticket(answer, demand, rate_headers(answer.info))
+            raise refusal_error(answer, demand, rid, shape_for(path), now)
+        return Ticket(answer, demand, shape_for(path).rate_headers(answer.info, now))
 
     async def settle(self, ticket: Ticket | None, outcome: Outcome | None, reach: Reach) -> None:
         """End the reservation with what the request used; never raises."""

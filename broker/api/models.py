@@ -19,6 +19,7 @@ from broker.api.input import (
 )
 from broker.broker_state import BrokerState
 from broker.core.errors import BrokerError
+from broker.core.route_shapes import shape_for
 from broker.errors import error_response
 from shared.errors import quote
 from shared.protocol import REQUEST_ID_HEADER
@@ -45,7 +46,8 @@ def create_api_blueprint(state: BrokerState) -> Blueprint:
 
     @bp.errorhandler(BrokerError)
     async def api_error(exc: BrokerError) -> Response:
-        return error_response(exc)  # StateUnavailable too: 503 with Retry-After
+        # StateUnavailable too: 503 with Retry-After; in the shape of the route asked for.
+        return error_response(exc, shape=shape_for(request.path))
 
     @bp.after_request
     async def echo_label(response: Response) -> Response:
@@ -56,7 +58,8 @@ def create_api_blueprint(state: BrokerState) -> Blueprint:
 
     def checked() -> str:
         rid = new_request_id()
-        authenticate(state.keys, request.headers.get("Authorization"), rid)
+        headers = request.headers
+        authenticate(state.keys, headers.get("Authorization"), rid, headers.get("x-api-key"))
         return rid
 
     @bp.get("/v1/models")

@@ -31,6 +31,7 @@ from broker.broker_state import BrokerState
 from broker.core import DispatchError, Pending, Seen, StateUnavailable
 from broker.core.request_body import BodyRefused, JsonLimits, RequestBody, inspect
 from broker.core.response import Action, Begin, Body, Close, Outcome, ResponseMachine
+from broker.core.route_shapes import shape_for
 from broker.core.sse_usage import USAGE_PATHS
 from broker.errors import send_error
 from broker.forwarded import client_address, parse_networks
@@ -46,8 +47,15 @@ from shared.protocol import REQUEST_ID_HEADER, RequestItem
 log = get_logger("broker.api.models")
 
 
-# Client headers worth passing to the local LLM (never Authorization: the user's key stays here).
-_FORWARD_HEADERS = (b"accept", b"openai-beta", b"user-agent")
+# Client headers worth passing to the local LLM (never Authorization or x-api-key: the
+# user's key stays here). Anthropic's version and beta headers select the API's behaviour.
+_FORWARD_HEADERS = (
+    b"accept",
+    b"openai-beta",
+    b"user-agent",
+    b"anthropic-version",
+    b"anthropic-beta",
+)
 # An oversized body is still read (and dropped) up to this much: answering before the
 # client finished sending makes the server close a socket with unread data, which resets
 # the connection and the client never sees the 413.
@@ -177,7 +185,8 @@ class ApiRelay:
             if not isinstance(exc, ApiError):
                 log.exception("api_unhandled_error", error_type=type(exc).__name__)
             if not began:  # mid-answer, the user sees the stream end early
-                await send_error(tracked, exc, {REQUEST_ID_HEADER: rid})
+                shape = shape_for(_request_path(scope))  # the route decides the error's shape
+                await send_error(tracked, exc, {REQUEST_ID_HEADER: rid}, shape)
         finally:
             structlog.contextvars.unbind_contextvars("request_id", "client_request_id")
             _CLIENT_LABEL.reset(label_token)
@@ -186,7 +195,8 @@ class ApiRelay:
         self, scope: Scope, receive: Receive, send: Send, rid: str, started: float
     ) -> None:
         state = self.state
-        user = authenticate(state.keys, _header(scope, b"authorization"), rid)
+        authorization = _header(scope, b"authorization")
+        user = authenticate(state.keys, authorization, rid, _header(scope, b"x-api-key"))
         if self.hub.draining:
             raise ApiError(
                 503,
@@ -277,6 +287,7 @@ class ApiRelay:
             strip_usage=usage.strip,
             prompt_tokens=usage.prompt_tokens,
             extra_headers=limit_headers,
+            shape=shape_for(item.path),
         )
         progress.outcome = machine.outcome
         responder = AsgiResponder(self.hub, pending, channel, machine)

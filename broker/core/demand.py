@@ -2,10 +2,11 @@
 
 The rule (docs/limits.md): the prompt is its text's UTF-8 bytes divided by 4, rounded up,
 plus 4 per chat message for the role and separators (about what OpenAI's tokenizers
-spend); the completion is ``max_completion_tokens`` or ``max_tokens`` when the request
-names one, else the configured default; embeddings have no completion. Only text is
-counted: an image or audio part adds nothing to the estimate (its base64 bytes would
-overstate it a hundredfold); the settle after the response corrects to the real usage.
+spend), an Anthropic ``system`` prompt counted as text; the completion is
+``max_completion_tokens`` or ``max_tokens`` when the request names one, else the
+configured default; embeddings have no completion. Only text is counted: an image or
+audio part adds nothing to the estimate (its base64 bytes would overstate it a
+hundredfold); the settle after the response corrects to the real usage.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def _text_bytes(value: Any) -> int:
 def _prompt_tokens(body: dict[str, Any]) -> int:
     messages = body.get("messages")
     if isinstance(messages, list):
-        size = 0
+        size = _text_bytes(body.get("system"))  # Anthropic's system prompt is outside messages
         for message in messages:
             if isinstance(message, dict):
                 size += _text_bytes(message.get("content"))

@@ -16,7 +16,6 @@ estimated (``broker.core.sse_usage``), and ``partial`` when the answer did not c
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -24,8 +23,8 @@ from enum import Enum
 
 from broker.core.errors import BrokerError, connector_failure
 from broker.core.records import Failure, Pending
-from broker.core.sse_usage import StreamUsage, estimate_completion_tokens
-from shared.errors import normalize_error_body
+from broker.core.shape import DONE_EVENT as DONE_EVENT
+from broker.core.shape import OPENAI, RouteShape
 from shared.protocol import OVERHEAD_HEADER, REQUEST_ID_HEADER, ResponseEnd, ResponseHead
 
 Event = bytes | ResponseHead | ResponseEnd | Failure
@@ -53,23 +52,8 @@ MAX_HEADER_VALUE = 1024
 _HEADER_VALUE_OK = re.compile(r"[\x20-\x7e]*")  # printable ASCII: no CR, LF or NUL
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-DONE_EVENT = b"data: [DONE]\n\n"
 WAITING_COMMENT = b": waiting for the model\n\n"
 KEEPALIVE_COMMENT = b": keepalive\n\n"
-
-_PROMPT = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
-_COMPLETION = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
-TAIL_BYTES = 4096
-
-
-def extract_tokens(tail: bytes) -> tuple[int | None, int | None]:
-    """(prompt tokens, completion tokens) from the last usage object in ``tail``."""
-    prompt = _PROMPT.findall(tail)
-    completion = _COMPLETION.findall(tail)
-    return (
-        int(prompt[-1]) if prompt else None,
-        int(completion[-1]) if completion else None,
-    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,16 +102,6 @@ class Phase(Enum):
     DONE = "done"
 
 
-def sse_error(status: int, message: str, code: str, tail: bytes) -> bytes:
-    """An error event (after a blank line if the stream stopped mid-event) and [DONE]."""
-    return _sse_event(BrokerError(status, message, code).envelope(), tail)
-
-
-def _sse_event(body: bytes, tail: bytes) -> bytes:
-    prefix = b"" if not tail or tail.endswith(b"\n\n") else b"\n\n"
-    return prefix + b"data: " + body + b"\n\n" + DONE_EVENT
-
-
 def _value_ok(value: str) -> bool:
     return len(value) <= MAX_HEADER_VALUE and _HEADER_VALUE_OK.fullmatch(value) is not None
 
@@ -162,9 +136,11 @@ class ResponseMachine:
         strip_usage: bool = False,
         prompt_tokens: int | None = None,
         extra_headers: dict[str, str] | None = None,
+        shape: RouteShape = OPENAI,
     ) -> None:
         """``strip_usage``: the broker added ``include_usage`` to the upstream request, so
-        remove what that adds; ``prompt_tokens``: the estimate used when no usage comes."""
+        remove what that adds; ``prompt_tokens``: the estimate used when no usage comes;
+        ``shape``: the route's (``broker.core.route_shapes``): its errors and its usage."""
         self.pending = pending  # read only: for the queue time in the overhead figure
         self.stream = stream
         self.prompt_tokens = prompt_tokens
@@ -175,7 +151,8 @@ class ResponseMachine:
         self.outcome = Outcome()
         self._head: ResponseHead | None = None
         self._collected: list[bytes] = []
-        self._usage = StreamUsage(strip=strip_usage)
+        self.shape = shape
+        self._usage = shape.stream_usage(strip_usage)
         self._tail = b""
         self._last_beat = started
         self._committed = False
@@ -301,9 +278,9 @@ class ResponseMachine:
         self._end(head.status)
 
     def _upstream_error(self, head: ResponseHead, raw: bytes, out: list[Action]) -> None:
-        envelope = json.dumps(normalize_error_body(raw, head.status)).encode()
         if self._committed:
-            out += [Body(_sse_event(envelope, b""), upstream=False), CLOSE]
+            event = self.shape.upstream_stream_error(raw, head.status)
+            out += [Body(event, upstream=False), CLOSE]
         else:
             headers = self._base_headers()
             headers["Content-Type"] = "application/json"
@@ -311,20 +288,22 @@ class ResponseMachine:
             retry_after = upstream_retry_after(head)
             if retry_after is not None:
                 headers["Retry-After"] = retry_after
+            envelope = self.shape.upstream_error(raw, head.status)
             out += [Begin(head.status, headers), Body(envelope, upstream=False), CLOSE]
         self._end(head.status, "upstream_status")
 
     def _fail(self, status: int, code: str, message: str, out: list[Action]) -> None:
         if self.phase is Phase.STREAMING:
             self._settle_partial()
+        error = BrokerError(status, message, code)
         if self.begun:
-            out += [Body(sse_error(status, message, code, self._tail), upstream=False), CLOSE]
+            out += [Body(self.shape.stream_error(error, self._tail), upstream=False), CLOSE]
         else:
             headers = self._base_headers()
             headers["Content-Type"] = "application/json"
             if status == 503:
                 headers["Retry-After"] = "1"
-            body = BrokerError(status, message, code).envelope()
+            body = self.shape.error_body(error, self.pending.id)
             out += [Begin(status, headers), Body(body, upstream=False), CLOSE]
         self._end(status, code)
 
@@ -341,15 +320,18 @@ class ResponseMachine:
         if usage.exact:
             outcome.tokens_in, outcome.tokens_out = usage.tokens_in, usage.tokens_out
         else:
-            outcome.tokens_in, outcome.tokens_out = self.prompt_tokens, usage.deltas
+            # A prompt count the stream gave (Anthropic's message_start) beats the estimate.
+            known = usage.tokens_in
+            outcome.tokens_in = self.prompt_tokens if known is None else known
+            outcome.tokens_out = usage.deltas
             outcome.estimated = True
 
     def _settle_whole(self, raw: bytes) -> None:
         outcome = self.outcome
-        tokens_in, tokens_out = extract_tokens(raw[-TAIL_BYTES:])
+        tokens_in, tokens_out = self.shape.whole_usage(raw)
         if tokens_in is None and tokens_out is None:
             outcome.tokens_in = self.prompt_tokens
-            outcome.tokens_out = estimate_completion_tokens(raw)
+            outcome.tokens_out = self.shape.estimate_completion(raw)
             outcome.estimated = True
         else:  # embeddings report prompt tokens only: nothing came out
             outcome.tokens_in, outcome.tokens_out = tokens_in, tokens_out or 0

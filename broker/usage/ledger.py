@@ -18,7 +18,7 @@ import threading
 from dataclasses import astuple, dataclass, fields, replace
 from pathlib import Path
 
-from broker.core.response import TAIL_BYTES, extract_tokens
+from broker.core.shape import TAIL_BYTES, extract_tokens
 from shared.files import FILE_MODE, private_dir, private_file
 from shared.logging import get_logger
 

@@ -19,6 +19,8 @@ apart (0: written back to back). Otherwise the last user message chooses the ans
 - ``flood:<n>:<bytes>``        stream ``n`` chunks of ``bytes`` characters each, ``chunk_delay``
                                apart (a fast producer, for backpressure tests)
 Anything else: ``max_tokens`` chunks (default 5) ``tok0 tok1 ...``, ``chunk_delay`` apart.
+``/v1/messages`` and ``/v1/messages/count_tokens`` speak Anthropic's Messages API
+(``shared.bench.messages``), with the same prompts where they apply.
 
 Every request's target (method and target as sent) is kept in ``targets`` and each body
 in ``seen`` (unless ``record`` is off, as in the benchmark); a POST, PUT or DELETE to an
@@ -46,7 +48,10 @@ from http import HTTPStatus
 from typing import Any, Literal
 from urllib.parse import unquote
 
+from shared.bench import messages
+
 DONE = b"data: [DONE]\n\n"
+MESSAGES_ROUTES = ("/v1/messages", "/v1/messages/count_tokens")
 DEFAULT_TOKENS = 5
 HEAD_LIMIT = 1 << 20
 
@@ -183,7 +188,7 @@ class FakeLLM:
         if request.method == "GET" and path.rstrip("/") == "/v1/models":
             data = [{"id": m, "object": "model", "owned_by": "fake"} for m in self.models]
             return _json({"object": "list", "data": data})
-        routes = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+        routes = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", *MESSAGES_ROUTES)
         if request.method != "POST" or path not in routes:
             stray = request.method in ("POST", "PUT", "DELETE")
             return _json({"stray": True} if stray else {"error": "not found"}, 404)
@@ -194,6 +199,8 @@ class FakeLLM:
             self.seen.append(Seen(path, request.headers, body))
         if path == "/v1/embeddings":
             return _embeddings(body)
+        if path in MESSAGES_ROUTES:
+            return self._messages(path, body)
         return await self._answer(body, request)
 
     async def _write(
@@ -248,6 +255,20 @@ class FakeLLM:
         asked = bool((body.get("stream_options") or {}).get("include_usage"))
         usage = asked and self.usage_style != "ignore"
         events = self._counted(self._events(model, n, prompt, usage))
+        return Answer(stream=events, content_type="text/event-stream")
+
+    def _messages(self, path: str, body: dict[str, Any]) -> Answer:
+        """Anthropic's Messages API (``shared.bench.messages``)."""
+        if path.endswith("/count_tokens"):
+            return _json({"input_tokens": messages.INPUT_TOKENS})
+        prompt = messages.prompt_of(body)
+        if prompt.startswith("fail:"):
+            status = int(prompt.split(":", 1)[1])
+            return _json(messages.error(status), status)
+        if not body.get("stream"):
+            self.completed += 1
+            return _json(messages.message(body, prompt))
+        events = self._counted(messages.stream(body, prompt, self.chunk_delay))
         return Answer(stream=events, content_type="text/event-stream")
 
     async def _counted(self, events: AsyncGenerator[bytes, None]) -> AsyncGenerator[bytes, None]:
