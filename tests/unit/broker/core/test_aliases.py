@@ -52,7 +52,8 @@ LIMITS = JsonLimits(max_depth=32, max_elements=10_000)
     "raw",
     [
         b'{"model":"chat","messages":[{"role":"user","content":"hi"}]}',
-        b'{ "messages" : [ {"model": "inner", "content": "\\"model\\": x"} ] ,\n "model" : "chat" }',
+        b'{ "messages" : [ {"model": "inner", "content": "\\"model\\": x"} ] ,'
+        b'\n "model" : "chat" }',
         b'{"stream": true, "model": "ch\\u0061t", "metadata": {"model": "keep"}}',
         '{"model": "chat", "messages": [{"content": "héllo \\u00e9"}]}'.encode(),
     ],
