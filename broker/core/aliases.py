@@ -71,6 +71,11 @@ def session_routes(models: Iterable[str], name: str) -> list[str]:
     return plain + [f"{m}{PIN}{name}" for m in plain]
 
 
+def serves(route: str, models: Iterable[str], name: str) -> bool:
+    """Whether a session named ``name`` serving ``models`` takes requests for ``route``."""
+    return route in session_routes(models, name)
+
+
 def public_model(route: str) -> str:
     """The model a route is for (a pinned route's model; a plain route is the model)."""
     return route.split(PIN, 1)[0]

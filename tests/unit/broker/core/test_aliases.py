@@ -12,6 +12,7 @@ from broker.core.aliases import (
     fold_routes,
     public_model,
     public_models,
+    serves,
     session_routes,
 )
 from broker.core.request_body import JsonLimits, inspect, with_model
@@ -29,6 +30,9 @@ def test_a_pinned_target_routes_to_its_connector_only() -> None:
     # A connector name may hold '#': the model ends at the first one.
     assert public_model(Target("m", "a#b").route) == "m"
     assert fold_routes({"big": 1, "big#gpu-box": 2, "small": 3}) == {"big": 3, "small": 3}
+    assert serves("big#gpu-box", {"big"}, "gpu-box") and serves("big", {"big"}, "laptop")
+    assert not serves("big#gpu-box", {"big"}, "laptop")
+    assert not serves("small#gpu-box", {"big"}, "gpu-box")
 
 
 @pytest.mark.parametrize(
