@@ -8,12 +8,14 @@ from broker.accounts.enrollment import EnrollmentStore
 from broker.accounts.keys import KeyStore
 from broker.accounts.revocations import RevocationBoard
 from broker.accounts.users import UsersStore
+from broker.core.aliases import NO_ALIASES, AliasBook
 from broker.metrics import BrokerMetrics
 from broker.settings import BrokerSettings
 from broker.state.limits import LimitState
 from broker.state.memory.limits import MemoryLimitState
 from broker.state.relay import RelayState
 from broker.usage.ledger import UsageRecorder
+from broker.usage.models_file import ModelsFileWatch
 from broker.usage.prices import PriceBook
 
 
@@ -28,6 +30,8 @@ class BrokerState:
     usage: UsageRecorder | None = None
     enrollment: EnrollmentStore | None = None
     prices: PriceBook | None = None  # from --models-file
+    aliases: AliasBook = NO_ALIASES  # from --models-file (docs/aliases.md)
+    models_file: ModelsFileWatch | None = None  # re-read on change: prices and aliases
     # The limit counters (docs/limits.md): in memory here, shared when brokers scale out.
     limiter: LimitState = field(default_factory=MemoryLimitState)
     # Key revocations and user blocks shared by several brokers (--redis-url only).

@@ -27,6 +27,7 @@ from broker.api.relay import ApiRelay
 from broker.asgi import BrokerASGI
 from broker.broker_state import BrokerState
 from broker.core import StateUnavailable, Timings
+from broker.core.aliases import NO_ALIASES
 from broker.core.errors import BrokerError
 from broker.errors import error_response
 from broker.metrics import BrokerMetrics
@@ -47,7 +48,7 @@ from broker.state.redis.limits import RedisLimitState
 from broker.state.redis.portal_sessions import RedisSessions
 from broker.state.relay import RelayState, RelayView
 from broker.usage.ledger import UsageRecorder
-from broker.usage.prices import load_prices
+from broker.usage.models_file import ModelsFileWatch
 from shared.logging import get_logger
 from shared.templates import render
 
@@ -125,7 +126,8 @@ def build_state(settings: BrokerSettings, keys: KeyStore | None = None) -> Broke
     # Approved connectors keep working with enrollment turned off later: always loaded.
     enrollment = EnrollmentStore(settings.enrolled_path)
     keys.attach_connectors(enrollment.lookup, enrollment.upstream_key)
-    prices = load_prices(settings.models_file) if settings.models_file else None
+    models_file = ModelsFileWatch(settings.models_file) if settings.models_file else None
+    catalog = models_file.catalog if models_file is not None else None
     return BrokerState(
         settings=settings,
         relay=hub,
@@ -134,7 +136,9 @@ def build_state(settings: BrokerSettings, keys: KeyStore | None = None) -> Broke
         users=build_users(settings, keys, revocations),
         usage=usage,
         enrollment=enrollment,
-        prices=prices,
+        prices=catalog.prices if catalog is not None else None,
+        aliases=catalog.aliases if catalog is not None else NO_ALIASES,
+        models_file=models_file,
         limiter=limiter,
         revocations=revocations,
     )
@@ -235,6 +239,8 @@ def _add_lifecycle(app: Quart, state: BrokerState, portal: PortalContext) -> Non
             await state.usage.start()
         spawn("reload-keys", _reload_keys(state))
         spawn("reload-users", _maintain_users(state.users, state.settings.users_reload_interval))
+        if state.models_file is not None:
+            spawn("reload-models-file", _reload_models_file(state, state.models_file))
         if state.revocations is not None:
             await state.revocations.sync()  # before the first request: else it answers 503
             spawn("sync-revocations", _sync_revocations(state))
@@ -286,6 +292,15 @@ async def _reload_keys(state: BrokerState) -> None:
                 await end_sessions(state, identity)
 
 
+async def _reload_models_file(state: BrokerState, watch: ModelsFileWatch) -> None:
+    """Prices and aliases follow the models file's edits (the last good one on a bad edit)."""
+    while True:
+        await asyncio.sleep(2.0)
+        catalog = await asyncio.to_thread(watch.reload)
+        if catalog is not None:
+            state.prices, state.aliases = catalog.prices, catalog.aliases
+
+
 async def _maintain_users(users: UsersStore, interval: float) -> None:
     """Reload the users file when it changes; write last-used times in batches."""
     since_flush = 0.0
@@ -325,7 +340,10 @@ def create_health_app(state: BrokerState) -> Quart:
             view = await state.relay.view()
         except StateUnavailable as exc:
             return error_response(exc)
-        return Response(state.metrics.render(view), content_type=CONTENT_TYPE_LATEST)
+        return Response(
+            state.metrics.render(view, frozenset(state.aliases.aliases)),
+            content_type=CONTENT_TYPE_LATEST,
+        )
 
     @app.get("/ready")
     async def ready() -> Response:

@@ -116,6 +116,13 @@ class BrokerMetrics:
             ["reason"],
             registry=self.registry,
         )
+        self.alias_requests = Counter(
+            "remotellm_alias_requests",
+            "API requests that named an alias, by the model that served them, the alias and "
+            "final status (docs/aliases.md)",
+            ["model", "alias", "status"],
+            registry=self.registry,
+        )
         self._seen_redispatches = 0
         # Model -> the labelled series recorded for it: a forgotten model's are removed.
         self._series: dict[str, set[tuple[MetricWrapperBase, tuple[str, ...]]]] = {}
@@ -145,6 +152,10 @@ class BrokerMetrics:
         if queue_wait_s is not None:
             self._label(self.queue_wait, model).observe(queue_wait_s)
 
+    def alias_done(self, model: str, alias: str, status: int) -> None:
+        """A request that named ``alias`` ended, served by ``model`` (a target's model)."""
+        self._label(self.alias_requests, model, alias, str(status)).inc()
+
     def rate_limited(self, reason: str) -> None:
         self.rate_limited_requests.labels(reason).inc()
 
@@ -160,8 +171,9 @@ class BrokerMetrics:
             for metric, values in self._series.pop(model):
                 metric.remove(*values)
 
-    def render(self, view: RelayView) -> bytes:
-        self.prune(view.known_models)
+    def render(self, view: RelayView, aliases: frozenset[str] = frozenset()) -> bytes:
+        """``aliases``: names whose series stay (a refused alias request is labelled so)."""
+        self.prune(view.known_models | aliases)
         self._relay.view = view
         total = view.redispatched
         if total > self._seen_redispatches:

@@ -84,7 +84,8 @@ class BrokerSettings(FileAwareSettings):
         None,
         description="YAML file of token prices per model (`currency`, `models: {<model>: "
         "{input_per_million, output_per_million}}`): adds cost columns wherever usage is "
-        "shown (docs/usage.md).",
+        "shown (docs/usage.md); and model aliases with fallback (`aliases: {<name>: "
+        "[<model> or {model, connector}, ...]}`, docs/aliases.md). Re-read on change.",
     )
     generate_credentials: bool = Field(
         True,

@@ -24,28 +24,18 @@ from typing import Any, Generic, TypeVar
 import yaml
 
 from shared.errors import ConfigError
-from shared.files import private_dir, write_atomic
+from shared.files import Stamp, file_stamp, private_dir, write_atomic
 from shared.logging import get_logger
 
 log = get_logger("broker.accounts")
 
 T = TypeVar("T")
 R = TypeVar("R")
-Stamp = tuple[int, int, int]
 _MISSING: Stamp = (-1, -1, -1)  # the stamp of "no file" where a file is required
 
 
 class FileBroken(ConfigError):
     """The file on disk does not parse: changes wait until the operator fixes it."""
-
-
-def file_stamp(path: Path) -> Stamp | None:
-    """What changes when the file is replaced or edited; None when there is no file."""
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
 def write_yaml_atomic(path: Path, data: Any) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 
 from quart import Blueprint, Response, request
 
+from broker.api.aliasing import alias_fields
 from broker.api.input import (
     CLIENT_REQUEST_ID_HEADER,
     ApiError,
@@ -62,17 +63,29 @@ def create_api_blueprint(state: BrokerState) -> Blueprint:
         authenticate(state.keys, headers.get("Authorization"), rid, headers.get("x-api-key"))
         return rid
 
+    def alias_entry(name: str, live: dict[str, list[str]]) -> dict[str, Any] | None:
+        alias = state.aliases.get(name)
+        if alias is None:
+            return None
+        return model_entry(name, []) | alias_fields(alias, live)
+
     @bp.get("/v1/models")
     async def list_models() -> Response:
         rid = checked()
         live = (await hub.view()).live_models
-        data = [model_entry(m, owners) for m, owners in sorted(live.items())]
+        # An alias shadows a served model of its name (docs/aliases.md): listed once, as it.
+        names = sorted(set(live) | set(state.aliases.aliases))
+        data = [alias_entry(m, live) or model_entry(m, live[m]) for m in names]
         return _json({"object": "list", "data": data}, rid)
 
     @bp.get("/v1/models/<path:model_id>")
     async def get_model(model_id: str) -> Response:
         rid = checked()
-        owners = (await hub.view()).live_models.get(model_id)
+        live = (await hub.view()).live_models
+        entry = alias_entry(model_id, live)
+        if entry is not None:
+            return _json(entry, rid)
+        owners = live.get(model_id)
         if owners is None:
             raise ApiError(
                 404,

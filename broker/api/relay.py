@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import structlog
 
 from broker.accounts.keys import UserKey
+from broker.api.aliasing import SERVED_MODEL_HEADER, Resolved, submit_alias
 from broker.api.input import (
     CLIENT_REQUEST_ID_HEADER,
     ApiError,
@@ -238,7 +239,8 @@ class ApiRelay:
             ticket = await self.gate.admit(user, request.ask, item.path, rid)
         except ApiError as exc:  # over a limit: 429, recorded like the relay's refusals
             try:
-                live = item.model in (await self.hub.view()).live_models
+                live = item.model in state.aliases.aliases
+                live = live or item.model in (await self.hub.view()).live_models
             except StateUnavailable:
                 live = False
             self._refused(rid, user, item, exc.status, exc.code, started, known=live)
@@ -268,10 +270,19 @@ class ApiRelay:
     ) -> None:
         state = self.state
         limit_headers = ticket.headers if ticket is not None else {}
+        alias = state.aliases.get(item.model)
+        resolved: Resolved | None = None
         try:
-            pending, channel = await self.hub.submit(item, user=user.id)
+            if alias is None:
+                pending, channel = await self.hub.submit(item, user=user.id)
+            else:
+                limit = state.settings.max_request_body
+                resolved = await submit_alias(self.hub, item, alias, user.id, limit)
+                pending, channel = resolved.pending, resolved.channel
+                limit_headers = {**limit_headers, SERVED_MODEL_HEADER: resolved.target.model}
         except DispatchError as exc:
-            self._refused(rid, user, item, exc.status, exc.code, started, exc.status != 404)
+            known = exc.status != 404 or alias is not None
+            self._refused(rid, user, item, exc.status, exc.code, started, known)
             exc.headers.update(limit_headers)
             raise
         progress.pending = pending
@@ -294,7 +305,7 @@ class ApiRelay:
         try:
             await responder.run(receive, send)
         finally:
-            self._done(rid, user, item, pending, machine.outcome, address, started)
+            self._done(rid, user, item, pending, machine.outcome, address, started, resolved)
 
     def _item(self, scope: Scope, rid: str, path: str, request: RequestBody) -> RequestItem:
         headers = {REQUEST_ID_HEADER: rid, "content-type": "application/json"}
@@ -340,17 +351,24 @@ class ApiRelay:
         outcome: Outcome,
         client: str | None,
         started: float,
+        resolved: Resolved | None = None,
     ) -> None:
         duration = self.hub.clock() - started
         ttfb = outcome.ttfb_ms / 1000.0 if outcome.ttfb_ms is not None else None
         metrics = self.state.metrics
-        metrics.request_done(item.model, outcome.status, ttfb, duration)
-        metrics.usage_done(item.model, outcome.tokens_in, outcome.tokens_out, pending.queue_wait)
-        self._usage(rid, user, item, outcome.status, duration, pending.connector, outcome)
+        # An alias's request counts under the model that served it, and under the alias.
+        model = item.model if resolved is None else resolved.target.model
+        metrics.request_done(model, outcome.status, ttfb, duration)
+        metrics.usage_done(model, outcome.tokens_in, outcome.tokens_out, pending.queue_wait)
+        if resolved is not None:
+            metrics.alias_done(model, resolved.alias, outcome.status)
+        served = resolved.target.model if resolved is not None else None
+        self._usage(rid, user, item, outcome.status, duration, pending.connector, outcome, served)
         log.info(
             "request_done",
             request_id=rid,
-            model=item.model,
+            model=model,
+            alias=resolved.alias if resolved is not None else None,
             user=user.id,
             client=client,
             connector=pending.connector,
@@ -377,15 +395,19 @@ class ApiRelay:
         duration: float,
         connector: str | None,
         outcome: Outcome | None,
+        served: str | None = None,
     ) -> None:
+        """``served``: the real model that served an alias's request (``item.model`` names
+        the alias then); None for a request that named a model, or an alias none served."""
         if self.state.usage is None:
             return
+        named_alias = item.model in self.state.aliases.aliases
         self.state.usage.record(
             UsageRecord(
                 ts=time.time(),
                 request_id=rid,
                 user_id=user.id,
-                model=item.model,
+                model=served or item.model,
                 connector=connector,
                 status=status,
                 stream=item.stream,
@@ -398,6 +420,7 @@ class ApiRelay:
                 estimated=outcome.estimated if outcome else False,
                 partial=outcome.partial if outcome else False,
                 client_request_id=_CLIENT_LABEL.get(),
+                alias=item.model if named_alias or served is not None else None,
             )
         )
 

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from typing import Protocol
 
 from broker.core import failures
+from broker.core.aliases import fold_routes, is_pinned
 from broker.core.errors import (
     LeaseError,
     SessionReplaced,
@@ -529,10 +530,12 @@ class RelayCore:
         return {
             model: sorted(self.sessions[s].name for s in ids)
             for model, ids in self._serving.items()
+            if not is_pinned(model)
         }
 
     def queue_depth(self) -> dict[str, int]:
-        return {model: len(q) for model, q in self.queues.items() if q}
+        """Requests waiting per model (a pinned route's count under its model)."""
+        return fold_routes({model: len(q) for model, q in self.queues.items() if q})
 
     def in_flight(self) -> int:
         return len(self.requests)

@@ -29,7 +29,7 @@ from typing import Any
 from broker.core.demand import Ask, ask_of
 from broker.core.sse_usage import with_include_usage
 
-__all__ = ["BodyRefused", "JsonLimits", "RequestBody", "inspect"]
+__all__ = ["BodyRefused", "JsonLimits", "RequestBody", "inspect", "with_model"]
 
 _STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"?', re.DOTALL)
 _OPEN = 2  # a bracket's mark in the depth scan; a closing one is 0
@@ -115,3 +115,44 @@ def inspect(raw: bytes, limits: JsonLimits, ask_usage: bool) -> RequestBody:
         ask=ask_of(body),
         usage_added=rewritten is not None,
     )
+
+
+_KEY_END = re.compile(rb"\s*:\s*")
+
+
+def _model_spans(raw: bytes) -> list[tuple[int, int]]:
+    """Where each top-level ``"model"`` member's value (a string token) sits in ``raw``."""
+    spans: list[tuple[int, int]] = []
+    depth = 0
+    pos = 0
+    strings = list(_STRING.finditer(raw))
+    for i, match in enumerate(strings):
+        between = raw[pos : match.start()]
+        depth += between.count(b"{") + between.count(b"[")
+        depth -= between.count(b"}") + between.count(b"]")
+        pos = match.end()
+        if depth != 1 or i + 1 == len(strings):
+            continue
+        colon = _KEY_END.match(raw, pos)
+        if colon is None or json.loads(match.group()) != "model":
+            continue
+        value = strings[i + 1]
+        if value.start() == colon.end():
+            spans.append((value.start(), value.end()))
+    return spans
+
+
+def with_model(raw: bytes, model: str) -> bytes:
+    """``raw`` (a JSON object whose ``model`` is a string) naming ``model`` instead.
+
+    The client's bytes stay as they were but for the one value; a body that names ``model``
+    more than once at the top level is re-serialized from its parsed form instead (the
+    last member wins, as in the parse that routed it).
+    """
+    spans = _model_spans(raw)
+    if len(spans) == 1:
+        start, end = spans[0]
+        return raw[:start] + json.dumps(model).encode() + raw[end:]
+    body = json.loads(raw)
+    body["model"] = model
+    return json.dumps(body, ensure_ascii=False).encode()

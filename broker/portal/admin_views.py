@@ -12,6 +12,7 @@ from datetime import datetime
 
 from broker.accounts.enrollment import Enrolled
 from broker.accounts.users import KeyActionRefused, LimitsEntry, UserEntry, UsersStore
+from broker.core.aliases import serves
 from broker.core.limits import LIMIT_FIELDS, UNLIMITED, Limits, Override, SubjectUsage
 from broker.state.relay import RelayView, Waiting
 from shared.protocol import EnrollStatus
@@ -137,13 +138,14 @@ def session_rows(
 def queue_rows(
     view: RelayView, queued: dict[str, list[Waiting]], names: dict[str, str]
 ) -> list[QueueRow]:
-    """Every model that is live or has waiting requests, busiest first."""
+    """Every model that is live or has waiting requests, busiest first (an alias's pinned
+    route, ``model#connector``, is a row of its own: only that connector serves it)."""
     models = set(view.live_models) | {m for m, q in queued.items() if q}
     rows = []
     for model in models:
         waiting = queued.get(model, [])
         per_user = Counter(names.get(p.user or "", p.user or "anonymous") for p in waiting)
-        serving = [s for s in view.sessions.values() if model in s.models]
+        serving = [s for s in view.sessions.values() if serves(model, s.models, s.name)]
         rows.append(
             QueueRow(
                 model=model,

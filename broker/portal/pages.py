@@ -18,8 +18,9 @@ STATIC_FILES = ("portal.css", "portal.js", "playground.js", "markdown.js")
 
 
 async def live_models(state: BrokerState) -> list[str]:
-    """The models live right now (the one place the portal asks the relay core)."""
-    return sorted((await state.relay.view()).live_models)
+    """The models live right now and the aliases (docs/aliases.md), as /v1/models lists
+    them (the one place the portal asks the relay core)."""
+    return sorted(set((await state.relay.view()).live_models) | set(state.aliases.aliases))
 
 
 def page(name: str, status: int = 200, **context: object) -> Response:

@@ -27,6 +27,7 @@ from broker.accounts.keys import ConnectorIdentity, bearer
 from broker.asgi import Receive, Scope, Send
 from broker.broker_state import BrokerState
 from broker.core import LeaseError, UnknownSession
+from broker.core.aliases import session_routes
 from broker.core.errors import BrokerError
 from broker.errors import send_error
 from broker.relay import enroll as enroll_relay
@@ -264,11 +265,13 @@ class RelayApp:
             offered = self.state.settings.mux_upload
             wants = req.mux_upload or mode is UploadMode.MUX
             mode = UploadMode.MUX if wants and offered else UploadMode.STREAM
+        name = ident.name or req.name
         session, replaced = await self.hub.register(
             owner=ident.id,
-            name=ident.name or req.name,
+            name=name,
             instance_id=req.instance_id,
-            models=models,
+            # Each model also pinned to this name: what an alias's pinned target routes to.
+            models=session_routes(models, name),
             capacity=req.capacity,
             capacity_source=req.capacity_source,
             version=req.version,
@@ -281,7 +284,7 @@ class RelayApp:
             session=session.id,
             connector=session.name,
             identity=ident.id,
-            models=sorted(session.models),
+            models=sorted(models),
             capacity=session.capacity,
             capacity_source=session.capacity_source,
             upload_mode=mode.value,
@@ -345,7 +348,8 @@ class RelayApp:
         update = await call.model(ModelsUpdate)
         session_id = call.params[0]
         models, refused = self._claims(call.ident, update.models)
-        await self.hub.update_models(call.ident.id, session_id, models)
+        name = (await self.hub.session(call.ident.id, session_id)).name
+        await self.hub.update_models(call.ident.id, session_id, session_routes(models, name))
         log.info("session_models", session=session_id, models=sorted(models))
         self._log_refused(session_id, call.ident, refused)
         reply = ModelsUpdated(models=models, refused=refused)

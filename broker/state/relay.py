@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from broker.core import Failure, Pending, Seen, Session
+from broker.core.aliases import public_models
 from broker.core.response import Event
 from shared.logging import get_logger
 from shared.protocol import Replaced, RequestItem, ResponseEnd, ResponseHead, UploadMode, WorkItem
@@ -117,7 +118,7 @@ def session_view(session: Session, now: float) -> SessionView:
         id=session.id,
         name=session.name,
         owner=session.owner,
-        models=session.models,
+        models=public_models(session.models),
         capacity=session.capacity,
         capacity_source=session.capacity_source,
         active=len(session.active),

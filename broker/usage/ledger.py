@@ -47,6 +47,9 @@ class UsageRecord:
     partial: bool = False  # the answer did not complete (client left, or it failed midway)
     # The API user's own x-request-id, a label only (request_id is the broker's UUID).
     client_request_id: str | None = None
+    # The alias the API user named, when it named one (``model`` is then the real model
+    # that served it, or the alias itself when no target could: docs/aliases.md).
+    alias: str | None = None
 
 
 _COLUMNS = [f.name for f in fields(UsageRecord)]
@@ -67,7 +70,8 @@ CREATE TABLE IF NOT EXISTS usage (
     key_name TEXT,
     estimated INTEGER NOT NULL DEFAULT 0,
     partial INTEGER NOT NULL DEFAULT 0,
-    client_request_id TEXT
+    client_request_id TEXT,
+    alias TEXT
 );
 """
 # Created after the migration below, so old databases get them too.
@@ -82,6 +86,7 @@ _ADDED = {
     "estimated": "INTEGER NOT NULL DEFAULT 0",
     "partial": "INTEGER NOT NULL DEFAULT 0",
     "client_request_id": "TEXT",
+    "alias": "TEXT",
 }
 
 

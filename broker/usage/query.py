@@ -21,7 +21,7 @@ from broker.usage.ledger import UsageRecord
 from broker.usage.prices import PriceBook
 from shared.errors import RemoteLLMError
 
-Group = Literal["user", "model", "day", "connector"]
+Group = Literal["user", "model", "day", "connector", "alias"]
 GROUPS: tuple[str, ...] = get_args(Group)
 TOTAL_KEY = "TOTAL"
 CLIENT_GONE = 499
@@ -31,6 +31,7 @@ _KEY_SQL: dict[str, str] = {
     "model": "model",
     "day": "date(ts, 'unixepoch')",
     "connector": "coalesce(connector, '-')",
+    "alias": "coalesce(alias, '-')",  # the alias a request named (docs/aliases.md)
 }
 _ERROR_SQL = f"CASE WHEN status >= 400 AND status != {CLIENT_GONE} THEN 1 ELSE 0 END"
 

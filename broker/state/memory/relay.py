@@ -14,6 +14,7 @@ import functools
 import time
 
 from broker.core import Failure, Pending, RelayCore, Seen, Session, Timings
+from broker.core.aliases import fold_routes
 from broker.state.channel import ResponseChannel
 from broker.state.relay import (
     Clock,
@@ -276,7 +277,7 @@ class MemoryRelayState:
             queue_depth=core.queue_depth(),
             in_flight=core.in_flight(),
             redispatched=core.redispatched,
-            slot_waits=dict(core.slot_waits),
+            slot_waits=fold_routes(core.slot_waits),
             known_models=frozenset(core.known_models),
             draining=core.draining,
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from broker.core import Session
+from broker.core.aliases import public_models
 from broker.state.relay import SessionView
 from shared.protocol import UploadMode
 
@@ -34,7 +35,7 @@ def session_view(sid: str, f: dict[str, str], active: int, now: float) -> Sessio
         id=sid,
         name=s.name,
         owner=s.owner,
-        models=s.models,
+        models=public_models(s.models),
         capacity=s.capacity,
         capacity_source=s.capacity_source,
         active=active,

@@ -41,6 +41,7 @@ from broker.core import (
     TooManySessions,
     UnknownSession,
 )
+from broker.core.aliases import fold_routes
 from broker.core.failures import STATE_UNAVAILABLE, refusal
 from broker.core.relay import new_session_id
 from broker.core.timers import Deadlines, Kind, Throttle
@@ -520,10 +521,10 @@ class RedisRelayState:
         return RelayView(
             sessions=sessions,
             live_models={m: sorted(names) for m, names in live.items()},
-            queue_depth={k.decode(): int(v) for k, v in qlen.items() if int(v) > 0},
+            queue_depth=fold_routes({k.decode(): int(v) for k, v in qlen.items() if int(v) > 0}),
             in_flight=int(reqs),
             redispatched=int(redisp or 0),
-            slot_waits={k.decode(): int(v) for k, v in slotw.items()},
+            slot_waits=fold_routes({k.decode(): int(v) for k, v in slotw.items()}),
             known_models=frozenset(m.decode() for m in known) | live.keys(),
             draining=self._draining,
         )

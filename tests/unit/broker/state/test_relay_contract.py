@@ -29,6 +29,7 @@ from broker.core import (
     UnknownSession,
 )
 from broker.core import failures as rules
+from broker.core.aliases import Target, session_routes
 from broker.state.channel import ResponseChannel
 from broker.state.memory.relay import MemoryRelayState
 from broker.state.redis import RedisRelayState, connect
@@ -200,6 +201,42 @@ async def deregistering_requeues_the_leased_and_fails_the_active(r: Relay) -> No
     await r.advance(0)
     assert await failure_of(active) == rules.connector_gone(rules.STOPPED)
     assert (await r.state.view()).queue_depth == {"m": 1}
+
+
+async def register_routes(r: Relay, name: str) -> str:
+    """A session as the relay app registers it: each model also pinned to its name."""
+    session, _ = await r.state.register(
+        owner="o",
+        name=name,
+        instance_id="i-" + name,
+        models=session_routes(["m"], name),
+        capacity=1,
+        capacity_source="--capacity",
+        version="t",
+        upload_mode=UploadMode.STREAM,
+        upstream_api_key=None,
+    )
+    return session.id
+
+
+@scenario
+async def a_pinned_route_reaches_only_the_session_of_its_name(r: Relay) -> None:
+    c1 = await register_routes(r, "c1")
+    c2 = await register_routes(r, "c2")
+    await r.state.submit(item("r1", model=Target("m", "c2").route))
+    view = await r.state.view()
+    # Views show models only: a pinned route counts under its model.
+    assert view.live_models == {"m": ["c1", "c2"]}
+    assert {s.models for s in view.sessions.values()} == {frozenset({"m"})}
+    assert view.queue_depth == {"m": 1}
+    assert await r.handed(c1) == []
+    assert await r.handed(c2) == [("r1", 1)]
+    with pytest.raises(UnknownModel):
+        await r.state.submit(item("r2", model=Target("m", "c3").route))
+    await r.state.deregister("o", c2)
+    with pytest.raises(DispatchError) as caught:  # known for the grace, like any model
+        await r.state.submit(item("r3", model=Target("m", "c2").route))
+    assert caught.value.code == "no_connector"
 
 
 # -- requests ------------------------------------------------------------------------------

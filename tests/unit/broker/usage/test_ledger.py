@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from broker.cli import main as broker_cli
 from broker.cli.usage import parse_when
 from broker.usage.ledger import UsageRecord, UsageRecorder
-from broker.usage.prices import PricesFileError, load_prices, parse_prices
+from broker.usage.prices import PricesFileError, load_prices, parse_models_file
 from broker.usage.query import (
     LedgerMissing,
     UsageFilter,
@@ -149,7 +149,7 @@ async def test_totals_by_day_model_connector_and_filters(ledger: Path) -> None:
 
 
 async def test_costs_sum_priced_models_only(ledger: Path) -> None:
-    prices = parse_prices(PRICES, "prices.yaml")
+    prices = parse_models_file(PRICES, "prices.yaml").prices
     rows = {r.key: r for r in totals(ledger, UsageFilter(), "model", prices)}
     big = rows["big"]  # 1020 in, 2107 out
     assert big.cost_in == pytest.approx(1020 * 2.0 / 1e6)
@@ -200,7 +200,10 @@ def test_a_missing_database_is_a_clear_error(tmp_path: Path) -> None:
             "    per_request: 3\n",
             "models.m.per_request: Extra inputs are not permitted",
         ),
-        ("models: {}\n", "currency: Field required"),
+        (
+            "models:\n  m: {input_per_million: 1, output_per_million: 1}\n",
+            "`currency` is required",
+        ),
         (
             "currency: EUR\nmodels:\n  m: {input_per_million: -1, output_per_million: 1}\n",
             "greater than or equal to 0",
@@ -211,7 +214,7 @@ def test_a_missing_database_is_a_clear_error(tmp_path: Path) -> None:
 )
 def test_prices_file_errors_say_what_is_wrong(text: str, message: str) -> None:
     with pytest.raises(PricesFileError, match=message.replace("[", r"\[")):
-        parse_prices(text, "models.yaml")
+        parse_models_file(text, "models.yaml")
 
 
 def test_unreadable_prices_file(tmp_path: Path) -> None:
