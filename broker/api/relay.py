@@ -32,6 +32,7 @@ from broker.core import DispatchError, Pending, Seen, StateUnavailable
 from broker.core.request_body import BodyRefused, JsonLimits, RequestBody, inspect
 from broker.core.response import Action, Begin, Body, Close, Outcome, ResponseMachine
 from broker.core.sse_usage import USAGE_PATHS
+from broker.core.wire import Wire
 from broker.errors import send_error
 from broker.forwarded import client_address, parse_networks
 from broker.metrics import UNKNOWN_MODEL_LABEL
@@ -134,6 +135,12 @@ async def read_body(receive: Receive, declared: str | None, limit: int, rid: str
 
 
 class ApiRelay:
+    """``POST /v1/*``. A route family with its own wire format and error shape (Ollama's
+    native API: ``broker/api/ollama.py``) subclasses it and overrides the hooks below the
+    relay itself: ``wire``, ``route``, ``read``, ``check_engine``, ``send_error``."""
+
+    wire = Wire()
+
     def __init__(self, state: BrokerState) -> None:
         self.state = state
         self.hub = state.relay
@@ -177,7 +184,7 @@ class ApiRelay:
             if not isinstance(exc, ApiError):
                 log.exception("api_unhandled_error", error_type=type(exc).__name__)
             if not began:  # mid-answer, the user sees the stream end early
-                await send_error(tracked, exc, {REQUEST_ID_HEADER: rid})
+                await self.send_error(tracked, exc, {REQUEST_ID_HEADER: rid})
         finally:
             structlog.contextvars.unbind_contextvars("request_id", "client_request_id")
             _CLIENT_LABEL.reset(label_token)
@@ -195,7 +202,7 @@ class ApiRelay:
                 headers={REQUEST_ID_HEADER: rid, "Retry-After": "2"},
             )
         try:
-            path = relayed_path(_request_path(scope), self.routes)
+            path = self.route(_request_path(scope))
         except PathRefused as exc:  # before the body is read and anything is queued
             raise ApiError(
                 exc.status, exc.message, exc.code, headers={REQUEST_ID_HEADER: rid}
@@ -205,7 +212,7 @@ class ApiRelay:
         # Ask a streaming upstream for its usage chunk; the machine removes it again.
         asks = state.settings.ask_stream_usage and path in USAGE_PATHS
         try:
-            request = inspect(raw, self.json_limits, asks)
+            request = self.read(raw, path, asks)
         except BodyRefused as exc:
             raise ApiError(
                 400, exc.message, exc.code, param=exc.param, headers={REQUEST_ID_HEADER: rid}
@@ -224,6 +231,7 @@ class ApiRelay:
                 param="model",
                 headers={REQUEST_ID_HEADER: rid},
             )
+        await self.check_engine(rid, user, item, started)
         try:
             ticket = await self.gate.admit(user, request.ask, item.path, rid)
         except ApiError as exc:  # over a limit: 429, recorded like the relay's refusals
@@ -277,6 +285,7 @@ class ApiRelay:
             strip_usage=usage.strip,
             prompt_tokens=usage.prompt_tokens,
             extra_headers=limit_headers,
+            wire=self.wire,
         )
         progress.outcome = machine.outcome
         responder = AsgiResponder(self.hub, pending, channel, machine)
@@ -284,6 +293,25 @@ class ApiRelay:
             await responder.run(receive, send)
         finally:
             self._done(rid, user, item, pending, machine.outcome, address, started)
+
+    # -- what a route family changes -----------------------------------------------------
+
+    def route(self, path: str) -> str:
+        """The path relayed for ``path`` as sent, or PathRefused (before the body is read)."""
+        return relayed_path(path, self.routes)
+
+    def read(self, raw: bytes, path: str, ask_usage: bool) -> RequestBody:
+        """The body checked once (shape, JSON, model), or BodyRefused."""
+        return inspect(raw, self.json_limits, ask_usage)
+
+    async def check_engine(
+        self, rid: str, user: UserKey, item: RequestItem, started: float
+    ) -> None:
+        """Refuse (ApiError) a request no connector of the right engine could serve."""
+
+    async def send_error(self, send: Send, exc: BaseException, headers: dict[str, str]) -> None:
+        """The broker's own error answer, in the route family's shape."""
+        await send_error(send, exc, headers)
 
     def _item(self, scope: Scope, rid: str, path: str, request: RequestBody) -> RequestItem:
         headers = {REQUEST_ID_HEADER: rid, "content-type": "application/json"}

@@ -16,7 +16,6 @@ estimated (``broker.core.sse_usage``), and ``partial`` when the answer did not c
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -24,8 +23,7 @@ from enum import Enum
 
 from broker.core.errors import BrokerError, connector_failure
 from broker.core.records import Failure, Pending
-from broker.core.sse_usage import StreamUsage, estimate_completion_tokens
-from shared.errors import normalize_error_body
+from broker.core.wire import DONE_EVENT, TAIL_BYTES, Wire, extract_tokens, sse_event
 from shared.protocol import OVERHEAD_HEADER, REQUEST_ID_HEADER, ResponseEnd, ResponseHead
 
 Event = bytes | ResponseHead | ResponseEnd | Failure
@@ -53,23 +51,23 @@ MAX_HEADER_VALUE = 1024
 _HEADER_VALUE_OK = re.compile(r"[\x20-\x7e]*")  # printable ASCII: no CR, LF or NUL
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-DONE_EVENT = b"data: [DONE]\n\n"
 WAITING_COMMENT = b": waiting for the model\n\n"
 KEEPALIVE_COMMENT = b": keepalive\n\n"
 
-_PROMPT = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
-_COMPLETION = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
-TAIL_BYTES = 4096
-
-
-def extract_tokens(tail: bytes) -> tuple[int | None, int | None]:
-    """(prompt tokens, completion tokens) from the last usage object in ``tail``."""
-    prompt = _PROMPT.findall(tail)
-    completion = _COMPLETION.findall(tail)
-    return (
-        int(prompt[-1]) if prompt else None,
-        int(completion[-1]) if completion else None,
-    )
+__all__ = [
+    "CLOSE",
+    "DONE_EVENT",
+    "TAIL_BYTES",
+    "Action",
+    "Begin",
+    "Body",
+    "Close",
+    "Outcome",
+    "ResponseMachine",
+    "extract_tokens",
+    "sse_error",
+]
+_OPENAI = Wire()
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,12 +118,7 @@ class Phase(Enum):
 
 def sse_error(status: int, message: str, code: str, tail: bytes) -> bytes:
     """An error event (after a blank line if the stream stopped mid-event) and [DONE]."""
-    return _sse_event(BrokerError(status, message, code).envelope(), tail)
-
-
-def _sse_event(body: bytes, tail: bytes) -> bytes:
-    prefix = b"" if not tail or tail.endswith(b"\n\n") else b"\n\n"
-    return prefix + b"data: " + body + b"\n\n" + DONE_EVENT
+    return sse_event(BrokerError(status, message, code).envelope(), tail)
 
 
 def _value_ok(value: str) -> bool:
@@ -162,9 +155,12 @@ class ResponseMachine:
         strip_usage: bool = False,
         prompt_tokens: int | None = None,
         extra_headers: dict[str, str] | None = None,
+        wire: Wire = _OPENAI,
     ) -> None:
         """``strip_usage``: the broker added ``include_usage`` to the upstream request, so
-        remove what that adds; ``prompt_tokens``: the estimate used when no usage comes."""
+        remove what that adds; ``prompt_tokens``: the estimate used when no usage comes;
+        ``wire``: the route family's stream format and error shape (OpenAI's unless told)."""
+        self.wire = wire
         self.pending = pending  # read only: for the queue time in the overhead figure
         self.stream = stream
         self.prompt_tokens = prompt_tokens
@@ -175,7 +171,7 @@ class ResponseMachine:
         self.outcome = Outcome()
         self._head: ResponseHead | None = None
         self._collected: list[bytes] = []
-        self._usage = StreamUsage(strip=strip_usage)
+        self._usage = wire.stream_usage(strip_usage)
         self._tail = b""
         self._last_beat = started
         self._committed = False
@@ -194,7 +190,7 @@ class ResponseMachine:
     # -- time -----------------------------------------------------------------------------
 
     def next_deadline(self) -> float | None:
-        if self.phase is Phase.WAITING and self.stream:
+        if self.phase is Phase.WAITING and self.stream and self.wire.commits:
             return self.started + self.commit_after
         if self._committed and self.phase in (Phase.COMMITTED, Phase.COLLECTING):
             return self._last_beat + self.heartbeat
@@ -301,9 +297,9 @@ class ResponseMachine:
         self._end(head.status)
 
     def _upstream_error(self, head: ResponseHead, raw: bytes, out: list[Action]) -> None:
-        envelope = json.dumps(normalize_error_body(raw, head.status)).encode()
+        envelope = self.wire.upstream_error(raw, head.status)
         if self._committed:
-            out += [Body(_sse_event(envelope, b""), upstream=False), CLOSE]
+            out += [Body(sse_event(envelope, b""), upstream=False), CLOSE]
         else:
             headers = self._base_headers()
             headers["Content-Type"] = "application/json"
@@ -318,13 +314,14 @@ class ResponseMachine:
         if self.phase is Phase.STREAMING:
             self._settle_partial()
         if self.begun:
-            out += [Body(sse_error(status, message, code, self._tail), upstream=False), CLOSE]
+            failed = self.wire.stream_error(status, message, code, self._tail)
+            out += [Body(failed, upstream=False), CLOSE]
         else:
             headers = self._base_headers()
             headers["Content-Type"] = "application/json"
             if status == 503:
                 headers["Retry-After"] = "1"
-            body = BrokerError(status, message, code).envelope()
+            body = self.wire.error_body(status, message, code)
             out += [Begin(status, headers), Body(body, upstream=False), CLOSE]
         self._end(status, code)
 
@@ -346,10 +343,10 @@ class ResponseMachine:
 
     def _settle_whole(self, raw: bytes) -> None:
         outcome = self.outcome
-        tokens_in, tokens_out = extract_tokens(raw[-TAIL_BYTES:])
+        tokens_in, tokens_out = self.wire.whole_tokens(raw)
         if tokens_in is None and tokens_out is None:
             outcome.tokens_in = self.prompt_tokens
-            outcome.tokens_out = estimate_completion_tokens(raw)
+            outcome.tokens_out = self.wire.estimate(raw)
             outcome.estimated = True
         else:  # embeddings report prompt tokens only: nothing came out
             outcome.tokens_in, outcome.tokens_out = tokens_in, tokens_out or 0

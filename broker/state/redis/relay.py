@@ -201,6 +201,7 @@ class RedisRelayState:
         version: str,
         upload_mode: UploadMode,
         upstream_api_key: str | None,
+        engine: str = "",
     ) -> tuple[Session, Replaced]:
         t = self.timings
         sid = new_session_id()
@@ -221,6 +222,7 @@ class RedisRelayState:
             t.lease,
             t.max_redispatch,
             t.max_sessions_per_identity,
+            engine,
         )
         if replaced == b"too_many":
             raise TooManySessions(t.max_sessions_per_identity)
@@ -237,6 +239,7 @@ class RedisRelayState:
             upstream_api_key=upstream_api_key,
             created=now,
             last_seen=now,
+            engine=engine,
         )
         return session, Replaced(replaced.decode())
 
