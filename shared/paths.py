@@ -171,7 +171,7 @@ def relay_target(path: str, engine: str) -> str:
         return canonical_path(path)
     route = ollama_route(path)
     if route not in OLLAMA_RELAYED:
-        raise PathRefused(404, "unknown_url", f"{path} is not a route the connector relays")
+        raise PathRefused(400, "invalid_path", f"{path} is not a route the connector relays")
     if engine_kind(engine) != OLLAMA_ENGINE:
         raise PathRefused(404, "not_ollama", "this connector's engine does not serve Ollama's API")
     return path
