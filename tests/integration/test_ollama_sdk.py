@@ -69,10 +69,15 @@ async def stack(tmp_path: Path) -> AsyncIterator[OllamaStack]:
         await fake.stop()
 
 
+@pytest.mark.both_states
 async def test_the_connector_reports_its_engine(stack: OllamaStack) -> None:
     view = await stack.broker.view()
     (session,) = view.sessions.values()
     assert session.engine == "ollama/0.6.2"
+    listed = await stack.client().list()  # built from the sessions (Redis: their hashes)
+    assert sorted(m.model or "" for m in listed.models) == ["all-minilm", MODEL]
+    parts = [p async for p in await stack.client().generate(model=MODEL, prompt="hi", stream=True)]
+    assert "".join(p.response for p in parts) == WORDS
 
 
 async def test_chat_generate_embed_and_show(stack: OllamaStack) -> None:
