@@ -228,3 +228,38 @@ async def test_a_stream_that_fails_midway_ends_with_an_error_line(stack: OllamaS
     await stack.broker.stop()
     (row,) = stack.rows()
     assert row.status == 502 and row.partial and row.estimated  # as recorded for /v1 streams
+
+
+async def test_limits_and_metrics_as_on_v1(tmp_path: Path) -> None:
+    fake = FakeLLM(models=[MODEL], ollama=True)
+    await fake.start()
+    broker = await start_broker(tmp_path / "b", rpm_limit=2)
+    connector = await start_connector(broker.url, fake.url)
+    client = ollama.AsyncClient(host=broker.url, headers=AUTH, timeout=30.0)
+    try:
+        messages = [{"role": "user", "content": "tokens:3"}]
+        await client.chat(model=MODEL, messages=messages, stream=False)
+        parts = [p async for p in await client.chat(model=MODEL, messages=messages, stream=True)]
+        assert parts[-1].eval_count == 3
+        with pytest.raises(ollama.ResponseError) as limited:
+            await client.chat(model=MODEL, messages=messages)
+        assert limited.value.status_code == 429 and "limit" in limited.value.error
+        async with httpx.AsyncClient(timeout=10.0) as raw:
+            refused = await raw.post(
+                broker.url + "/api/chat", json={"model": MODEL, "messages": messages}, headers=AUTH
+            )
+            assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
+            assert set(refused.json()) == {"error"}
+            scraped = (await raw.get(broker.health_url + "/metrics")).text
+    finally:
+        await client.close()
+        await connector.stop()
+        await broker.stop()
+        await fake.stop()
+    tokens = [
+        line
+        for line in scraped.splitlines()
+        if line.startswith("remotellm_tokens_total") and MODEL in line
+    ]
+    assert any('kind="output"' in t and t.endswith(" 6.0") for t in tokens), tokens
+    assert any('kind="input"' in t and t.endswith(f" {2.0 * PROMPT_EVAL_COUNT}") for t in tokens)
