@@ -23,6 +23,7 @@ from broker.accounts.keys import KeyStore
 from broker.accounts.revocations import RevocationBoard
 from broker.accounts.users import UsersStore
 from broker.api.models import create_api_blueprint
+from broker.api.ollama import OllamaApi
 from broker.api.relay import ApiRelay
 from broker.asgi import BrokerASGI
 from broker.broker_state import BrokerState
@@ -215,9 +216,10 @@ def create_app(settings: BrokerSettings, state: BrokerState | None = None) -> Qu
     app.register_blueprint(create_api_blueprint(state))
     portal = build_portal(state)
     install_portal(app, portal)
-    # /relay/v1/* and POST /v1/* are plain ASGI in front of Quart (docs/architecture.md).
+    # /relay/v1/*, POST /v1/* and /api/* are plain ASGI in front of Quart
+    # (docs/architecture.md).
     app.asgi_app = BrokerASGI(  # type: ignore[method-assign]
-        app.asgi_app, RelayApp(state), ApiRelay(state)
+        app.asgi_app, RelayApp(state), ApiRelay(state), OllamaApi(state)
     )
     _add_lifecycle(app, state, portal)
     _add_index_and_errors(app, state)

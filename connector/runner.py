@@ -20,6 +20,7 @@ import contextlib
 from connector import capacity
 from connector.broker_client import BrokerClient
 from connector.capacity import Capacity, CapacityWatch
+from connector.engine import detect_engine
 from connector.errors import BrokerRejected, BrokerUnavailable, SessionLost, SessionReplaced
 from connector.models import ModelWatch
 from connector.mux import MuxUploader
@@ -144,7 +145,9 @@ class Connector:
         models = await self.models.current()
         if not self.capacity.detected:
             await self.capacity_watch.detect()
-        await self.keeper.register(models, self.capacity)
+        engine = await detect_engine(self.upstream)
+        self.upstream.engine = engine
+        await self.keeper.register(models, self.capacity, engine)
         self.retries.reset()
 
     async def _pause(self, delay: float) -> None:

@@ -57,7 +57,7 @@ class SessionKeeper:
         self.stream_polls = False
         self.renewal_wanted = False  # the capacity changed: register again
 
-    async def register(self, models: list[str], capacity: Capacity) -> None:
+    async def register(self, models: list[str], capacity: Capacity, engine: str = "") -> None:
         verdict = self._probe.kept()
         mode = await self._probe.upload_mode(verdict)
         # The multiplexed upload where the path streams bodies (auto) or when asked (mux);
@@ -67,7 +67,8 @@ class SessionKeeper:
         )
         if mode is UploadMode.MUX:
             mode = UploadMode.STREAM
-        reply = await self._broker.register(self._request(models, capacity, mode, wants_mux))
+        request = self._request(models, capacity, mode, wants_mux, engine)
+        reply = await self._broker.register(request)
         choice = await self._probe.poll_mode(verdict, mode, reply.upload_mode)
         self.stream_polls = choice.stream_polls
         self.session = reply
@@ -84,6 +85,7 @@ class SessionKeeper:
             models=models,
             capacity=capacity.value,
             capacity_source=capacity.source,
+            engine=engine or None,
             upload_mode=serving_mode.value,
             poll_mode=poll_mode,
             probes_reused=choice.reused,
@@ -95,7 +97,12 @@ class SessionKeeper:
         log_refused(reply.refused)
 
     def _request(
-        self, models: list[str], capacity: Capacity, mode: UploadMode, wants_mux: bool
+        self,
+        models: list[str],
+        capacity: Capacity,
+        mode: UploadMode,
+        wants_mux: bool,
+        engine: str,
     ) -> RegisterRequest:
         return RegisterRequest(
             name=self._settings.name,
@@ -107,6 +114,7 @@ class SessionKeeper:
             upload_mode=mode,
             revision=PROTOCOL_REVISION,
             mux_upload=wants_mux,
+            engine=engine,
         )
 
     def _start_mux(self, session: RegisterResponse) -> None:

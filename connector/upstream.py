@@ -14,7 +14,7 @@ from connector.llm_transport import llm_transport
 from connector.pipe import FrameSink
 from connector.settings import ConnectorSettings
 from shared.logging import get_logger
-from shared.paths import PathRefused, canonical_path
+from shared.paths import PathRefused, relay_target
 from shared.protocol import (
     REQUEST_ID_HEADER,
     UPSTREAM_REQUEST_ID_HEADER,
@@ -54,6 +54,9 @@ class Upstream:
             base = base.copy_with(userinfo=b"")
         self.url = str(base).rstrip("/")
         self.api_key = settings.llm_api_key
+        # What the LLM is ("ollama/0.6.2", "" for OpenAI-only), set by connector/engine.py
+        # at each registration: Ollama's /api routes are called only when it is Ollama.
+        self.engine = ""
         # Failed upstream requests by reason, once per request (the /metrics of health.py).
         self.errors: collections.Counter[str] = collections.Counter()
         self._client = httpx.AsyncClient(
@@ -108,14 +111,16 @@ class Upstream:
         return [str(m["id"]) for m in data if isinstance(m, dict) and "id" in m]
 
     def url_for(self, item: RequestItem) -> httpx.URL:
-        """Where ``item`` goes: its canonical /v1 path under --llm-url, never anywhere else.
+        """Where ``item`` goes: its canonical /v1 path (or an allowed Ollama /api route, when
+        the LLM is Ollama) under --llm-url, never anywhere else.
 
-        The broker is not trusted with the URL: only POST, only a relative canonical path,
-        joined here (httpx would take an absolute URL as is, and resolve ``..``).
+        The broker is not trusted with the URL: only POST, only a relative canonical path
+        (``shared.paths.relay_target``), joined here (httpx would take an absolute URL as
+        is, and resolve ``..``).
         """
         if item.method != "POST":
             raise PathRefused(400, "invalid_method", "only POST requests are relayed")
-        path = canonical_path(item.path)
+        path = relay_target(item.path, self.engine)
         base = self._client.base_url
         return base.copy_with(raw_path=base.raw_path.rstrip(b"/") + path.encode("ascii"))
 

@@ -1,8 +1,11 @@
-"""The one rule for the paths a relayed request may take: canonical ``/v1/...`` routes.
+"""The one rule for the paths a relayed request may take: canonical ``/v1/...`` routes,
+and the few routes of Ollama's native API under ``/api/``.
 
 The broker checks the path an API user sent (``relayed_path``: canonical, then on the
-route allowlist) before it reads the body; the connector checks the path a broker handed
-it (``canonical_path``) before it calls the local LLM. Canonical means what the local LLM
+route allowlist; ``ollama_route`` for ``/api/...``) before it reads the body; the
+connector checks the path a broker handed it (``relay_target``: canonical, and an
+``/api/`` path only on Ollama's allowlist and only when its engine is Ollama) before it
+calls the local LLM. Canonical means what the local LLM
 receives is exactly what was checked: no ``.`` or ``..`` segment, no empty segment, no
 percent-encoding (so no encoded ``/``, ``?``, ``#`` or dot), no ``\\``, no query.
 """
@@ -14,6 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 API_PREFIX = "/v1/"
+OLLAMA_PREFIX = "/api/"
 MAX_PATH_CHARS = 256
 ANY_SEGMENT = "*"  # in a route pattern: exactly one segment, e.g. responses/*/cancel
 
@@ -38,6 +42,16 @@ STANDARD_ROUTES: tuple[str, ...] = (
     "images/edits",
     "images/variations",
 )
+
+# Ollama's native API (docs/clients.md), relative to /api/. Relayed (POST) to connectors
+# whose engine is Ollama:
+OLLAMA_RELAYED: frozenset[str] = frozenset({"chat", "generate", "embed", "embeddings", "show"})
+# Answered by the broker itself from the live connectors (GET):
+OLLAMA_LOCAL: frozenset[str] = frozenset({"tags", "ps", "version"})
+# They change the engine (download, create, copy, delete, upload models): never relayed, by
+# first segment (``blobs/<digest>``).
+OLLAMA_REFUSED: frozenset[str] = frozenset({"pull", "create", "copy", "delete", "push", "blobs"})
+OLLAMA_ENGINE = "ollama"  # the engine kind a connector reports for an Ollama server
 
 # RFC 3986 unreserved characters, plus ':' and '@' (ids such as "ft:model@v2").
 _SEGMENT = re.compile(r"[A-Za-z0-9._~:@-]+")
@@ -65,16 +79,17 @@ def _segment_fault(segment: str) -> str | None:
     return None
 
 
-def canonical_path(path: str) -> str:
-    """``path`` itself when it is a canonical ``/v1/...`` path, else ``PathRefused`` (400).
+def canonical_path(path: str, prefix: str = API_PREFIX) -> str:
+    """``path`` itself when it is a canonical path under ``prefix`` (``/v1/`` unless told),
+    else ``PathRefused`` (400).
 
     ``path`` is the request target's path as sent (undecoded), without the query.
     """
     if len(path) > MAX_PATH_CHARS:
         raise PathRefused(400, "invalid_path", f"the path is longer than {MAX_PATH_CHARS}")
-    if not path.startswith(API_PREFIX):
-        raise PathRefused(400, "invalid_path", "the path must be relative and begin with /v1/")
-    for segment in path[len(API_PREFIX) :].split("/"):
+    if not path.startswith(prefix):
+        raise PathRefused(400, "invalid_path", f"the path must be relative and begin with {prefix}")
+    for segment in path[len(prefix) :].split("/"):
         fault = _segment_fault(segment)
         if fault is not None:
             raise PathRefused(
@@ -134,4 +149,29 @@ def relayed_path(path: str, routes: RouteTable) -> str:
             "unknown_url",
             f"Invalid URL (POST {path}): not an API route this broker relays",
         )
+    return path
+
+
+def ollama_route(path: str) -> str:
+    """The route of an ``/api/...`` path (``chat``, ``blobs/sha256:...``), canonical (else
+    ``PathRefused`` 400); what the route is allowed to do is the caller's table above."""
+    return canonical_path(path, OLLAMA_PREFIX)[len(OLLAMA_PREFIX) :]
+
+
+def engine_kind(engine: str) -> str:
+    """The kind of an engine as a connector reports it (``ollama/0.6.2`` -> ``ollama``)."""
+    return engine.partition("/")[0]
+
+
+def relay_target(path: str, engine: str) -> str:
+    """The path a connector may call on its local LLM for a relayed request, else
+    ``PathRefused``: a canonical ``/v1/...`` path, or one of Ollama's relayed routes when
+    the engine (``engine``, as the connector detected it) is Ollama."""
+    if not path.startswith(OLLAMA_PREFIX):
+        return canonical_path(path)
+    route = ollama_route(path)
+    if route not in OLLAMA_RELAYED:
+        raise PathRefused(400, "invalid_path", f"{path} is not a route the connector relays")
+    if engine_kind(engine) != OLLAMA_ENGINE:
+        raise PathRefused(404, "not_ollama", "this connector's engine does not serve Ollama's API")
     return path

@@ -28,6 +28,9 @@ OVERHEAD_HEADER = "x-remotellm-overhead-ms"
 UPSTREAM_REQUEST_ID_HEADER = "x-remotellm-request-id"
 
 
+ENGINE_PATTERN = r"^([a-z0-9_-]{1,20}(/[A-Za-z0-9._+-]{0,40})?)?$"
+
+
 class UploadMode(StrEnum):
     """How the connector uploads responses.
 
@@ -67,6 +70,10 @@ class RegisterRequest(_Model):
     revision: int = 1  # PROTOCOL_REVISION of the connector (absent: an older one)
     # The connector would send every response on one multiplexed upload (revision 2).
     mux_upload: bool = False
+    # What the local LLM is, as the connector detected it at start: "<kind>/<version>"
+    # ("ollama/0.6.2"), or "" when it is only known to speak the OpenAI API. The broker
+    # relays Ollama's native API (/api/*) only to sessions of kind ollama.
+    engine: str = Field(default="", max_length=80, pattern=ENGINE_PATTERN)
 
 
 class RefusedModel(_Model):

@@ -143,6 +143,11 @@ async def read_body(receive: Receive, declared: str | None, limit: int, rid: str
 
 
 class ApiRelay:
+    """``POST /v1/*``. Another route family (Ollama's native API: ``broker/api/ollama.py``)
+    subclasses it and overrides the hooks below the relay itself: ``route``, ``read`` and
+    ``check_engine``. The shape of answers (errors, streams, usage) is the route's
+    (``broker.core.route_shapes.shape_for``), whatever the family."""
+
     def __init__(self, state: BrokerState) -> None:
         self.state = state
         self.hub = state.relay
@@ -206,7 +211,7 @@ class ApiRelay:
                 headers={REQUEST_ID_HEADER: rid, "Retry-After": "2"},
             )
         try:
-            path = relayed_path(_request_path(scope), self.routes)
+            path = self.route(_request_path(scope))
         except PathRefused as exc:  # before the body is read and anything is queued
             raise ApiError(
                 exc.status, exc.message, exc.code, headers={REQUEST_ID_HEADER: rid}
@@ -216,7 +221,7 @@ class ApiRelay:
         # Ask a streaming upstream for its usage chunk; the machine removes it again.
         asks = state.settings.ask_stream_usage and path in USAGE_PATHS
         try:
-            request = inspect(raw, self.json_limits, asks)
+            request = self.read(raw, path, asks)
         except BodyRefused as exc:
             raise ApiError(
                 400, exc.message, exc.code, param=exc.param, headers={REQUEST_ID_HEADER: rid}
@@ -235,6 +240,7 @@ class ApiRelay:
                 param="model",
                 headers={REQUEST_ID_HEADER: rid},
             )
+        await self.check_engine(rid, user, item, started)
         try:
             ticket = await self.gate.admit(user, request.ask, item.path, rid)
         except ApiError as exc:  # over a limit: 429, recorded like the relay's refusals
@@ -306,6 +312,21 @@ class ApiRelay:
             await responder.run(receive, send)
         finally:
             self._done(rid, user, item, pending, machine.outcome, address, started, resolved)
+
+    # -- what a route family changes -----------------------------------------------------
+
+    def route(self, path: str) -> str:
+        """The path relayed for ``path`` as sent, or PathRefused (before the body is read)."""
+        return relayed_path(path, self.routes)
+
+    def read(self, raw: bytes, path: str, ask_usage: bool) -> RequestBody:
+        """The body checked once (shape, JSON, model), or BodyRefused."""
+        return inspect(raw, self.json_limits, ask_usage)
+
+    async def check_engine(
+        self, rid: str, user: UserKey, item: RequestItem, started: float
+    ) -> None:
+        """Refuse (ApiError) a request no connector of the right engine could serve."""
 
     def _item(self, scope: Scope, rid: str, path: str, request: RequestBody) -> RequestItem:
         headers = {REQUEST_ID_HEADER: rid, "content-type": "application/json"}

@@ -107,6 +107,7 @@ class Session:
     # Request IDs the next poll tells the connector to stop (ordered; O(1) membership).
     cancels: dict[str, None] = field(default_factory=dict)
     served: int = 0
+    engine: str = ""  # what its LLM is ("ollama/0.6.2"; "" OpenAI-only): RegisterRequest
 
     @property
     def free(self) -> int:

@@ -87,6 +87,7 @@ class RelayCore:
         upload_mode: UploadMode,
         upstream_api_key: str | None,
         now: float,
+        engine: str = "",
     ) -> tuple[Session, Replaced]:
         """A new session; replaces only the same identity's session of the same name."""
         replaced = Replaced.NONE
@@ -115,6 +116,7 @@ class RelayCore:
             upstream_api_key=upstream_api_key,
             created=now,
             last_seen=now,
+            engine=engine,
         )
         self.sessions[session.id] = session
         self._by_name[(owner, name)] = session.id

@@ -100,8 +100,12 @@ def _parse(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def inspect(raw: bytes, limits: JsonLimits, ask_usage: bool) -> RequestBody:
-    """Check and read ``raw`` once; ``ask_usage``: add include_usage to a stream request."""
+def inspect(
+    raw: bytes, limits: JsonLimits, ask_usage: bool, stream_default: bool = False
+) -> RequestBody:
+    """Check and read ``raw`` once; ``ask_usage``: add include_usage to a stream request;
+    ``stream_default``: whether a body without ``stream`` (or with ``null``) streams (it
+    does on Ollama's /api/chat and /api/generate)."""
     check_shape(raw, limits)
     body = _parse(raw)
     model = body.get("model")
@@ -111,7 +115,7 @@ def inspect(raw: bytes, limits: JsonLimits, ask_usage: bool) -> RequestBody:
     return RequestBody(
         raw=raw if rewritten is None else rewritten,
         model=model,
-        stream=body.get("stream") is True,
+        stream=stream_default if body.get("stream") is None else body.get("stream") is True,
         ask=ask_of(body),
         usage_added=rewritten is not None,
     )

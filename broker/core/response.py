@@ -171,7 +171,7 @@ class ResponseMachine:
     # -- time -----------------------------------------------------------------------------
 
     def next_deadline(self) -> float | None:
-        if self.phase is Phase.WAITING and self.stream:
+        if self.phase is Phase.WAITING and self.stream and self.shape.commits:
             return self.started + self.commit_after
         if self._committed and self.phase in (Phase.COMMITTED, Phase.COLLECTING):
             return self._last_beat + self.heartbeat

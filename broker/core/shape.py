@@ -78,6 +78,8 @@ class RouteShape:
     """OpenAI's shape (the default): ``{"error": {...}}``, ``data: {...}`` + ``[DONE]``."""
 
     name = "openai"
+    # Whether a stream may begin (200, SSE comments while waiting) before the upstream's head.
+    commits = True
 
     def error_body(self, error: BrokerError, request_id: str | None = None) -> bytes:
         """The body of an error the broker answers with itself."""

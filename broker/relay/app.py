@@ -277,6 +277,7 @@ class RelayApp:
             version=req.version,
             upload_mode=mode,
             upstream_api_key=ident.upstream_api_key,
+            engine=req.engine,
         )
         self.state.metrics.registrations.inc()
         log.info(
@@ -289,6 +290,7 @@ class RelayApp:
             capacity_source=session.capacity_source,
             upload_mode=mode.value,
             version=req.version,
+            engine=req.engine or None,
             replaced=replaced.value,
         )
         self._log_refused(session.id, ident, refused)

@@ -71,6 +71,7 @@ class SessionView:
     served: int
     polling: bool = False  # a poll of it is held right now
     idle_s: float = 0.0  # seconds since its last poll ended
+    engine: str = ""  # what its LLM is ("ollama/0.6.2"; "" OpenAI-only)
 
     @property
     def free(self) -> int:
@@ -127,6 +128,7 @@ def session_view(session: Session, now: float) -> SessionView:
         served=session.served,
         polling=session.polling > 0,
         idle_s=max(0.0, now - session.last_seen),
+        engine=session.engine,
     )
 
 
@@ -161,6 +163,7 @@ class RelayState(Protocol):
         version: str,
         upload_mode: UploadMode,
         upstream_api_key: str | None,
+        engine: str = "",
     ) -> tuple[Session, Replaced]: ...
     async def session(self, owner: str, session_id: str) -> Session:
         """The identity's session; UnknownSession (or SessionReplaced) otherwise."""

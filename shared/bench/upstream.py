@@ -32,6 +32,9 @@ What a stream does with ``stream_options.include_usage`` is the server's ``usage
 - ``null``: that chunk, and ``"usage": null`` in every other chunk (as OpenAI documents)
 - ``ignore``: nothing (as llama-cpp-python's server, measured)
 Chunks carry a fixed ``created`` so two runs can be compared byte for byte.
+
+``ollama=True`` also serves Ollama's native API under ``/api/`` (``shared.bench.ollama_fake``);
+without it those paths are 404, as on an engine that is not Ollama.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ from http import HTTPStatus
 from typing import Any, Literal
 from urllib.parse import unquote
 
-from shared.bench import messages
+from shared.bench import messages, ollama_fake
 
 DONE = b"data: [DONE]\n\n"
 MESSAGES_ROUTES = ("/v1/messages", "/v1/messages/count_tokens")
@@ -100,6 +103,8 @@ class FakeLLM:
     seen: list[Seen] = field(default_factory=list)
     targets: list[str] = field(default_factory=list)
     answer_headers: list[tuple[str, str]] = field(default_factory=list)
+    ollama: bool = False  # also speak Ollama's native API (/api/*)
+    ollama_version: str = "0.6.2"
     disconnects: int = 0
     completed: int = 0
     active: int = 0
@@ -188,6 +193,8 @@ class FakeLLM:
         if request.method == "GET" and path.rstrip("/") == "/v1/models":
             data = [{"id": m, "object": "model", "owned_by": "fake"} for m in self.models]
             return _json({"object": "list", "data": data})
+        if self.ollama and path.startswith("/api/"):
+            return await self._ollama(request)
         routes = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", *MESSAGES_ROUTES)
         if request.method != "POST" or path not in routes:
             stray = request.method in ("POST", "PUT", "DELETE")
@@ -270,6 +277,54 @@ class FakeLLM:
             return _json(messages.message(body, prompt))
         events = self._counted(messages.stream(body, prompt, self.chunk_delay))
         return Answer(stream=events, content_type="text/event-stream")
+
+    async def _ollama(self, request: Request) -> Answer:
+        """Ollama's native API (``shared.bench.ollama_fake``)."""
+        path, fake = request.path, ollama_fake
+        if request.method == "GET" and path == "/api/version":
+            return _json({"version": self.ollama_version})
+        if request.method == "GET" and path == "/api/tags":
+            return _json(fake.tags(self.models))
+        routes = ("/api/chat", "/api/generate", "/api/embed", "/api/embeddings", "/api/show")
+        if request.method != "POST" or path not in routes:
+            return Answer(404, fake.error(f"{request.method} {path}: not found"))
+        body = json.loads(request.raw or b"{}")
+        if self.record:
+            self.seen.append(Seen(path, request.headers, body))
+        model = str(body.get("model", ""))
+        if model not in self.models:
+            return Answer(404, fake.not_found(model))
+        if path == "/api/show":
+            return _json(fake.show(model))
+        if path == "/api/embed":
+            return _json(fake.embed(body))
+        if path == "/api/embeddings":
+            return _json({"embedding": [0.1, 0.2, 0.3]})
+        return await self._ollama_generate(path == "/api/chat", model, body)
+
+    async def _ollama_generate(self, chat: bool, model: str, body: dict[str, Any]) -> Answer:
+        prompt = _prompt(body)
+        if prompt.startswith("fail:"):
+            status = int(prompt.split(":", 1)[1])
+            return Answer(status, ollama_fake.error(f"fake failure {status}"))
+        if prompt == "hold":
+            self.held.set()
+            await self.release.wait()
+        options = body.get("options") if isinstance(body.get("options"), dict) else {}
+        n = int((options or {}).get("num_predict") or DEFAULT_TOKENS)
+        if prompt.startswith("tokens:"):
+            n = int(prompt.split(":", 1)[1])
+        if body.get("stream") is False:
+            self.completed += 1
+            text = "".join(f"tok{i} " for i in range(n))
+            return _json(ollama_fake.final(chat, model, text, n))
+
+        async def pause(_: int) -> None:
+            if self.chunk_delay:
+                await asyncio.sleep(self.chunk_delay)
+
+        lines = ollama_fake.stream(chat, model, n, pause)
+        return Answer(stream=self._counted(lines), content_type=ollama_fake.NDJSON)
 
     async def _counted(self, events: AsyncGenerator[bytes, None]) -> AsyncGenerator[bytes, None]:
         self.active += 1

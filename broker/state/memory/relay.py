@@ -146,6 +146,7 @@ class MemoryRelayState:
         version: str,
         upload_mode: UploadMode,
         upstream_api_key: str | None,
+        engine: str = "",
     ) -> tuple[Session, Replaced]:
         result = self.core.register(
             owner=owner,
@@ -158,6 +159,7 @@ class MemoryRelayState:
             upload_mode=upload_mode,
             upstream_api_key=upstream_api_key,
             now=self.clock(),
+            engine=engine,
         )
         self._schedule()
         return result

@@ -26,6 +26,7 @@ def session_record(sid: str, f: dict[str, str]) -> Session:
         last_seen=float(f.get("last_seen", 0)),
         polling=int(f.get("polling", 0)),
         served=int(f.get("served", 0)),
+        engine=f.get("eng", ""),
     )
 
 
@@ -44,4 +45,5 @@ def session_view(sid: str, f: dict[str, str], active: int, now: float) -> Sessio
         served=s.served,
         polling=s.polling > 0,
         idle_s=max(0.0, now - s.last_seen),
+        engine=s.engine,
     )

@@ -202,6 +202,7 @@ class RedisRelayState:
         version: str,
         upload_mode: UploadMode,
         upstream_api_key: str | None,
+        engine: str = "",
     ) -> tuple[Session, Replaced]:
         t = self.timings
         sid = new_session_id()
@@ -222,6 +223,7 @@ class RedisRelayState:
             t.lease,
             t.max_redispatch,
             t.max_sessions_per_identity,
+            engine,
         )
         if replaced == b"too_many":
             raise TooManySessions(t.max_sessions_per_identity)
@@ -238,6 +240,7 @@ class RedisRelayState:
             upstream_api_key=upstream_api_key,
             created=now,
             last_seen=now,
+            engine=engine,
         )
         return session, Replaced(replaced.decode())
 

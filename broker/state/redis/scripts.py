@@ -160,7 +160,7 @@ end
 """
 
 # ARGV: P, sid, owner, name, instance, models (JSON), capacity, capacity source, version,
-# upload mode, now, ttl, lease, max redispatch, max sessions per identity.
+# upload mode, now, ttl, lease, max redispatch, max sessions per identity, engine.
 # Returns the Replaced value, or 'too_many' (the identity holds its cap of sessions).
 REGISTER = r"""
 local sid, owner, name, instance = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
@@ -183,7 +183,7 @@ if old then
 end
 redis.call('HSET', P .. 's:' .. sid, 'owner', owner, 'name', name, 'instance', instance,
   'models', models, 'capacity', ARGV[7], 'csrc', ARGV[8], 'version', ARGV[9], 'mode', ARGV[10],
-  'created', ARGV[11], 'last_seen', ARGV[11], 'polling', 0, 'served', 0)
+  'created', ARGV[11], 'last_seen', ARGV[11], 'polling', 0, 'served', 0, 'eng', ARGV[16])
 redis.call('ZADD', P .. 'sx', now + ttl, sid)
 redis.call('HSET', P .. 'names', nk, sid)
 redis.call('SADD', P .. 'o:' .. owner, sid)

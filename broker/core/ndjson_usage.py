@@ -1,0 +1,93 @@
+"""Ollama's native API on the relay: NDJSON streams, their usage, its error shape.
+
+No I/O. An Ollama stream is one JSON object per line (``application/x-ndjson``); the last
+one has ``"done": true`` with ``prompt_eval_count`` (prompt tokens) and ``eval_count``
+(generated tokens); a whole answer carries the same two fields, an ``/api/embed`` answer
+``prompt_eval_count`` only (docs/clients.md has the wire format and its source). Every
+byte passes on as it arrives; only complete lines are looked at, and only a line that
+mentions ``eval_count`` is read for numbers. Without them, lines with a non-empty
+``content`` / ``response`` / ``thinking`` string are counted, one token each (Ollama
+streams one token per line), and the counts are marked estimated.
+
+Its route shape (errors, the stream's end on a failure) is ``broker.core.ollama``.
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["NdjsonUsage", "ndjson_counts"]
+
+MAX_LINE = 1 << 20  # a longer line is passed on, not parsed (nothing more is counted)
+_COUNTS = b"eval_count"
+_PROMPT = re.compile(rb'"prompt_eval_count"\s*:\s*(\d+)')
+_EVAL = re.compile(rb'"eval_count"\s*:\s*(\d+)')
+_DELTA_KEYS = (b'"content"', b'"response"', b'"thinking"')
+_STRING_VALUE = re.compile(rb'\s*:\s*"(?!")')
+
+
+def ndjson_counts(tail: bytes) -> tuple[int | None, int | None]:
+    """(prompt, generated) tokens the last lines of a whole answer report."""
+    return _last(_PROMPT, tail), _last(_EVAL, tail)
+
+
+def _last(pattern: re.Pattern[bytes], data: bytes) -> int | None:
+    found = pattern.findall(data)
+    return int(found[-1]) if found else None
+
+
+def _has_delta(line: bytes) -> bool:
+    for key in _DELTA_KEYS:
+        at = line.find(key)
+        while at >= 0:
+            end = at + len(key)
+            if _STRING_VALUE.match(line, end):
+                return True
+            at = line.find(key, end)
+    return False
+
+
+class NdjsonUsage:
+    """Follows one NDJSON answer: passes every byte at once, reads the final counts."""
+
+    __slots__ = ("_broken", "_held", "deltas", "tokens_in", "tokens_out")
+
+    def __init__(self) -> None:
+        self.tokens_in: int | None = None
+        self.tokens_out: int | None = None
+        self.deltas = 0
+        self._held = b""  # the start of a line whose newline has not arrived yet
+        self._broken = False
+
+    @property
+    def exact(self) -> bool:
+        return self.tokens_out is not None
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self._broken:
+            return chunk
+        data = self._held + chunk if self._held else chunk
+        end = data.rfind(b"\n") + 1
+        self._held = data[end:]
+        if len(self._held) > MAX_LINE:
+            self._broken, self._held = True, b""
+        if end:
+            self._lines(data[:end])
+        return chunk
+
+    def finish(self) -> bytes:
+        held, self._held = self._held, b""
+        if held and not self._broken:
+            self._lines(held)
+        return b""
+
+    def _lines(self, block: bytes) -> None:
+        if _COUNTS in block:
+            prompt, generated = _last(_PROMPT, block), _last(_EVAL, block)
+            if prompt is not None or generated is not None:
+                self.tokens_in = prompt
+                self.tokens_out = generated if generated is not None else 0
+        if block.count(b"\n") <= 1:
+            self.deltas += _has_delta(block)
+        else:
+            self.deltas += sum(1 for line in block.split(b"\n") if _has_delta(line))
