@@ -176,6 +176,9 @@ def _oidc(settings: BrokerSettings) -> dict[str, OidcLogin]:
     if not settings.oidc_providers:
         return {}
     http = httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=5.0))
+    for provider in settings.oidc_providers:
+        if not provider.allowed_groups:
+            log.warning("portal_open_to_any_oidc_user", provider=provider.name)
     return {
         p.name: OidcLogin(
             p, redirect_uri=f"{settings.advertised_url}/portal/callback/{p.name}", http=http
