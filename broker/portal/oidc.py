@@ -21,10 +21,12 @@ The ``sub`` claim is the stable identity (``broker.accounts.identities``);
 
 from __future__ import annotations
 
+import base64
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 from authlib.common.security import generate_token  # type: ignore[import-untyped]
@@ -140,7 +142,7 @@ class OidcLogin:
         if not self.used.first_use(flow.state):
             raise LoginFailed(TOKEN_REPLAYED, "state used already")
         cached = await self._discovered()
-        id_token = await self._token(cached.metadata["token_endpoint"], code, flow)
+        id_token = await self._token(cached.metadata, code, flow)
         claims = await self._verified(id_token, flow.nonce)
         user = _user(self.provider, claims)
         if self.allowed_groups and not set(self.allowed_groups) & set(user.groups):
@@ -183,19 +185,23 @@ class OidcLogin:
 
     # -- the token --------------------------------------------------------------------------
 
-    async def _token(self, endpoint: str, code: str, flow: Flow) -> str:
+    async def _token(self, metadata: dict[str, Any], code: str, flow: Flow) -> str:
+        basic = self.provider.client_secret is not None and _uses_basic(metadata)
         body = prepare_token_request(
             "authorization_code",
             code=code,
             redirect_uri=self.redirect_uri,
-            client_id=self.provider.client_id,
-            client_secret=self.provider.client_secret,
+            client_id=None if basic else self.provider.client_id,
+            client_secret=None if basic else self.provider.client_secret,
             code_verifier=flow.verifier,
         )
         headers = {
             "Content-Type": "application/x-www-form-urlencoded",
             "Accept": "application/json",
         }
+        if basic:
+            headers["Authorization"] = _basic(self.provider.client_id, self.provider.client_secret)
+        endpoint = metadata["token_endpoint"]
         response = await self._send("POST", endpoint, content=body, headers=headers)
         if 400 <= response.status_code < 500:
             log.info("oidc_code_refused", provider=self.provider.name, status=response.status_code)
@@ -238,6 +244,20 @@ def _claims_registry(provider: OidcProvider, nonce: str) -> jwt.JWTClaimsRegistr
         iat={"essential": True},
         nonce={"essential": True, "value": nonce},
     )
+
+
+def _uses_basic(metadata: dict[str, Any]) -> bool:
+    """HTTP Basic unless the provider lists only client_secret_post (Basic is OIDC's default)."""
+    methods = metadata.get("token_endpoint_auth_methods_supported")
+    if not isinstance(methods, list):
+        return True
+    return "client_secret_basic" in methods or "client_secret_post" not in methods
+
+
+def _basic(client_id: str, secret: str | None) -> str:
+    # RFC 6749 2.3.1: both form-urlencoded before base64.
+    pair = f"{quote(client_id, safe='')}:{quote(secret or '', safe='')}"
+    return "Basic " + base64.b64encode(pair.encode()).decode()
 
 
 def _has_key(keys: KeySet, id_token: str) -> bool:

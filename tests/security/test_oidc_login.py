@@ -31,7 +31,9 @@ async def acme() -> AsyncIterator[FakeOidc]:
 
 @pytest.fixture
 async def other() -> AsyncIterator[FakeOidc]:
-    fake = FakeOidc()  # the same user "sub" as acme's: must become another portal user
+    # The same user "sub" as acme's: must become another portal user. Only takes the
+    # secret in the form (acme: HTTP Basic, OpenID Connect's default).
+    fake = FakeOidc(auth_methods=["client_secret_post"])
     await fake.start()
     yield fake
     await fake.stop()
@@ -87,6 +89,7 @@ async def test_a_login_gets_a_working_key_and_sub_is_the_identity(
     assert first.gitlab_id != second.gitlab_id and first.user_id != second.user_id
     assert (first.username, first.name) == ("bob", "Bob B.")
     assert acme.discovery_requests == 1  # cached for the next login
+    assert (acme.client_auth, other.client_auth) == (["basic"], ["post"])
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,8 @@
 - ``GET /jwks``: the public half of an RSA key generated (with cryptography) at start.
 - ``GET /authorize``: approves ``user`` at once (or denies, with ``deny``) and redirects
   back with ``code`` and ``state``; remembers the PKCE challenge and the nonce.
-- ``POST /token``: checks client id and secret (form or HTTP Basic), redirect URI, the code
+- ``POST /token``: checks client id and secret (HTTP Basic, or the form when
+  ``auth_methods`` lists only ``client_secret_post``), redirect URI, the code
   (once only) and the PKCE verifier, then returns an RS256 ID token. ``misbehave`` makes
   the token wrong in one way: ``"wrong_key"`` (signed with another key under the same
   kid), ``"wrong_aud"``, ``"wrong_iss"``, ``"expired"``, ``"replay_nonce"`` (the nonce of
@@ -20,6 +21,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -74,6 +76,8 @@ class FakeOidc(LoopbackApp):
     key: RSAKey = field(default_factory=rsa_key)
     grants: dict[str, OidcGrant] = field(default_factory=dict)
     nonces: list[str] = field(default_factory=list)
+    auth_methods: list[str] = field(default_factory=lambda: ["client_secret_basic"])
+    client_auth: list[str] = field(default_factory=list)  # "basic" or "post", per request
     discovery_requests: int = 0
     token_requests: int = 0
 
@@ -93,6 +97,7 @@ class FakeOidc(LoopbackApp):
                     "subject_types_supported": ["public"],
                     "id_token_signing_alg_values_supported": ["RS256"],
                     "code_challenge_methods_supported": ["S256"],
+                    "token_endpoint_auth_methods_supported": self.auth_methods,
                 }
             )
 
@@ -130,6 +135,7 @@ class FakeOidc(LoopbackApp):
         self.token_requests += 1
         if self.token_status is not None:
             return Response("<html>503 Service Unavailable</html>", status=self.token_status)
+        self.client_auth.append("basic" if authorization.startswith("Basic ") else "post")
         if _client(form, authorization) != (CLIENT_ID, CLIENT_SECRET):
             return json_error(401, "invalid_client")
         grant = self.grants.get(form.get("code", ""))
@@ -180,7 +186,7 @@ class FakeOidc(LoopbackApp):
 def _client(form: dict[str, str], authorization: str) -> tuple[str, str]:
     if authorization.startswith("Basic "):
         user, _, secret = base64.b64decode(authorization[6:]).decode().partition(":")
-        return user, secret
+        return unquote(user), unquote(secret)
     return form.get("client_id", ""), form.get("client_secret", "")
 
 
