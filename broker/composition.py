@@ -35,6 +35,7 @@ from broker.metrics import BrokerMetrics
 from broker.portal import PortalContext, install_portal
 from broker.portal.admin_actions import end_sessions
 from broker.portal.oauth import GitLabOAuth
+from broker.portal.oidc import OidcLogin
 from broker.portal.security import add_security_headers
 from broker.portal.session import Cookies, load_session_secret
 from broker.relay.app import RelayApp
@@ -172,6 +173,21 @@ def _gitlab(settings: BrokerSettings) -> GitLabOAuth | None:
     )
 
 
+def _oidc(settings: BrokerSettings) -> dict[str, OidcLogin]:
+    if not settings.oidc_providers:
+        return {}
+    http = httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=5.0))
+    for provider in settings.oidc_providers:
+        if not provider.allowed_groups:
+            log.warning("portal_open_to_any_oidc_user", provider=provider.name)
+    return {
+        p.name: OidcLogin(
+            p, redirect_uri=f"{settings.advertised_url}/portal/callback/{p.name}", http=http
+        )
+        for p in settings.oidc_providers
+    }
+
+
 def build_portal(state: BrokerState) -> PortalContext:
     """What the portal's routes use: the users store, cookies, GitLab, the session store."""
     settings = state.settings
@@ -198,6 +214,7 @@ def build_portal(state: BrokerState) -> PortalContext:
         cookies=Cookies(secret, settings.session_lifetime, secure),
         oauth=oauth,
         sessions=portal_sessions(state),
+        oidc=_oidc(settings),
     )
 
 
@@ -256,6 +273,8 @@ def _add_lifecycle(app: Quart, state: BrokerState, portal: PortalContext) -> Non
         await asyncio.to_thread(state.users.flush_last_used)
         if portal.oauth is not None:
             await portal.oauth.http.aclose()
+        for oidc in portal.oidc.values():
+            await oidc.http.aclose()  # one client for all: closing twice is harmless
         await state.relay.stop()
         if state.usage is not None:
             await state.usage.stop()

@@ -6,10 +6,11 @@ import ipaddress
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from broker.core.limits import Limits
+from broker.oidc_providers import OidcProvider, load_providers
 from shared.paths import route_pattern
 from shared.settings import FileAwareSettings, split_list
 
@@ -129,6 +130,13 @@ class BrokerSettings(FileAwareSettings):
         description="Let every account of the GitLab instance log in to the portal and get a "
         "key (on gitlab.com: anyone); without it a portal with no --gitlab-allowed-group "
         "refuses to start.",
+    )
+    oidc_providers_file: Path | None = Field(
+        None,
+        description="YAML file of OpenID Connect providers the key portal also logs users "
+        "in with, one login button each (`providers: [{name, issuer, client_id, "
+        "client_secret_file or client_secret_env, label, scopes, groups_claim, "
+        "allowed_groups, allow_any_user}]`, docs/portal.md); read at start.",
     )
     group_check_interval: float = Field(
         1 * HOURS,
@@ -437,6 +445,19 @@ class BrokerSettings(FileAwareSettings):
         """Brokers share their state in Redis (--redis-url or --redis-sentinel)."""
         return bool(self.redis_url or self.redis_sentinels)
 
+    _oidc: tuple[OidcProvider, ...] = PrivateAttr(default=())
+
+    @model_validator(mode="after")
+    def _oidc_providers(self) -> BrokerSettings:
+        if self.oidc_providers_file is not None:
+            self._oidc = load_providers(self.oidc_providers_file)
+        return self
+
+    @property
+    def oidc_providers(self) -> tuple[OidcProvider, ...]:
+        """The providers of --oidc-providers-file, secrets read (validated at load)."""
+        return self._oidc
+
     @model_validator(mode="after")
     def _portal_audience(self) -> BrokerSettings:
         if (
@@ -476,7 +497,7 @@ class BrokerSettings(FileAwareSettings):
 
     @property
     def portal_enabled(self) -> bool:
-        return bool(self.gitlab_client_id)
+        return bool(self.gitlab_client_id or self._oidc)
 
     @property
     def serves_tls(self) -> bool:

@@ -26,6 +26,7 @@ from typing import Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
 
+from broker.accounts.identities import IdentityClash
 from broker.accounts.keys import UserKey, hash_secret, new_user_key
 from broker.accounts.revocations import UsersChange, users_change
 from broker.accounts.store import FileBroken, YamlFileStore
@@ -108,9 +109,14 @@ class UserEntry(BaseModel):
     last_login: datetime | None = None
     keys: list[KeyEntry] = Field(default_factory=list)
     limits: LimitsEntry | None = None
+    # OpenID Connect users only (broker.accounts.identities): absent for GitLab users.
+    provider: str | None = Field(None, exclude_if=lambda v: v is None)
+    subject: str | None = Field(None, exclude_if=lambda v: v is None)
 
     @property
     def user_id(self) -> str:
+        if self.provider:
+            return f"{self.provider}-{-self.gitlab_id}"
         return f"gitlab-{self.gitlab_id}"
 
     def key(self, name: str) -> KeyEntry | None:
@@ -261,14 +267,29 @@ class UsersStore:
     def _mutate(self, change: Callable[[UsersFile], T]) -> T:
         return self._file.mutate(change)
 
-    def login(self, gitlab_id: int, username: str, name: str) -> LoginResult:
-        """Record a login; a user seen for the first time gets a first key."""
+    def login(
+        self, gitlab_id: int, username: str, name: str, identity: tuple[str, str] | None = None
+    ) -> LoginResult:
+        """Record a login; a user seen for the first time gets a first key.
+
+        ``identity`` is (provider, subject) of an OpenID Connect login; an existing user
+        with that ID but another identity raises IdentityClash.
+        """
+        provider, subject = identity or (None, None)
 
         def change(doc: UsersFile) -> LoginResult:
             user = doc.user(gitlab_id)
             first_key = None
+            if user is not None and (user.provider, user.subject) != (provider, subject):
+                raise IdentityClash(f"user id {gitlab_id} belongs to another identity")
             if user is None:
-                user = UserEntry(gitlab_id=gitlab_id, username=username, name=name)
+                user = UserEntry(
+                    gitlab_id=gitlab_id,
+                    username=username,
+                    name=name,
+                    provider=provider,
+                    subject=subject,
+                )
                 first_key, entry = new_key_entry(FIRST_KEY_NAME)
                 user.keys.append(entry)
                 doc.users.append(user)

@@ -1,16 +1,17 @@
-"""The key portal at /portal/: GitLab login, personal API keys, a playground.
+"""The key portal at /portal/: GitLab or OpenID Connect login, personal API keys, a playground.
 
 Routes are module-level functions on one blueprint per page group: ``login`` (login page,
-GitLab round trip, logout), ``keys``, ``playground`` (playground, its key, connect, static
-files); the operator's pages in ``admin_connectors`` (overview, connectors, queues,
-enrollment forms), ``admin_users`` and ``admin_reports`` (usage, request log), sharing
-``admin`` (admin check, CSRF, form plumbing). Every route gets what it needs from the
-``PortalContext`` (``context``) that ``broker.composition`` builds and ``install_portal``
-stores on the app. Helpers: ``common`` (who is asking, checked forms), ``oauth`` (GitLab
-OAuth 2 + PKCE), ``session`` (signed cookies), ``csrf``, ``security`` (headers, ``next=``),
-``form_limits``, ``pages`` (templates, examples, live models, static files), ``usage_view``,
-``admin_views``, ``admin_actions``, ``admin_usage``, ``svg_chart``. Keys live in
-``broker.accounts.users``.
+GitLab round trip, logout), ``oidc_login`` (OpenID Connect round trips), ``keys``,
+``playground`` (playground, its key, connect, static files); the operator's pages in
+``admin_connectors`` (overview, connectors, queues, enrollment forms), ``admin_users``
+and ``admin_reports`` (usage, request log), sharing ``admin`` (admin check, CSRF, form
+plumbing). Every route gets what it needs from the ``PortalContext`` (``context``) that
+``broker.composition`` builds and ``install_portal`` stores on the app. Helpers:
+``common`` (who is asking, checked forms), ``oauth`` (GitLab OAuth 2 + PKCE), ``oidc``
+(OpenID Connect: discovery, ID token checks), ``session`` (signed cookies), ``csrf``,
+``security`` (headers, ``next=``), ``form_limits``, ``pages`` (templates, examples, live
+models, static files), ``usage_view``, ``admin_views``, ``admin_actions``,
+``admin_usage``, ``svg_chart``. Keys live in ``broker.accounts.users``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from broker.portal import (
     form_limits,
     keys,
     login,
+    oidc_login,
     playground,
 )
 from broker.portal.context import PortalContext, attach_context
@@ -31,6 +33,7 @@ from broker.portal.context import PortalContext, attach_context
 BLUEPRINTS: tuple[Blueprint, ...] = (
     form_limits.bp,
     login.bp,
+    oidc_login.bp,
     keys.bp,
     playground.bp,
     admin_connectors.bp,

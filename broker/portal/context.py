@@ -1,7 +1,8 @@
 """``PortalContext``: everything the portal's routes need, built once by the composition root.
 
-``broker.composition`` builds it (users store, cookies, GitLab OAuth, the session store it
-picked) and stores it on the app; a route gets it with ``portal_context()``.
+``broker.composition`` builds it (users store, cookies, GitLab OAuth, the OpenID Connect
+providers, the session store it picked) and stores it on the app; a route gets it with
+``portal_context()``.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from dataclasses import dataclass, field
 
 from quart import Quart, current_app, request
 
+from broker.accounts.identities import is_oidc_user_id
 from broker.accounts.users import UserEntry, UsersStore
 from broker.broker_state import BrokerState
 from broker.portal.oauth import GitLabOAuth, LoginFailed
+from broker.portal.oidc import OidcLogin
 from broker.portal.session import SESSION_COOKIE, Cookies, Session
 from broker.state.portal_sessions import SessionRecord, Sessions
 from shared.logging import get_logger
@@ -55,6 +58,7 @@ class PortalContext:
     cookies: Cookies
     oauth: GitLabOAuth | None
     sessions: Sessions
+    oidc: dict[str, OidcLogin] = field(default_factory=dict)  # by provider name, in order
     reveals: Reveals = field(default_factory=Reveals)
 
     @property
@@ -85,6 +89,8 @@ class PortalContext:
         now = self.sessions.clock()
         if oauth is None or not oauth.allowed_groups or now - record.checked < interval:
             return True
+        if is_oidc_user_id(record.gitlab_id):
+            return True  # checked at login; the session ends within --session-lifetime
         if record.tokens is None:
             return False
         if now < record.retry_at:

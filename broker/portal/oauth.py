@@ -47,10 +47,15 @@ class LoginFailed(Exception):
 
 # kinds of LoginFailed
 GITLAB_DOWN = "gitlab_down"
+PROVIDER_DOWN = GITLAB_DOWN  # the same page, naming the provider
 DENIED = "denied"
 STATE_MISMATCH = "state_mismatch"
 CODE_REFUSED = "code_refused"
 NOT_IN_GROUP = "not_in_group"
+TOKEN_INVALID = "token_invalid"  # OIDC: bad signature, issuer or audience
+TOKEN_EXPIRED = "token_expired"  # OIDC: the ID token's exp is past
+TOKEN_REPLAYED = "token_replayed"  # OIDC: a nonce or state used already
+IDENTITY_CLASH = "identity_clash"  # two identities hash to one user ID
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +65,8 @@ class Flow:
     state: str
     verifier: str
     next: str
+    nonce: str = ""  # OpenID Connect only (broker.portal.oidc)
+    provider: str = ""  # the OIDC provider's name; "" for GitLab
 
 
 @dataclass(frozen=True, slots=True)

@@ -91,17 +91,26 @@ class Cookies:
         return Session(gitlab_id=uid, sid=sid)
 
     def flow_cookie(self, flow: Flow) -> CookieSpec:
-        value = self._flow.dumps({"st": flow.state, "v": flow.verifier, "n": flow.next})
+        value = self._flow.dumps(
+            {
+                "st": flow.state,
+                "v": flow.verifier,
+                "n": flow.next,
+                "no": flow.nonce,
+                "p": flow.provider,
+            }
+        )
         return CookieSpec(FLOW_COOKIE, value, FLOW_MAX_AGE, self.secure)
 
     def flow(self, value: str | None) -> Flow | None:
         data = _loads(self._flow, value, FLOW_MAX_AGE)
         if data is None:
             return None
-        state, verifier, nxt = data.get("st"), data.get("v"), data.get("n")
-        if not all(isinstance(x, str) for x in (state, verifier, nxt)):
+        values = [data.get(k, "") for k in ("st", "v", "n", "no", "p")]
+        if not all(isinstance(x, str) for x in values):
             return None
-        return Flow(state=str(state), verifier=str(verifier), next=str(nxt))
+        state, verifier, nxt, nonce, provider = (str(x) for x in values)
+        return Flow(state, verifier, nxt, nonce=nonce, provider=provider)
 
 
 def _loads(

@@ -11,15 +11,12 @@
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import json
 import secrets
 from dataclasses import dataclass, field
-from urllib.parse import urlencode
 
 from quart import Quart, Response, request
 
+from tests.support.fake_oauth import json_error, json_ok, pkce_matches, redirect_back
 from tests.support.loopback import LoopbackApp
 
 CLIENT_ID = "portal-test-app"
@@ -67,12 +64,10 @@ class FakeGitLab(LoopbackApp):
                 return Response("PKCE required", status=400)
             back = args["redirect_uri"]
             if self.deny:
-                query = {"error": "access_denied", "state": args.get("state", "")}
-                return Response("", status=302, headers={"Location": f"{back}?{urlencode(query)}"})
+                return redirect_back(back, error="access_denied", state=args.get("state", ""))
             code = secrets.token_urlsafe(16)
             self.grants[code] = Grant(self.user, args["code_challenge"], back)
-            query = {"code": code, "state": args.get("state", "")}
-            return Response("", status=302, headers={"Location": f"{back}?{urlencode(query)}"})
+            return redirect_back(back, code=code, state=args.get("state", ""))
 
         @app.post("/oauth/token")
         async def token() -> Response:
@@ -81,19 +76,18 @@ class FakeGitLab(LoopbackApp):
             if self.token_status is not None:
                 return Response("<html>502 Bad Gateway</html>", status=self.token_status)
             if form.get("client_id") != CLIENT_ID or form.get("client_secret") != CLIENT_SECRET:
-                return _error(401, "invalid_client")
+                return json_error(401, "invalid_client")
             if form.get("grant_type") == "refresh_token":
                 owner = self.refresh_tokens.pop(form.get("refresh_token", ""), None)
-                return _error(400, "invalid_grant") if owner is None else self._issue(owner)
+                return json_error(400, "invalid_grant") if owner is None else self._issue(owner)
             grant = self.grants.get(form.get("code", ""))
             if grant is None or grant.used or form.get("grant_type") != "authorization_code":
-                return _error(400, "invalid_grant")
+                return json_error(400, "invalid_grant")
             grant.used = True
             if form.get("redirect_uri") != grant.redirect_uri:
-                return _error(400, "invalid_grant")
-            digest = hashlib.sha256(form.get("code_verifier", "").encode()).digest()
-            if base64.urlsafe_b64encode(digest).rstrip(b"=").decode() != grant.challenge:
-                return _error(400, "invalid_grant")
+                return json_error(400, "invalid_grant")
+            if not pkce_matches(form.get("code_verifier", ""), grant.challenge):
+                return json_error(400, "invalid_grant")
             return self._issue(grant.user)
 
         def who() -> FakeUser | None:
@@ -104,23 +98,23 @@ class FakeGitLab(LoopbackApp):
         async def user() -> Response:
             u = who()
             if u is None:
-                return _error(401, "invalid_token")
-            return _ok({"id": u.id, "username": u.username, "name": u.name, "state": "active"})
+                return json_error(401, "invalid_token")
+            return json_ok({"id": u.id, "username": u.username, "name": u.name, "state": "active"})
 
         @app.get("/oauth/userinfo")
         async def userinfo() -> Response:
             self.userinfo_requests += 1
             u = who()
             if u is None:
-                return _error(401, "invalid_token")
-            return _ok({"sub": str(u.id), "nickname": u.username, "groups": u.groups})
+                return json_error(401, "invalid_token")
+            return json_ok({"sub": str(u.id), "nickname": u.username, "groups": u.groups})
 
         @app.get("/api/v4/groups")
         async def groups() -> Response:
             u = who()
             if u is None:
-                return _error(401, "invalid_token")
-            return _ok([{"full_path": g} for g in u.groups])
+                return json_error(401, "invalid_token")
+            return json_ok([{"full_path": g} for g in u.groups])
 
         return app
 
@@ -134,15 +128,7 @@ class FakeGitLab(LoopbackApp):
             "token_type": "Bearer",
             "expires_in": 7200,
         }
-        return _ok(body)
+        return json_ok(body)
 
     def expire_access_tokens(self) -> None:
         self.tokens.clear()
-
-
-def _ok(body: object) -> Response:
-    return Response(json.dumps(body), content_type="application/json")
-
-
-def _error(status: int, code: str) -> Response:
-    return Response(json.dumps({"error": code}), status=status, content_type="application/json")

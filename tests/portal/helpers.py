@@ -14,10 +14,13 @@ def portal_client(stack: Stack) -> httpx.AsyncClient:
     return httpx.AsyncClient(base_url=stack.broker.url, timeout=15.0)
 
 
-async def login(client: httpx.AsyncClient, next_path: str = "") -> httpx.Response:
-    """Follow /portal/login -> fake GitLab -> /portal/callback by hand; the callback's answer."""
+async def login(
+    client: httpx.AsyncClient, next_path: str = "", start_at: str = "/portal/login"
+) -> httpx.Response:
+    """Follow /portal/login -> fake GitLab (or ``start_at`` /portal/login/<provider> -> fake
+    OIDC provider) -> the callback by hand; the callback's answer."""
     query = f"?next={next_path}" if next_path else ""
-    start = await client.get("/portal/login" + query)
+    start = await client.get(start_at + query)
     assert start.status_code == 302, start.text
     consent = await client.get(start.headers["location"])
     assert consent.status_code == 302, consent.text
