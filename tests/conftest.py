@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,27 +14,20 @@ from tests.support.redis_server import RedisServer, redis_server_running, unique
 from tests.support.stack import Stack, start_broker, start_connector
 
 RELAY_MODES = ("memory", "redis")
-# Every broker these tests start is served by each HTTP server in turn (--server): the
-# relay, API and proxy tests, and tests marked ``both_servers`` (slow heads, drain).
-# REMOTELLM_TEST_SERVERS=hypercorn (or uvicorn) runs one of them only.
+# A test marked ``both_servers`` runs once per HTTP server (--server), every broker it
+# starts (in-process or ``procs.broker``) on that server: the relay and API modules whose
+# behaviour is the server's (streaming bodies, long polls, disconnects, bad input), the
+# proxy paths, slow heads and the SIGTERM drain. REMOTELLM_TEST_SERVERS=uvicorn (or
+# hypercorn) runs one of them only.
 SERVERS = tuple(os.environ.get("REMOTELLM_TEST_SERVERS", "hypercorn,uvicorn").split(","))
-BOTH_SERVERS_DIRS = ("integration", "proxies")
-TESTS = Path(__file__).resolve().parent
-
-
-def _on_both_servers(metafunc: pytest.Metafunc) -> bool:
-    if metafunc.definition.get_closest_marker("both_servers") is not None:
-        return True
-    parts = Path(metafunc.definition.path).resolve().relative_to(TESTS).parts
-    return parts[0] in BOTH_SERVERS_DIRS
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """Tests marked ``both_states`` run once per relay-state implementation; relay, API and
-    proxy tests once per HTTP server. The server and the state are independent, so a test
+    """Tests marked ``both_states`` run once per relay-state implementation, ``both_servers``
+    once per HTTP server. The server and the state are independent, so a test
     that runs on both does the Redis state on the default server only."""
     states = metafunc.definition.get_closest_marker("both_states") is not None
-    servers = _on_both_servers(metafunc)
+    servers = metafunc.definition.get_closest_marker("both_servers") is not None
     names = ("relay_mode",) * states + ("broker_server",) * servers
     for name in names:
         if name not in metafunc.fixturenames:
