@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from broker.asgi import ASGIApp
 from broker.settings import BrokerSettings
 
-ASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
 ShutdownTrigger = Callable[[], Awaitable[object]]
 
 # Seconds a server lets requests in flight finish after its shutdown trigger fires (the

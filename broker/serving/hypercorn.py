@@ -5,7 +5,8 @@ from __future__ import annotations
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config
 
-from broker.serving import GRACEFUL_TIMEOUT, MAX_HEAD_BYTES, ASGIApp, Listen, ShutdownTrigger
+from broker.asgi import ASGIApp
+from broker.serving import GRACEFUL_TIMEOUT, MAX_HEAD_BYTES, Listen, ShutdownTrigger
 
 
 def hypercorn_config(listen: Listen) -> Config:

@@ -21,10 +21,10 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import Server
 
+from broker.asgi import ASGIApp
 from broker.serving import (
     GRACEFUL_TIMEOUT,
     MAX_HEAD_BYTES,
-    ASGIApp,
     Listen,
     ShutdownTrigger,
 )
