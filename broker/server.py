@@ -1,15 +1,16 @@
-"""Serve the broker with Hypercorn: the public port and the health port, one shutdown path."""
+"""Serve the broker: the public port and the health port, one drain and shutdown path.
+
+The HTTP server itself (Hypercorn or uvicorn, ``--server``) sits behind broker/serving.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import signal
 
-from hypercorn.asyncio import serve as hypercorn_serve
-from hypercorn.config import Config
-
 from broker.broker_state import BrokerState
 from broker.composition import build_state, create_app, create_health_app
+from broker.serving import listen_for, server_named
 from broker.settings import BrokerSettings
 from shared.logging import get_logger
 from shared.loop import run
@@ -17,36 +18,8 @@ from shared.loop import run
 log = get_logger("broker.server")
 
 
-def hypercorn_config(host: str, port: int, settings: BrokerSettings, tls: bool) -> Config:
-    """The API/relay port (``tls=True``) or the health port (``tls=False``).
-
-    Hypercorn closes a connection whose request head is not complete within
-    ``keep_alive_timeout`` (its idle timer runs from accept and between requests and is not
-    reset by bytes of a partial head), so that is ``--header-timeout``: a slow-loris head
-    holds a socket that long at most. ``read_timeout`` bounds the silence of a connection
-    with a request in flight: on the health port a request is answered at once; on the API
-    port a client legitimately sends nothing while it waits up to ``--total-timeout`` for
-    its answer.
-    """
-    config = Config()
-    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
-    config.accesslog = None
-    config.errorlog = None
-    config.include_server_header = False
-    config.keep_alive_timeout = settings.header_timeout
-    silence = settings.total_timeout + settings.header_timeout if tls else settings.header_timeout
-    config.read_timeout = int(silence) + 1
-    config.graceful_timeout = 5.0
-    # A burst of 1,000 new API clients overflows Hypercorn's default backlog of 100.
-    config.backlog = settings.backlog
-    if tls and settings.certfile and settings.keyfile:
-        config.certfile = str(settings.certfile)
-        config.keyfile = str(settings.keyfile)
-    return config
-
-
 class BrokerServer:
-    """start / wait / close around the two Hypercorn servers."""
+    """start / wait / drain / close around the two servers (one per port)."""
 
     def __init__(self, settings: BrokerSettings, state: BrokerState | None = None) -> None:
         self.settings = settings
@@ -60,26 +33,20 @@ class BrokerServer:
 
     async def run(self) -> None:
         s = self.settings
+        serve = server_named(s.server)
+        trigger = self._servers_stop.wait
         tasks = [
-            asyncio.create_task(
-                hypercorn_serve(
-                    self.app,
-                    hypercorn_config(s.host, s.port, s, tls=True),
-                    shutdown_trigger=self._servers_stop.wait,
-                )
-            )
+            asyncio.create_task(serve(self.app, listen_for(s.host, s.port, s, tls=True), trigger))
         ]
         if s.health_port:
-            tasks.append(
-                asyncio.create_task(
-                    hypercorn_serve(
-                        create_health_app(self.state),
-                        hypercorn_config(s.health_host, s.health_port, s, tls=False),
-                        shutdown_trigger=self._servers_stop.wait,
-                    )
-                )
-            )
-        log.info("broker_started", url=s.advertised_url, health_port=s.health_port or None)
+            health = listen_for(s.health_host, s.health_port, s, tls=False)
+            tasks.append(asyncio.create_task(serve(create_health_app(self.state), health, trigger)))
+        log.info(
+            "broker_started",
+            url=s.advertised_url,
+            health_port=s.health_port or None,
+            server=s.server,
+        )
         stopper = asyncio.create_task(self._drain_on_stop())
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from shared.bench.brokers import brokers_table, run_brokers
-from shared.bench.local import PROFILES, Scenario, run_profile
+from shared.bench.local import PROFILES, SERVERS, Scenario, run_profile
 from shared.bench.peer import PEERS, PeerOptions
 from shared.bench.report import peer_table, scaling_lines, table
 from shared.bench.target import run_target, target_table
@@ -55,6 +55,14 @@ def main() -> None:
     help="Run the peer from this source checkout (its src/ goes on PYTHONPATH) instead of "
     "the copy installed in --peer-python's venv, which still provides its dependencies.",
 )
+@click.option(
+    "--server",
+    "servers",
+    default="hypercorn",
+    show_default=True,
+    help="Our broker's HTTP server (--server), or several comma-separated "
+    "(hypercorn,uvicorn): every scenario runs on each in turn, one row per server.",
+)
 def local(
     profile: str,
     only: tuple[str, ...],
@@ -63,10 +71,12 @@ def local(
     peer: str | None,
     peer_python: Path | None,
     peer_src: Path | None,
+    servers: str,
 ) -> None:
     """Start a fake upstream, a broker and connectors on 127.0.0.1 and compare the same
     workload direct and relayed, interleaved in one run."""
     peer_options = _peer_options(peer, peer_python, peer_src)
+    server_names = _servers(servers)
     scenarios = PROFILES[profile]
     if only:
         scenarios = [s for s in scenarios if any(o in s.name for o in only)]
@@ -74,7 +84,7 @@ def local(
         scenarios = [replace(s, requests=max(s.rounds, int(s.requests * scale))) for s in scenarios]
     against = f", against {peer}" if peer else ""
     click.echo(f"remotellm-bench local: {len(scenarios)} scenarios ({profile}{against})")
-    rows = asyncio.run(run_profile(scenarios, peer=peer_options))
+    rows = asyncio.run(run_profile(scenarios, peer=peer_options, servers=server_names))
     click.echo("")
     click.echo(table(rows))
     if peer_options is not None:
@@ -88,11 +98,21 @@ def local(
         payload = {
             "machine": {"python": platform.python_version(), "platform": platform.platform()},
             "profile": profile,
+            "servers": list(server_names),
             "peer": None if peer_options is None else _peer_info(peer_options),
             "rows": [row.summary() for row in rows],
         }
         json_path.write_text(json.dumps(payload, indent=2, default=str))
         click.echo(f"\nJSON written to {json_path}")
+
+
+def _servers(value: str) -> list[str]:
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    known = SERVERS
+    unknown = [name for name in names if name not in known]
+    if not names or unknown:
+        raise click.UsageError(f"--server takes {', '.join(known)} (comma-separated)")
+    return list(dict.fromkeys(names))
 
 
 def _peer_options(peer: str | None, python: Path | None, src: Path | None) -> PeerOptions | None:

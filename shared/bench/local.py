@@ -15,6 +15,11 @@ from shared.bench.client import Connection, Result
 from shared.bench.peer import PeerOptions, PeerSetup
 from shared.bench.procs import KEY, Proc, Setup
 
+# The broker's --server choices (broker/settings.py; shared/ starts the broker as a process
+# and never imports it: tests/unit/shared checks the two agree), the default first.
+SERVERS = ("hypercorn", "uvicorn")
+DEFAULT_SERVER = SERVERS[0]
+
 
 @dataclass(frozen=True)
 class Scenario:
@@ -113,6 +118,15 @@ class Row:
     direct: Side
     ours: Relayed
     peers: list[Relayed] = field(default_factory=list)
+    # Our broker's --server, and whether the table names it (a run on several servers).
+    server: str = DEFAULT_SERVER
+    show_server: bool = False
+
+    @property
+    def label(self) -> str:
+        if self.show_server:
+            return f"{self.scenario.name} [{self.server}]"
+        return self.scenario.name
 
     @property
     def relay(self) -> Side:
@@ -133,6 +147,7 @@ class Row:
         d, r = self.direct, self.relay
         out: dict[str, object] = {
             "scenario": asdict(self.scenario),
+            "server": self.server,
             "direct": _side_summary(d),
             "relay": _side_summary(r),
             "ttfb_p50_added_ms": self.added_ttfb_ms(self.ours),
@@ -332,31 +347,42 @@ PROFILES: dict[str, list[Scenario]] = {
 
 
 async def run_profile(
-    scenarios: list[Scenario], progress: bool = True, peer: PeerOptions | None = None
+    scenarios: list[Scenario],
+    progress: bool = True,
+    peer: PeerOptions | None = None,
+    servers: Sequence[str] = (DEFAULT_SERVER,),
 ) -> list[Row]:
+    """Every scenario on each of ``servers`` (our broker's --server) in turn: one row each."""
     rows: list[Row] = []
-    setups: dict[tuple[str, int, bool, bool], Setup] = {}
+    setups: dict[tuple[str, tuple[str, int, bool, bool]], Setup] = {}
     peers: dict[tuple[str, int, bool, bool], PeerSetup] = {}
     try:
         for s in scenarios:
-            setup = setups.get(s.setup_key)
-            if setup is None:
-                setup = Setup(
-                    connectors=s.connectors, upload_mode=s.upload_mode, http2=s.http2, tls=s.tls
-                )
-                setups[s.setup_key] = setup
-                await setup.start()
             # A peer shares our fake upstream; over TLS the client's paths would differ.
             peer_setup = None
-            if peer is not None and not s.tls:
-                peer_setup = peers.get(s.setup_key)
-                if peer_setup is None:
-                    peer_setup = PeerSetup(peer, setup.upstream_port, connectors=s.connectors)
-                    peers[s.setup_key] = peer_setup
-                    await peer_setup.start()
-            if progress:
-                print(f"  running {s.name} ...", flush=True)
-            rows.append(await run_scenario(setup, s, [peer_setup] if peer_setup else []))
+            for server in servers:
+                setup = setups.get((server, s.setup_key))
+                if setup is None:
+                    setup = Setup(
+                        connectors=s.connectors,
+                        upload_mode=s.upload_mode,
+                        http2=s.http2,
+                        tls=s.tls,
+                        server=server,
+                    )
+                    setups[(server, s.setup_key)] = setup
+                    await setup.start()
+                if peer is not None and not s.tls and peer_setup is None:
+                    peer_setup = peers.get(s.setup_key)
+                    if peer_setup is None:
+                        peer_setup = PeerSetup(peer, setup.upstream_port, connectors=s.connectors)
+                        peers[s.setup_key] = peer_setup
+                        await peer_setup.start()
+                if progress:
+                    print(f"  running {s.name} on {server} ...", flush=True)
+                row = await run_scenario(setup, s, [peer_setup] if peer_setup else [])
+                row.server, row.show_server = server, len(servers) > 1
+                rows.append(row)
     finally:
         for peer_setup in peers.values():
             peer_setup.stop()

@@ -190,6 +190,7 @@ class Setup:
     upload_mode: str = "mux"
     http2: bool = False
     tls: bool = False
+    server: str = "hypercorn"  # the broker's --server
     capacity: int = 1100
     procs: list[Proc] = field(default_factory=list)
     upstream_port: int = 0
@@ -252,6 +253,8 @@ class Setup:
                     "warning",
                     "--log-format",
                     "json",
+                    "--server",
+                    self.server,
                     *tls_args,
                 ],
                 log,

@@ -39,7 +39,7 @@ def table(rows: list[Row]) -> str:
         )
         lines.append(
             template.format(
-                name=s.name,
+                name=row.label,
                 conc=s.concurrency,
                 mode=s.upload_mode,
                 conns=f" x{s.connectors}" if s.connectors > 1 else "",
@@ -116,7 +116,7 @@ def _peer_cells(row: Row) -> list[str]:
         return f"{metric(key)} ({_ratio(ours[key], peer[key])})"
 
     return [
-        row.scenario.name,
+        row.label,
         str(row.scenario.concurrency),
         _pacing(row.scenario),
         _f(row.direct.pct("ttfb", 0.5)),
@@ -134,10 +134,11 @@ def _peer_cells(row: Row) -> list[str]:
 
 def scaling_lines(rows: list[Row]) -> list[str]:
     """Cost per relayed chunk at the lowest vs the highest concurrency of the same workload."""
-    groups: dict[tuple[int, int, float, str], list[Row]] = {}
+    groups: dict[tuple[int, int, float, str, str], list[Row]] = {}
     for row in rows:
         s = row.scenario
-        groups.setdefault((s.chunks, s.chunk_bytes, s.delay_ms, s.upload_mode), []).append(row)
+        key = (s.chunks, s.chunk_bytes, s.delay_ms, s.upload_mode, row.server)
+        groups.setdefault(key, []).append(row)
     lines = []
     for group in groups.values():
         if len({r.scenario.concurrency for r in group}) < 2:
@@ -146,6 +147,7 @@ def scaling_lines(rows: list[Row]) -> list[str]:
         high = max(group, key=lambda r: r.scenario.concurrency)
         for name in [p.name for p in low.peers] + ["ours"]:
             a, b = _relayed(low, name), _relayed(high, name)
+            shown = f"{name} [{low.server}]" if low.show_server and name == "ours" else name
             if a is None or b is None:
                 continue
             ca, cb = a.cost(), b.cost()
@@ -157,7 +159,7 @@ def scaling_lines(rows: list[Row]) -> list[str]:
             ]
             lines.append(
                 f"- {_pacing(low.scenario)}, c={low.scenario.concurrency} → "
-                f"c={high.scenario.concurrency}, {name}: CPU per chunk " + ", ".join(parts)
+                f"c={high.scenario.concurrency}, {shown}: CPU per chunk " + ", ".join(parts)
             )
     return lines
 

@@ -146,6 +146,7 @@ async def wait_unrouted(broker: Broker, name: str, timeout: float = 10.0) -> boo
     return False
 
 
+@pytest.mark.both_servers  # the drain is ours, the close after it each server's
 async def test_broker_sigterm_finishes_stream(
     procs: Procs, slow_llm: FakeLLM, tmp_path: Path
 ) -> None:

@@ -15,7 +15,9 @@ from broker.accounts.keys import hash_secret, user_id
 from shared.bench.upstream import FakeLLM
 from tests.support.stack import USER_KEY, Stack, start_connector
 
-pytestmark = pytest.mark.both_states  # relay semantics: in memory and in Redis
+# Relay semantics in memory and in Redis; the server's part (streaming bodies, long polls,
+# disconnects) on each HTTP server.
+pytestmark = [pytest.mark.both_states, pytest.mark.both_servers]
 
 
 def sdk(stack: Stack, **kw) -> openai.AsyncOpenAI:

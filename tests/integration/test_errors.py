@@ -11,6 +11,8 @@ import pytest
 from shared.bench.upstream import FakeLLM
 from tests.support.stack import TOKEN, USER_KEY, Stack, start_broker, start_connector
 
+pytestmark = pytest.mark.both_servers  # bad bodies and uploads reach the server's parser first
+
 
 def assert_openai_error(response: httpx.Response, status: int, code: str | None = None) -> dict:
     assert response.status_code == status, response.text

@@ -15,7 +15,9 @@ from tests.support.stack import TOKEN, USER_KEY, Stack, start_broker, start_conn
 
 AUTH = {"Authorization": f"Bearer {USER_KEY}"}
 
-pytestmark = pytest.mark.both_states  # relay semantics: in memory and in Redis
+# Relay semantics in memory and in Redis; the server's part (streaming bodies, long polls,
+# disconnects) on each HTTP server.
+pytestmark = [pytest.mark.both_states, pytest.mark.both_servers]
 
 
 def body(stream: bool, n: int = 200, content: str = "x") -> dict:

@@ -25,6 +25,8 @@ from tests.support.stack import (
     start_connector,
 )
 
+pytestmark = pytest.mark.both_servers  # the multiplexed upload is a streaming request body
+
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from shared.bench.upstream import FakeLLM
 from tests.proxies.measure import CHUNK_DELAY, expected_tokens, stream_timing
 from tests.support.stack import start_broker, start_connector
+
+pytestmark = pytest.mark.both_servers  # the path without a proxy, as the others' baseline
 
 
 async def test_direct_baseline_both_modes(tmp_path: Path, fake_llm: FakeLLM) -> None:

@@ -16,6 +16,8 @@ from tests.proxies.relay import chat, content_of
 from tests.proxies.servers import DEFAULT_LOCATION, start_nginx
 from tests.support.stack import start_broker, start_connector
 
+pytestmark = pytest.mark.both_servers  # neither server may rewrite the client address
+
 TRUSTED = parse_networks(["10.0.0.0/8", "127.0.0.2/32", "fd00::/8"])
 
 

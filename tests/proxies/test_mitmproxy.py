@@ -34,6 +34,8 @@ from tests.proxies.servers import (
 )
 from tests.support.stack import TOKEN, RunningBroker, start_broker, start_connector
 
+pytestmark = pytest.mark.both_servers  # TLS served by each server
+
 
 @pytest.fixture(scope="module")
 def broker_cert(tmp_path_factory: pytest.TempPathFactory) -> BrokerCert:

@@ -11,11 +11,15 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
+
 from shared.bench.upstream import FakeLLM
 from tests.proxies.measure import CHUNK_DELAY, expected_tokens, stream_timing
 from tests.proxies.relay import broker_health, chat, content_of
 from tests.proxies.servers import DEFAULT_LOCATION, RECOMMENDED_SERVER, nginx_hits, start_nginx
 from tests.support.stack import start_broker, start_connector
+
+pytestmark = pytest.mark.both_servers  # nginx talks HTTP/1.1 keep-alive to the server
 
 MIB = 1024 * 1024
 

@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 import httpx
+import pytest
 
 from connector.broker_client import BrokerClient
 from connector.runner import Connector
@@ -20,6 +21,8 @@ from shared.bench.upstream import FakeLLM
 from tests.proxies.measure import stream_timing
 from tests.proxies.relay import connector_settings
 from tests.support.stack import RunningConnector, start_broker
+
+pytestmark = pytest.mark.both_servers  # parts uploads cut mid-body
 
 _PART = re.compile(r"/parts/(\d+)$")
 

@@ -2,7 +2,8 @@
 
 A real broker (portal on) with ``--header-timeout 1``: raw sockets send a request head that
 never completes, trickled a byte at a time, to the API port and to the health port; a
-portal form that stops half-way; a form larger than ``--portal-max-form``.
+portal form that stops half-way; a form larger than ``--portal-max-form``. Each on both
+HTTP servers (``--server``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from tests.portal.fake_gitlab import CLIENT_ID, CLIENT_SECRET
 from tests.support.stack import RunningBroker, start_broker
 
 HEADER_TIMEOUT = 1.0
+# Slow heads and bodies are the HTTP server's business: check each server the broker offers.
+pytestmark = pytest.mark.both_servers
 
 
 @pytest.fixture
@@ -106,3 +109,37 @@ async def test_a_portal_form_over_the_limit_gets_413_before_it_is_read(
         assert r.status_code == 411
         ok = await client.post("/portal/logout", data={"csrf_token": "x"})
         assert ok.status_code == 303  # a form of ordinary size still goes through
+
+
+@pytest.mark.parametrize("which", ["api", "health"])
+async def test_a_request_head_over_16_kib_is_refused_and_the_port_keeps_serving(
+    broker: RunningBroker, which: str
+) -> None:
+    port = broker.settings.port if which == "api" else broker.settings.health_port
+    head = b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"X-Big: " + b"a" * 20_000 + b"\r\n"
+    took, answer = await open_for(port, head, b"", limit=8.0)
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
+    assert took < HEADER_TIMEOUT + 1.5
+    async with httpx.AsyncClient(timeout=5, trust_env=False) as client:
+        r = await client.get(f"http://127.0.0.1:{port}/health")
+        assert r.status_code in (200, 404)
+
+
+async def test_a_connection_that_sends_nothing_is_closed_at_the_header_timeout(
+    broker: RunningBroker,
+) -> None:
+    took, answer = await open_for(broker.settings.port, b"", b"", limit=8.0)
+    assert took < HEADER_TIMEOUT + 1.5, f"an idle connection was held {took:.1f} s"
+    assert answer == b""
+
+
+async def test_a_kept_alive_connection_is_closed_at_the_header_timeout_and_no_server_header(
+    broker: RunningBroker,
+) -> None:
+    head = b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer nope\r\n\r\n"
+    took, answer = await open_for(broker.settings.port, head, b"", limit=8.0)
+    assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
+    head_lines = answer.split(b"\r\n\r\n", 1)[0].lower().split(b"\r\n")
+    assert not [line for line in head_lines if line.startswith(b"server:")]
+    assert [line for line in head_lines if line.startswith(b"date:")]
+    assert took < HEADER_TIMEOUT + 1.5, f"a kept-alive connection was held {took:.1f} s"

@@ -24,6 +24,9 @@ from shared.bench.procs import cpu_seconds
 from tests.support.net import free_ports
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# ``--server NAME`` for every broker ``Procs.broker`` starts in a test that runs on both
+# HTTP servers (tests/conftest.py fills it), else empty: the default server.
+BROKER_SERVER: list[str] = []
 
 
 def child_env() -> dict[str, str]:
@@ -205,7 +208,8 @@ class Procs:
         if port is not None:  # a restart in place: the health port must differ from it
             main, health = port, health if health != port else main
         broker = Broker(main, health, data_dir)
-        broker.proc = await self.start(name, "-m", "broker", *broker.base_args(), *extra)
+        args = (*broker.base_args(), *BROKER_SERVER, *extra)
+        broker.proc = await self.start(name, "-m", "broker", *args)
         await broker.wait_listening()
         return broker
 

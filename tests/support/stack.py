@@ -1,4 +1,5 @@
-"""Start real brokers and connectors in-process (Hypercorn on 127.0.0.1, free ports)."""
+"""Start real brokers and connectors in-process (127.0.0.1, free ports; the broker on the
+HTTP server the test runs on, tests/conftest.py)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,174 @@
+"""Serve one port with uvicorn and httptools (HTTP/1.1 parsed in C), inside our own loop.
+
+uvicorn's ``Server.serve()`` installs its own SIGINT/SIGTERM handlers (``capture_signals``)
+and exits the process on a bind or startup failure; the broker keeps its own signal
+handlers and drain (broker/server.py), so this runs the public steps ``startup`` /
+``on_tick`` / ``shutdown`` itself, on a socket it binds (a bind failure raises OSError).
+
+uvicorn has no head timeout (its keep-alive timer is cancelled by any byte, so a head
+trickled a byte at a time would hold a socket for ever), no read timeout and no bound on
+the head with httptools: ``_BoundedHttpTools`` adds the three Hypercorn has, with one
+timer per connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+from uvicorn.config import Config
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import Server
+
+from broker.asgi import ASGIApp
+from broker.serving import (
+    GRACEFUL_TIMEOUT,
+    MAX_HEAD_BYTES,
+    Listen,
+    ShutdownTrigger,
+)
+
+_HEAD_TOO_LARGE = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+    b"content-length: 0\r\nconnection: close\r\n\r\n"
+)
+# Hypercorn's TLS ciphers, so either server offers the same.
+_CIPHERS = "ECDHE+AESGCM"
+
+
+class _BoundedHttpTools(HttpToolsProtocol):
+    """httptools with a head timeout, a read timeout and a head size bound.
+
+    While a head is being read the deadline runs from accept (or the end of the previous
+    response) and bytes do not move it; while a request is in flight it runs from the last
+    byte the client sent. Past it the connection is closed without an answer."""
+
+    header_timeout: float = 30.0
+    read_timeout: float = 31.0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._reading_head = True
+        self._head_bytes = 0
+        self._limit = self.header_timeout
+        self._since = self.loop.time()
+        self._timer: asyncio.TimerHandle | None = self.loop.call_later(self._limit, self._check)
+
+    def _check(self) -> None:
+        left = self._since + self._limit - self.loop.time()
+        if left > 0:
+            self._timer = self.loop.call_later(left, self._check)
+        else:
+            self._timer = None
+            if not self.transport.is_closing():
+                self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        if self._reading_head:
+            self._head_bytes += len(data)
+        else:
+            self._since = self.loop.time()
+        super().data_received(data)
+        if (
+            self._reading_head
+            and self._head_bytes > MAX_HEAD_BYTES
+            and not self.transport.is_closing()
+        ):
+            self.transport.write(_HEAD_TOO_LARGE)
+            self.transport.close()
+
+    def on_headers_complete(self) -> None:
+        self._reading_head = False
+        self._limit = self.read_timeout
+        self._since = self.loop.time()
+        super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        next_in_flight = bool(self.pipeline)
+        super().on_response_complete()
+        if next_in_flight or self.transport.is_closing():
+            return
+        self._reading_head = True
+        self._head_bytes = 0
+        self._limit = self.header_timeout
+        self._since = self.loop.time()
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_later(self._limit, self._check)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        super().connection_lost(exc)
+
+
+def _protocol(listen: Listen) -> type[_BoundedHttpTools]:
+    return type(
+        "BoundedHttpTools",
+        (_BoundedHttpTools,),
+        {"header_timeout": listen.header_timeout, "read_timeout": listen.read_timeout},
+    )
+
+
+def uvicorn_config(app: ASGIApp, listen: Listen) -> Config:
+    tls: dict[str, Any] = {}
+    if listen.certfile is not None and listen.keyfile is not None:
+        tls = {
+            "ssl_certfile": str(listen.certfile),
+            "ssl_keyfile": str(listen.keyfile),
+            "ssl_ciphers": _CIPHERS,
+        }
+    return Config(
+        app,
+        host=listen.host,
+        port=listen.port,
+        http=_protocol(listen),
+        ws="none",
+        lifespan="on",  # the broker's state and loops start and stop with the app
+        interface="asgi3",
+        log_config=None,  # logs go through shared/logging's stdlib handler
+        access_log=False,
+        proxy_headers=False,  # broker/forwarded.py decides whom to trust
+        server_header=False,
+        date_header=True,
+        backlog=listen.backlog,
+        # A backstop only: _BoundedHttpTools closes an idle connection first.
+        timeout_keep_alive=int(listen.header_timeout) + 1,
+        timeout_graceful_shutdown=int(GRACEFUL_TIMEOUT),
+        **tls,
+    )
+
+
+def _bind(listen: Listen) -> socket.socket:
+    v6 = ":" in listen.host
+    return socket.create_server(
+        (listen.host, listen.port),
+        family=socket.AF_INET6 if v6 else socket.AF_INET,
+        backlog=listen.backlog,
+        dualstack_ipv6=v6 and socket.has_dualstack_ipv6(),
+    )
+
+
+async def serve(app: ASGIApp, listen: Listen, shutdown_trigger: ShutdownTrigger) -> None:
+    config = uvicorn_config(app, listen)
+    config.load()
+    server = Server(config)
+    server.lifespan = config.lifespan_class(config)
+    sock = _bind(listen)
+    try:
+        await server.startup(sockets=[sock])
+    except SystemExit as exc:  # uvicorn's answer to a failed app startup (logged)
+        sock.close()
+        raise RuntimeError("the broker app failed to start; see the log above") from exc
+    stop = asyncio.ensure_future(shutdown_trigger())
+    try:
+        while True:
+            await server.on_tick(0)  # the Date header, once a second
+            done, _ = await asyncio.wait({stop}, timeout=1.0)
+            if done:
+                break
+    finally:
+        stop.cancel()
+        await server.shutdown(sockets=[sock])
