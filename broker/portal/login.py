@@ -132,7 +132,7 @@ async def callback() -> Response:
     try:
         gitlab = await portal.oauth.finish(code, flow)
         result = await asyncio.to_thread(
-            portal.users.login, gitlab.id, gitlab.username, gitlab.name
+            portal.users.login, gitlab.id, gitlab.username, gitlab.name, gitlab.groups
         )
     except LoginFailed as exc:
         return failure(exc.kind, exc.detail)
