@@ -40,7 +40,9 @@ async def two_models() -> AsyncIterator[FakeLLM]:
 async def scoped(tmp_path: Path, two_models: FakeLLM) -> AsyncIterator[tuple[Stack, UsersStore]]:
     users = UsersStore(tmp_path / "users.yaml")
     users.login(7, "alice", "Alice")
-    broker = await start_broker(tmp_path / "broker", users_file=users.path)
+    models_file = tmp_path / "models.yaml"
+    models_file.write_text("aliases:\n  fast: [model-a]\n")
+    broker = await start_broker(tmp_path / "broker", users_file=users.path, models_file=models_file)
     conn = await start_connector(broker.url, two_models.url)
     stack = Stack(broker, [conn])
     yield stack, users
@@ -119,7 +121,7 @@ async def test_an_operator_scope_change_applies_without_a_restart(
     key = users.create_key(7, "laptop")
     base = ["--data-dir", str(stack.broker.settings.data_dir), "--users-file", str(users.path)]
     async with openai.AsyncOpenAI(base_url=stack.base_url, api_key=key, max_retries=0) as client:
-        assert await _until_known(client) == ["model-a", "model-b"]
+        assert await _until_known(client) == ["fast", "model-a", "model-b"]
         run = CliRunner().invoke
         done = run(
             broker_cli.main, [*base, "users", "scope", "alice", "laptop", "--models", "model-b"]
@@ -138,3 +140,18 @@ async def test_an_operator_scope_change_applies_without_a_restart(
         assert [m.id for m in (await client.models.list()).data] == ["model-b"]
         ok = await client.chat.completions.create(model="model-b", messages=HI, max_tokens=1)
         assert ok.choices
+
+
+async def test_a_key_scoped_to_an_alias_uses_the_alias_only(
+    scoped: tuple[Stack, UsersStore],
+) -> None:
+    stack, users = scoped
+    key = users.create_key(7, "alias", ScopeAsk(models="fast"))
+    async with openai.AsyncOpenAI(base_url=stack.base_url, api_key=key, max_retries=0) as client:
+        assert await _until_known(client) == ["fast"]
+        raw = await client.chat.completions.with_raw_response.create(
+            model="fast", messages=HI, max_tokens=1
+        )
+        assert raw.headers["x-remotellm-served-model"] == "model-a"  # served by the alias's target
+        with pytest.raises(openai.PermissionDeniedError):  # not the target by its own name
+            await client.chat.completions.create(model="model-a", messages=HI, max_tokens=1)
