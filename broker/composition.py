@@ -108,7 +108,7 @@ def build_users(
     settings: BrokerSettings, keys: KeyStore, revocations: RevocationBoard | None
 ) -> UsersStore:
     """The users file: its keys authenticate the API, with or without the portal."""
-    users = UsersStore(settings.users_path)
+    users = UsersStore(settings.users_path, max_key_lifetime=settings.max_key_lifetime)
     keys.attach_users(users.lookup)
     if revocations is not None:
         users.watch(revocations.note)

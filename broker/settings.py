@@ -175,6 +175,13 @@ class BrokerSettings(FileAwareSettings):
         "change; `remotellm-broker users` edits it too.",
         json_schema_extra={"doc_default": "<data-dir>/users.yaml"},
     )
+    max_key_lifetime: float | None = Field(
+        None,
+        gt=0,
+        description="Longest a key may live, in seconds (e.g. 7776000 for 90 days): the "
+        "portal's users must give every key they create, scope or regenerate an expiry "
+        "within it (default: keys may never expire). Operators may set any expiry.",
+    )
     users_reload_interval: float = Field(
         1 * SECONDS,
         gt=0,

@@ -68,6 +68,9 @@ class UserKey:
     # Overrides of the default limits (users file): for the user, and for this key alone.
     limits: LimitOverrides | None = None
     key_limits: LimitOverrides | None = None
+    # The key's scope (broker/accounts/key_scope.py): None is every model, never expires.
+    models: frozenset[str] | None = None
+    expires: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,6 +306,9 @@ class KeyStore:
             return found
         if board.revoked(digest):
             return None  # revoked on another broker: as unknown as a deleted key
+        scoped = board.scope(digest)
+        if scoped is not None:  # the last scope change any broker saw wins
+            found = replace(found, models=scoped.models, expires=scoped.expires)
         if board.blocked(found.id) and not found.blocked:
             return replace(found, blocked=True)
         return found

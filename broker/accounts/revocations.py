@@ -7,6 +7,10 @@ edit) to a board in Redis, and reads the board back every ``--users-reload-inter
 - ``P rv:keys``  hash  key SHA-256 -> when it was revoked (a revoked key never returns)
 - ``P rv:users`` hash  user ID -> when it was blocked (removed when a broker sees the
   user unblocked)
+- ``P rv:scopes`` hash  key SHA-256 -> its latest scope, JSON ``{"models": [...] | null,
+  "expires": epoch | null, "at": epoch}``: written when a broker sees a key's models or
+  expiry change; every broker applies it over its own copy of the file (the last change
+  seen anywhere wins), so a narrowed key is refused everywhere as fast as a revoked one
 
 A key on the board is refused as unknown (401) and a blocked user's keys as blocked
 (403) on every broker, whatever its own copy of the file says. A broker that could not
@@ -16,6 +20,7 @@ than serve keys that may have been revoked meanwhile (docs/scale-out.md).
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -29,16 +34,52 @@ log = get_logger("broker.accounts.revocations")
 
 
 @dataclass(frozen=True, slots=True)
+class BoardScope:
+    """A key's models (None: every model) and expiry (epoch seconds, None: never)."""
+
+    models: frozenset[str] | None = None
+    expires: float | None = None
+
+    def dumps(self, at: float) -> str:
+        models = None if self.models is None else sorted(self.models)
+        return json.dumps({"models": models, "expires": self.expires, "at": at})
+
+
+def _scope(raw: bytes | str) -> BoardScope | None:
+    """A board entry, or None when it is not one (written by something else: ignored)."""
+    try:
+        doc = json.loads(raw)
+        models, expires = doc["models"], doc["expires"]
+    except (ValueError, TypeError, KeyError):
+        return None
+    if models is not None and not (
+        isinstance(models, list) and all(isinstance(m, str) for m in models)
+    ):
+        return None
+    if expires is not None and not isinstance(expires, int | float):
+        return None
+    return BoardScope(None if models is None else frozenset(models), expires)
+
+
+def scope_changes(
+    before: Mapping[str, BoardScope], after: Mapping[str, BoardScope]
+) -> dict[str, BoardScope]:
+    """The keys in both loads whose scope changed (new keys are nobody else's yet)."""
+    return {d: s for d, s in after.items() if d in before and before[d] != s}
+
+
+@dataclass(frozen=True, slots=True)
 class UsersChange:
     """What one reload of the users file changed, as far as access goes."""
 
     revoked_keys: frozenset[str] = frozenset()
     blocked: frozenset[str] = frozenset()
     unblocked: frozenset[str] = frozenset()
+    scopes: Mapping[str, BoardScope] = field(default_factory=dict)
 
     @property
     def empty(self) -> bool:
-        return not (self.revoked_keys or self.blocked or self.unblocked)
+        return not (self.revoked_keys or self.blocked or self.unblocked or self.scopes)
 
 
 def users_change(
@@ -72,6 +113,7 @@ class RevocationBoard:
     clock: Callable[[], float] = time.monotonic
     keys: frozenset[str] = frozenset()
     users: frozenset[str] = frozenset()
+    scopes: Mapping[str, BoardScope] = field(default_factory=dict)
     synced_at: float | None = None
     _pending: list[UsersChange] = field(default_factory=list)
 
@@ -91,6 +133,9 @@ class RevocationBoard:
     def blocked(self, user_id: str) -> bool:
         return user_id in self.users
 
+    def scope(self, key_hash: str) -> BoardScope | None:
+        return self.scopes.get(key_hash)
+
     async def sync(self) -> None:
         """Publish what this broker saw change, then read the whole board."""
         try:
@@ -98,12 +143,15 @@ class RevocationBoard:
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.hkeys(self.prefix + "rv:keys")
                 pipe.hkeys(self.prefix + "rv:users")
-                keys, users = await pipe.execute()
+                pipe.hgetall(self.prefix + "rv:scopes")
+                keys, users, scopes = await pipe.execute()
         except (RedisError, OSError) as exc:
             log.warning("revocations_unreadable", error=str(exc))
             return
         self.keys = frozenset(_text(k) for k in keys)
         self.users = frozenset(_text(u) for u in users)
+        read = {_text(k): _scope(v) for k, v in scopes.items()}
+        self.scopes = {k: v for k, v in read.items() if v is not None}
         self.synced_at = self.clock()
 
     async def _publish(self) -> None:
@@ -118,6 +166,11 @@ class RevocationBoard:
                     pipe.hset(users, mapping=dict.fromkeys(change.blocked, now))
                 if change.unblocked:
                     pipe.hdel(users, *change.unblocked)
+                if change.scopes:
+                    pipe.hset(
+                        self.prefix + "rv:scopes",
+                        mapping={d: s.dumps(float(now)) for d, s in change.scopes.items()},
+                    )
                 await pipe.execute()
             self._pending.pop(0)  # only once written: a Redis outage keeps it for next time
             log.info(
@@ -125,6 +178,7 @@ class RevocationBoard:
                 keys=len(change.revoked_keys),
                 blocked=sorted(change.blocked),
                 unblocked=sorted(change.unblocked),
+                scopes=len(change.scopes),
             )
 
 

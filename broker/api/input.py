@@ -8,10 +8,14 @@ routes (``broker.api.models``) and the plain-ASGI relay route (``broker.api.rela
 from __future__ import annotations
 
 import re
+import time
 import uuid
+from collections.abc import Callable
 
+from broker.accounts import key_scope
 from broker.accounts.keys import KeyStore, UserKey, bearer
 from broker.core.errors import BrokerError
+from shared.errors import quote
 from shared.protocol import REQUEST_ID_HEADER
 
 _CLIENT_REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
@@ -64,10 +68,14 @@ def presented_key(authorization: str | None, api_key: str | None, rid: str) -> s
 
 
 def authenticate(
-    keys: KeyStore, authorization: str | None, rid: str, api_key: str | None = None
+    keys: KeyStore,
+    authorization: str | None,
+    rid: str,
+    api_key: str | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> UserKey:
-    """The key's user; ApiError 401 for a missing, wrong or conflicting key, 403 for a
-    blocked one. ``api_key``: the ``x-api-key`` header, accepted like a Bearer token."""
+    """The key's user; ApiError 401 for a missing, wrong, conflicting or expired key, 403
+    for a blocked one. ``api_key``: the ``x-api-key`` header, accepted like a Bearer token."""
     headers = {REQUEST_ID_HEADER: rid}
     key = presented_key(authorization, api_key, rid)
     if key is None:
@@ -90,4 +98,33 @@ def authenticate(
     if user.blocked:
         headers["x-should-retry"] = "false"
         raise ApiError(403, "This API key is blocked.", "key_blocked", headers=headers)
+    if key_scope.expired(user.expires, clock()):
+        headers["x-should-retry"] = "false"
+        raise ApiError(
+            401,
+            "This API key has expired: regenerate it or create a new one in the key portal, "
+            "or ask the operator.",
+            "key_expired",
+            headers=headers,
+        )
     return user
+
+
+def authorize_model(user: UserKey, model: str, rid: str) -> None:
+    """The one check of a key's scope: ApiError 403 ``model_not_allowed`` for a model (or
+    alias) the key may not use."""
+    if key_scope.allows(user.models, model):
+        return
+    raise ApiError(
+        403,
+        f"This API key may not use the model '{quote(model)}'; /v1/models lists those it may.",
+        "model_not_allowed",
+        type_="invalid_request_error",
+        param="model",
+        headers={REQUEST_ID_HEADER: rid, "x-should-retry": "false"},
+    )
+
+
+def allowed_models(user: UserKey, names: list[str]) -> list[str]:
+    """``names`` that ``user``'s key may use (the model list's filter)."""
+    return [n for n in names if key_scope.allows(user.models, n)]

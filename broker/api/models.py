@@ -10,11 +10,14 @@ from typing import Any
 
 from quart import Blueprint, Response, request
 
+from broker.accounts.keys import UserKey
 from broker.api.aliasing import alias_fields
 from broker.api.input import (
     CLIENT_REQUEST_ID_HEADER,
     ApiError,
+    allowed_models,
     authenticate,
+    authorize_model,
     client_label,
     new_request_id,
 )
@@ -57,11 +60,11 @@ def create_api_blueprint(state: BrokerState) -> Blueprint:
             response.headers[CLIENT_REQUEST_ID_HEADER] = label
         return response
 
-    def checked() -> str:
+    def checked() -> tuple[str, UserKey]:
         rid = new_request_id()
         headers = request.headers
-        authenticate(state.keys, headers.get("Authorization"), rid, headers.get("x-api-key"))
-        return rid
+        user = authenticate(state.keys, headers.get("Authorization"), rid, headers.get("x-api-key"))
+        return rid, user
 
     def alias_entry(name: str, live: dict[str, list[str]]) -> dict[str, Any] | None:
         alias = state.aliases.get(name)
@@ -71,16 +74,18 @@ def create_api_blueprint(state: BrokerState) -> Blueprint:
 
     @bp.get("/v1/models")
     async def list_models() -> Response:
-        rid = checked()
+        rid, user = checked()
         live = (await hub.view()).live_models
         # An alias shadows a served model of its name (docs/aliases.md): listed once, as it.
-        names = sorted(set(live) | set(state.aliases.aliases))
+        # A scoped key sees only what it may use.
+        names = allowed_models(user, sorted(set(live) | set(state.aliases.aliases)))
         data = [alias_entry(m, live) or model_entry(m, live[m]) for m in names]
         return _json({"object": "list", "data": data}, rid)
 
     @bp.get("/v1/models/<path:model_id>")
     async def get_model(model_id: str) -> Response:
-        rid = checked()
+        rid, user = checked()
+        authorize_model(user, model_id, rid)
         live = (await hub.view()).live_models
         entry = alias_entry(model_id, live)
         if entry is not None:
@@ -100,7 +105,7 @@ def create_api_blueprint(state: BrokerState) -> Blueprint:
     @bp.route("/v1/<path:rest>", methods=["GET", "PUT", "PATCH", "DELETE"])
     async def other(rest: str) -> Response:
         """Every /v1 path but the model list is relayed by POST: other methods get 405."""
-        rid = checked()
+        rid, _ = checked()
         raise ApiError(
             405,
             f"Method {request.method} is not allowed on /v1/{quote(rest)}; use POST",

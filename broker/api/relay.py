@@ -23,6 +23,7 @@ from broker.api.input import (
     CLIENT_REQUEST_ID_HEADER,
     ApiError,
     authenticate,
+    authorize_model,
     client_label,
     new_request_id,
 )
@@ -241,6 +242,11 @@ class ApiRelay:
                 headers={REQUEST_ID_HEADER: rid},
             )
         await self.check_engine(rid, user, item, started)
+        try:
+            authorize_model(user, request.model, rid)
+        except ApiError as exc:  # recorded; the metrics keep one label for all such names
+            self._refused(rid, user, item, exc.status, exc.code, started, known=False)
+            raise
         try:
             ticket = await self.gate.admit(user, request.ask, item.path, rid)
         except ApiError as exc:  # over a limit: 429, recorded like the relay's refusals

@@ -1,4 +1,5 @@
-"""``remotellm-broker users list|keys|block|unblock|revoke|limits``: the users file for operators.
+"""``remotellm-broker users list|keys|block|unblock|revoke|limits|scope|key-defaults``: the
+users file for operators.
 
 The commands read the same settings as the broker (``--config``, env, the group's flags),
 so they edit the very file the running broker serves; it picks the change up within
@@ -8,13 +9,21 @@ seconds, and a blocked user's keys stop working then.
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
 import click
 
-from broker.accounts.users import KeyActionRefused, LimitsEntry, UsersFileError, UsersStore
+from broker.accounts.key_scope import ScopeAsk
+from broker.accounts.users import (
+    KeyActionRefused,
+    KeyEntry,
+    LimitsEntry,
+    UsersFileError,
+    UsersStore,
+)
 from broker.cli.program import BROKER
 from broker.core.limits import LIMIT_FIELDS, UNLIMITED, Override
 
@@ -25,7 +34,7 @@ def _when(value: datetime | None) -> str:
 
 def _store(ctx: click.Context) -> UsersStore:
     settings = BROKER.load_sub(ctx)
-    store = UsersStore(settings.users_path)
+    store = UsersStore(settings.users_path, max_key_lifetime=settings.max_key_lifetime)
     if store.error:
         BROKER.fail(store.error)
     return store
@@ -69,15 +78,102 @@ def list_users(ctx: click.Context) -> None:
 @click.argument("user")
 @click.pass_context
 def list_keys(ctx: click.Context, user: str) -> None:
-    """The keys of USER (username or GitLab id): name, prefix, created, last used."""
+    """The keys of USER (username or GitLab id): name, prefix, created, last used, the
+    models each may use, its expiry ("expired" once past: kept until revoked) and label."""
     store = _store(ctx)
     entry = next((u for u in store.users if user in (u.username, str(u.gitlab_id))), None)
     if entry is None:
         click.echo(f"remotellm-broker: no user {user!r} in {store.path}", err=True)
         sys.exit(1)
-    rows = [("NAME", "PREFIX", "CREATED", "LAST USED")]
+    rows = [("NAME", "PREFIX", "CREATED", "LAST USED", "MODELS", "EXPIRES", "LABEL")]
+    now = time.time()
     for k in entry.keys:
-        rows.append((k.name, k.prefix + "…", _when(k.created), _when(k.last_used)))
+        rows.append(
+            (
+                k.name,
+                k.prefix + "…",
+                _when(k.created),
+                _when(k.last_used),
+                ",".join(k.models) if k.models is not None else "all",
+                _expiry(k, now),
+                k.label or "-",
+            )
+        )
+    _table(rows)
+
+
+def _expiry(key: KeyEntry, now: float) -> str:
+    if key.expires is None:
+        return "never"
+    return ("expired " if key.is_expired(now) else "") + _when(key.expires)
+
+
+@users_command.command("scope")
+@click.argument("user")
+@click.argument("key")
+@click.option(
+    "--models",
+    default=None,
+    help="Models and aliases KEY may use, comma-separated ('*': every model).",
+)
+@click.option(
+    "--expires",
+    default=None,
+    help="When KEY stops working: a lifetime from now "
+    "(90m, 12h, 30d, 2w), a UTC date (2027-01-31[T18:00]) or 'never'.",
+)
+@click.option("--label", default=None, help="A note shown with the key ('' removes it).")
+@click.pass_context
+def scope(
+    ctx: click.Context,
+    user: str,
+    key: str,
+    models: str | None,
+    expires: str | None,
+    label: str | None,
+) -> None:
+    """Set the models, expiry or label of USER's key KEY (its name or prefix). Options not
+    given stay as they are; operators are not bound by --max-key-lifetime or group
+    defaults. The running brokers apply it within seconds."""
+    store = _store(ctx)
+    ask = ScopeAsk(models=models, expiry=expires, label=label)
+    entry = _run(lambda: store.set_scope(user, key.rstrip("…"), ask))
+    shown = ",".join(entry.models) if entry.models is not None else "all"
+    click.echo(
+        f"{user}'s key {entry.name} ({entry.prefix}…): models {shown}, "
+        f"expires {_expiry(entry, time.time())}, label {entry.label or '-'}"
+    )
+
+
+@users_command.command("key-defaults")
+@click.argument("group", required=False)
+@click.option(
+    "--models",
+    default=None,
+    help="Models and aliases the group's members' keys may use, comma-separated (default: any).",
+)
+@click.option(
+    "--lifetime",
+    default=None,
+    help="Default lifetime of their new keys (90m, 12h, 30d, 2w; default: no expiry).",
+)
+@click.option("--remove", is_flag=True, help="Remove GROUP's defaults.")
+@click.pass_context
+def key_defaults(
+    ctx: click.Context, group: str | None, models: str | None, lifetime: str | None, remove: bool
+) -> None:
+    """List the key defaults per GitLab group, or set (or --remove) GROUP's.
+
+    A member of a group with defaults may give their keys only the models of their groups,
+    and new keys get the shortest lifetime of their groups. Groups are read at login with
+    --gitlab-allowed-group."""
+    store = _store(ctx)
+    if group is not None:
+        _run(lambda: store.set_group_defaults(group, models, lifetime, remove=remove))
+    store.reload()
+    rows = [("GROUP", "MODELS", "LIFETIME")]
+    for d in store.key_defaults:
+        rows.append((d.group, ",".join(d.models) if d.models else "any", d.lifetime or "none"))
     _table(rows)
 
 

@@ -7,6 +7,7 @@ import time
 
 from quart import Response, request
 
+from broker.accounts.key_scope import ScopeAsk
 from broker.portal import admin_views
 from broker.portal.admin import Admin, Refused, admin, admin_blueprint, form_action, section
 from broker.portal.context import portal_context
@@ -30,7 +31,7 @@ async def users_page() -> Response:
     return section(
         "users",
         who,
-        rows=admin_views.user_rows(users, query),
+        rows=admin_views.user_rows(users, now, query),
         query=query,
         static_keys=len(state.settings.user_api_keys),
         users_error=users.error,
@@ -90,3 +91,14 @@ async def set_limits(who: Admin, form: dict[str, str]) -> str:
     users = portal_context().users
     await asyncio.to_thread(users.set_limits, selector, values, replace=True)
     return "limits"
+
+
+@form_action(bp, "/portal/admin/users/scope-key", BACK)
+async def scope_key(who: Admin, form: dict[str, str]) -> str:
+    """Set any key's models, expiry and label (no group allowance or lifetime cap)."""
+    selector = known_user(form)
+    expiry = form.get("expires", "").strip() or None  # empty: unchanged
+    ask = ScopeAsk(models=form.get("models"), expiry=expiry, label=form.get("label"))
+    users = portal_context().users
+    await asyncio.to_thread(users.set_scope, selector, form.get("key", ""), ask)
+    return "scoped-key"

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from broker.accounts.enrollment import Enrolled
-from broker.accounts.users import KeyActionRefused, LimitsEntry, UserEntry, UsersStore
+from broker.accounts.users import KeyActionRefused, KeyEntry, LimitsEntry, UserEntry, UsersStore
 from broker.core.aliases import serves
 from broker.core.limits import LIMIT_FIELDS, UNLIMITED, Limits, Override, SubjectUsage
 from broker.state.relay import RelayView, Waiting
@@ -24,6 +24,10 @@ class KeyRow:
     prefix: str
     created: datetime
     last_used: datetime | None
+    models: list[str] | None = None
+    expires: datetime | None = None
+    label: str | None = None
+    expired: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,13 +70,26 @@ class QueueRow:
     slot_waits: int
 
 
-def user_rows(users: UsersStore, query: str = "") -> list[UserRow]:
+def key_row(users: UsersStore, key: KeyEntry, now: float) -> KeyRow:
+    return KeyRow(
+        key.name,
+        key.prefix,
+        key.created,
+        users.last_used(key),
+        key.models,
+        key.expires,
+        key.label,
+        key.is_expired(now),
+    )
+
+
+def user_rows(users: UsersStore, now: float, query: str = "") -> list[UserRow]:
     rows = []
     needle = query.strip().lower()
     for user in sorted(users.users, key=lambda u: u.username.lower()):
         if needle and needle not in user.username.lower() and needle not in user.name.lower():
             continue
-        keys = [KeyRow(k.name, k.prefix, k.created, users.last_used(k)) for k in user.keys]
+        keys = [key_row(users, k, now) for k in user.keys]
         used = [k.last_used for k in keys if k.last_used is not None]
         rows.append(
             UserRow(

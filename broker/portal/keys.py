@@ -1,11 +1,13 @@
-"""A user's keys page: the list with usage and examples, create, regenerate, delete."""
+"""A user's keys page: the list with usage and examples, create, scope, regenerate, delete."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 from quart import Response, request
 
+from broker.accounts.key_scope import ScopeAsk, shown_lifetime
 from broker.accounts.users import KeyActionRefused, UsersFileError
 from broker.portal import pages
 from broker.portal.common import (
@@ -33,6 +35,7 @@ async def keys_page(
     models = await pages.live_models(state)
     usage_path = state.settings.usage_path if state.settings.record_usage else None
     model = models[0] if models else "MODEL"
+    allowance = portal.users.allowance(who.user)
     return pages.page(
         "keys",
         status,
@@ -47,6 +50,9 @@ async def keys_page(
         examples=pages.examples(portal.base_url, model, reveal[1] if reveal else None),
         usage=await usage_for(usage_path, who.user.user_id, state.prices),
         prices=state.prices,
+        now=time.time(),
+        allowed_models=sorted(allowance.models) if allowance.models is not None else None,
+        max_lifetime=shown_lifetime(allowance.max_lifetime) if allowance.max_lifetime else None,
     )
 
 
@@ -59,11 +65,19 @@ async def keys() -> Response:
     return await keys_page(who, reveal=reveal)
 
 
-async def _change(action: str, uid: int, name: str) -> str:
+def _scope_asked(form: dict[str, str]) -> ScopeAsk:
+    """The scope fields of a form as typed (checked by the users store)."""
+    return ScopeAsk(models=form.get("models"), expiry=form.get("expires"), label=form.get("label"))
+
+
+async def _change(action: str, uid: int, name: str, form: dict[str, str]) -> str:
     """Do one key action; the new secret, or "" when there is none to show."""
     users = portal_context().users
     if action == "create":
-        return await asyncio.to_thread(users.create_key, uid, name)
+        return await asyncio.to_thread(users.create_key, uid, name, _scope_asked(form))
+    if action == "scope":
+        await asyncio.to_thread(users.scope_key, uid, name, _scope_asked(form))
+        return ""
     if action == "regenerate":
         return await asyncio.to_thread(users.regenerate_key, uid, name)
     await asyncio.to_thread(users.delete_key, uid, name)
@@ -80,7 +94,7 @@ async def key_action(action: str) -> Response:
     name = form.get("name", "")
     uid = who.user.gitlab_id
     try:
-        secret = await _change(action, uid, name)
+        secret = await _change(action, uid, name, form)
     except KeyActionRefused as exc:
         return await keys_page(who, error=str(exc), status=400)
     except UsersFileError as exc:
@@ -96,6 +110,11 @@ async def key_action(action: str) -> Response:
 @bp.post("/portal/keys")
 async def create_key() -> Response:
     return await key_action("create")
+
+
+@bp.post("/portal/keys/scope")
+async def scope_key() -> Response:
+    return await key_action("scope")
 
 
 @bp.post("/portal/keys/regenerate")

@@ -136,6 +136,7 @@ class LoggedIn:
     idp: str  # GitLab, or the OIDC provider's name
     tokens: GitLabTokens | None = None
     identity: tuple[str, str] | None = None  # OIDC (provider, subject)
+    groups: tuple[str, ...] = ()  # for the key defaults of the user's groups
 
 
 @bp.get("/portal/")
@@ -214,7 +215,9 @@ async def callback() -> Response:
         gitlab = await portal.oauth.finish(code, flow)
     except LoginFailed as exc:
         return failure(exc.kind, exc.detail)
-    who = LoggedIn(gitlab.id, gitlab.username, gitlab.name, "GitLab", tokens=gitlab.tokens)
+    who = LoggedIn(
+        gitlab.id, gitlab.username, gitlab.name, "GitLab", gitlab.tokens, groups=gitlab.groups
+    )
     return await complete_login(who, flow)
 
 
@@ -223,7 +226,7 @@ async def complete_login(who: LoggedIn, flow: Flow) -> Response:
     portal = portal_context()
     try:
         result = await asyncio.to_thread(
-            portal.users.login, who.user_id, who.username, who.name, who.identity
+            portal.users.login, who.user_id, who.username, who.name, who.identity, who.groups
         )
     except IdentityClash:
         log.error("portal_identity_clash", user_id=who.user_id, idp=who.idp)

@@ -79,5 +79,6 @@ async def callback(name: str) -> Response:
         name=user.name,
         idp=idp,
         identity=(user.provider, user.subject),
+        groups=user.groups,
     )
     return await complete_login(who, flow)
