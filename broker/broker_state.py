@@ -15,6 +15,7 @@ from broker.state.memory.limits import MemoryLimitState
 from broker.state.relay import RelayState
 from broker.usage.ledger import UsageRecorder
 from broker.usage.prices import PriceBook
+from shared.hoptrace import HopTrace
 
 
 @dataclass
@@ -35,3 +36,5 @@ class BrokerState:
     started: float = 0.0
     # Session id -> "stream" or "classic": how it polled last (for the admin page).
     poll_modes: dict[str, str] = field(default_factory=dict)
+    # Per-request hop timestamps (--trace-hops, shared/hoptrace.py); None: off, free.
+    trace: HopTrace | None = None

@@ -48,6 +48,7 @@ from broker.state.redis.portal_sessions import RedisSessions
 from broker.state.relay import RelayState, RelayView
 from broker.usage.ledger import UsageRecorder
 from broker.usage.prices import load_prices
+from shared.hoptrace import HopTrace
 from shared.logging import get_logger
 from shared.templates import render
 
@@ -137,6 +138,7 @@ def build_state(settings: BrokerSettings, keys: KeyStore | None = None) -> Broke
         prices=prices,
         limiter=limiter,
         revocations=revocations,
+        trace=HopTrace("broker") if settings.trace_hops else None,
     )
 
 

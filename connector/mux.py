@@ -32,6 +32,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from connector.backoff import Backoff
 from connector.errors import BrokerRejected, BrokerUnavailable, LeaseLost, SessionLost
 from shared import framing
+from shared.hoptrace import HopTrace
 from shared.logging import get_logger
 from shared.protocol import ResponseEnd, ResponseHead, UploadResult
 
@@ -88,7 +89,14 @@ class MuxStream:
 class MuxUploader:
     """The multiplexed uploads of one session, one after another, for its lifetime."""
 
-    def __init__(self, send: Send, heartbeat: float, rotate_bytes: int = ROTATE_BYTES) -> None:
+    def __init__(
+        self,
+        send: Send,
+        heartbeat: float,
+        rotate_bytes: int = ROTATE_BYTES,
+        trace: HopTrace | None = None,
+    ) -> None:
+        self._trace = trace
         self._send = send
         self.heartbeat = heartbeat
         self.rotate_bytes = rotate_bytes
@@ -268,11 +276,22 @@ class MuxUploader:
             for start in range(0, len(blob), MAX_RUN):
                 runs.append(framing.encode_mux(tag, blob[start : start + MAX_RUN]))
             stream.last_sent = now
+            if self._trace is not None:
+                self._traced(stream, frames)
             if stream.ended and stream not in self._dirty:
                 streams.pop(stream.request_id, None)
+                if self._trace is not None:
+                    self._trace.done(stream.request_id)
         if runs:
             self._carried = True
         return runs[0] if len(runs) == 1 else b"".join(runs)
+
+    def _traced(self, stream: MuxStream, frames: list[bytes]) -> None:
+        """The hops of a request's frames handed to the upload (``--trace-hops``)."""
+        assert self._trace is not None
+        self._trace.mark(stream.request_id, "upload_ack")
+        if any(frame[0] == framing.FrameType.DATA for frame in frames):
+            self._trace.mark(stream.request_id, "upload_data")
 
     def _heartbeats(self, lane: int, now: float) -> bytes:
         """A heartbeat for each request on this upload that was silent for ``heartbeat``."""

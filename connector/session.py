@@ -21,6 +21,7 @@ from connector.probing import PathProbe
 from connector.settings import ConnectorSettings
 from connector.status import Emit, Registered, SessionEnded
 from connector.trouble import ClashWarner
+from shared.hoptrace import HopTrace
 from shared.logging import get_logger
 from shared.protocol import (
     PROTOCOL_REVISION,
@@ -44,8 +45,10 @@ class SessionKeeper:
         probe: PathProbe,
         clashes: ClashWarner,
         emit: Emit,
+        trace: HopTrace | None = None,
     ) -> None:
         self._settings = settings
+        self._trace = trace
         self._broker = broker
         self._probe = probe
         self._clashes = clashes
@@ -115,7 +118,7 @@ class SessionKeeper:
         def send(body: AsyncIterator[bytes]) -> Awaitable[UploadResult]:
             return self._broker.upload_mux(sid, body)
 
-        self.mux = MuxUploader(send, session.heartbeat_s)
+        self.mux = MuxUploader(send, session.heartbeat_s, trace=self._trace)
         self.mux.start()
 
     def lose(self) -> None:

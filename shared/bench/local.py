@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 from shared.bench.client import Connection, Result
+from shared.bench.hops import collect, hop_rows
 from shared.bench.peer import PeerOptions, PeerSetup
 from shared.bench.procs import KEY, Proc, Setup
 
@@ -113,6 +114,7 @@ class Row:
     direct: Side
     ours: Relayed
     peers: list[Relayed] = field(default_factory=list)
+    hops: list[dict[str, int]] = field(default_factory=list)  # --trace: marks per request
 
     @property
     def relay(self) -> Side:
@@ -139,6 +141,8 @@ class Row:
             "throughput_ratio": (r.chunks_per_s / d.chunks_per_s) if d.chunks_per_s else None,
             **self.ours.cost(),
         }
+        if self.hops:
+            out["hops_ms"] = {hop: ms for hop, _, ms, _ in hop_rows(self.hops)}
         if self.peers:
             out["peers"] = {
                 p.name: {
@@ -332,7 +336,10 @@ PROFILES: dict[str, list[Scenario]] = {
 
 
 async def run_profile(
-    scenarios: list[Scenario], progress: bool = True, peer: PeerOptions | None = None
+    scenarios: list[Scenario],
+    progress: bool = True,
+    peer: PeerOptions | None = None,
+    trace: bool = False,
 ) -> list[Row]:
     rows: list[Row] = []
     setups: dict[tuple[str, int, bool, bool], Setup] = {}
@@ -342,7 +349,11 @@ async def run_profile(
             setup = setups.get(s.setup_key)
             if setup is None:
                 setup = Setup(
-                    connectors=s.connectors, upload_mode=s.upload_mode, http2=s.http2, tls=s.tls
+                    connectors=s.connectors,
+                    upload_mode=s.upload_mode,
+                    http2=s.http2,
+                    tls=s.tls,
+                    trace=trace,
                 )
                 setups[s.setup_key] = setup
                 await setup.start()
@@ -356,7 +367,10 @@ async def run_profile(
                     await peer_setup.start()
             if progress:
                 print(f"  running {s.name} ...", flush=True)
-            rows.append(await run_scenario(setup, s, [peer_setup] if peer_setup else []))
+            row = await run_scenario(setup, s, [peer_setup] if peer_setup else [])
+            if trace:
+                row.hops = await collect(setup.log, row.ours.side.results)
+            rows.append(row)
     finally:
         for peer_setup in peers.values():
             peer_setup.stop()
