@@ -16,7 +16,7 @@ from connector.broker_client import BrokerClient
 from connector.capacity import Capacity
 from connector.errors import BrokerRejected, BrokerUnavailable, SessionLost
 from connector.models import log_refused
-from connector.mux import MuxUploader
+from connector.mux import ACK_GRACE, MuxUploader
 from connector.probing import PathProbe
 from connector.settings import ConnectorSettings
 from connector.status import Emit, Registered, SessionEnded
@@ -118,7 +118,9 @@ class SessionKeeper:
         def send(body: AsyncIterator[bytes]) -> Awaitable[UploadResult]:
             return self._broker.upload_mux(sid, body)
 
-        self.mux = MuxUploader(send, session.heartbeat_s, trace=self._trace)
+        # The ACK may wait for the upstream's head, well within the lease (connector.mux).
+        ack_after = min(ACK_GRACE, session.lease_s / 10)
+        self.mux = MuxUploader(send, session.heartbeat_s, trace=self._trace, ack_after=ack_after)
         self.mux.start()
 
     def lose(self) -> None:

@@ -460,6 +460,8 @@ class AsgiResponder:
             deadline = machine.next_deadline()
             timeout = None if deadline is None else max(0.0, deadline - clock())
             events = await self.channel.get(timeout)
+            if self.trace is not None and events:
+                self.trace.mark(pending.id, "user_took")
             now = clock()
             actions = machine.feed(events, now) if events else []
             if not machine.done:

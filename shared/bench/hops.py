@@ -33,7 +33,8 @@ PATH: list[tuple[str, str, str]] = [
     ("upstream_first_byte", "connector", "the upstream's first body bytes arrived"),
     ("upload_data", "connector", "the first DATA frame handed to the mux upload"),
     ("demux_data", "broker", "the broker decoded that frame"),
-    ("user_write", "broker", "the first bytes handed to the server for the API user"),
+    ("user_took", "broker", "the API handler took the frames from its channel"),
+    ("user_write", "broker", "the response machine's first write handed to the server"),
     ("client_first_byte", "client", "the benchmark read the first body byte"),
 ]
 # Beside the path: the lease's ACK (the request's first frame) travels in parallel.
