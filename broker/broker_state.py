@@ -17,6 +17,7 @@ from broker.state.relay import RelayState
 from broker.usage.ledger import UsageRecorder
 from broker.usage.models_file import ModelsFileWatch
 from broker.usage.prices import PriceBook
+from shared.hoptrace import HopTrace
 
 
 @dataclass
@@ -39,3 +40,5 @@ class BrokerState:
     started: float = 0.0
     # Session id -> "stream" or "classic": how it polled last (for the admin page).
     poll_modes: dict[str, str] = field(default_factory=dict)
+    # Per-request hop timestamps (--trace-hops, shared/hoptrace.py); None: off, free.
+    trace: HopTrace | None = None

@@ -51,6 +51,7 @@ from broker.state.redis.portal_sessions import RedisSessions
 from broker.state.relay import RelayState, RelayView
 from broker.usage.ledger import UsageRecorder
 from broker.usage.models_file import ModelsFileWatch
+from shared.hoptrace import HopTrace
 from shared.logging import get_logger
 from shared.templates import render
 
@@ -143,6 +144,7 @@ def build_state(settings: BrokerSettings, keys: KeyStore | None = None) -> Broke
         models_file=models_file,
         limiter=limiter,
         revocations=revocations,
+        trace=HopTrace("broker") if settings.trace_hops else None,
     )
 
 

@@ -220,6 +220,12 @@ class BrokerSettings(FileAwareSettings):
     certfile: Path | None = Field(None, description="TLS certificate (PEM) to serve HTTPS.")
     keyfile: Path | None = Field(None, description="TLS private key (PEM).")
     log_level: str = Field("info", description="debug, info, warning or error.")
+    trace_hops: bool = Field(
+        False,
+        description="Log one hop_trace line (info level) per relayed request with the time "
+        "each hop was reached (docs/performance.md, remotellm-bench local --trace); for "
+        "diagnosing latency, off in production.",
+    )
     log_format: Literal["auto", "json", "console"] = Field(
         "auto", description="json, console, or auto (console on a TTY, else JSON)."
     )

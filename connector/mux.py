@@ -6,7 +6,11 @@ arrives, each request writes its frames into its ``MuxStream`` (the pump treats 
 ``FramePipe``), and one writer sends what every stream has pending in one write per wake,
 each run of one response's frames tagged with its request ID (``shared.framing``).
 
-- A request's first frame (an empty heartbeat, sent at once) acknowledges its lease.
+- A request's first frame acknowledges its lease: its head when the upstream answers
+  within ``ack_after`` (``ACK_GRACE``, at most a tenth of the lease), else an empty
+  heartbeat then. Sending the ACK at once cost the first byte about a millisecond at one
+  stream: its write, and the broker's read of it, ran exactly while the upstream call was
+  under way (docs/performance.md, "The first byte, hop by hop").
 - Each request still gets a heartbeat after ``heartbeat`` seconds of silence (the broker's
   idle timeout stays per request); the upload gets one when nothing at all was sent.
 - An upload ends cleanly with ``CLOSE`` (after ``rotate_bytes``, because proxies limit
@@ -32,6 +36,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from connector.backoff import Backoff
 from connector.errors import BrokerRejected, BrokerUnavailable, LeaseLost, SessionLost
 from shared import framing
+from shared.hoptrace import HopTrace
 from shared.logging import get_logger
 from shared.protocol import ResponseEnd, ResponseHead, UploadResult
 
@@ -47,6 +52,8 @@ MAX_RUN = 256 * 1024  # bytes of one response per MUX frame
 # takes turns with the others instead of holding the shared upload for all it has.
 FAIR_SHARE = 64 * 1024
 GIVE_UP_AFTER = 3  # failed uploads in a row that carried nothing: fall back per request
+# Seconds a new request's ACK waits for the upstream's head to travel with it.
+ACK_GRACE = 0.05
 CANCELLED_END = ResponseEnd(
     ok=False, status=499, error_type="cancelled", error="the connector stopped this request"
 )
@@ -88,9 +95,18 @@ class MuxStream:
 class MuxUploader:
     """The multiplexed uploads of one session, one after another, for its lifetime."""
 
-    def __init__(self, send: Send, heartbeat: float, rotate_bytes: int = ROTATE_BYTES) -> None:
+    def __init__(
+        self,
+        send: Send,
+        heartbeat: float,
+        rotate_bytes: int = ROTATE_BYTES,
+        trace: HopTrace | None = None,
+        ack_after: float = ACK_GRACE,
+    ) -> None:
+        self._trace = trace
         self._send = send
         self.heartbeat = heartbeat
+        self.ack_after = ack_after
         self.rotate_bytes = rotate_bytes
         self.streams: dict[str, MuxStream] = {}
         self._dirty: dict[MuxStream, list[bytes]] = {}
@@ -107,7 +123,7 @@ class MuxUploader:
     # -- what requests use ----------------------------------------------------------------
 
     def open(self, request_id: str, on_lost: Callable[[], object]) -> MuxStream:
-        """A new request's stream; its first frame goes out at once (the lease's ack)."""
+        """A new request's stream; its first frame, within ``ack_after``, is the lease's ACK."""
         old = self.streams.get(request_id)
         if old is not None:
             # The same request again (its lease ran out before its first frame went): the
@@ -116,8 +132,16 @@ class MuxUploader:
             self._dirty.pop(old, None)
         stream = MuxStream(self, request_id, on_lost)
         self.streams[request_id] = stream
-        self.push(stream, framing.HEARTBEAT_FRAME)
+        if self.ack_after > 0:
+            self._loop.call_later(self.ack_after, self._ack, stream)
+        else:
+            self.push(stream, framing.HEARTBEAT_FRAME)
         return stream
+
+    def _ack(self, stream: MuxStream) -> None:
+        """The grace is over and the stream sent nothing yet: an empty frame acknowledges it."""
+        if not stream.last_sent and stream not in self._dirty and not stream.ended:
+            self.push(stream, framing.HEARTBEAT_FRAME)
 
     def push(self, stream: MuxStream, frame: bytes) -> None:
         if stream.dead:
@@ -268,11 +292,22 @@ class MuxUploader:
             for start in range(0, len(blob), MAX_RUN):
                 runs.append(framing.encode_mux(tag, blob[start : start + MAX_RUN]))
             stream.last_sent = now
+            if self._trace is not None:
+                self._traced(stream, frames)
             if stream.ended and stream not in self._dirty:
                 streams.pop(stream.request_id, None)
+                if self._trace is not None:
+                    self._trace.done(stream.request_id)
         if runs:
             self._carried = True
         return runs[0] if len(runs) == 1 else b"".join(runs)
+
+    def _traced(self, stream: MuxStream, frames: list[bytes]) -> None:
+        """The hops of a request's frames handed to the upload (``--trace-hops``)."""
+        assert self._trace is not None
+        self._trace.mark(stream.request_id, "upload_ack")
+        if any(frame[0] == framing.FrameType.DATA for frame in frames):
+            self._trace.mark(stream.request_id, "upload_data")
 
     def _heartbeats(self, lane: int, now: float) -> bytes:
         """A heartbeat for each request on this upload that was silent for ``heartbeat``."""

@@ -32,6 +32,7 @@ from connector.settings import ConnectorSettings
 from connector.status import Status, StatusBoard
 from connector.trouble import ClashWarner, Retries, clash_pause
 from connector.upstream import Upstream
+from shared.hoptrace import HopTrace
 from shared.logging import get_logger
 
 log = get_logger("connector.runner")
@@ -50,12 +51,15 @@ class Connector:
         pool = capacity.pool_size(settings.capacity)
         self.broker = broker or BrokerClient(settings, connections=pool)
         self.upstream = upstream or Upstream(settings, connections=pool)
+        # Per-request hop timestamps (--trace-hops, shared/hoptrace.py); None: off, free.
+        trace = HopTrace("connector") if settings.trace_hops else None
+        self.upstream.trace = trace
         self.board = StatusBoard()
         emit = self.board.emit
         self.probe = PathProbe(settings, self.broker)
         self.clashes = ClashWarner(settings.name)
         self.retries = Retries(emit)
-        self.keeper = SessionKeeper(settings, self.broker, self.probe, self.clashes, emit)
+        self.keeper = SessionKeeper(settings, self.broker, self.probe, self.clashes, emit, trace)
         self.capacity_watch = CapacityWatch(
             settings.capacity, self._engine_json, emit, self._capacity_changed
         )
@@ -63,7 +67,7 @@ class Connector:
             settings, self.upstream, self.broker, lambda: self.board.current, emit, self.clashes
         )
         self.serving = Serving(
-            self.broker, self.upstream, self.keeper, self.probe, self.clashes, emit
+            self.broker, self.upstream, self.keeper, self.probe, self.clashes, emit, trace
         )
         self.poller = Poller(self.broker, self.keeper, self.probe, emit, self.serving.dispatch)
         self._stopping = asyncio.Event()

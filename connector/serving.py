@@ -30,6 +30,7 @@ from connector.session import SessionKeeper
 from connector.status import Emit, MuxGaveUp, RequestFailed, RequestServed
 from connector.trouble import ClashWarner, by_proxy
 from connector.upstream import Upstream
+from shared.hoptrace import HopTrace
 from shared.logging import get_logger
 from shared.protocol import CancelItem, RegisterResponse, RequestItem, UploadMode, WorkItem
 
@@ -47,7 +48,9 @@ class Serving:
         probe: PathProbe,
         clashes: ClashWarner,
         emit: Emit,
+        trace: HopTrace | None = None,
     ) -> None:
+        self._trace = trace
         self._broker = broker
         self._upstream = upstream
         self._keeper = keeper
@@ -62,6 +65,8 @@ class Serving:
             if isinstance(item, CancelItem):
                 self._cancel(item.request_id)
             elif isinstance(item, RequestItem):
+                if self._trace is not None:
+                    self._trace.mark(item.request_id, "poll_read")
                 self._start(item, session)
 
     async def finish(self, timeout: float) -> None:

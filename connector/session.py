@@ -16,11 +16,12 @@ from connector.broker_client import BrokerClient
 from connector.capacity import Capacity
 from connector.errors import BrokerRejected, BrokerUnavailable, SessionLost
 from connector.models import log_refused
-from connector.mux import MuxUploader
+from connector.mux import ACK_GRACE, MuxUploader
 from connector.probing import PathProbe
 from connector.settings import ConnectorSettings
 from connector.status import Emit, Registered, SessionEnded
 from connector.trouble import ClashWarner
+from shared.hoptrace import HopTrace
 from shared.logging import get_logger
 from shared.protocol import (
     PROTOCOL_REVISION,
@@ -44,8 +45,10 @@ class SessionKeeper:
         probe: PathProbe,
         clashes: ClashWarner,
         emit: Emit,
+        trace: HopTrace | None = None,
     ) -> None:
         self._settings = settings
+        self._trace = trace
         self._broker = broker
         self._probe = probe
         self._clashes = clashes
@@ -123,7 +126,9 @@ class SessionKeeper:
         def send(body: AsyncIterator[bytes]) -> Awaitable[UploadResult]:
             return self._broker.upload_mux(sid, body)
 
-        self.mux = MuxUploader(send, session.heartbeat_s)
+        # The ACK may wait for the upstream's head, well within the lease (connector.mux).
+        ack_after = min(ACK_GRACE, session.lease_s / 10)
+        self.mux = MuxUploader(send, session.heartbeat_s, trace=self._trace, ack_after=ack_after)
         self.mux.start()
 
     def lose(self) -> None:

@@ -6,6 +6,7 @@ import base64
 import collections
 import time
 import uuid
+from collections.abc import Callable
 from urllib.parse import unquote
 
 import httpx
@@ -13,6 +14,7 @@ import httpx
 from connector.llm_transport import llm_transport
 from connector.pipe import FrameSink
 from connector.settings import ConnectorSettings
+from shared.hoptrace import HopTrace
 from shared.logging import get_logger
 from shared.paths import PathRefused, relay_target
 from shared.protocol import (
@@ -59,6 +61,8 @@ class Upstream:
         self.engine = ""
         # Failed upstream requests by reason, once per request (the /metrics of health.py).
         self.errors: collections.Counter[str] = collections.Counter()
+        # Per-request hop timestamps (--trace-hops): set by the runner; None: off, free.
+        self.trace: HopTrace | None = None
         self._client = httpx.AsyncClient(
             base_url=self.url,
             headers=headers,
@@ -145,6 +149,9 @@ class Upstream:
         key = item.upstream_api_key or self.api_key
         if key:
             headers["authorization"] = f"Bearer {key}"
+        trace = self.trace
+        if trace is not None:
+            trace.mark(item.request_id, "upstream_sent")
         started = time.perf_counter()
         head_sent = False
         try:
@@ -168,7 +175,10 @@ class Upstream:
                 head_sent = True
                 if response.status_code >= 500:
                     self.errors["status_5xx"] += 1
-                data = pipe.data
+                data: Callable[[bytes], None] = pipe.data
+                if trace is not None:
+                    trace.mark(item.request_id, "upstream_head")
+                    data = trace.first(item.request_id, "upstream_first_byte", data)
                 async for chunk in response.aiter_raw():
                     data(chunk)
             finally:

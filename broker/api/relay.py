@@ -41,6 +41,7 @@ from broker.metrics import UNKNOWN_MODEL_LABEL
 from broker.state.relay import RelayState, ResponseSource
 from broker.usage.ledger import UsageRecord
 from shared.errors import quote
+from shared.hoptrace import HopTrace
 from shared.logging import get_logger
 from shared.model_names import is_model_name, shown
 from shared.paths import PathRefused, RouteTable, relayed_path
@@ -163,10 +164,13 @@ class ApiRelay:
             state.metrics,
         )
         self.routes = RouteTable.with_extra(state.settings.extra_api_routes)
+        self.trace = state.trace
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = self.hub.clock()
         rid = new_request_id()  # the broker's key: never the client's x-request-id
+        if self.trace is not None:
+            self.trace.mark(rid, "api_in")
         label = client_label(_header(scope, b"x-request-id"))
         label_token = _CLIENT_LABEL.set(label)
         structlog.contextvars.bind_contextvars(request_id=rid)
@@ -298,6 +302,8 @@ class ApiRelay:
             exc.headers.update(limit_headers)
             raise
         progress.pending = pending
+        if self.trace is not None:
+            self.trace.mark(rid, "submitted")
         client = scope.get("client")
         forwarded_for = _header(scope, b"x-forwarded-for")
         address = client_address(client[0] if client else None, forwarded_for, self.trusted_proxies)
@@ -313,11 +319,13 @@ class ApiRelay:
             shape=shape_for(item.path),
         )
         progress.outcome = machine.outcome
-        responder = AsgiResponder(self.hub, pending, channel, machine)
+        responder = AsgiResponder(self.hub, pending, channel, machine, self.trace)
         try:
             await responder.run(receive, send)
         finally:
             self._done(rid, user, item, pending, machine.outcome, address, started, resolved)
+            if self.trace is not None:
+                self.trace.done(rid)
 
     # -- what a route family changes -----------------------------------------------------
 
@@ -456,12 +464,18 @@ class AsgiResponder:
     """Moves a ResponseMachine's actions onto ASGI messages until it closes or the user leaves."""
 
     def __init__(
-        self, hub: RelayState, pending: Pending, channel: ResponseSource, machine: ResponseMachine
+        self,
+        hub: RelayState,
+        pending: Pending,
+        channel: ResponseSource,
+        machine: ResponseMachine,
+        trace: HopTrace | None = None,
     ) -> None:
         self.hub = hub
         self.pending = pending
         self.channel = channel
         self.machine = machine
+        self.trace = trace
 
     async def run(self, receive: Receive, send: Send) -> None:
         # The body was read: the next message is http.disconnect, when the user hangs up.
@@ -493,6 +507,8 @@ class AsgiResponder:
                 if type(action) is Body:
                     if action.upstream:
                         hub.progress(pending, Seen.DELIVERED, clock(), len(action.data))
+                        if self.trace is not None:
+                            self.trace.mark(pending.id, "user_write")
                     await send(
                         {"type": "http.response.body", "body": action.data, "more_body": True}
                     )
@@ -505,6 +521,8 @@ class AsgiResponder:
             deadline = machine.next_deadline()
             timeout = None if deadline is None else max(0.0, deadline - clock())
             events = await self.channel.get(timeout)
+            if self.trace is not None and events:
+                self.trace.mark(pending.id, "user_took")
             now = clock()
             actions = machine.feed(events, now) if events else []
             if not machine.done:
@@ -522,4 +540,6 @@ class AsgiResponder:
         await send(
             {"type": "http.response.start", "status": begin.status, "headers": _encode(headers)}
         )
+        if self.trace is not None:
+            self.trace.mark(self.pending.id, "user_write")
         await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -140,15 +140,26 @@ def _last(pattern: re.Pattern[bytes], data: bytes) -> int | None:
 class StreamUsage:
     """Follows one SSE answer: its usage object, or the deltas delivered; strips if told."""
 
-    __slots__ = ("_broken", "_held", "deltas", "strip", "tokens_in", "tokens_out")
+    __slots__ = ("_broken", "_counted", "_held", "_uncounted", "strip", "tokens_in", "tokens_out")
 
     def __init__(self, *, strip: bool) -> None:
         self.strip = strip  # the broker asked for usage: remove what that added
         self.tokens_in: int | None = None
         self.tokens_out: int | None = None
-        self.deltas = 0  # events with a non-empty content delta that went out
+        self._counted = 0  # events with a non-empty content delta that went out ...
+        # ... and the last common chunk, counted at the next call: its bytes go to the
+        # client first (the first byte waited for a whole batch to be counted).
+        self._uncounted = b""
         self._held = b""  # an event whose blank line has not arrived yet
         self._broken = False  # not SSE after all: pass everything, count nothing
+
+    @property
+    def deltas(self) -> int:
+        """Events with a non-empty content delta that went out (one token each)."""
+        if self._uncounted:
+            self._counted += _count(self._uncounted)
+            self._uncounted = b""
+        return self._counted
 
     @property
     def exact(self) -> bool:
@@ -161,7 +172,10 @@ class StreamUsage:
             return chunk
         if not self._held and chunk.endswith(b"\n\n") and _USAGE not in chunk:
             # The common chunk: whole events, no usage in them, nothing to hold or remove.
-            self.deltas += _count(chunk)
+            # Counted at the next call (or when ``deltas`` is read), after it was sent.
+            if self._uncounted:
+                self._counted += _count(self._uncounted)
+            self._uncounted = chunk
             return chunk
         data = self._held + chunk if self._held else chunk
         end = self._split_point(data)
@@ -211,7 +225,7 @@ class StreamUsage:
         """Process the complete events in ``block``; what remains of them to send."""
         if _USAGE not in block:
             # The common chunk: no usage anywhere, nothing to remove; count its deltas.
-            self.deltas += _count(block)
+            self._counted += _count(block)
             return block
         crlf = b"\r" in block
         if not crlf and block.find(b"\n\n") == len(block) - 2:
@@ -226,7 +240,7 @@ class StreamUsage:
 
     def _event(self, event: bytes) -> bytes:
         if _USAGE not in event:
-            self.deltas += _count(event)
+            self._counted += _count(event)
             return event
         if _USAGE_OBJECT.search(event, event.find(_USAGE)):
             prompt = _last(_PROMPT, event)
@@ -238,5 +252,5 @@ class StreamUsage:
                 return b""
         elif self.strip:
             event = _strip_null_last(event)
-        self.deltas += _count(event)
+        self._counted += _count(event)
         return event

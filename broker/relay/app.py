@@ -51,8 +51,10 @@ from shared.protocol import (
     RegisterRequest,
     RegisterResponse,
     Replaced,
+    RequestItem,
     UploadMode,
     UploadResult,
+    WorkItem,
 )
 
 log = get_logger("broker.relay")
@@ -173,7 +175,8 @@ class RelayApp:
         # The one route without a token (a connector asking to join): no authorisation.
         self._enroll: Route = self.enroll
         s = state.settings
-        self.mux = MuxRegistry(self.hub, s.max_response_body, s.mux_buffer_limit)
+        self.mux = MuxRegistry(self.hub, s.max_response_body, s.mux_buffer_limit, state.trace)
+        self.trace = state.trace
         # (method, path pattern) -> route; "*" matches one path segment.
         self._routes: list[tuple[str, tuple[str, ...], Route]] = [
             ("POST", ("enroll",), self._enroll),
@@ -386,7 +389,15 @@ class RelayApp:
         finally:
             if not hangup.done():
                 hangup.cancel()
+        if self.trace is not None:
+            self._traced(items)
         await call.respond(200, PollResponse(items=items).model_dump_json().encode())
+
+    def _traced(self, items: list[WorkItem]) -> None:
+        assert self.trace is not None
+        for item in items:
+            if isinstance(item, RequestItem):
+                self.trace.mark(item.request_id, "poll_written")
 
     def _note_poll_mode(self, session_id: str, streamed: bool) -> None:
         modes = self.state.poll_modes
@@ -420,6 +431,8 @@ class RelayApp:
                     await call.start(200, _NDJSON)
                 if items:
                     line = PollResponse(items=items).model_dump_json().encode() + b"\n"
+                    if self.trace is not None:
+                        self._traced(items)
                     await call.body(line, more=True)
                 elif hub.draining:
                     break

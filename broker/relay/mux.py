@@ -38,6 +38,7 @@ from broker.relay.upload import FrameApplier, UploadTooLarge
 from broker.state.relay import RelayState
 from shared.errors import FrameError
 from shared.framing import FrameDecoder, FrameType, split_mux
+from shared.hoptrace import HopTrace
 from shared.logging import get_logger
 
 log = get_logger("broker.relay.mux")
@@ -48,8 +49,15 @@ DROPPED_REMEMBERED = 4096
 class MuxRegistry:
     """Every request that is being uploaded on a multiplexed upload, by request ID."""
 
-    def __init__(self, hub: RelayState, response_limit: int, buffer_limit: int) -> None:
+    def __init__(
+        self,
+        hub: RelayState,
+        response_limit: int,
+        buffer_limit: int,
+        trace: HopTrace | None = None,
+    ) -> None:
         self.hub = hub
+        self.trace = trace
         self.response_limit = response_limit
         self.buffer_limit = buffer_limit
         self.appliers: dict[str, FrameApplier] = {}
@@ -154,6 +162,8 @@ class MuxLane:
             return
         try:
             applier.feed(inner)
+            if registry.trace is not None:
+                _traced(registry.trace, rid, applier)
         except (FrameError, UploadTooLarge) as exc:
             log.warning("upload_rejected", request_id=rid, error=str(exc))
             message = f"the connector sent a bad response: {exc}"
@@ -189,6 +199,8 @@ class MuxLane:
             await self._refuse(rid)
             return None
         applier = FrameApplier(hub, hub.clock, pending, channel, registry.response_limit)
+        if registry.trace is not None:
+            registry.trace.mark(rid, "demux_ack")
         registry.appliers[rid] = applier
         registry.owners[rid] = self
         self.owned.add(rid)
@@ -232,3 +244,11 @@ class MuxLane:
                 await applier.abort(502, "connector_lost", "the connector's upload ended early")
                 await registry.forget(rid)
         self.owned.clear()
+
+
+def _traced(trace: HopTrace, rid: str, applier: FrameApplier) -> None:
+    """The hops of a request's frames decoded here (``--trace-hops``)."""
+    if applier.pending.head_seen:
+        trace.mark(rid, "demux_head")
+    if applier.received:
+        trace.mark(rid, "demux_data")

@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from shared.bench.brokers import brokers_table, run_brokers
+from shared.bench.hops import hop_table
 from shared.bench.local import PROFILES, SERVERS, Scenario, run_profile
 from shared.bench.peer import PEERS, PeerOptions
 from shared.bench.report import peer_table, scaling_lines, table
@@ -63,6 +64,12 @@ def main() -> None:
     help="Our broker's HTTP server (--server), or several comma-separated "
     "(hypercorn,uvicorn): every scenario runs on each in turn, one row per server.",
 )
+@click.option(
+    "--trace",
+    is_flag=True,
+    help="Run the broker and connectors with --trace-hops and print, per scenario, the "
+    "median time of each hop of the first byte (best at one stream: --only ttfb).",
+)
 def local(
     profile: str,
     only: tuple[str, ...],
@@ -72,6 +79,7 @@ def local(
     peer_python: Path | None,
     peer_src: Path | None,
     servers: str,
+    trace: bool,
 ) -> None:
     """Start a fake upstream, a broker and connectors on 127.0.0.1 and compare the same
     workload direct and relayed, interleaved in one run."""
@@ -84,9 +92,13 @@ def local(
         scenarios = [replace(s, requests=max(s.rounds, int(s.requests * scale))) for s in scenarios]
     against = f", against {peer}" if peer else ""
     click.echo(f"remotellm-bench local: {len(scenarios)} scenarios ({profile}{against})")
-    rows = asyncio.run(run_profile(scenarios, peer=peer_options, servers=server_names))
+    rows = asyncio.run(run_profile(scenarios, peer=peer_options, servers=server_names, trace=trace))
     click.echo("")
     click.echo(table(rows))
+    for row in rows:
+        if row.hops:
+            direct = row.direct.pct("ttfb", 0.5)
+            click.echo("\n" + hop_table(f"{row.scenario.name} (ours)", row.hops, direct))
     if peer_options is not None:
         click.echo(f"\nSide by side with {peer} (peer first, ours last in every a / b cell):\n")
         click.echo(peer_table(rows))

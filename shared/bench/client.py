@@ -22,6 +22,11 @@ class Result:
     body_bytes: int
     events: int
     error: str | None = None
+    # Wall-clock marks (time.time_ns, comparable with the processes' --trace-hops marks)
+    # and the broker's x-request-id, which joins them.
+    sent_ns: int = 0
+    first_ns: int = 0
+    request_id: str | None = None
 
 
 class Connection:
@@ -50,6 +55,7 @@ class Connection:
 
     async def post(self, path: str, body: bytes, headers: dict[str, str]) -> Result:
         started = time.perf_counter()
+        sent_ns = time.time_ns()
         try:
             reader, writer = await self._ensure()
             lines = [f"POST {path} HTTP/1.1", f"Host: {self.host}:{self.port}"]
@@ -60,11 +66,15 @@ class Connection:
             status = int(head[9:12])
             chunked = b"chunked" in head.lower()
             length = 0
+            request_id = None
             for line in head.split(b"\r\n"):
                 if line[:15].lower() == b"content-length:":
                     length = int(line[15:].strip())
+                elif line[:13].lower() == b"x-request-id:":
+                    request_id = line[13:].strip().decode("latin-1")
             keep = b"connection: close" not in head.lower()
             first = 0.0
+            first_ns = 0
             size = 0
             events = 0
             if chunked:
@@ -77,11 +87,13 @@ class Connection:
                     data = await reader.readexactly(n + 2)
                     if not first:
                         first = time.perf_counter()
+                        first_ns = time.time_ns()
                     size += n
                     events += data.count(b"\n\n")
             elif length:
                 data = await reader.readexactly(length)
                 first = time.perf_counter()
+                first_ns = time.time_ns()
                 size = length
                 events = data.count(b"\n\n")
             last = time.perf_counter()
@@ -95,6 +107,9 @@ class Connection:
                 body_bytes=size,
                 events=events,
                 error=None if status < 300 else f"HTTP {status}",
+                sent_ns=sent_ns,
+                first_ns=first_ns,
+                request_id=request_id,
             )
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
             await self.close()

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 from shared.bench.client import Connection, Result
+from shared.bench.hops import collect, hop_rows
 from shared.bench.peer import PeerOptions, PeerSetup
 from shared.bench.procs import KEY, Proc, Setup
 
@@ -118,6 +119,7 @@ class Row:
     direct: Side
     ours: Relayed
     peers: list[Relayed] = field(default_factory=list)
+    hops: list[dict[str, int]] = field(default_factory=list)  # --trace: marks per request
     # Our broker's --server, and whether the table names it (a run on several servers).
     server: str = DEFAULT_SERVER
     show_server: bool = False
@@ -154,6 +156,8 @@ class Row:
             "throughput_ratio": (r.chunks_per_s / d.chunks_per_s) if d.chunks_per_s else None,
             **self.ours.cost(),
         }
+        if self.hops:
+            out["hops_ms"] = {hop: ms for hop, _, ms, _ in hop_rows(self.hops)}
         if self.peers:
             out["peers"] = {
                 p.name: {
@@ -351,6 +355,7 @@ async def run_profile(
     progress: bool = True,
     peer: PeerOptions | None = None,
     servers: Sequence[str] = (DEFAULT_SERVER,),
+    trace: bool = False,
 ) -> list[Row]:
     """Every scenario on each of ``servers`` (our broker's --server) in turn: one row each."""
     rows: list[Row] = []
@@ -369,6 +374,7 @@ async def run_profile(
                         http2=s.http2,
                         tls=s.tls,
                         server=server,
+                        trace=trace,
                     )
                     setups[(server, s.setup_key)] = setup
                     await setup.start()
@@ -382,6 +388,8 @@ async def run_profile(
                     print(f"  running {s.name} on {server} ...", flush=True)
                 row = await run_scenario(setup, s, [peer_setup] if peer_setup else [])
                 row.server, row.show_server = server, len(servers) > 1
+                if trace:
+                    row.hops = await collect(setup.log, row.ours.side.results)
                 rows.append(row)
     finally:
         for peer_setup in peers.values():

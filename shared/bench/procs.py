@@ -192,6 +192,7 @@ class Setup:
     tls: bool = False
     server: str = "hypercorn"  # the broker's --server
     capacity: int = 1100
+    trace: bool = False  # --trace-hops on the broker and connectors (shared/bench/hops.py)
     procs: list[Proc] = field(default_factory=list)
     upstream_port: int = 0
     broker_port: int = 0
@@ -207,17 +208,35 @@ class Setup:
         return self.procs[1]
 
     @property
+    def log(self) -> Path:
+        """Where every process of this setup writes its output (JSON lines)."""
+        return self.workdir / "processes.log"
+
+    @property
+    def _trace_args(self) -> list[str]:
+        # The hop_trace lines are info level: the rest of info costs little at one stream.
+        return ["--trace-hops", "--log-level", "info"] if self.trace else ["--log-level", "warning"]
+
+    @property
     def connector_procs(self) -> list[Proc]:
         return self.procs[2:]
 
     async def start(self) -> None:
         raise_fd_limit()
         warm_bytecode(sys.executable, OUR_IMPORTS)
-        log = self.workdir / "processes.log"
+        log = self.log
         self.upstream_port = free_port()
         self.procs.append(
             spawn(
-                "upstream", ["-m", "shared.bench.upstream", "--port", str(self.upstream_port)], log
+                "upstream",
+                [
+                    "-m",
+                    "shared.bench.upstream",
+                    "--port",
+                    str(self.upstream_port),
+                    *(["--trace"] if self.trace else []),
+                ],
+                log,
             )
         )
         await wait_port(self.upstream_port)
@@ -249,8 +268,7 @@ class Setup:
                     "5000",
                     "--concurrency-limit",  # one key sends every request
                     "5000",
-                    "--log-level",
-                    "warning",
+                    *self._trace_args,
                     "--log-format",
                     "json",
                     "--server",
@@ -279,8 +297,7 @@ class Setup:
                 str(self.capacity),
                 "--upload-mode",
                 self.upload_mode,
-                "--log-level",
-                "warning",
+                *self._trace_args,
                 "--log-format",
                 "json",
             ]

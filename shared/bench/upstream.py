@@ -99,6 +99,9 @@ class FakeLLM:
     usage_style: Literal["final", "null", "ignore"] = "final"
     created: int = field(default_factory=lambda: int(time.time()))
     record: bool = True
+    # Print a hop_trace line (JSON) per relayed request: when it was read, when the answer's
+    # head was written (remotellm-bench local --trace; shared/bench/hops.py).
+    trace: bool = False
     port: int = 0
     seen: list[Seen] = field(default_factory=list)
     targets: list[str] = field(default_factory=list)
@@ -114,6 +117,7 @@ class FakeLLM:
     _handlers: set[asyncio.Task[None]] = field(default_factory=set)
     _loop: asyncio.AbstractEventLoop | None = None
     _thread: threading.Thread | None = None
+    _head_written: int = 0
 
     @property
     def url(self) -> str:
@@ -169,9 +173,12 @@ class FakeLLM:
         self._handlers.add(task)
         try:
             while (request := await _read_request(reader)) is not None:
+                received = time.time_ns()
                 self._note(request)
                 answer = await self._route(request)
                 await self._write(answer, reader, writer)
+                if self.trace:
+                    _trace_line(request, received, self._head_written)
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
             pass
         except (ConnectionError, Disconnected):
@@ -221,6 +228,7 @@ class FakeLLM:
             head += ["Cache-Control: no-cache", "Transfer-Encoding: chunked"]
         head += [f"{name}: {value}" for name, value in self.answer_headers]
         writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + answer.body)
+        self._head_written = time.time_ns()
         if answer.stream is not None:
             try:
                 async for event in answer.stream:
@@ -506,8 +514,16 @@ def _completion(model: str, content: str) -> dict[str, Any]:
     }
 
 
-async def serve(port: int, models: list[str]) -> None:
-    fake = FakeLLM(models=models, record=False)
+def _trace_line(request: Request, received: int, head_written: int) -> None:
+    rid = request.headers.get("X-Remotellm-Request-Id")
+    if rid:
+        marks = {"llm_received": received, "llm_head": head_written}
+        line = {"event": "hop_trace", "request_id": rid, "side": "llm", "marks": marks}
+        print(json.dumps(line), flush=True)
+
+
+async def serve(port: int, models: list[str], trace: bool = False) -> None:
+    fake = FakeLLM(models=models, record=False, trace=trace)
     await fake.start(port)
     await asyncio.Event().wait()
 
@@ -516,9 +532,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="A fake OpenAI-compatible upstream.")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--model", action="append", help="listed by /v1/models (bench)")
+    parser.add_argument("--trace", action="store_true", help="print hop_trace lines")
     args = parser.parse_args()
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(args.port, args.model or ["bench"]))
+        asyncio.run(serve(args.port, args.model or ["bench"], args.trace))
 
 
 if __name__ == "__main__":

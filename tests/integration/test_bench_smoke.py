@@ -10,6 +10,7 @@ import json
 from click.testing import CliRunner
 
 from shared.bench.cli import main
+from shared.bench.hops import BESIDE, PATH
 
 
 def test_bench_smoke_profile_table_and_json(tmp_path) -> None:
@@ -29,3 +30,20 @@ def test_bench_smoke_profile_table_and_json(tmp_path) -> None:
         assert row["relay"]["chunks_per_s"] > 0
         assert row["broker_peak_rss_mib"] > 0
         assert "x" in table[2] or "-" in table[2]
+
+
+def test_bench_trace_prints_every_hop_of_the_first_byte(tmp_path) -> None:
+    """--trace: the broker, connector and fake LLM log their marks; the bench joins them
+    with the client's by x-request-id and prints one row per hop, each measured."""
+    out = tmp_path / "bench.json"
+    args = ["local", "--profile", "smoke", "--only", "ttfb", "--trace", "--json", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "Hops of the first byte, ttfb (ours)" in result.output
+    (row,) = json.loads(out.read_text())["rows"]
+    hops = row["hops_ms"]
+    expected = [hop for hop, _, _ in PATH[1:]] + ["total"] + [hop for hop, _, _ in BESIDE]
+    assert list(hops) == expected
+    # Every hop was marked in every request (a missing mark would make its median NaN).
+    assert all(value == value for value in hops.values())
+    assert hops["total"] > 0

@@ -345,7 +345,7 @@ async def _settle() -> None:
 
 async def test_writer_tags_each_request_and_coalesces_a_tick_into_one_write() -> None:
     fake = FakeBroker()
-    mux = MuxUploader(fake.send, heartbeat=15.0)
+    mux = MuxUploader(fake.send, heartbeat=15.0, ack_after=0)
     mux.start()
     lost: list[str] = []
     a = mux.open("a", lambda: lost.append("a"))
@@ -371,9 +371,41 @@ async def test_writer_tags_each_request_and_coalesces_a_tick_into_one_write() ->
     assert not mux.streams and not lost
 
 
+async def test_the_ack_travels_with_a_head_that_comes_within_the_grace() -> None:
+    """No write of its own for the ACK when the upstream answers quickly: the head is the
+    request's first frame (the ACK written first delayed the upstream call, at one stream)."""
+    fake = FakeBroker()
+    mux = MuxUploader(fake.send, heartbeat=15.0, ack_after=5.0)
+    mux.start()
+    s = mux.open("r", lambda: None)
+    await _settle()
+    s.head(HEAD)
+    s.data(b"1")
+    s.end(END)
+    await mux.close()
+    (upload,) = fake.uploads
+    assert runs(upload) == [("r", [FrameType.HEAD, FrameType.DATA, FrameType.END])]
+
+
+async def test_a_request_silent_for_the_grace_is_acknowledged_alone() -> None:
+    fake = FakeBroker()
+    mux = MuxUploader(fake.send, heartbeat=15.0, ack_after=0.01)
+    mux.start()
+    s = mux.open("slow", lambda: None)
+    for _ in range(500):
+        if fake.uploads and runs(fake.uploads[0]):
+            break
+        await asyncio.sleep(0.01)
+    assert runs(fake.uploads[0]) == [("slow", [FrameType.HEARTBEAT])]
+    s.head(HEAD)
+    s.end(END)
+    await mux.close()
+    assert runs(fake.uploads[0])[1:] == [("slow", [FrameType.HEAD, FrameType.END])]
+
+
 async def test_writer_rotates_after_rotate_bytes_and_keeps_the_order() -> None:
     fake = FakeBroker()
-    mux = MuxUploader(fake.send, heartbeat=15.0, rotate_bytes=1000)
+    mux = MuxUploader(fake.send, heartbeat=15.0, ack_after=0, rotate_bytes=1000)
     mux.start()
     s = mux.open("r", lambda: None)
     s.head(HEAD)
@@ -398,7 +430,7 @@ async def test_writer_rotates_after_rotate_bytes_and_keeps_the_order() -> None:
 async def test_a_failed_upload_loses_only_the_requests_it_carried() -> None:
     fake = FakeBroker()
     fake.fail_after = 2
-    mux = MuxUploader(fake.send, heartbeat=15.0)
+    mux = MuxUploader(fake.send, heartbeat=15.0, ack_after=0)
     lost: list[str] = []
     carried = mux.open("carried", lambda: lost.append("carried"))
     mux.start()
@@ -421,7 +453,7 @@ async def test_a_failed_upload_loses_only_the_requests_it_carried() -> None:
 
 
 async def test_heartbeats_go_to_silent_requests_only() -> None:
-    mux = MuxUploader(FakeBroker().send, heartbeat=15.0)
+    mux = MuxUploader(FakeBroker().send, heartbeat=15.0, ack_after=0)
     quiet = mux.open("quiet", lambda: None)
     busy = mux.open("busy", lambda: None)
     mux._collect(1, now=100.0)
@@ -433,7 +465,7 @@ async def test_heartbeats_go_to_silent_requests_only() -> None:
 
 
 async def test_a_second_attempt_of_a_request_never_carries_the_first_ones_frames() -> None:
-    mux = MuxUploader(FakeBroker().send, heartbeat=15.0)
+    mux = MuxUploader(FakeBroker().send, heartbeat=15.0, ack_after=0)
     first = mux.open("r", lambda: None)
     first.data(b"old")
     second = mux.open("r", lambda: None)
@@ -448,7 +480,7 @@ async def test_a_second_attempt_of_a_request_never_carries_the_first_ones_frames
 
 async def test_no_upload_grows_past_rotate_bytes_even_for_one_big_write() -> None:
     fake = FakeBroker()
-    mux = MuxUploader(fake.send, heartbeat=15.0, rotate_bytes=1000)
+    mux = MuxUploader(fake.send, heartbeat=15.0, ack_after=0, rotate_bytes=1000)
     s = mux.open("r", lambda: None)
     blob = bytes(range(256)) * 20  # 5,120 bytes pushed in one go
     s.data(blob)
@@ -495,7 +527,7 @@ def test_take_frames_ends_on_a_frame_boundary_and_loses_nothing(share: int) -> N
 
 
 async def test_a_flooding_response_takes_turns_with_the_others() -> None:
-    mux = MuxUploader(FakeBroker().send, heartbeat=15.0)
+    mux = MuxUploader(FakeBroker().send, heartbeat=15.0, ack_after=0)
     flood = mux.open("flood", lambda: None)
     quiet = mux.open("quiet", lambda: None)
     mux._collect(1, now=1.0)  # the hellos
