@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from broker.accounts.enrollment import EnrollmentStore
 from broker.accounts.keys import KeyStore
@@ -17,6 +18,9 @@ from broker.state.relay import RelayState
 from broker.usage.ledger import UsageRecorder
 from broker.usage.models_file import ModelsFileWatch
 from broker.usage.prices import PriceBook
+
+if TYPE_CHECKING:
+    from broker.admin.operations import Operations
 
 
 @dataclass
@@ -39,3 +43,5 @@ class BrokerState:
     started: float = 0.0
     # Session id -> "stream" or "classic": how it polled last (for the admin page).
     poll_modes: dict[str, str] = field(default_factory=dict)
+    # Every audited change (broker.admin.operations): the pages, the admin API and the CLI.
+    operations: Operations | None = None
