@@ -22,6 +22,7 @@ from broker.accounts.enrollment import EnrollmentStore
 from broker.accounts.keys import KeyStore
 from broker.accounts.revocations import RevocationBoard
 from broker.accounts.users import UsersStore
+from broker.admin import admin_api_blueprint
 from broker.admin.operations import build_operations, end_sessions
 from broker.api.models import create_api_blueprint
 from broker.api.ollama import OllamaApi
@@ -218,6 +219,7 @@ def create_app(settings: BrokerSettings, state: BrokerState | None = None) -> Qu
     app.config["MAX_CONTENT_LENGTH"] = None
     app.extensions["remotellm"] = state
     app.register_blueprint(create_api_blueprint(state))
+    app.register_blueprint(admin_api_blueprint())
     portal = build_portal(state)
     install_portal(app, portal)
     # /relay/v1/*, POST /v1/* and /api/* are plain ASGI in front of Quart
