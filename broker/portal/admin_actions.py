@@ -35,5 +35,7 @@ def operations() -> Operations:
 
 async def own_key_changed(user: UserEntry, action: str, name: str) -> None:
     """The keys page's audit hook: a user created, regenerated or deleted their own key."""
-    fresh = portal_context().users.user(user.gitlab_id) or user  # the key as it is now
+    fresh = portal_context().users.user(user.gitlab_id)  # the key as it is now ...
+    if fresh is None or fresh.key(name.strip()) is None:
+        fresh = user  # ... or as it was, once deleted
     await run(operations().own_key_changed, actor(user.user_id), fresh, action, name)
