@@ -63,6 +63,32 @@ async def list_users(call: Call) -> dict[str, Any]:
     return {"users": admin_views.user_rows(call.state.users, query)}
 
 
+@route("GET", "/overview", "read", "Counts: users, sessions, models, in flight, queued")
+async def overview(call: Call) -> dict[str, Any]:
+    state = call.state
+    users = state.users.users
+    view = await state.relay.view()
+    enrolled = state.enrollment.entries if state.enrollment is not None else []
+    return {
+        "users": len(users),
+        "blocked": sum(u.blocked for u in users),
+        "sessions": len(view.sessions),
+        "models": sorted(view.live_models),
+        "in_flight": view.in_flight,
+        "queued": sum(view.queue_depth.values()),
+        "pending_enrollments": len(admin_views.enrollment_groups(enrolled)["pending"]),
+        "enrollment_open": state.settings.allow_enrollment,
+    }
+
+
+@route("GET", "/limited", "read", "Who the limiter counts now, the recently refused first")
+async def limited(call: Call) -> dict[str, Any]:
+    state, now = call.state, time.time()  # the limiter counts in wall-clock time
+    names = admin_views.usernames(state.users.users)
+    rows = admin_views.limited_rows(await state.limiter.usage_snapshot(now), now, names)
+    return {"limited": rows, "defaults": asdict(state.settings.default_limits)}
+
+
 @route("GET", "/users/{user}", "read", "One user (username or numeric ID)")
 async def get_user(call: Call, user: str) -> dict[str, Any]:
     return _user_json(call, _user(call, user))

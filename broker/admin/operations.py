@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import getpass
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -83,10 +84,21 @@ class Operations:
         self._clock = clock
 
     def record(self, actor: Actor, action: str, target: str, **details: Any) -> None:
+        """Append the entry; a database that cannot be written is logged loudly with the
+        entry itself, and the change (already made) stands."""
         entry = AuditEntry(self._clock(), actor.who, actor.address, action, target, details)
-        self.audit.append(entry)
+        try:
+            self.audit.append(entry)
+        except (sqlite3.Error, OSError) as exc:
+            log.error("audit_write_failed", error=str(exc), **entry.as_json())
 
     # -- users ------------------------------------------------------------------------------
+
+    def _username(self, selector: str) -> str:
+        found = next(
+            (u for u in self.users.users if selector in (u.username, str(u.gitlab_id))), None
+        )
+        return found.username if found is not None else selector
 
     def set_blocked(self, actor: Actor, selector: str, blocked: bool) -> UserEntry:
         user = self.users.set_blocked(selector, blocked)
@@ -96,7 +108,7 @@ class Operations:
 
     def revoke_key(self, actor: Actor, selector: str, key: str) -> KeyEntry:
         entry = self.users.revoke(selector, key)
-        self.record(actor, "key.revoke", selector, **key_facts(entry))
+        self.record(actor, "key.revoke", self._username(selector), **key_facts(entry))
         return entry
 
     def set_limits(

@@ -33,6 +33,10 @@ async def _users(admin: httpx.AsyncClient) -> None:
     assert r.headers["cache-control"] == "no-store"
     r = await admin.get("/users", params={"q": "ali"})
     assert [u["username"] for u in r.json()["users"]] == ["alice"]
+    r = await admin.get("/overview")
+    assert r.json()["users"] == 2 and r.json()["blocked"] == 0
+    r = await admin.get("/limited")
+    assert r.status_code == 200 and r.json()["limited"] == []
     r = await admin.get("/users/42")
     assert r.json()["username"] == "alice" and r.json()["blocked"] is False
 
@@ -98,6 +102,8 @@ async def _reports(broker: RunningBroker, admin: httpx.AsyncClient) -> None:
         assert time.monotonic() < deadline, "the request never reached the request log"
         await asyncio.sleep(0.2)
     assert found[0]["model"] == "nobody-serves-this" and found[0]["status"] == r.status_code
+    r = await admin.get("/limited")
+    assert any(row["subject"].startswith("u-") for row in r.json()["limited"])
     r = await admin.get("/usage", params={"period": "1d"})
     assert r.status_code == 200 and r.json()["total"]["requests"] == 1
     r = await admin.get("/usage", params={"period": "2y"})
