@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from broker.accounts.enrollment import EnrollmentStore
 from broker.accounts.keys import KeyStore
@@ -18,6 +19,9 @@ from broker.usage.ledger import UsageRecorder
 from broker.usage.models_file import ModelsFileWatch
 from broker.usage.prices import PriceBook
 from shared.hoptrace import HopTrace
+
+if TYPE_CHECKING:
+    from broker.admin.operations import Operations
 
 
 @dataclass
@@ -42,3 +46,5 @@ class BrokerState:
     poll_modes: dict[str, str] = field(default_factory=dict)
     # Per-request hop timestamps (--trace-hops, shared/hoptrace.py); None: off, free.
     trace: HopTrace | None = None
+    # Every audited change (broker.admin.operations): the pages, the admin API and the CLI.
+    operations: Operations | None = None

@@ -22,6 +22,8 @@ from broker.accounts.enrollment import EnrollmentStore
 from broker.accounts.keys import KeyStore
 from broker.accounts.revocations import RevocationBoard
 from broker.accounts.users import UsersStore
+from broker.admin import admin_api_blueprint
+from broker.admin.operations import build_operations, end_sessions
 from broker.api.models import create_api_blueprint
 from broker.api.ollama import OllamaApi
 from broker.api.relay import ApiRelay
@@ -33,7 +35,6 @@ from broker.core.errors import BrokerError
 from broker.errors import error_response
 from broker.metrics import BrokerMetrics
 from broker.portal import PortalContext, install_portal
-from broker.portal.admin_actions import end_sessions
 from broker.portal.oauth import GitLabOAuth
 from broker.portal.oidc import OidcLogin
 from broker.portal.security import add_security_headers
@@ -130,13 +131,14 @@ def build_state(settings: BrokerSettings, keys: KeyStore | None = None) -> Broke
     enrollment = EnrollmentStore(settings.enrolled_path)
     keys.attach_connectors(enrollment.lookup, enrollment.upstream_key)
     models_file = ModelsFileWatch(settings.models_file) if settings.models_file else None
+    users = build_users(settings, keys, revocations)
     catalog = models_file.catalog if models_file is not None else None
     return BrokerState(
         settings=settings,
         relay=hub,
         keys=keys,
         metrics=BrokerMetrics(),
-        users=build_users(settings, keys, revocations),
+        users=users,
         usage=usage,
         enrollment=enrollment,
         prices=catalog.prices if catalog is not None else None,
@@ -145,6 +147,9 @@ def build_state(settings: BrokerSettings, keys: KeyStore | None = None) -> Broke
         limiter=limiter,
         revocations=revocations,
         trace=HopTrace("broker") if settings.trace_hops else None,
+        operations=build_operations(
+            users, enrollment, settings.usage_path, settings.admin_tokens_path
+        ),
     )
 
 
@@ -233,6 +238,7 @@ def create_app(settings: BrokerSettings, state: BrokerState | None = None) -> Qu
     app.config["MAX_CONTENT_LENGTH"] = None
     app.extensions["remotellm"] = state
     app.register_blueprint(create_api_blueprint(state))
+    app.register_blueprint(admin_api_blueprint())
     portal = build_portal(state)
     install_portal(app, portal)
     # /relay/v1/*, POST /v1/* and /api/* are plain ASGI in front of Quart

@@ -511,6 +511,10 @@ class BrokerSettings(FileAwareSettings):
         return self.data_dir / "enrolled_connectors.yaml"
 
     @property
+    def admin_tokens_path(self) -> Path:
+        return self.data_dir / "admin_tokens.yaml"
+
+    @property
     def users_path(self) -> Path:
         return self.users_file or self.data_dir / "users.yaml"
 

@@ -10,6 +10,8 @@ from typing import Any
 import click
 
 from broker.accounts.keys import GeneratedCredentials, KeyStore
+from broker.cli.admin_tokens import admin_tokens_command
+from broker.cli.audit import audit_command
 from broker.cli.program import BROKER
 from broker.cli.usage import usage_command
 from broker.cli.users import users_command
@@ -170,3 +172,5 @@ def init_credentials_command(
 
 main.add_command(users_command)
 main.add_command(usage_command)
+main.add_command(audit_command)
+main.add_command(admin_tokens_command)

@@ -24,6 +24,7 @@ from broker.accounts.users import (
     UsersFileError,
     UsersStore,
 )
+from broker.admin.operations import Actor, Operations, build_operations
 from broker.cli.program import BROKER
 from broker.core.limits import LIMIT_FIELDS, UNLIMITED, Override
 
@@ -38,6 +39,13 @@ def _store(ctx: click.Context) -> UsersStore:
     if store.error:
         BROKER.fail(store.error)
     return store
+
+
+def _ops(ctx: click.Context) -> tuple[Operations, Actor]:
+    """The users file's operations (audited in this broker's usage database) and the actor."""
+    settings = BROKER.load_sub(ctx)
+    ops = build_operations(_store(ctx), None, settings.usage_path, settings.admin_tokens_path)
+    return ops, Actor.cli()
 
 
 def _run(action: Callable[[], Any]) -> Any:
@@ -135,9 +143,9 @@ def scope(
     """Set the models, expiry or label of USER's key KEY (its name or prefix). Options not
     given stay as they are; operators are not bound by --max-key-lifetime or group
     defaults. The running brokers apply it within seconds."""
-    store = _store(ctx)
+    ops, by = _ops(ctx)
     ask = ScopeAsk(models=models, expiry=expires, label=label)
-    entry = _run(lambda: store.set_scope(user, key.rstrip("…"), ask))
+    entry = _run(lambda: ops.set_scope(by, user, key.rstrip("…"), ask))
     shown = ",".join(entry.models) if entry.models is not None else "all"
     click.echo(
         f"{user}'s key {entry.name} ({entry.prefix}…): models {shown}, "
@@ -167,9 +175,10 @@ def key_defaults(
     A member of a group with defaults may give their keys only the models of their groups,
     and new keys get the shortest lifetime of their groups. Groups are read at login with
     --gitlab-allowed-group."""
-    store = _store(ctx)
+    ops, by = _ops(ctx)
     if group is not None:
-        _run(lambda: store.set_group_defaults(group, models, lifetime, remove=remove))
+        _run(lambda: ops.set_group_defaults(by, group, models, lifetime, remove=remove))
+    store = ops.users
     store.reload()
     rows = [("GROUP", "MODELS", "LIFETIME")]
     for d in store.key_defaults:
@@ -182,8 +191,8 @@ def key_defaults(
 @click.pass_context
 def block(ctx: click.Context, user: str) -> None:
     """Block USER: the portal shows them a blocked page and their keys stop working."""
-    store = _store(ctx)
-    entry = _run(lambda: store.set_blocked(user, True))
+    ops, by = _ops(ctx)
+    entry = _run(lambda: ops.set_blocked(by, user, True))
     click.echo(f"blocked {entry.username} (GitLab id {entry.gitlab_id})")
 
 
@@ -192,8 +201,8 @@ def block(ctx: click.Context, user: str) -> None:
 @click.pass_context
 def unblock(ctx: click.Context, user: str) -> None:
     """Unblock USER: their keys work again."""
-    store = _store(ctx)
-    entry = _run(lambda: store.set_blocked(user, False))
+    ops, by = _ops(ctx)
+    entry = _run(lambda: ops.set_blocked(by, user, False))
     click.echo(f"unblocked {entry.username} (GitLab id {entry.gitlab_id})")
 
 
@@ -203,8 +212,8 @@ def unblock(ctx: click.Context, user: str) -> None:
 @click.pass_context
 def revoke(ctx: click.Context, user: str, key: str) -> None:
     """Delete USER's key named KEY (its name or its prefix, e.g. sk-1a2b3c)."""
-    store = _store(ctx)
-    entry = _run(lambda: store.revoke(user, key.rstrip("…")))
+    ops, by = _ops(ctx)
+    entry = _run(lambda: ops.revoke_key(by, user, key.rstrip("…")))
     click.echo(f"revoked {user}'s key {entry.name} ({entry.prefix}…)")
 
 
@@ -258,10 +267,11 @@ def limits(
     replace the broker's --rpm-limit etc. for them; a key's limits apply to that key on
     top of its user's. The running broker applies a change within seconds.
     """
-    store = _store(ctx)
+    ops, by = _ops(ctx)
+    store = ops.users
     values = {n: _limit_value(v) for n, v in given.items() if v is not None}
     if values or clear:
-        _run(lambda: store.set_limits(user, values, key=key, replace=clear))
+        _run(lambda: ops.set_limits(by, user, values, key=key, replace=clear))
     entry = next((u for u in store.users if user in (u.username, str(u.gitlab_id))), None)
     if entry is None:
         click.echo(f"remotellm-broker: no user {user!r} in {store.path}", err=True)

@@ -26,7 +26,7 @@ from shared.logging import get_logger
 
 log = get_logger("broker.portal.admin")
 
-SECTIONS = ("users", "connectors", "queues", "usage", "requests")
+SECTIONS = ("users", "connectors", "queues", "usage", "requests", "audit")
 
 # What a finished action says on the page it returns to (fixed texts: nothing reflected).
 DONE = {

@@ -1,40 +1,41 @@
-"""What the operator's forms do, apart from the page: each action is one function.
+"""The admin pages' side of ``broker.admin.operations``: who is acting, from where.
 
-Kept out of the routes so the relay effects (a revoked connector's sessions end) live in
-one place that tests can call too.
+Every form calls an operation with the logged-in admin as the actor (``portal:<user ID>``)
+and the client's address, so the pages, the CLI and the admin API make the same changes
+and leave the same audit entries.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
+from quart import request
 
-from broker.accounts.enrollment import Enrolled, EnrollmentError, EnrollmentStore
-from broker.broker_state import BrokerState
-from broker.core import UnknownSession
-from shared.logging import get_logger
-
-log = get_logger("broker.admin")
+from broker.accounts.users import UserEntry
+from broker.admin.operations import Actor, Operations, operations_of, run
+from broker.forwarded import client_address, parse_networks
+from broker.portal.context import portal_context
 
 
-def store_of(state: BrokerState) -> EnrollmentStore:
-    if state.enrollment is None:
-        raise EnrollmentError(404, "enrollment is not set up on this broker", "not_found")
-    return state.enrollment
+def address() -> str | None:
+    """The client's address (behind ``--trusted-proxy``, what the proxies say)."""
+    settings = portal_context().state.settings
+    return client_address(
+        request.remote_addr,
+        request.headers.get("x-forwarded-for"),
+        parse_networks(settings.trusted_proxies),
+    )
 
 
-async def end_sessions(state: BrokerState, identity: str) -> int:
-    """End every live session of a connector identity (its token no longer works)."""
-    view = await state.relay.view()
-    ids = [s.id for s in view.sessions.values() if s.owner == identity]
-    for session_id in ids:
-        with contextlib.suppress(UnknownSession):  # it ended meanwhile
-            await state.relay.deregister(identity, session_id)
-    return len(ids)
+def actor(user_id: str) -> Actor:
+    return Actor.portal(user_id, address())
 
 
-async def revoke_connector(state: BrokerState, entry_id: str, by: str) -> Enrolled:
-    entry = await asyncio.to_thread(store_of(state).revoke, entry_id, by)
-    ended = await end_sessions(state, entry.id)
-    log.info("connector_revoked", enrollment=entry.id, connector=entry.name, sessions=ended, by=by)
-    return entry
+def operations() -> Operations:
+    return operations_of(portal_context().state)
+
+
+async def own_key_changed(user: UserEntry, action: str, name: str) -> None:
+    """The keys page's audit hook: a user created, regenerated or deleted their own key."""
+    fresh = portal_context().users.user(user.gitlab_id)  # the key as it is now ...
+    if fresh is None or fresh.key(name.strip()) is None:
+        fresh = user  # ... or as it was, once deleted
+    await run(operations().own_key_changed, actor(user.user_id), fresh, action, name)

@@ -3,10 +3,9 @@ the enrollment forms: approve, reject, revoke, set a connector's upstream LLM ke
 
 from __future__ import annotations
 
-import asyncio
-
 from quart import Response
 
+from broker.admin.operations import Verdict, decide_connector, run
 from broker.portal import admin_actions, admin_views
 from broker.portal.admin import Admin, admin, admin_blueprint, enrolled, form_action, section
 from broker.portal.context import portal_context
@@ -74,29 +73,33 @@ async def queues_page() -> Response:
     )
 
 
+async def _decide(who: Admin, verdict: Verdict, form: dict[str, str]) -> None:
+    state = portal_context().state
+    await decide_connector(
+        state, admin_actions.actor(who.user.user_id), verdict, form.get("id", "")
+    )
+
+
 @form_action(bp, "/portal/admin/enrollments/approve", BACK)
 async def approve(who: Admin, form: dict[str, str]) -> str:
-    store = admin_actions.store_of(portal_context().state)
-    await asyncio.to_thread(store.approve, form.get("id", ""), who.user.username)
+    await _decide(who, "approve", form)
     return "approved"
 
 
 @form_action(bp, "/portal/admin/enrollments/reject", BACK)
 async def reject(who: Admin, form: dict[str, str]) -> str:
-    store = admin_actions.store_of(portal_context().state)
-    await asyncio.to_thread(store.reject, form.get("id", ""), who.user.username)
+    await _decide(who, "reject", form)
     return "rejected"
 
 
 @form_action(bp, "/portal/admin/enrollments/revoke", BACK)
 async def revoke(who: Admin, form: dict[str, str]) -> str:
-    state = portal_context().state
-    await admin_actions.revoke_connector(state, form.get("id", ""), who.user.username)
+    await _decide(who, "revoke", form)
     return "revoked"
 
 
 @form_action(bp, "/portal/admin/enrollments/llm-key", BACK)
 async def llm_key(who: Admin, form: dict[str, str]) -> str:
-    store = admin_actions.store_of(portal_context().state)
-    await asyncio.to_thread(store.set_llm_key, form.get("id", ""), form.get("llm_api_key"))
+    ops, by = admin_actions.operations(), admin_actions.actor(who.user.user_id)
+    await run(ops.set_llm_key, by, form.get("id", ""), form.get("llm_api_key"))
     return "llm-key"

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 from quart import Response, request
 
 from broker.accounts.key_scope import ScopeAsk
-from broker.portal import admin_views
+from broker.admin.operations import run
+from broker.portal import admin_actions, admin_views
 from broker.portal.admin import Admin, Refused, admin, admin_blueprint, form_action, section
 from broker.portal.context import portal_context
 
@@ -66,7 +66,8 @@ async def block(who: Admin, form: dict[str, str]) -> str:
             "Blocking your own account would lock you out of this page.",
             "Ask another admin, or use `remotellm-broker users block` on the server.",
         )
-    await asyncio.to_thread(users.set_blocked, selector, blocked)
+    by = admin_actions.actor(who.user.user_id)
+    await run(admin_actions.operations().set_blocked, by, selector, blocked)
     target = admin_views.find_user(users.users, selector)
     if blocked and target is not None:
         await portal.end_sessions(target.gitlab_id, "blocked")
@@ -77,7 +78,8 @@ async def block(who: Admin, form: dict[str, str]) -> str:
 async def revoke_key(who: Admin, form: dict[str, str]) -> str:
     portal = portal_context()
     selector = known_user(form)
-    await asyncio.to_thread(portal.users.revoke, selector, form.get("key", ""))
+    by = admin_actions.actor(who.user.user_id)
+    await run(admin_actions.operations().revoke_key, by, selector, form.get("key", ""))
     target = admin_views.find_user(portal.users.users, selector)
     if target is not None:  # whoever holds the key may hold the login too
         await portal.end_sessions(target.gitlab_id, "key revoked")
@@ -88,8 +90,8 @@ async def revoke_key(who: Admin, form: dict[str, str]) -> str:
 async def set_limits(who: Admin, form: dict[str, str]) -> str:
     selector = known_user(form)
     values = admin_views.parse_limits(form)
-    users = portal_context().users
-    await asyncio.to_thread(users.set_limits, selector, values, replace=True)
+    by = admin_actions.actor(who.user.user_id)
+    await run(admin_actions.operations().set_limits, by, selector, values, replace=True)
     return "limits"
 
 
@@ -99,6 +101,6 @@ async def scope_key(who: Admin, form: dict[str, str]) -> str:
     selector = known_user(form)
     expiry = form.get("expires", "").strip() or None  # empty: unchanged
     ask = ScopeAsk(models=form.get("models"), expiry=expiry, label=form.get("label"))
-    users = portal_context().users
-    await asyncio.to_thread(users.set_scope, selector, form.get("key", ""), ask)
+    by = admin_actions.actor(who.user.user_id)
+    await run(admin_actions.operations().set_scope, by, selector, form.get("key", ""), ask)
     return "scoped-key"

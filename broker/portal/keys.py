@@ -9,7 +9,7 @@ from quart import Response, request
 
 from broker.accounts.key_scope import ScopeAsk, shown_lifetime
 from broker.accounts.users import KeyActionRefused, UsersFileError
-from broker.portal import pages
+from broker.portal import admin_actions, pages
 from broker.portal.common import (
     Viewer,
     form_checked,
@@ -101,6 +101,7 @@ async def key_action(action: str) -> Response:
         log.error("portal_users_file_broken", error=str(exc))
         return users_file_broken()
     log.info("portal_key_changed", action=action, user=who.user.username, key=name)
+    await admin_actions.own_key_changed(who.user, action, name)
     if not secret:
         return redirect("/portal/keys", 303)
     token = portal_context().reveals.put(uid, name.strip(), secret)

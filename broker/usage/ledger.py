@@ -22,7 +22,7 @@ from broker.core.shape import TAIL_BYTES, extract_tokens
 from shared.files import FILE_MODE, private_dir, private_file
 from shared.logging import get_logger
 
-__all__ = ["TAIL_BYTES", "UsageRecord", "UsageRecorder", "extract_tokens"]
+__all__ = ["TAIL_BYTES", "UsageRecord", "UsageRecorder", "extract_tokens", "prepare_db_file"]
 
 log = get_logger("broker.usage.ledger")
 MAX_MODEL_CHARS = 256  # a model name longer than this is cut in the ledger
@@ -88,6 +88,15 @@ _ADDED = {
     "client_request_id": "TEXT",
     "alias": "TEXT",
 }
+
+
+def prepare_db_file(path: Path) -> None:
+    """Create the usage database's file (and its directory) private before SQLite opens it:
+    mode 600, which its -wal and -shm files copy. Shared by the ledger and the audit log."""
+    private_dir(path.parent)
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE))
+    for suffix in ("", "-wal", "-shm"):
+        private_file(path.with_name(path.name + suffix))
 
 
 class UsageRecorder:
@@ -162,11 +171,7 @@ class UsageRecorder:
                 self._db = None
 
     def _create(self) -> None:
-        # Mode 600 before SQLite opens it: its -wal and -shm files copy the database's mode.
-        private_dir(self.path.parent)
-        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, FILE_MODE))
-        for suffix in ("", "-wal", "-shm"):
-            private_file(self.path.with_name(self.path.name + suffix))
+        prepare_db_file(self.path)
         with contextlib.closing(self._connect()) as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(_SCHEMA)

@@ -253,3 +253,6 @@ def _request_row(row: tuple[object, ...]) -> RequestRow:
         estimated=bool(record.estimated),
         partial=bool(record.partial),
     )
+
+
+open_read_only = _reader  # the same read-only connection for the audit log's readers

@@ -7,7 +7,7 @@ from pathlib import Path
 import httpx
 
 from broker.accounts.keys import hash_secret
-from broker.portal.admin_actions import revoke_connector
+from broker.admin.operations import Actor, decide_connector
 from shared.protocol import (
     RELAY_PREFIX,
     EnrollRequest,
@@ -90,7 +90,7 @@ async def test_pending_is_idempotent_approve_gives_a_working_token_once_then_rev
             assert broker.hub.core.sessions[session_id].owner == entry.id
 
             # Revoked: the session ends and the token stops working at once.
-            await revoke_connector(broker.server.state, entry.id, "root")
+            await decide_connector(broker.server.state, Actor("cli:root"), "revoke", entry.id)
             assert session_id not in broker.hub.core.sessions
             r = await conn.post(f"/sessions/{session_id}/poll", content=b"{}")
             assert r.status_code == 401
