@@ -509,3 +509,32 @@ async def test_a_flooding_response_takes_turns_with_the_others() -> None:
     assert [rid for rid, _ in writes[0]] == ["flood", "quiet"]
     assert all(size <= 64 * 1024 + 16 for write in writes for _, size in write)
     assert len(writes) == 5
+
+
+async def test_a_request_that_sent_only_its_acknowledgement_goes_on_the_next_upload() -> None:
+    # Found by the failover soak: the broker carrying the upload was killed right after a
+    # request's lease was acknowledged through it; the request was lost and its user waited
+    # a whole lease for the redispatch. Nothing of its answer was sent: it goes on.
+    fake = FakeBroker()
+    fake.fail_after = 2
+    mux = MuxUploader(fake.send, heartbeat=15.0)
+    lost: list[str] = []
+    acked = mux.open("acked", lambda: lost.append("acked"))
+    answering = mux.open("answering", lambda: lost.append("answering"))
+    mux.start()
+    await _settle()  # write 1: both hellos
+    answering.data(b"x")  # write 2: the upload fails after it
+    await _settle()
+    fake.fail_after = None
+    await fake.opened.wait()
+    for _ in range(200):
+        if len(fake.uploads) == 2:
+            break
+        await asyncio.sleep(0.01)  # the reconnect waits a jittered backoff (at most 0.5 s)
+    acked.head(HEAD)
+    acked.end(END)
+    await mux.close()
+    assert lost == ["answering"]  # part of its answer went into the failed upload
+    sent = [kind for rid, kinds in runs(fake.uploads[1]) for kind in kinds if rid == "acked"]
+    assert sent == [FrameType.HEARTBEAT, FrameType.HEAD, FrameType.END]
+    assert {rid for rid, _ in runs(fake.uploads[1])} == {"acked"}
