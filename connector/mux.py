@@ -17,6 +17,9 @@ each run of one response's frames tagged with its request ID (``shared.framing``
 - An upload that fails (the connection was cut, the broker restarted) loses the requests
   whose answer's frames it carried: their tasks are cancelled, which closes their upstream
   calls, and the broker ends them for their users as it does a cut per-request upload.
+  The next upload carries an END ``connector_lost`` for each of them, so a user whose
+  broker is alive learns it at once (not when the dead broker's heartbeat runs out);
+  where that broker already failed the request, the END is refused and dropped.
   Requests that had sent nothing of their answer yet (at most the heartbeat that
   acknowledges the lease) go out on the next upload, whichever broker receives it: it
   acknowledges them again, so a broker that died holding only their acknowledgement
@@ -52,6 +55,9 @@ FAIR_SHARE = 64 * 1024
 GIVE_UP_AFTER = 3  # failed uploads in a row that carried nothing: fall back per request
 CANCELLED_END = ResponseEnd(
     ok=False, status=499, error_type="cancelled", error="the connector stopped this request"
+)
+LOST_END = ResponseEnd(
+    ok=False, status=502, error_type="connector_lost", error="the upload carrying it was cut"
 )
 
 
@@ -218,8 +224,17 @@ class MuxUploader:
             self._dirty.pop(stream, None)
             stream.dead = True
             stream.on_lost()
+            if resend_unanswered:
+                self._report_lost(stream.request_id)
         if lost:
             log.info("mux_requests_lost", requests=len(lost))
+
+    def _report_lost(self, request_id: str) -> None:
+        """An END ``connector_lost`` for a lost request, on the next upload."""
+        note = MuxStream(self, request_id, lambda: None)
+        note.ended = note.answered = True
+        self.streams[request_id] = note
+        self._dirty[note] = [framing.encode_end(LOST_END)]
 
     # -- the writer -----------------------------------------------------------------------
 
