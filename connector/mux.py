@@ -19,9 +19,15 @@ each run of one response's frames tagged with its request ID (``shared.framing``
   (``take_frames``), so no upload ends mid-frame: a load balancer may send the next one to
   another broker, which decodes it from its first byte.
 - An upload that fails (the connection was cut, the broker restarted) loses the requests
-  whose frames it carried: their tasks are cancelled, which closes their upstream calls,
-  and the broker ends them for their users as it does a cut per-request upload. Requests
-  that had not sent a frame yet go out on the next upload.
+  whose answer's frames it carried: their tasks are cancelled, which closes their upstream
+  calls, and the broker ends them for their users as it does a cut per-request upload.
+  The next upload carries an END ``connector_lost`` for each of them, so a user whose
+  broker is alive learns it at once (not when the dead broker's heartbeat runs out);
+  where that broker already failed the request, the END is refused and dropped.
+  Requests that had sent nothing of their answer yet (at most the heartbeat that
+  acknowledges the lease) go out on the next upload, whichever broker receives it: it
+  acknowledges them again, so a broker that died holding only their acknowledgement
+  costs them nothing (not a lease's wait for a redispatch).
 
 Nothing here speaks HTTP: ``send`` (``BrokerClient.upload_mux`` for one session) posts a
 body and raises the connector's own errors.
@@ -57,12 +63,25 @@ ACK_GRACE = 0.05
 CANCELLED_END = ResponseEnd(
     ok=False, status=499, error_type="cancelled", error="the connector stopped this request"
 )
+LOST_END = ResponseEnd(
+    ok=False, status=502, error_type="connector_lost", error="the upload carrying it was cut"
+)
 
 
 class MuxStream:
     """One response on the multiplexed upload: ``head``, ``data``, ``end`` like a pipe."""
 
-    __slots__ = ("_mux", "dead", "ended", "lane", "last_sent", "on_lost", "request_id", "tag")
+    __slots__ = (
+        "_mux",
+        "answered",
+        "dead",
+        "ended",
+        "lane",
+        "last_sent",
+        "on_lost",
+        "request_id",
+        "tag",
+    )
 
     def __init__(self, mux: MuxUploader, request_id: str, on_lost: Callable[[], object]) -> None:
         self._mux = mux
@@ -72,6 +91,7 @@ class MuxStream:
         self.lane = 0  # the upload that carries its frames (0: none yet)
         self.ended = False
         self.dead = False  # lost, or replaced by a new attempt: its frames are dropped
+        self.answered = False  # a frame of the answer (not only heartbeats) went out
         self.last_sent = 0.0
 
     def head(self, head: ResponseHead) -> None:
@@ -194,7 +214,7 @@ class MuxUploader:
                 self._lose(lane)
                 raise
             except (BrokerUnavailable, BrokerRejected, LeaseLost, SessionLost) as exc:
-                self._lose(lane)
+                self._lose(lane, resend_unanswered=True)
                 self._failures = 0 if self._carried else self._failures + 1
                 log.warning("mux_upload_failed", error=str(exc), failures=self._failures)
                 if isinstance(exc, SessionLost | LeaseLost) or self._failures >= GIVE_UP_AFTER:
@@ -213,16 +233,32 @@ class MuxUploader:
                 if stream.lane == lane:
                     stream.lane = 0
 
-    def _lose(self, lane: int | None) -> None:
-        """Cancel the requests whose frames went into a failed upload (None: all of them)."""
+    def _lose(self, lane: int | None, resend_unanswered: bool = False) -> None:
+        """Cancel the requests whose frames went into a failed upload (None: all of them);
+        with ``resend_unanswered``, those that sent only heartbeats go on the next upload."""
         lost = [s for s in self.streams.values() if lane is None or s.lane == lane]
+        if resend_unanswered:
+            for stream in [s for s in lost if not s.answered]:
+                stream.lane = 0
+                if stream not in self._dirty:  # its acknowledgement, on the next upload
+                    self._dirty[stream] = [framing.HEARTBEAT_FRAME]
+            lost = [s for s in lost if s.answered]
         for stream in lost:
             del self.streams[stream.request_id]
             self._dirty.pop(stream, None)
             stream.dead = True
             stream.on_lost()
+            if resend_unanswered:
+                self._report_lost(stream.request_id)
         if lost:
             log.info("mux_requests_lost", requests=len(lost))
+
+    def _report_lost(self, request_id: str) -> None:
+        """An END ``connector_lost`` for a lost request, on the next upload."""
+        note = MuxStream(self, request_id, lambda: None)
+        note.ended = note.answered = True
+        self.streams[request_id] = note
+        self._dirty[note] = [framing.encode_end(LOST_END)]
 
     # -- the writer -----------------------------------------------------------------------
 
@@ -287,6 +323,8 @@ class MuxUploader:
             blob, rest = take_frames(frames, min(budget, FAIR_SHARE))
             if rest:
                 self._dirty[stream] = rest
+            if not stream.answered and not _only_heartbeats(blob):
+                stream.answered = True
             budget -= len(blob)
             tag = stream.tag
             for start in range(0, len(blob), MAX_RUN):
@@ -348,6 +386,12 @@ def take_frames(frames: list[bytes], share: int) -> tuple[bytes, list[bytes]]:
 
 
 _SMALLEST_CUT = framing.HEADER_SIZE + 1  # a DATA frame this small is never split
+
+
+def _only_heartbeats(run: bytes) -> bool:
+    """Whether a run of whole frames is heartbeats only (nothing of an answer)."""
+    size = len(framing.HEARTBEAT_FRAME)
+    return len(run) % size == 0 and run == framing.HEARTBEAT_FRAME * (len(run) // size)
 
 
 def _resolve(waiter: asyncio.Future[None]) -> None:

@@ -181,6 +181,9 @@ CONNECTOR_FAILURES: dict[str, str] = {
     "upstream_error": "the local LLM failed",
     "connector_error": "the connector failed while relaying the answer",
     "cancelled": "the connector stopped this request",
+    # The upload that carried part of the answer was cut (its broker died): bytes may be
+    # missing, so the answer ends here, as when the broker notices the cut itself.
+    "connector_lost": "the upload carrying the answer was cut",
 }
 CONNECTOR_FAILURE = "connector_failure"  # the code of an error type the broker does not know
 

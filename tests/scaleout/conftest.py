@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from shared.bench.upstream import FakeLLM
+from tests.scaleout.fixtures import Redises, sentinel_set
 from tests.support.net import free_ports
 from tests.support.procs import Broker, Procs
 from tests.support.redis_server import RedisServer
@@ -57,6 +58,13 @@ class Cluster:
         await asyncio.gather(*(b.wait_listening(timeout=90.0) for b in started))
         return started
 
+    async def restart(self, broker: Broker) -> None:
+        """Start ``broker`` again, same ports and arguments (after it was killed)."""
+        assert broker.proc is not None
+        await broker.proc.kill()
+        broker.proc = await self.procs.start(broker.proc.name, *broker.proc.args)
+        await broker.wait_listening(timeout=60.0)
+
     async def close(self) -> None:
         for conn in self.connectors:
             await conn.kill()
@@ -67,6 +75,13 @@ class Cluster:
 async def redis() -> AsyncIterator[RedisServer]:
     async with RedisServer() as server:
         yield server
+
+
+@pytest.fixture
+async def redises(tmp_path: Path) -> AsyncIterator[Redises]:
+    """A master, a replica and three sentinels (tests/scaleout/fixtures.py)."""
+    async with sentinel_set(tmp_path) as found:
+        yield found
 
 
 @pytest.fixture

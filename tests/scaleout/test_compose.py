@@ -5,7 +5,6 @@ connector and the openai SDK going through it."""
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 from pathlib import Path
 
@@ -16,12 +15,9 @@ from broker.settings import BrokerSettings
 from connector.settings import ConnectorSettings
 from shared.bench.upstream import FakeLLM
 from tests.deploy.helpers import env_names
-from tests.proxies.servers import NGINX, ProxyProcess, need, open_dir
-from tests.support.net import free_port
+from tests.scaleout.fixtures import COMPOSE, nginx_in_front
 from tests.support.redis_server import RedisServer, unique_prefix
 from tests.support.stack import USER_KEY, start_broker, start_connector
-
-COMPOSE = Path(__file__).resolve().parents[2] / "deploy" / "compose"
 
 
 def test_compose_file_runs_two_brokers_on_one_redis_behind_nginx() -> None:
@@ -57,38 +53,6 @@ def test_compose_file_runs_two_brokers_on_one_redis_behind_nginx() -> None:
     assert re.search(r"location /portal/ \{\s*proxy_pass http://remotellm_portal;", site)
 
 
-def _nginx(ports: list[int]) -> ProxyProcess:
-    """The shipped config, with the compose host names swapped for loopback ports."""
-    need(NGINX, "nginx-light")
-    workdir = open_dir("nginx-scale-")
-    port = free_port()
-    site = (COMPOSE / "nginx-scale-out.conf").read_text()
-    for name, upstream in zip(("broker-a", "broker-b"), ports, strict=True):
-        site = site.replace(f"{name}:8443", f"127.0.0.1:{upstream}")
-    site = site.replace("listen 8443;", f"listen 127.0.0.1:{port};")
-    user = "user root;" if os.geteuid() == 0 else ""
-    conf = (
-        f"{user}\nworker_processes 1;\ndaemon off;\npid {workdir}/nginx.pid;\n"
-        f"error_log {workdir}/error.log info;\nevents {{ worker_connections 256; }}\n"
-        f"http {{\n client_body_temp_path {workdir}/body;\n proxy_temp_path {workdir}/proxy;\n"
-        f" access_log {workdir}/access.log;\n{site}\n}}\n"
-    )
-    (workdir / "nginx.conf").write_text(conf)
-    nginx = ProxyProcess("nginx", port, workdir, config=conf)
-    nginx.start(
-        [
-            NGINX,
-            "-p",
-            str(workdir),
-            "-e",
-            str(workdir / "error.log"),
-            "-c",
-            str(workdir / "nginx.conf"),
-        ]
-    )
-    return nginx
-
-
 async def test_shipped_nginx_config_in_front_of_two_brokers(
     tmp_path: Path, fake_llm: FakeLLM
 ) -> None:
@@ -96,7 +60,7 @@ async def test_shipped_nginx_config_in_front_of_two_brokers(
         shared = {"redis_url": redis.url, "redis_prefix": unique_prefix()}
         a = await start_broker(tmp_path / "a", **shared)
         b = await start_broker(tmp_path / "b", **shared)
-        nginx = _nginx([a.settings.port, b.settings.port])
+        nginx = nginx_in_front([a.settings.port, b.settings.port])
         conn = None
         try:
             conn = await start_connector(nginx.url, fake_llm.url, upload_mode="auto")

@@ -19,7 +19,7 @@ import connector.session
 from connector.mux import MuxUploader
 from shared.bench.upstream import FakeLLM
 from tests.scaleout.conftest import Cluster
-from tests.scaleout.test_compose import _nginx
+from tests.scaleout.fixtures import nginx_in_front
 from tests.support.procs import Broker
 from tests.support.stack import USER_KEY, start_connector
 
@@ -56,7 +56,7 @@ async def test_rotations_across_brokers_lose_nothing_and_drain_completes(
         connector.session, "MuxUploader", functools.partial(MuxUploader, rotate_bytes=ROTATE)
     )
     a, b = await cluster.start(2, "--drain-timeout", str(DRAIN))
-    nginx = _nginx([a.port, b.port])
+    nginx = nginx_in_front([a.port, b.port])
     try:
         conn = await start_connector(nginx.url, fake_llm.url, capacity=8, upload_mode="mux")
         cluster.connectors.append(conn)

@@ -636,7 +636,15 @@ class RedisRelayState:
     # -- background: sweeper and heartbeat ------------------------------------------------
 
     async def _heartbeat(self) -> None:
-        await self.redis.zadd(self.prefix + "b", {self.broker_id: self.wall() + ALIVE_FOR})
+        """Say this broker is alive, and learn the models served within the grace: a broker
+        that has not yet relayed or shown one (just started) must still answer 503, not
+        404, for it if Redis then loses its data (``_served_lately``)."""
+        p, now = self.prefix, self.wall()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zadd(p + "b", {self.broker_id: now + ALIVE_FOR})
+            pipe.zrangebyscore(p + "kz", now - self.timings.model_grace, "+inf")
+            _, known = await pipe.execute()
+        self._remember_models({m.decode() for m in known})
 
     async def _sweep_loop(self) -> None:
         """Every broker sweeps; the script makes each due entry count once (scripts.py)."""

@@ -17,7 +17,7 @@ from connector.errors import BrokerUnavailable
 from connector.mux import MuxUploader, take_frames
 from shared import framing
 from shared.errors import FrameError
-from shared.framing import Frame, FrameDecoder, FrameType, encode_mux, split_mux
+from shared.framing import Frame, FrameDecoder, FrameType, decode_end, encode_mux, split_mux
 from shared.protocol import RequestItem, ResponseEnd, ResponseHead, UploadMode, UploadResult
 
 HEAD = ResponseHead(status=200, headers=[("content-type", "text/event-stream")])
@@ -449,7 +449,19 @@ async def test_a_failed_upload_loses_only_the_requests_it_carried() -> None:
     assert lost == ["carried"]
     sent = [kind for rid, kinds in runs(fake.uploads[1]) for kind in kinds if rid == "later"]
     assert sent == [FrameType.HEARTBEAT, FrameType.END]
-    assert {rid for rid, _ in runs(fake.uploads[1])} == {"later"}
+    # The lost one's broker is told at once on the next upload: its answer was cut.
+    assert ("carried", [FrameType.END]) in runs(fake.uploads[1])
+    assert lost_end(fake.uploads[1], "carried").error_type == "connector_lost"
+
+
+def lost_end(frames: list[Frame], request_id: str) -> ResponseEnd:
+    for frame in frames:
+        if frame.type is FrameType.MUX:
+            rid, inner = split_mux(frame.payload)
+            if rid == request_id:
+                (end,) = FrameDecoder().feed(inner)
+                return decode_end(end.payload)
+    raise AssertionError(f"no END for {request_id}")
 
 
 async def test_heartbeats_go_to_silent_requests_only() -> None:
@@ -541,3 +553,32 @@ async def test_a_flooding_response_takes_turns_with_the_others() -> None:
     assert [rid for rid, _ in writes[0]] == ["flood", "quiet"]
     assert all(size <= 64 * 1024 + 16 for write in writes for _, size in write)
     assert len(writes) == 5
+
+
+async def test_a_request_that_sent_only_its_acknowledgement_goes_on_the_next_upload() -> None:
+    # Found by the failover soak: the broker carrying the upload was killed right after a
+    # request's lease was acknowledged through it; the request was lost and its user waited
+    # a whole lease for the redispatch. Nothing of its answer was sent: it goes on.
+    fake = FakeBroker()
+    fake.fail_after = 2
+    mux = MuxUploader(fake.send, heartbeat=15.0)
+    lost: list[str] = []
+    acked = mux.open("acked", lambda: lost.append("acked"))
+    answering = mux.open("answering", lambda: lost.append("answering"))
+    mux.start()
+    await _settle()  # write 1: both hellos
+    answering.data(b"x")  # write 2: the upload fails after it
+    await _settle()
+    fake.fail_after = None
+    await fake.opened.wait()
+    for _ in range(200):
+        if len(fake.uploads) == 2:
+            break
+        await asyncio.sleep(0.01)  # the reconnect waits a jittered backoff (at most 0.5 s)
+    acked.head(HEAD)
+    acked.end(END)
+    await mux.close()
+    assert lost == ["answering"]  # part of its answer went into the failed upload
+    sent = [kind for rid, kinds in runs(fake.uploads[1]) for kind in kinds if rid == "acked"]
+    assert sent == [FrameType.HEARTBEAT, FrameType.HEAD, FrameType.END]
+    assert lost_end(fake.uploads[1], "answering").error_type == "connector_lost"

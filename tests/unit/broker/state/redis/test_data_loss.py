@@ -110,3 +110,37 @@ async def test_a_held_poll_ends_at_once_when_redis_forgets_its_session(
     finally:
         await state.stop()
         await client.aclose()
+
+
+async def test_a_broker_that_has_not_relayed_yet_learns_the_served_models_from_its_heartbeat(
+    shared_redis: RedisServer,
+) -> None:
+    # Found by the failover soak: a broker restarted a moment before Redis lost its data had
+    # neither relayed nor shown the model yet, so it answered 404 model_not_found for it.
+    clock = Clock()
+    client = connect(shared_redis.url)
+    prefix = unique_prefix()
+    serving = RedisRelayState(TIMINGS, client, prefix=prefix, clock=clock, wall=clock)
+    fresh = RedisRelayState(TIMINGS, client, prefix=prefix, clock=clock, wall=clock)
+    try:
+        await serving.register(
+            owner="o",
+            name="c1",
+            instance_id="i-c1",
+            models=["m"],
+            capacity=1,
+            capacity_source="--capacity",
+            version="t",
+            upload_mode=UploadMode.STREAM,
+            upstream_api_key=None,
+        )
+        await fresh.run_due()  # its first heartbeat (once a second while it runs)
+        async for key in client.scan_iter(match=prefix + "*"):
+            await client.delete(key)
+        with pytest.raises(NoConnector) as refused:
+            await fresh.submit(item("r1"))
+        assert refused.value.status == 503 and refused.value.retry_after
+    finally:
+        await fresh.stop()
+        await serving.stop()
+        await client.aclose()
