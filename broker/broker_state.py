@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from broker.accounts.enrollment import EnrollmentStore
 from broker.accounts.keys import KeyStore
-from broker.accounts.revocations import RevocationBoard
 from broker.accounts.users import UsersStore
 from broker.metrics import BrokerMetrics
 from broker.settings import BrokerSettings
@@ -15,6 +15,9 @@ from broker.state.memory.limits import MemoryLimitState
 from broker.state.relay import RelayState
 from broker.usage.ledger import UsageRecorder
 from broker.usage.prices import PriceBook
+
+if TYPE_CHECKING:  # redis-py: loaded only with --redis-url (broker.composition)
+    from broker.accounts.revocations import RevocationBoard
 
 
 @dataclass

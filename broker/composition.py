@@ -10,17 +10,14 @@ import json
 import secrets
 import time
 from collections.abc import Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
 from prometheus_client import CONTENT_TYPE_LATEST
 from quart import Quart, Response
-from redis.asyncio import Redis
 from werkzeug.exceptions import HTTPException
 
 from broker.accounts.enrollment import EnrollmentStore
 from broker.accounts.keys import KeyStore
-from broker.accounts.revocations import RevocationBoard
 from broker.accounts.users import UsersStore
 from broker.api.models import create_api_blueprint
 from broker.api.relay import ApiRelay
@@ -42,14 +39,18 @@ from broker.state.memory.limits import MemoryLimitState
 from broker.state.memory.portal_sessions import SessionStore
 from broker.state.memory.relay import MemoryRelayState
 from broker.state.portal_sessions import Sessions
-from broker.state.redis import RedisRelayState, connect, connect_sentinel
-from broker.state.redis.limits import RedisLimitState
-from broker.state.redis.portal_sessions import RedisSessions
 from broker.state.relay import RelayState, RelayView
 from broker.usage.ledger import UsageRecorder
 from broker.usage.prices import load_prices
 from shared.logging import get_logger
 from shared.templates import render
+
+# redis-py, the Redis state, httpx and authlib (GitLab) load only when the settings use them:
+# a broker without --redis-url or a GitLab application never imports them (a test checks).
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+    from broker.accounts.revocations import RevocationBoard
 
 log = get_logger("broker.composition")
 
@@ -73,6 +74,8 @@ def timings_from(settings: BrokerSettings) -> Timings:
 
 def _redis_client(settings: BrokerSettings) -> Redis:
     """At --redis-url, or the master the sentinels name (their failovers followed)."""
+    from broker.state.redis import connect, connect_sentinel
+
     if settings.redis_sentinel_master:
         return connect_sentinel(
             settings.redis_sentinels, settings.redis_sentinel_master, settings.redis_url
@@ -88,6 +91,10 @@ def _shared_state(
     in Redis (one client, one pool for all three) when brokers share it."""
     if not settings.redis_configured:
         return MemoryRelayState(timings_from(settings)), MemoryLimitState(), None
+    from broker.accounts.revocations import RevocationBoard
+    from broker.state.redis import RedisRelayState
+    from broker.state.redis.limits import RedisLimitState
+
     redis = _redis_client(settings)
     hub = RedisRelayState(
         timings_from(settings), redis, prefix=settings.redis_prefix, upstream_key=keys.upstream_key
@@ -144,19 +151,25 @@ def portal_sessions(state: BrokerState) -> Sessions:
     """Portal sessions in memory; in Redis, sharing the relay state's connection, when
     brokers share state (a login on one broker is valid on all)."""
     settings = state.settings
-    if isinstance(state.relay, RedisRelayState):
-        return RedisSessions(
-            state.relay.redis,
-            settings.redis_prefix,
-            settings.session_lifetime,
-            settings.session_idle,
-        )
+    if settings.redis_configured:
+        from broker.state.redis import RedisRelayState
+        from broker.state.redis.portal_sessions import RedisSessions
+
+        if isinstance(state.relay, RedisRelayState):
+            return RedisSessions(
+                state.relay.redis,
+                settings.redis_prefix,
+                settings.session_lifetime,
+                settings.session_idle,
+            )
     return SessionStore(settings.session_lifetime, settings.session_idle)
 
 
 def _gitlab(settings: BrokerSettings) -> GitLabOAuth | None:
     if not settings.gitlab_client_id:
         return None
+    import httpx
+
     return GitLabOAuth(
         base_url=settings.gitlab_url,
         client_id=settings.gitlab_client_id,

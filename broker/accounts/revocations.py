@@ -17,49 +17,16 @@ than serve keys that may have been revoked meanwhile (docs/scale-out.md).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from broker.accounts.users_change import UsersChange
 from shared.logging import get_logger
 
 log = get_logger("broker.accounts.revocations")
-
-
-@dataclass(frozen=True, slots=True)
-class UsersChange:
-    """What one reload of the users file changed, as far as access goes."""
-
-    revoked_keys: frozenset[str] = frozenset()
-    blocked: frozenset[str] = frozenset()
-    unblocked: frozenset[str] = frozenset()
-
-    @property
-    def empty(self) -> bool:
-        return not (self.revoked_keys or self.blocked or self.unblocked)
-
-
-def users_change(
-    before: Mapping[str, str] | None,
-    after: Mapping[str, str],
-    blocked_before: frozenset[str],
-    blocked_after: frozenset[str],
-) -> UsersChange:
-    """The change between two loads: key hash -> user ID maps and the blocked user IDs.
-
-    ``before`` is None for a broker's first load: then nothing is revoked or unblocked
-    (an older copy of the file must not undo another broker's revocation), but the blocks
-    it holds are published (blocking more is always safe).
-    """
-    if before is None:
-        return UsersChange(blocked=blocked_after)
-    return UsersChange(
-        revoked_keys=frozenset(before.keys() - after.keys()),
-        blocked=blocked_after - blocked_before,
-        unblocked=blocked_before - blocked_after,
-    )
 
 
 @dataclass(slots=True)

@@ -27,8 +27,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
 
 from broker.accounts.keys import UserKey, hash_secret, new_user_key
-from broker.accounts.revocations import UsersChange, users_change
 from broker.accounts.store import FileBroken, YamlFileStore
+from broker.accounts.users_change import UsersChange, users_change
 from broker.core.limits import LIMIT_FIELDS, LimitOverrides, Override
 from shared.errors import ConfigError
 from shared.logging import get_logger
