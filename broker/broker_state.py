@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING
 
 from broker.accounts.enrollment import EnrollmentStore
 from broker.accounts.keys import KeyStore
-from broker.accounts.revocations import RevocationBoard
 from broker.accounts.users import UsersStore
 from broker.core.aliases import NO_ALIASES, AliasBook
 from broker.metrics import BrokerMetrics
@@ -22,6 +21,9 @@ from shared.hoptrace import HopTrace
 
 if TYPE_CHECKING:
     from broker.admin.operations import Operations
+
+if TYPE_CHECKING:  # redis-py: loaded only with --redis-url (broker.composition)
+    from broker.accounts.revocations import RevocationBoard
 
 
 @dataclass

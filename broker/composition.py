@@ -10,17 +10,14 @@ import json
 import secrets
 import time
 from collections.abc import Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
 from prometheus_client import CONTENT_TYPE_LATEST
 from quart import Quart, Response
-from redis.asyncio import Redis
 from werkzeug.exceptions import HTTPException
 
 from broker.accounts.enrollment import EnrollmentStore
 from broker.accounts.keys import KeyStore
-from broker.accounts.revocations import RevocationBoard
 from broker.accounts.users import UsersStore
 from broker.admin import admin_api_blueprint
 from broker.admin.operations import build_operations, end_sessions
@@ -36,7 +33,6 @@ from broker.errors import error_response
 from broker.metrics import BrokerMetrics
 from broker.portal import PortalContext, install_portal
 from broker.portal.oauth import GitLabOAuth
-from broker.portal.oidc import OidcLogin
 from broker.portal.security import add_security_headers
 from broker.portal.session import Cookies, load_session_secret
 from broker.relay.app import RelayApp
@@ -46,15 +42,20 @@ from broker.state.memory.limits import MemoryLimitState
 from broker.state.memory.portal_sessions import SessionStore
 from broker.state.memory.relay import MemoryRelayState
 from broker.state.portal_sessions import Sessions
-from broker.state.redis import RedisRelayState, connect, connect_sentinel
-from broker.state.redis.limits import RedisLimitState
-from broker.state.redis.portal_sessions import RedisSessions
 from broker.state.relay import RelayState, RelayView
 from broker.usage.ledger import UsageRecorder
 from broker.usage.models_file import ModelsFileWatch
 from shared.hoptrace import HopTrace
 from shared.logging import get_logger
 from shared.templates import render
+
+# redis-py, the Redis state, httpx and authlib (GitLab) load only when the settings use them:
+# a broker without --redis-url or a GitLab application never imports them (a test checks).
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+    from broker.accounts.revocations import RevocationBoard
+    from broker.portal.oidc import OidcLogin
 
 log = get_logger("broker.composition")
 
@@ -78,6 +79,8 @@ def timings_from(settings: BrokerSettings) -> Timings:
 
 def _redis_client(settings: BrokerSettings) -> Redis:
     """At --redis-url, or the master the sentinels name (their failovers followed)."""
+    from broker.state.redis import connect, connect_sentinel
+
     if settings.redis_sentinel_master:
         return connect_sentinel(
             settings.redis_sentinels, settings.redis_sentinel_master, settings.redis_url
@@ -93,6 +96,10 @@ def _shared_state(
     in Redis (one client, one pool for all three) when brokers share it."""
     if not settings.redis_configured:
         return MemoryRelayState(timings_from(settings)), MemoryLimitState(), None
+    from broker.accounts.revocations import RevocationBoard
+    from broker.state.redis import RedisRelayState
+    from broker.state.redis.limits import RedisLimitState
+
     redis = _redis_client(settings)
     hub = RedisRelayState(
         timings_from(settings), redis, prefix=settings.redis_prefix, upstream_key=keys.upstream_key
@@ -157,19 +164,25 @@ def portal_sessions(state: BrokerState) -> Sessions:
     """Portal sessions in memory; in Redis, sharing the relay state's connection, when
     brokers share state (a login on one broker is valid on all)."""
     settings = state.settings
-    if isinstance(state.relay, RedisRelayState):
-        return RedisSessions(
-            state.relay.redis,
-            settings.redis_prefix,
-            settings.session_lifetime,
-            settings.session_idle,
-        )
+    if settings.redis_configured:
+        from broker.state.redis import RedisRelayState
+        from broker.state.redis.portal_sessions import RedisSessions
+
+        if isinstance(state.relay, RedisRelayState):
+            return RedisSessions(
+                state.relay.redis,
+                settings.redis_prefix,
+                settings.session_lifetime,
+                settings.session_idle,
+            )
     return SessionStore(settings.session_lifetime, settings.session_idle)
 
 
 def _gitlab(settings: BrokerSettings) -> GitLabOAuth | None:
     if not settings.gitlab_client_id:
         return None
+    import httpx
+
     return GitLabOAuth(
         base_url=settings.gitlab_url,
         client_id=settings.gitlab_client_id,
@@ -183,6 +196,10 @@ def _gitlab(settings: BrokerSettings) -> GitLabOAuth | None:
 def _oidc(settings: BrokerSettings) -> dict[str, OidcLogin]:
     if not settings.oidc_providers:
         return {}
+    import httpx
+
+    from broker.portal.oidc import OidcLogin
+
     http = httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=5.0))
     for provider in settings.oidc_providers:
         if not provider.allowed_groups:

@@ -20,10 +20,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from urllib.parse import urlsplit
 
-import truststore
-from cryptography import x509
-from cryptography.x509.oid import ExtensionOID
-
 from connector.proxy import open_tunnel
 from connector.settings import ConnectorSettings
 
@@ -46,6 +42,8 @@ def trust_for(settings: ConnectorSettings) -> Trust:
     capath = os.environ.get("SSL_CERT_DIR")
     if capath:
         return Trust(ssl.create_default_context(capath=capath), f"SSL_CERT_DIR={capath}")
+    import truststore
+
     ctx = truststore.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     return Trust(ctx, "the system trust store (truststore)")
 
@@ -81,6 +79,10 @@ class CertInfo:
 
 
 def cert_info(der: bytes) -> CertInfo:
+    # cryptography is loaded only to explain a failed handshake, never on the relay path.
+    from cryptography import x509
+    from cryptography.x509.oid import ExtensionOID
+
     cert = x509.load_der_x509_certificate(der)
     names: list[str] = []
     with contextlib.suppress(x509.ExtensionNotFound):

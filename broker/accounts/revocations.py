@@ -20,7 +20,6 @@ than serve keys that may have been revoked meanwhile (docs/scale-out.md).
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -28,79 +27,10 @@ from dataclasses import dataclass, field
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from broker.accounts.users_change import BoardScope, UsersChange, parse_scope
 from shared.logging import get_logger
 
 log = get_logger("broker.accounts.revocations")
-
-
-@dataclass(frozen=True, slots=True)
-class BoardScope:
-    """A key's models (None: every model) and expiry (epoch seconds, None: never)."""
-
-    models: frozenset[str] | None = None
-    expires: float | None = None
-
-    def dumps(self, at: float) -> str:
-        models = None if self.models is None else sorted(self.models)
-        return json.dumps({"models": models, "expires": self.expires, "at": at})
-
-
-def _scope(raw: bytes | str) -> BoardScope | None:
-    """A board entry, or None when it is not one (written by something else: ignored)."""
-    try:
-        doc = json.loads(raw)
-        models, expires = doc["models"], doc["expires"]
-    except (ValueError, TypeError, KeyError):
-        return None
-    if models is not None and not (
-        isinstance(models, list) and all(isinstance(m, str) for m in models)
-    ):
-        return None
-    if expires is not None and not isinstance(expires, int | float):
-        return None
-    return BoardScope(None if models is None else frozenset(models), expires)
-
-
-def scope_changes(
-    before: Mapping[str, BoardScope], after: Mapping[str, BoardScope]
-) -> dict[str, BoardScope]:
-    """The keys in both loads whose scope changed (new keys are nobody else's yet)."""
-    return {d: s for d, s in after.items() if d in before and before[d] != s}
-
-
-@dataclass(frozen=True, slots=True)
-class UsersChange:
-    """What one reload of the users file changed, as far as access goes."""
-
-    revoked_keys: frozenset[str] = frozenset()
-    blocked: frozenset[str] = frozenset()
-    unblocked: frozenset[str] = frozenset()
-    scopes: Mapping[str, BoardScope] = field(default_factory=dict)
-
-    @property
-    def empty(self) -> bool:
-        return not (self.revoked_keys or self.blocked or self.unblocked or self.scopes)
-
-
-def users_change(
-    before: Mapping[str, str] | None,
-    after: Mapping[str, str],
-    blocked_before: frozenset[str],
-    blocked_after: frozenset[str],
-) -> UsersChange:
-    """The change between two loads: key hash -> user ID maps and the blocked user IDs.
-
-    ``before`` is None for a broker's first load: then nothing is revoked or unblocked
-    (an older copy of the file must not undo another broker's revocation), but the blocks
-    it holds are published (blocking more is always safe).
-    """
-    if before is None:
-        return UsersChange(blocked=blocked_after)
-    return UsersChange(
-        revoked_keys=frozenset(before.keys() - after.keys()),
-        blocked=blocked_after - blocked_before,
-        unblocked=blocked_before - blocked_after,
-    )
 
 
 @dataclass(slots=True)
@@ -150,7 +80,7 @@ class RevocationBoard:
             return
         self.keys = frozenset(_text(k) for k in keys)
         self.users = frozenset(_text(u) for u in users)
-        read = {_text(k): _scope(v) for k, v in scopes.items()}
+        read = {_text(k): parse_scope(v) for k, v in scopes.items()}
         self.scopes = {k: v for k, v in read.items() if v is not None}
         self.synced_at = self.clock()
 

@@ -30,8 +30,8 @@ from broker.accounts import key_scope
 from broker.accounts.identities import IdentityClash
 from broker.accounts.key_scope import Allowance, GroupRule, ScopeRefused
 from broker.accounts.keys import UserKey, hash_secret, new_user_key
-from broker.accounts.revocations import BoardScope, UsersChange, scope_changes, users_change
 from broker.accounts.store import FileBroken, YamlFileStore
+from broker.accounts.users_change import BoardScope, UsersChange, scope_changes, users_change
 from broker.core.limits import LIMIT_FIELDS, LimitOverrides, Override
 from shared.errors import ConfigError
 from shared.logging import get_logger

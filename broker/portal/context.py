@@ -10,6 +10,7 @@ from __future__ import annotations
 import secrets
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from quart import Quart, current_app, request
 
@@ -17,10 +18,12 @@ from broker.accounts.identities import is_oidc_user_id
 from broker.accounts.users import UserEntry, UsersStore
 from broker.broker_state import BrokerState
 from broker.portal.oauth import GitLabOAuth, LoginFailed
-from broker.portal.oidc import OidcLogin
 from broker.portal.session import SESSION_COOKIE, Cookies, Session
 from broker.state.portal_sessions import SessionRecord, Sessions
 from shared.logging import get_logger
+
+if TYPE_CHECKING:  # httpx and joserfc load only with a provider configured
+    from broker.portal.oidc import OidcLogin
 
 log = get_logger("broker.portal")
 

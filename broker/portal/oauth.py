@@ -20,18 +20,15 @@ the server-side session so membership is checked again while the user stays logg
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
-import httpx
-from authlib.common.security import generate_token  # type: ignore[import-untyped]
-from authlib.oauth2.rfc6749.parameters import (  # type: ignore[import-untyped]
-    prepare_grant_uri,
-    prepare_token_request,
-)
-from authlib.oauth2.rfc7636 import create_s256_code_challenge  # type: ignore[import-untyped]
+from typing import TYPE_CHECKING, Any
 
 from broker.state.portal_sessions import GitLabTokens
 from shared.logging import get_logger
+
+# authlib and httpx load with the first GitLab call: a broker without a GitLab application
+# (the portal off) never imports them, though the portal's pages still answer.
+if TYPE_CHECKING:
+    import httpx
 
 log = get_logger("broker.portal.oauth")
 
@@ -99,6 +96,14 @@ class GitLabOAuth:
 
     def start(self, next_path: str) -> tuple[str, Flow]:
         """The GitLab authorize URL to send the browser to, and the flow to remember."""
+        from authlib.common.security import generate_token  # type: ignore[import-untyped]
+        from authlib.oauth2.rfc6749.parameters import (  # type: ignore[import-untyped]
+            prepare_grant_uri,
+        )
+        from authlib.oauth2.rfc7636 import (  # type: ignore[import-untyped]
+            create_s256_code_challenge,
+        )
+
         flow = Flow(state=generate_token(32), verifier=generate_token(64), next=next_path)
         url = prepare_grant_uri(
             f"{self.base_url}/oauth/authorize",
@@ -165,7 +170,7 @@ class GitLabOAuth:
         return self._allowed(_groups(_json(response))), tokens
 
     async def _refresh(self, refresh: str) -> GitLabTokens:
-        body = prepare_token_request(
+        body = _token_body(
             "refresh_token",
             refresh_token=refresh,
             redirect_uri=self.redirect_uri,
@@ -175,7 +180,7 @@ class GitLabOAuth:
         return await self._token_request(body)
 
     async def _token(self, code: str, flow: Flow) -> GitLabTokens:
-        body = prepare_token_request(
+        body = _token_body(
             "authorization_code",
             code=code,
             redirect_uri=self.redirect_uri,
@@ -213,6 +218,8 @@ class GitLabOAuth:
         return _json(response)
 
     async def _send(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        import httpx
+
         try:
             response = await self.http.request(method, self.base_url + path, **kw)
         except httpx.HTTPError as exc:
@@ -222,6 +229,12 @@ class GitLabOAuth:
             log.warning("gitlab_error", path=path, status=response.status_code)
             raise LoginFailed(GITLAB_DOWN, f"GitLab answered {response.status_code}")
         return response
+
+
+def _token_body(grant_type: str, **fields: str | None) -> str:
+    from authlib.oauth2.rfc6749.parameters import prepare_token_request
+
+    return str(prepare_token_request(grant_type, **fields))
 
 
 def _bearer(token: str) -> dict[str, str]:

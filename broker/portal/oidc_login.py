@@ -8,6 +8,8 @@ token is ``login.complete_login``, as for GitLab.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from quart import Response, request
 
 from broker.accounts.identities import oidc_user_id
@@ -22,8 +24,10 @@ from broker.portal.login import (
     start_redirect,
 )
 from broker.portal.oauth import DENIED, STATE_MISMATCH, LoginFailed
-from broker.portal.oidc import OidcLogin
 from broker.portal.security import safe_next
+
+if TYPE_CHECKING:  # httpx and joserfc load only with a provider configured
+    from broker.portal.oidc import OidcLogin
 
 bp = portal_blueprint("portal_oidc", __name__)
 

@@ -35,10 +35,11 @@ class Scenario:
     http2: bool = False
     tls: bool = False
     rounds: int = 2
+    capacity: int = 1100  # the connectors' --capacity: above the concurrency, none waits
 
     @property
-    def setup_key(self) -> tuple[str, int, bool, bool]:
-        return (self.upload_mode, self.connectors, self.http2, self.tls)
+    def setup_key(self) -> tuple[str, int, bool, bool, int]:
+        return (self.upload_mode, self.connectors, self.http2, self.tls, self.capacity)
 
 
 @dataclass
@@ -346,6 +347,17 @@ PROFILES: dict[str, list[Scenario]] = {
         Scenario(
             "c1000 paced 50ms 20 chunks", concurrency=1000, requests=2000, chunks=20, delay_ms=50
         ),
+        # Past 1,000: one burst of 5,000 new clients, each relayed at once (own processes,
+        # so its peak RSS against the c1000 row's gives the memory per extra stream).
+        Scenario(
+            "c5000 paced 50ms 20 chunks",
+            concurrency=5000,
+            requests=5000,
+            chunks=20,
+            delay_ms=50,
+            rounds=1,
+            capacity=5500,
+        ),
     ],
 }
 
@@ -359,8 +371,8 @@ async def run_profile(
 ) -> list[Row]:
     """Every scenario on each of ``servers`` (our broker's --server) in turn: one row each."""
     rows: list[Row] = []
-    setups: dict[tuple[str, tuple[str, int, bool, bool]], Setup] = {}
-    peers: dict[tuple[str, int, bool, bool], PeerSetup] = {}
+    setups: dict[tuple[str, tuple[str, int, bool, bool, int]], Setup] = {}
+    peers: dict[tuple[str, int, bool, bool, int], PeerSetup] = {}
     try:
         for s in scenarios:
             # A peer shares our fake upstream; over TLS the client's paths would differ.
@@ -375,6 +387,7 @@ async def run_profile(
                         tls=s.tls,
                         server=server,
                         trace=trace,
+                        capacity=s.capacity,
                     )
                     setups[(server, s.setup_key)] = setup
                     await setup.start()

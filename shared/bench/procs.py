@@ -27,7 +27,9 @@ def free_port() -> int:
 
 
 def raise_fd_limit() -> None:
-    """1,000 streams need ~4,000 sockets across the processes: lift the soft limit."""
+    """Lift the soft limit to the hard one (at most 65,536); the processes started after
+    inherit it. 5,000 streams need over 5,000 sockets in the benchmark, the broker and the
+    connector each (API clients and upstream calls)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = hard if hard != resource.RLIM_INFINITY else 65536
     if soft < target:
@@ -265,9 +267,11 @@ class Setup:
                     TOKEN,
                     "--no-generate-credentials",
                     "--queue-max",
-                    "5000",
+                    "10000",
                     "--concurrency-limit",  # one key sends every request
-                    "5000",
+                    "10000",
+                    "--backlog",  # a burst of 5,000 new clients (Linux caps it at somaxconn)
+                    "4096",
                     *self._trace_args,
                     "--log-format",
                     "json",

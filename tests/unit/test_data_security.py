@@ -8,7 +8,8 @@ import logging
 
 import pytest
 
-from broker.accounts.revocations import RevocationBoard, UsersChange, users_change
+from broker.accounts.revocations import RevocationBoard
+from broker.accounts.users_change import UsersChange, users_change
 from broker.core.errors import CONNECTOR_FAILURE, connector_failure
 from connector.settings import cleartext_broker
 from shared.logging import configure_logging, escape_controls, redact_url_credentials

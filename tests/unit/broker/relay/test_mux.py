@@ -561,7 +561,7 @@ async def test_a_request_that_sent_only_its_acknowledgement_goes_on_the_next_upl
     # a whole lease for the redispatch. Nothing of its answer was sent: it goes on.
     fake = FakeBroker()
     fake.fail_after = 2
-    mux = MuxUploader(fake.send, heartbeat=15.0)
+    mux = MuxUploader(fake.send, heartbeat=15.0, ack_after=0)  # the ACK goes out at once
     lost: list[str] = []
     acked = mux.open("acked", lambda: lost.append("acked"))
     answering = mux.open("answering", lambda: lost.append("answering"))

@@ -101,5 +101,10 @@ def test_versus_profile_has_issue_9_scenarios() -> None:
     assert any(s.concurrency == 1 and s.chunks == 200 and not s.delay_ms for s in versus)
     assert {s.concurrency for s in versus if s.delay_ms == 5} == {50, 100, 200}
     paced = {s.concurrency for s in versus if s.delay_ms == 50 and s.chunks == 20}
-    assert paced == {50, 1000}
+    assert paced == {50, 1000, 5000}
     assert all(s.upload_mode == "mux" and not s.tls for s in versus)
+    # Past 1,000: every stream relayed at once (capacity above the concurrency), in one
+    # burst, in processes of its own (a setup key of its own).
+    (big,) = [s for s in versus if s.concurrency == 5000]
+    assert big.capacity > big.concurrency and big.rounds == 1
+    assert big.setup_key not in {s.setup_key for s in versus if s is not big}
