@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from broker.cli.program import BROKER
-from broker.cli.usage import FORMATS, WhenType
+from broker.cli.usage import FORMATS, db_option, period_options
 from broker.usage.audit import AuditEntry, AuditFilter, merged_entries
 from broker.usage.query import LedgerError
 
@@ -56,21 +56,11 @@ def render_json(found: list[AuditEntry]) -> str:
 
 
 @click.command("audit")
-@click.option("--since", type=WhenType(), default=None, help="From (7d, 24h, or ISO date/time).")
-@click.option(
-    "--until", type=WhenType(), default=None, help="Up to, exclusive (same forms as --since)."
-)
+@period_options
 @click.option("--actor", default=None, help="One actor, e.g. cli:alice or admin-token:at-1a2b3c4d.")
 @click.option("--action", default=None, help="One action, e.g. user.block or key.revoke.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)
-@click.option(
-    "--db",
-    "dbs",
-    multiple=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="A usage database to read instead of this broker's (repeatable: one per broker "
-    "when several share a Redis; their entries are merged in time order).",
-)
+@db_option("their entries are merged in time order")
 @click.pass_context
 def audit_command(
     ctx: click.Context,

@@ -12,11 +12,11 @@ import io
 import json
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import click
 
@@ -178,11 +178,33 @@ def render_json(
     return json.dumps(doc, indent=2) + "\n"
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def period_options(func: F) -> F:
+    """``--since`` and ``--until``, as every ledger command reads a period."""
+    func = click.option(
+        "--until", type=WhenType(), default=None, help="Up to, exclusive (same forms as --since)."
+    )(func)
+    return click.option(
+        "--since", type=WhenType(), default=None, help="From (7d, 24h, or ISO date/time)."
+    )(func)
+
+
+def db_option(merged: str) -> Callable[[F], F]:
+    """``--db`` (repeatable): other brokers' usage databases, ``merged`` as said."""
+    return click.option(
+        "--db",
+        "dbs",
+        multiple=True,
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="A usage database to read instead of this broker's (repeatable: one per broker "
+        f"when several share a Redis; {merged}).",
+    )
+
+
 @click.command("usage")
-@click.option("--since", type=WhenType(), default=None, help="From (7d, 24h, or ISO date/time).")
-@click.option(
-    "--until", type=WhenType(), default=None, help="Up to, exclusive (same forms as --since)."
-)
+@period_options
 @click.option("--user", default=None, help="One user: user ID, or portal username.")
 @click.option("--model", default=None, help="One model.")
 @click.option(
@@ -190,7 +212,7 @@ def render_json(
     type=click.Choice(GROUPS),
     default="user",
     show_default=True,
-    help="One row per user, model, UTC day or connector.",
+    help="One row per user, model, UTC day, connector or alias.",
 )
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)
 @click.option(
@@ -199,14 +221,7 @@ def render_json(
     default=None,
     help="Prices per model (as the broker's --models-file): adds cost columns.",
 )
-@click.option(
-    "--db",
-    "dbs",
-    multiple=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="A usage database to read instead of this broker's (repeatable: one per broker "
-    "when several share a Redis; their totals are merged).",
-)
+@db_option("their totals are merged")
 @click.pass_context
 def usage_command(
     ctx: click.Context,

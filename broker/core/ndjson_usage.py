@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import re
 
+from broker.core.sse_usage import has_text
+
 __all__ = ["NdjsonUsage", "ndjson_counts"]
 
 MAX_LINE = 1 << 20  # a longer line is passed on, not parsed (nothing more is counted)
@@ -23,7 +25,6 @@ _COUNTS = b"eval_count"
 _PROMPT = re.compile(rb'"prompt_eval_count"\s*:\s*(\d+)')
 _EVAL = re.compile(rb'"eval_count"\s*:\s*(\d+)')
 _DELTA_KEYS = (b'"content"', b'"response"', b'"thinking"')
-_STRING_VALUE = re.compile(rb'\s*:\s*"(?!")')
 
 
 def ndjson_counts(tail: bytes) -> tuple[int | None, int | None]:
@@ -37,14 +38,7 @@ def _last(pattern: re.Pattern[bytes], data: bytes) -> int | None:
 
 
 def _has_delta(line: bytes) -> bool:
-    for key in _DELTA_KEYS:
-        at = line.find(key)
-        while at >= 0:
-            end = at + len(key)
-            if _STRING_VALUE.match(line, end):
-                return True
-            at = line.find(key, end)
-    return False
+    return has_text(line, _DELTA_KEYS)
 
 
 class NdjsonUsage:

@@ -104,15 +104,20 @@ def estimate_completion_tokens(raw: bytes) -> int:
     return math.ceil(size / BYTES_PER_TOKEN)
 
 
-def _has_delta(event: bytes) -> bool:
-    for key in _DELTA_KEYS:
-        at = event.find(key)
+def has_text(data: bytes, keys: tuple[bytes, ...]) -> bool:
+    """Whether one of ``keys`` (quoted JSON keys) holds a non-empty string in ``data``."""
+    for key in keys:
+        at = data.find(key)
         while at >= 0:
             end = at + len(key)
-            if _STRING_VALUE.match(event, end):
+            if _STRING_VALUE.match(data, end):
                 return True
-            at = event.find(key, end)
+            at = data.find(key, end)
     return False
+
+
+def _has_delta(event: bytes) -> bool:
+    return has_text(event, _DELTA_KEYS)
 
 
 def _count(block: bytes) -> int:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from broker.usage.ledger import prepare_db_file
-from broker.usage.query import LedgerMissing, open_read_only
+from broker.usage.query import LedgerMissing, open_read_only, where_clause
 
 MAX_TEXT = 256  # an actor, address, action or target longer than this is cut
 MAX_DETAILS = 4096  # bytes of details JSON
@@ -113,18 +113,12 @@ class AuditFilter:
     action: str | None = None
 
     def where(self) -> tuple[str, list[object]]:
-        clauses: list[str] = []
-        args: list[object] = []
-        for clause, value in (
+        return where_clause(
             ("ts >= ?", self.since),
             ("ts < ?", self.until),
             ("actor = ?", self.actor),
             ("action = ?", self.action),
-        ):
-            if value is not None:
-                clauses.append(clause)
-                args.append(value)
-        return (" WHERE " + " AND ".join(clauses)) if clauses else "", args
+        )
 
 
 def _entry(row: tuple[Any, ...]) -> AuditEntry:

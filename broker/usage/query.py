@@ -47,6 +47,14 @@ class LedgerMissing(LedgerError):
     """No usage database at that path (nothing recorded yet, or another data dir)."""
 
 
+def where_clause(*conditions: tuple[str, object | None]) -> tuple[str, list[object]]:
+    """`` WHERE`` and the conditions whose value is given, ANDed, with their arguments."""
+    given = [(clause, value) for clause, value in conditions if value is not None]
+    if not given:
+        return "", []
+    return " WHERE " + " AND ".join(c for c, _ in given), [v for _, v in given]
+
+
 @dataclass(frozen=True, slots=True)
 class UsageFilter:
     since: float | None = None  # Unix seconds, inclusive
@@ -55,18 +63,12 @@ class UsageFilter:
     model: str | None = None
 
     def where(self) -> tuple[str, list[object]]:
-        clauses: list[str] = []
-        args: list[object] = []
-        for clause, value in (
+        return where_clause(
             ("ts >= ?", self.since),
             ("ts < ?", self.until),
             ("user_id = ?", self.user),
             ("model = ?", self.model),
-        ):
-            if value is not None:
-                clauses.append(clause)
-                args.append(value)
-        return (" WHERE " + " AND ".join(clauses)) if clauses else "", args
+        )
 
 
 @dataclass(frozen=True, slots=True)
