@@ -254,11 +254,14 @@ async def test_connector_started_before_the_llm_serves_once_it_is_up(tmp_path) -
         assert conn.connector.status.models == []
         await llm.start(port=port)
         await broker.wait_view(lambda v: "late-model" in v.live_models, timeout=10)
+        asked = time.monotonic()
         async with httpx.AsyncClient(base_url=broker.url, headers=AUTH, timeout=30) as api:
             r = await api.post(
                 "/v1/chat/completions", json={**body(False, 2), "model": "late-model"}
             )
         assert r.status_code == 200
+        # Served by the poll already held, not after it ran out (Redis mode waited it out).
+        assert time.monotonic() - asked < broker.settings.poll_wait / 2
     finally:
         await conn.stop()
         await llm.stop()

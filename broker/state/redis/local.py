@@ -9,6 +9,7 @@ ended polls and ended uploads; ``apply`` turns an inbox entry into channel event
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +29,17 @@ class Home:
 
     pending: Pending
     channel: ResponseChannel
+
+
+def _models(raw: bytes, known: frozenset[str]) -> frozenset[str]:
+    """A session's models as an update published them (``known`` if it is not a list)."""
+    try:
+        models = json.loads(raw)
+    except ValueError:
+        return known
+    if not isinstance(models, list):
+        return known
+    return frozenset(m for m in models if isinstance(m, str))
 
 
 @dataclass(slots=True, eq=False)
@@ -71,6 +83,8 @@ class LocalState:
                     waiter.superseded = True
                 elif data == b"x":
                     waiter.gone = True
+                elif data.startswith(b"u:"):  # its models changed: wake for the new ones
+                    waiter.models = _models(data[2:], waiter.models)
                 waiter.wake()
             if data == b"x":
                 self.dropped_sessions[name[2:]] = None

@@ -200,7 +200,7 @@ if redis.call('HGET', sk, 'owner') ~= owner then return 0 end
 unserve_models(sid, sk, tonumber(ARGV[5]))
 redis.call('HSET', sk, 'models', ARGV[4], 'last_seen', ARGV[5])
 serve_models(sid, cjson.decode(ARGV[4]))
-redis.call('PUBLISH', P .. 'w:s:' .. sid, '')
+redis.call('PUBLISH', P .. 'w:s:' .. sid, 'u:' .. ARGV[4])
 return 1
 """
 
