@@ -575,18 +575,23 @@ class UsersStore:
 
         return self._mutate(change)
 
+    def _named_key(self, doc: UsersFile, selector: str, key: str) -> tuple[UserEntry, KeyEntry]:
+        """The user an operator named and their one key named or prefixed ``key``."""
+        user = doc.find(selector)
+        if user is None:
+            raise KeyActionRefused(f"no user {selector!r} in {self.path}")
+        found = [k for k in user.keys if key in (k.name, k.prefix)]
+        if len(found) != 1:
+            raise KeyActionRefused(f"{selector} has no key named or prefixed {key!r}")
+        return user, found[0]
+
     def revoke(self, selector: str, key: str) -> KeyEntry:
         """Remove one key, named by its name or its prefix."""
 
         def change(doc: UsersFile) -> KeyEntry:
-            user = doc.find(selector)
-            if user is None:
-                raise KeyActionRefused(f"no user {selector!r} in {self.path}")
-            found = [k for k in user.keys if key in (k.name, k.prefix)]
-            if len(found) != 1:
-                raise KeyActionRefused(f"{selector} has no key named or prefixed {key!r}")
-            user.keys.remove(found[0])
-            return found[0]
+            user, entry = self._named_key(doc, selector, key)
+            user.keys.remove(entry)
+            return entry
 
         return self._mutate(change)
 
@@ -604,13 +609,7 @@ class UsersStore:
             raise KeyActionRefused(str(exc)) from None
 
         def change(doc: UsersFile) -> KeyEntry:
-            user = doc.find(selector)
-            if user is None:
-                raise KeyActionRefused(f"no user {selector!r} in {self.path}")
-            found = [k for k in user.keys if key in (k.name, k.prefix)]
-            if len(found) != 1:
-                raise KeyActionRefused(f"{selector} has no key named or prefixed {key!r}")
-            entry = found[0]
+            _, entry = self._named_key(doc, selector, key)
             if ask.models is not None:
                 entry.models = _listed(models)
             if ask.expiry is not None:
