@@ -180,6 +180,21 @@ async def back_after(api: httpx.AsyncClient, since: float, timeout: float = 30.0
     raise AssertionError(f"no request served within {timeout} s")
 
 
+async def every_broker_back(urls: list[str], since: float) -> float:
+    """Seconds from ``since`` until each broker, asked directly, answers 200 again.
+
+    Service through the load balancer comes back with the first broker that finds Redis
+    (or the new master); the other may take a moment more, and a connector's upload it
+    carries can fail until then. A fault's window lasts until every broker is back.
+    """
+
+    async def one(url: str) -> float:
+        async with api_client(url) as direct:
+            return await back_after(direct, since)
+
+    return max(await asyncio.gather(*(one(url) for url in urls)))
+
+
 def served_by(access_log: str) -> dict[str, int]:
     """x-request-id -> port of the broker that served it (the last one nginx tried)."""
     found: dict[str, int] = {}

@@ -6,21 +6,30 @@ import asyncio
 import socket
 import time
 
+# Every port handed out in this process. The kernel may hand a port just closed out again,
+# so two calls could return one port; a test that picks ports for several processes
+# before starting any of them then sees one fail with "address already in use".
+_HANDED_OUT: set[int] = set()
+
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1)[0]
 
 
 def free_ports(n: int) -> list[int]:
-    """``n`` distinct free ports, held open together while chosen (``free_port`` called n
-    times may hand out one twice: several processes started at once then collide)."""
-    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
+    """``n`` distinct free ports, none handed out before in this process."""
+    socks: list[socket.socket] = []
+    ports: list[int] = []
     try:
-        for sock in socks:
+        while len(ports) < n:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            socks.append(sock)  # held open while choosing: no two of these are equal
             sock.bind(("127.0.0.1", 0))
-        return [int(sock.getsockname()[1]) for sock in socks]
+            port = int(sock.getsockname()[1])
+            if port not in _HANDED_OUT:
+                ports.append(port)
+        _HANDED_OUT.update(ports)
+        return ports
     finally:
         for sock in socks:
             sock.close()
