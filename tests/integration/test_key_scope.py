@@ -4,9 +4,8 @@ A key scoped to one model and given a minute: refused for another model at once 
 ``model_not_allowed``, in Anthropic's shape on /v1/messages), listed models cut to its
 scope, and refused for everything once its time is over (401 ``key_expired``), with
 ``remotellm-broker users keys`` listing it as expired rather than deleting it. Here an
-operator then shortens its expiry to a few seconds in the file (the browser test,
-tests/portal/test_key_scope_browser.py, waits out a whole minute), so the suite does not
-wait a second minute.
+operator then shortens its expiry to a few seconds in the file, so the suite does not wait
+out the minute (the expiry's arithmetic is tested with a fake clock in tests/unit).
 """
 
 from __future__ import annotations
@@ -14,13 +13,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from pathlib import Path
 
 import anthropic
 import openai
 import pytest
-import yaml
 from click.testing import CliRunner
 
 from broker.accounts.key_scope import ScopeAsk
@@ -28,6 +25,7 @@ from broker.accounts.users import UsersStore
 from broker.cli import main as broker_cli
 from shared.bench.upstream import FakeLLM
 from tests.support.stack import Stack, start_broker, start_connector
+from tests.support.users_file import expire_in_file
 
 HI = [{"role": "user", "content": "hi"}]
 MINUTE = 60.0
@@ -79,19 +77,6 @@ async def _until_expired(client: openai.AsyncOpenAI, deadline: float) -> openai.
     raise AssertionError("the key still worked after its expiry")
 
 
-def _expire_in_file(path: Path, name: str, seconds: float) -> float:
-    """Set key ``name``'s expiry ``seconds`` from now, as an operator editing the file."""
-    doc = yaml.safe_load(path.read_text())
-    until = time.time() + seconds
-    stamp = datetime.fromtimestamp(until, UTC).isoformat()
-    for user in doc["users"]:
-        for key in user["keys"]:
-            if key["name"] == name:
-                key["expires"] = stamp
-    path.write_text(yaml.safe_dump(doc))
-    return until
-
-
 async def test_a_scoped_minute_key_is_refused_for_other_models_then_for_everything(
     scoped: tuple[Stack, UsersStore],
 ) -> None:
@@ -118,7 +103,7 @@ async def test_a_scoped_minute_key_is_refused_for_other_models_then_for_everythi
         assert "may not use the model 'model-b'" in body["error"]["message"]
 
         assert created + MINUTE - time.time() > SHORT  # the minute is not over yet
-        until = _expire_in_file(users.path, "ci", SHORT)
+        until = expire_in_file(users.path, "ci", SHORT)
         expired = await _until_expired(client, until + 30)
         assert time.time() >= until - 1  # not before its time was over
         assert expired.status_code == 401 and expired.code == "key_expired"
