@@ -18,7 +18,7 @@ from broker.core.errors import (
     UnknownModel,
     UnknownSession,
 )
-from broker.core.records import Failure, Pending, Seen, Session, State, Timings
+from broker.core.records import Failure, Pending, Registration, Seen, Session, State, Timings
 from broker.core.relay import Listener, RelayCore
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "NoConnector",
     "Pending",
     "QueueFull",
+    "Registration",
     "RelayCore",
     "Seen",
     "Session",

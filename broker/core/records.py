@@ -87,6 +87,41 @@ class Pending:
         return max(0.0, self.leased_at - self.created) if self.leased_at else None
 
 
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """What a connector registers a session with: its request, checked (broker/relay/app.py),
+    with the identity its token maps to. Every relay state takes this one record."""
+
+    owner: str  # the connector identity its token maps to
+    name: str
+    instance_id: str
+    models: frozenset[str]  # the routes it takes: each model, and each pinned to its name
+    capacity: int
+    capacity_source: str
+    version: str
+    upload_mode: UploadMode
+    upstream_api_key: str | None
+    engine: str = ""  # what its LLM is ("ollama/0.6.2"; "" OpenAI-only): RegisterRequest
+
+    def session(self, session_id: str, now: float) -> Session:
+        """The session this registration opens, seen last at ``now``."""
+        return Session(
+            id=session_id,
+            owner=self.owner,
+            name=self.name,
+            instance_id=self.instance_id,
+            models=self.models,
+            capacity=self.capacity,
+            capacity_source=self.capacity_source,
+            version=self.version,
+            upload_mode=self.upload_mode,
+            upstream_api_key=self.upstream_api_key,
+            created=now,
+            last_seen=now,
+            engine=self.engine,
+        )
+
+
 @dataclass(slots=True, eq=False)
 class Session:
     id: str

@@ -22,9 +22,9 @@ from broker.core.errors import (
     UnknownSession,
 )
 from broker.core.queues import ModelQueue
-from broker.core.records import Failure, Pending, Seen, Session, State, Timings
+from broker.core.records import Failure, Pending, Registration, Seen, Session, State, Timings
 from broker.core.timers import Deadlines, Kind, Throttle
-from shared.protocol import CancelItem, Replaced, RequestItem, UploadMode, WorkItem
+from shared.protocol import CancelItem, Replaced, RequestItem, WorkItem
 
 REPLACED_REMEMBERED = 4096
 # Cancels a session may hold for requests it was refused (frames for IDs it does not
@@ -74,50 +74,23 @@ class RelayCore:
 
     # -- sessions -------------------------------------------------------------------------
 
-    def register(
-        self,
-        *,
-        owner: str,
-        name: str,
-        instance_id: str,
-        models: Iterable[str],
-        capacity: int,
-        capacity_source: str,
-        version: str,
-        upload_mode: UploadMode,
-        upstream_api_key: str | None,
-        now: float,
-        engine: str = "",
-    ) -> tuple[Session, Replaced]:
+    def register(self, reg: Registration, now: float) -> tuple[Session, Replaced]:
         """A new session; replaces only the same identity's session of the same name."""
         replaced = Replaced.NONE
+        owner, name = reg.owner, reg.name
         old_id = self._by_name.get((owner, name))
         cap = self.timings.max_sessions_per_identity
         if old_id is None and len(self._owned.get(owner, ())) >= cap:
             raise TooManySessions(cap)
         if old_id is not None:
             old = self.sessions[old_id]
-            live = old.polling > 0 and old.instance_id != instance_id
+            live = old.polling > 0 and old.instance_id != reg.instance_id
             replaced = Replaced.LIVE if live else Replaced.RESTART
             self._drop(old, now, failures.REGISTERED_AGAIN)
             self._replaced[old_id] = owner
             while len(self._replaced) > REPLACED_REMEMBERED:
                 self._replaced.popitem(last=False)
-        session = Session(
-            id=new_session_id(),
-            owner=owner,
-            name=name,
-            instance_id=instance_id,
-            models=frozenset(models),
-            capacity=capacity,
-            capacity_source=capacity_source,
-            version=version,
-            upload_mode=upload_mode,
-            upstream_api_key=upstream_api_key,
-            created=now,
-            last_seen=now,
-            engine=engine,
-        )
+        session = reg.session(new_session_id(), now)
         self.sessions[session.id] = session
         self._by_name[(owner, name)] = session.id
         self._owned.setdefault(owner, set()).add(session.id)

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ValidationError
 from broker.accounts.keys import ConnectorIdentity, bearer
 from broker.asgi import Receive, Scope, Send
 from broker.broker_state import BrokerState
-from broker.core import LeaseError, UnknownSession
+from broker.core import LeaseError, Registration, UnknownSession
 from broker.core.aliases import session_routes
 from broker.core.errors import BrokerError
 from broker.errors import send_error
@@ -269,12 +269,12 @@ class RelayApp:
             wants = req.mux_upload or mode is UploadMode.MUX
             mode = UploadMode.MUX if wants and offered else UploadMode.STREAM
         name = ident.name or req.name
-        session, replaced = await self.hub.register(
+        registration = Registration(
             owner=ident.id,
             name=name,
             instance_id=req.instance_id,
             # Each model also pinned to this name: what an alias's pinned target routes to.
-            models=session_routes(models, name),
+            models=frozenset(session_routes(models, name)),
             capacity=req.capacity,
             capacity_source=req.capacity_source,
             version=req.version,
@@ -282,6 +282,7 @@ class RelayApp:
             upstream_api_key=ident.upstream_api_key,
             engine=req.engine,
         )
+        session, replaced = await self.hub.register(registration)
         self.state.metrics.registrations.inc()
         log.info(
             "session_registered",

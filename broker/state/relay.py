@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from broker.core import Failure, Pending, Seen, Session
+from broker.core import Failure, Pending, Registration, Seen, Session
 from broker.core.aliases import public_models
 from broker.core.response import Event
 from shared.logging import get_logger
@@ -151,20 +151,7 @@ class RelayState(Protocol):
         """Whether this broker can serve (its shared state is reachable)."""
 
     # -- sessions
-    async def register(
-        self,
-        *,
-        owner: str,
-        name: str,
-        instance_id: str,
-        models: list[str],
-        capacity: int,
-        capacity_source: str,
-        version: str,
-        upload_mode: UploadMode,
-        upstream_api_key: str | None,
-        engine: str = "",
-    ) -> tuple[Session, Replaced]: ...
+    async def register(self, reg: Registration) -> tuple[Session, Replaced]: ...
     async def session(self, owner: str, session_id: str) -> Session:
         """The identity's session; UnknownSession (or SessionReplaced) otherwise."""
 

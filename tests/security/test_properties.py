@@ -30,6 +30,7 @@ from shared import framing, protocol
 from shared.errors import FrameError
 from shared.framing import HEADER_SIZE, FrameDecoder, FrameType
 from shared.protocol import RequestItem, ResponseEnd, ResponseHead, UploadMode
+from tests.support.registrations import registration
 
 FAST = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 MAX_FRAME = 4096
@@ -106,16 +107,7 @@ def test_split_mux_and_head_end_decoders_raise_only_frame_error(payload: bytes) 
 async def _leased(upload_mode: UploadMode, rids: list[str]) -> tuple[MemoryRelayState, str]:
     hub = MemoryRelayState(Timings(), clock=lambda: 100.0)
     session, _ = hub.core.register(
-        now=100.0,
-        owner="o",
-        name="c",
-        instance_id="i",
-        models=["m"],
-        capacity=len(rids),
-        capacity_source="--capacity",
-        version="t",
-        upload_mode=upload_mode,
-        upstream_api_key=None,
+        registration("c", capacity=len(rids), upload_mode=upload_mode), now=100.0
     )
     for rid in rids:
         item = RequestItem(request_id=rid, model="m", path="/v1/chat/completions", body="{}")

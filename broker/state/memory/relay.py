@@ -13,7 +13,7 @@ import asyncio
 import functools
 import time
 
-from broker.core import Failure, Pending, RelayCore, Seen, Session, Timings
+from broker.core import Failure, Pending, Registration, RelayCore, Seen, Session, Timings
 from broker.core.aliases import fold_routes
 from broker.state.channel import ResponseChannel
 from broker.state.relay import (
@@ -25,7 +25,7 @@ from broker.state.relay import (
     session_view,
 )
 from shared.logging import get_logger
-from shared.protocol import Replaced, RequestItem, UploadMode, WorkItem
+from shared.protocol import Replaced, RequestItem, WorkItem
 
 log = get_logger("broker.state.memory.relay")
 
@@ -134,33 +134,8 @@ class MemoryRelayState:
 
     # -- sessions -------------------------------------------------------------------------
 
-    async def register(
-        self,
-        *,
-        owner: str,
-        name: str,
-        instance_id: str,
-        models: list[str],
-        capacity: int,
-        capacity_source: str,
-        version: str,
-        upload_mode: UploadMode,
-        upstream_api_key: str | None,
-        engine: str = "",
-    ) -> tuple[Session, Replaced]:
-        result = self.core.register(
-            owner=owner,
-            name=name,
-            instance_id=instance_id,
-            models=models,
-            capacity=capacity,
-            capacity_source=capacity_source,
-            version=version,
-            upload_mode=upload_mode,
-            upstream_api_key=upstream_api_key,
-            now=self.clock(),
-            engine=engine,
-        )
+    async def register(self, reg: Registration) -> tuple[Session, Replaced]:
+        result = self.core.register(reg, self.clock())
         self._schedule()
         return result
 

@@ -31,6 +31,7 @@ from redis.exceptions import RedisError
 from broker.core import (
     LeaseError,
     Pending,
+    Registration,
     RelayCore,
     Seen,
     Session,
@@ -64,7 +65,6 @@ from shared.protocol import (
     CancelItem,
     Replaced,
     RequestItem,
-    UploadMode,
     WorkItem,
 )
 
@@ -190,59 +190,31 @@ class RedisRelayState:
 
     # -- sessions -------------------------------------------------------------------------
 
-    async def register(
-        self,
-        *,
-        owner: str,
-        name: str,
-        instance_id: str,
-        models: list[str],
-        capacity: int,
-        capacity_source: str,
-        version: str,
-        upload_mode: UploadMode,
-        upstream_api_key: str | None,
-        engine: str = "",
-    ) -> tuple[Session, Replaced]:
+    async def register(self, reg: Registration) -> tuple[Session, Replaced]:
         t = self.timings
         sid = new_session_id()
         now = self.wall()
         replaced = await self._run(
             "register",
             sid,
-            owner,
-            name,
-            instance_id,
-            json.dumps(sorted(models)),
-            capacity,
-            capacity_source,
-            version,
-            upload_mode.value,
+            reg.owner,
+            reg.name,
+            reg.instance_id,
+            json.dumps(sorted(reg.models)),
+            reg.capacity,
+            reg.capacity_source,
+            reg.version,
+            reg.upload_mode.value,
             repr(now),
             t.session_ttl,
             t.lease,
             t.max_redispatch,
             t.max_sessions_per_identity,
-            engine,
+            reg.engine,
         )
         if replaced == b"too_many":
             raise TooManySessions(t.max_sessions_per_identity)
-        session = Session(
-            id=sid,
-            owner=owner,
-            name=name,
-            instance_id=instance_id,
-            models=frozenset(models),
-            capacity=capacity,
-            capacity_source=capacity_source,
-            version=version,
-            upload_mode=upload_mode,
-            upstream_api_key=upstream_api_key,
-            created=now,
-            last_seen=now,
-            engine=engine,
-        )
-        return session, Replaced(replaced.decode())
+        return reg.session(sid, now), Replaced(replaced.decode())
 
     async def session(self, owner: str, session_id: str) -> Session:
         p = self.prefix

@@ -6,7 +6,8 @@ import pytest
 
 from broker.core import Pending, RelayCore, Timings
 from broker.core.queues import ModelQueue
-from shared.protocol import RequestItem, UploadMode
+from shared.protocol import RequestItem
+from tests.support.registrations import registration
 
 
 def _pending(rid: str, user: str | None, seq: int) -> Pending:
@@ -72,18 +73,7 @@ def test_remove() -> None:
 def test_one_users_burst_does_not_push_another_user_back() -> None:
     """User A queues 50 requests; user B's one request is served within two dispatches."""
     core = RelayCore(Timings(queue_max=1000), _Quiet())
-    session, _ = core.register(
-        owner="o",
-        name="gpu",
-        instance_id="i",
-        models=["m"],
-        capacity=1,
-        capacity_source="--capacity",
-        version="t",
-        upload_mode=UploadMode.STREAM,
-        upstream_api_key=None,
-        now=0.0,
-    )
+    session, _ = core.register(registration("gpu"), now=0.0)
     for i in range(50):
         core.submit(_item(f"a{i}"), now=1.0, user="A")
     core.submit(_item("b0"), now=2.0, user="B")

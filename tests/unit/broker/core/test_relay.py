@@ -26,7 +26,8 @@ from broker.core import (
     UnknownModel,
     UnknownSession,
 )
-from shared.protocol import CancelItem, Replaced, RequestItem, UploadMode
+from shared.protocol import CancelItem, Replaced, RequestItem
+from tests.support.registrations import registration
 
 OWNER = "owner"
 
@@ -72,18 +73,15 @@ class Harness:
         owner: str = OWNER,
         instance_id: str | None = None,
     ) -> tuple[Session, Replaced]:
-        return self.core.register(
+        reg = registration(
+            name,
             owner=owner,
-            name=name,
-            instance_id=instance_id or f"inst-{name}",
-            models=list(models),
+            models=models,
             capacity=capacity,
-            capacity_source="test",
-            version="test",
-            upload_mode=UploadMode.STREAM,
             upstream_api_key=key,
-            now=now,
+            instance_id=instance_id or f"inst-{name}",
         )
+        return self.core.register(reg, now)
 
     def register(
         self,

@@ -19,6 +19,7 @@ from shared import framing
 from shared.errors import FrameError
 from shared.framing import Frame, FrameDecoder, FrameType, decode_end, encode_mux, split_mux
 from shared.protocol import RequestItem, ResponseEnd, ResponseHead, UploadMode, UploadResult
+from tests.support.registrations import registration
 
 HEAD = ResponseHead(status=200, headers=[("content-type", "text/event-stream")])
 END = ResponseEnd(ok=True)
@@ -59,16 +60,7 @@ class Broker:
         self.clock = Clock()
         self.hub = MemoryRelayState(Timings(), clock=self.clock)
         session, _ = self.hub.core.register(
-            now=self.clock(),
-            owner="o",
-            name="c1",
-            instance_id="i1",
-            models=["m"],
-            capacity=capacity,
-            capacity_source="--capacity",
-            version="t",
-            upload_mode=UploadMode.MUX,
-            upstream_api_key=None,
+            registration(capacity=capacity, upload_mode=UploadMode.MUX), self.clock()
         )
         self.sid = session.id
         self.registry = MuxRegistry(self.hub, 1 << 24, buffer_limit)

@@ -12,6 +12,7 @@ from broker.state.memory.relay import MemoryRelayState
 from shared.errors import FrameError
 from shared.framing import HEARTBEAT_FRAME, encode_data, encode_end, encode_head
 from shared.protocol import RequestItem, ResponseEnd, ResponseHead, UploadMode
+from tests.support.registrations import registration
 
 HEAD = ResponseHead(status=200, headers=[("content-type", "text/event-stream")])
 END = ResponseEnd(ok=True, upstream_ms=7.0)
@@ -30,17 +31,7 @@ async def _setup(
 ) -> tuple[MemoryRelayState, Pending, ResponseChannel, FrameApplier, Clock]:
     clock = Clock()
     hub = MemoryRelayState(Timings(), clock=clock)
-    session, _ = await hub.register(
-        owner="o",
-        name="c1",
-        instance_id="i1",
-        models=["m"],
-        capacity=1,
-        capacity_source="--capacity",
-        version="t",
-        upload_mode=UploadMode.PARTS,
-        upstream_api_key=None,
-    )
+    session, _ = await hub.register(registration(upload_mode=UploadMode.PARTS))
     item = RequestItem(request_id="r1", model="m", path="/v1/chat/completions", body="{}")
     pending, channel = await hub.submit(item)
     assert [i.request_id for i in hub.core.take(session.id, clock())] == ["r1"]

@@ -12,8 +12,9 @@ from broker.metrics import UNKNOWN_MODEL_LABEL, BrokerMetrics
 from broker.state.redis import RedisRelayState, connect
 from broker.state.relay import RelayView
 from shared.model_names import check_model_names, is_model_name, shown, split_valid
-from shared.protocol import RequestItem, UploadMode
+from shared.protocol import RequestItem
 from tests.support.redis_server import RedisServer, unique_prefix
+from tests.support.registrations import registration
 from tests.unit.broker.core.test_relay import Harness
 
 GRACE = 100.0
@@ -87,17 +88,7 @@ async def redis_state(shared_redis: RedisServer) -> AsyncIterator[RedisRelayStat
 
 
 async def _register(state: RedisRelayState, name: str, models: list[str]) -> str:
-    session, _ = await state.register(
-        owner="o",
-        name=name,
-        instance_id="i-" + name,
-        models=models,
-        capacity=1,
-        capacity_source="test",
-        version="t",
-        upload_mode=UploadMode.STREAM,
-        upstream_api_key=None,
-    )
+    session, _ = await state.register(registration(name, models=models))
     return session.id
 
 

@@ -33,8 +33,9 @@ from broker.core.aliases import Target, session_routes
 from broker.state.channel import ResponseChannel
 from broker.state.memory.relay import MemoryRelayState
 from broker.state.redis import RedisRelayState, connect
-from shared.protocol import CancelItem, Replaced, RequestItem, UploadMode, WorkItem
+from shared.protocol import CancelItem, Replaced, RequestItem, WorkItem
 from tests.support.redis_server import RedisServer, unique_prefix
+from tests.support.registrations import registration
 
 IMPLEMENTATIONS = ("memory", "redis")
 T0 = 1_767_225_000.0
@@ -77,15 +78,7 @@ class Relay:
 
     async def register_as(self, name: str, capacity: int, owner: str) -> tuple[str, Replaced]:
         session, replaced = await self.state.register(
-            owner=owner,
-            name=name,
-            instance_id="i-" + name,
-            models=["m"],
-            capacity=capacity,
-            capacity_source="--capacity",
-            version="t",
-            upload_mode=UploadMode.STREAM,
-            upstream_api_key=None,
+            registration(name, owner=owner, capacity=capacity)
         )
         return session.id, replaced
 
@@ -205,17 +198,7 @@ async def deregistering_requeues_the_leased_and_fails_the_active(r: Relay) -> No
 
 async def register_routes(r: Relay, name: str) -> str:
     """A session as the relay app registers it: each model also pinned to its name."""
-    session, _ = await r.state.register(
-        owner="o",
-        name=name,
-        instance_id="i-" + name,
-        models=session_routes(["m"], name),
-        capacity=1,
-        capacity_source="--capacity",
-        version="t",
-        upload_mode=UploadMode.STREAM,
-        upstream_api_key=None,
-    )
+    session, _ = await r.state.register(registration(name, models=session_routes(["m"], name)))
     return session.id
 
 

@@ -13,8 +13,9 @@ import pytest
 
 from broker.core import NoConnector, Timings, UnknownModel, UnknownSession
 from broker.state.redis import RedisRelayState, connect
-from shared.protocol import RequestItem, UploadMode
+from shared.protocol import RequestItem
 from tests.support.redis_server import RedisServer, unique_prefix
+from tests.support.registrations import registration
 
 T0 = 1_767_225_000.0
 GRACE = 100.0
@@ -51,17 +52,7 @@ async def test_a_model_served_before_redis_lost_its_data_answers_503_then_404(
     prefix = unique_prefix()
     state = RedisRelayState(TIMINGS, client, prefix=prefix, clock=clock, wall=clock)
     try:
-        await state.register(
-            owner="o",
-            name="c1",
-            instance_id="i-c1",
-            models=["m"],
-            capacity=1,
-            capacity_source="--capacity",
-            version="t",
-            upload_mode=UploadMode.STREAM,
-            upstream_api_key=None,
-        )
+        await state.register(registration())
         await state.submit(item("r1"))
         async for key in client.scan_iter(match=prefix + "*"):
             await client.delete(key)  # what a restart without persistence leaves
@@ -88,17 +79,7 @@ async def test_a_held_poll_ends_at_once_when_redis_forgets_its_session(
     state = RedisRelayState(TIMINGS, client, prefix=prefix)
     await state.start()
     try:
-        session, _ = await state.register(
-            owner="o",
-            name="c1",
-            instance_id="i-c1",
-            models=["m"],
-            capacity=1,
-            capacity_source="--capacity",
-            version="t",
-            upload_mode=UploadMode.STREAM,
-            upstream_api_key=None,
-        )
+        session, _ = await state.register(registration())
         poll = asyncio.create_task(state.poll("o", session.id, 25.0))
         await asyncio.sleep(0.3)
         assert not poll.done()
@@ -123,17 +104,7 @@ async def test_a_broker_that_has_not_relayed_yet_learns_the_served_models_from_i
     serving = RedisRelayState(TIMINGS, client, prefix=prefix, clock=clock, wall=clock)
     fresh = RedisRelayState(TIMINGS, client, prefix=prefix, clock=clock, wall=clock)
     try:
-        await serving.register(
-            owner="o",
-            name="c1",
-            instance_id="i-c1",
-            models=["m"],
-            capacity=1,
-            capacity_source="--capacity",
-            version="t",
-            upload_mode=UploadMode.STREAM,
-            upstream_api_key=None,
-        )
+        await serving.register(registration())
         await fresh.run_due()  # its first heartbeat (once a second while it runs)
         async for key in client.scan_iter(match=prefix + "*"):
             await client.delete(key)

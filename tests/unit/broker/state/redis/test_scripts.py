@@ -14,8 +14,9 @@ import pytest
 from broker.core import DuplicateRequest, LeaseError, Timings, UnknownModel, UnknownSession
 from broker.state.redis import RedisRelayState, connect
 from broker.state.redis.inbox import decode_failure, entry_frames
-from shared.protocol import CancelItem, RequestItem, UploadMode
+from shared.protocol import CancelItem, RequestItem
 from tests.support.redis_server import RedisServer, unique_prefix
+from tests.support.registrations import registration
 
 T0 = 1_000_000.0
 TIMINGS = Timings(lease=15.0, session_ttl=60.0, max_redispatch=1)
@@ -54,17 +55,7 @@ async def advance(brokers: tuple[RedisRelayState, ...], seconds: float) -> None:
 
 
 async def register(state: RedisRelayState, name: str = "c1", capacity: int = 10) -> str:
-    session, _ = await state.register(
-        owner="o",
-        name=name,
-        instance_id="i-" + name,
-        models=["m"],
-        capacity=capacity,
-        capacity_source="--capacity",
-        version="t",
-        upload_mode=UploadMode.STREAM,
-        upstream_api_key=None,
-    )
+    session, _ = await state.register(registration(name, capacity=capacity))
     return session.id
 
 
