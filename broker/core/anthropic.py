@@ -28,6 +28,7 @@ import re
 from typing import Any
 
 from broker.core.errors import BrokerError
+from broker.core.held import HeldBlocks
 from broker.core.limits import RateInfo
 from broker.core.rate_headers import anthropic_rate_headers
 from broker.core.shape import RouteShape, UsageReader, sse_prefix
@@ -108,43 +109,27 @@ def _split_point(data: bytes) -> int:
 class AnthropicUsage:
     """Reads a Messages stream's usage; passes every byte on unchanged."""
 
-    __slots__ = ("_broken", "_held", "deltas", "tokens_in", "tokens_out")
+    __slots__ = ("_events", "deltas", "tokens_in", "tokens_out")
 
     def __init__(self) -> None:
         self.tokens_in: int | None = None
         self.tokens_out: int | None = None
         self.deltas = 0  # content_block_delta events seen (the estimate's output count)
-        self._held = b""  # an event whose blank line has not arrived yet
-        self._broken = False
+        self._events = HeldBlocks(_split_point, MAX_EVENT)
 
     @property
     def exact(self) -> bool:
         return self.tokens_out is not None
 
     def feed(self, chunk: bytes) -> bytes:
-        if self._broken:
-            return chunk
-        data = self._held + chunk if self._held else chunk
-        end = _split_point(data)
-        if end < 0:
-            self._hold(data)
-            return chunk
-        self._held = b""
-        self._hold(data[end:])
-        self._block(data[:end])
+        if events := self._events.feed(chunk):
+            self._block(events)
         return chunk
 
     def finish(self) -> bytes:
-        held, self._held = self._held, b""
-        if held and not self._broken:
+        if held := self._events.rest():
             self._block(held)
         return b""
-
-    def _hold(self, data: bytes) -> None:
-        if len(data) > MAX_EVENT:
-            self._broken, self._held = True, b""
-        else:
-            self._held = data
 
     def _block(self, block: bytes) -> None:
         self.deltas += block.count(_DELTA)

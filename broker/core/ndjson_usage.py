@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 
+from broker.core.held import HeldBlocks
 from broker.core.sse_usage import has_text
 
 __all__ = ["NdjsonUsage", "ndjson_counts"]
@@ -37,6 +38,10 @@ def _last(pattern: re.Pattern[bytes], data: bytes) -> int | None:
     return int(found[-1]) if found else None
 
 
+def _line_end(data: bytes) -> int:
+    return data.rfind(b"\n") + 1
+
+
 def _has_delta(line: bytes) -> bool:
     return has_text(line, _DELTA_KEYS)
 
@@ -44,34 +49,25 @@ def _has_delta(line: bytes) -> bool:
 class NdjsonUsage:
     """Follows one NDJSON answer: passes every byte at once, reads the final counts."""
 
-    __slots__ = ("_broken", "_held", "deltas", "tokens_in", "tokens_out")
+    __slots__ = ("_held", "deltas", "tokens_in", "tokens_out")
 
     def __init__(self) -> None:
         self.tokens_in: int | None = None
         self.tokens_out: int | None = None
         self.deltas = 0
-        self._held = b""  # the start of a line whose newline has not arrived yet
-        self._broken = False
+        self._held = HeldBlocks(_line_end, MAX_LINE)
 
     @property
     def exact(self) -> bool:
         return self.tokens_out is not None
 
     def feed(self, chunk: bytes) -> bytes:
-        if self._broken:
-            return chunk
-        data = self._held + chunk if self._held else chunk
-        end = data.rfind(b"\n") + 1
-        self._held = data[end:]
-        if len(self._held) > MAX_LINE:
-            self._broken, self._held = True, b""
-        if end:
-            self._lines(data[:end])
+        if lines := self._held.feed(chunk):
+            self._lines(lines)
         return chunk
 
     def finish(self) -> bytes:
-        held, self._held = self._held, b""
-        if held and not self._broken:
+        if held := self._held.rest():
             self._lines(held)
         return b""
 
