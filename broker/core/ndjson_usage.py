@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 
 from broker.core.held import HeldBlocks
-from broker.core.sse_usage import has_text
+from broker.core.sse_usage import token_lines
 
 __all__ = ["NdjsonUsage", "ndjson_counts"]
 
@@ -25,7 +25,7 @@ MAX_LINE = 1 << 20  # a longer line is passed on, not parsed (nothing more is co
 _COUNTS = b"eval_count"
 _PROMPT = re.compile(rb'"prompt_eval_count"\s*:\s*(\d+)')
 _EVAL = re.compile(rb'"eval_count"\s*:\s*(\d+)')
-_DELTA_KEYS = (b'"content"', b'"response"', b'"thinking"')
+_DELTA_LINE = token_lines("content", "response", "thinking")
 
 
 def ndjson_counts(tail: bytes) -> tuple[int | None, int | None]:
@@ -40,10 +40,6 @@ def _last(pattern: re.Pattern[bytes], data: bytes) -> int | None:
 
 def _line_end(data: bytes) -> int:
     return data.rfind(b"\n") + 1
-
-
-def _has_delta(line: bytes) -> bool:
-    return has_text(line, _DELTA_KEYS)
 
 
 class NdjsonUsage:
@@ -77,7 +73,4 @@ class NdjsonUsage:
             if prompt is not None or generated is not None:
                 self.tokens_in = prompt
                 self.tokens_out = generated if generated is not None else 0
-        if block.count(b"\n") <= 1:
-            self.deltas += _has_delta(block)
-        else:
-            self.deltas += sum(1 for line in block.split(b"\n") if _has_delta(line))
+        self.deltas += len(_DELTA_LINE.findall(block))

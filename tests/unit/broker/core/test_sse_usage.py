@@ -215,6 +215,13 @@ def test_deltas_count_text_reasoning_and_tool_arguments() -> None:
     assert one_by_one.deltas == 4
 
 
+def test_an_event_with_two_token_keys_counts_once() -> None:
+    both = {"choices": [{"delta": {"reasoning_content": "a", "content": "b"}}]}
+    filt = StreamUsage(strip=False)
+    filt.feed(sse([both, both]) + b"data: " + compact(both) + b"\r\n\r\n")
+    assert filt.deltas == 3
+
+
 @pytest.mark.parametrize(
     ("body", "expected"),
     [
