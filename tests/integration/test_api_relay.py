@@ -13,7 +13,7 @@ import pytest
 
 from broker.accounts.keys import hash_secret, user_id
 from shared.bench.upstream import FakeLLM
-from tests.support.stack import USER_KEY, Stack, start_connector
+from tests.support.stack import USER_KEY, Stack, start_broker, start_connector
 
 # Relay semantics in memory and in Redis; the server's part (streaming bodies, long polls,
 # disconnects) on each HTTP server.
@@ -207,8 +207,6 @@ async def test_hundred_concurrent_streams_in_order(stack: Stack, fake_llm: FakeL
 async def test_stream_commits_and_heartbeats_while_upstream_is_slow(
     tmp_path, fake_llm: FakeLLM
 ) -> None:
-    from tests.support.stack import start_broker
-
     broker = await start_broker(tmp_path / "b", stream_commit_after=0.2, heartbeat=0.2)
     conn = await start_connector(broker.url, fake_llm.url)
     try:
@@ -244,8 +242,6 @@ async def test_stream_commits_and_heartbeats_while_upstream_is_slow(
 
 
 async def test_parts_mode_relays_a_stream(tmp_path, fake_llm: FakeLLM) -> None:
-    from tests.support.stack import start_broker
-
     broker = await start_broker(tmp_path / "b")
     conn = await start_connector(broker.url, fake_llm.url, upload_mode="parts")
     fake_llm.chunk_delay = 0.03
@@ -274,8 +270,6 @@ async def test_parts_mode_relays_a_stream(tmp_path, fake_llm: FakeLLM) -> None:
 
 
 async def test_auto_mode_picks_mux_on_a_direct_path(tmp_path, fake_llm: FakeLLM) -> None:
-    from tests.support.stack import start_broker
-
     broker = await start_broker(tmp_path / "b")
     conn = await start_connector(broker.url, fake_llm.url, upload_mode="auto")
     try:
@@ -320,8 +314,6 @@ async def test_health_ready_and_metrics(stack: Stack) -> None:
 
 @pytest.mark.parametrize("poll_mode", ["classic", "stream"])
 async def test_both_poll_modes_relay(tmp_path, fake_llm: FakeLLM, poll_mode: str) -> None:
-    from tests.support.stack import start_broker
-
     broker = await start_broker(tmp_path / "b")
     conn = await start_connector(broker.url, fake_llm.url, poll_mode=poll_mode)
     fake_llm.chunk_delay = 0.01
@@ -350,10 +342,16 @@ async def test_both_poll_modes_relay(tmp_path, fake_llm: FakeLLM, poll_mode: str
         await broker.stop()
 
 
-async def test_auto_poll_mode_streams_on_a_direct_path(stack: Stack) -> None:
-    status = stack.connectors[0].connector.status
-    assert status.upload_mode == "stream"
-    assert status.poll_mode == "stream"
+async def test_auto_poll_mode_streams_on_a_direct_path(tmp_path, fake_llm: FakeLLM) -> None:
+    broker = await start_broker(tmp_path / "broker")
+    conn = await start_connector(broker.url, fake_llm.url, upload_mode="auto", poll_mode="auto")
+    try:
+        status = conn.connector.status
+        assert status.upload_mode == "mux"  # the probe found a path that streams uploads
+        assert status.poll_mode == "stream"
+    finally:
+        await conn.stop()
+        await broker.stop()
 
 
 async def test_superseded_stream_poll_ends(tmp_path) -> None:
@@ -388,8 +386,6 @@ async def test_superseded_stream_poll_ends(tmp_path) -> None:
 
 async def test_usage_is_recorded_in_sqlite(tmp_path, fake_llm: FakeLLM) -> None:
     import sqlite3
-
-    from tests.support.stack import start_broker
 
     broker = await start_broker(tmp_path / "b")
     conn = await start_connector(broker.url, fake_llm.url, name="gpu-box")
