@@ -240,17 +240,6 @@ async def test_the_url_rule_sends_nothing_elsewhere(path: str) -> None:
     assert llm.seen == []
 
 
-async def test_a_redirect_is_passed_on_not_followed() -> None:
-    async def redirect(request: web.Request) -> web.StreamResponse:
-        return web.Response(status=307, headers={"location": "http://127.0.0.1:9/x"})
-
-    async with scripted_llm(redirect) as llm:
-        frames = await _pump(llm.url)
-    assert ResponseHead.model_validate(json.loads(frames[0][1])).status == 307
-    assert _end(frames).ok
-    assert len(llm.seen) == 1
-
-
 async def test_a_cancelled_pump_closes_the_connection() -> None:
     """The API user went away: the LLM sees its connection close (and stops generating)."""
     gone = asyncio.Event()
