@@ -1,4 +1,5 @@
-"""The connector's side of sessions against a scripted relay (``httpx.MockTransport``).
+"""The connector's side of sessions against a scripted relay (``httpx.MockTransport``; the
+local LLM, when a test needs one, is a real server: ``tests.support.scripted_llm``).
 
 What the broker says about replaced sessions (``replaced=live``, 404 ``session_replaced``),
 how soon the connector registers again, and that the probes' verdict is reused across
@@ -17,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 import structlog
+from aiohttp import web
 
 from connector import models, runner, trouble
 from connector.broker_client import BrokerClient
@@ -25,7 +27,8 @@ from connector.runner import Connector
 from connector.settings import ConnectorSettings
 from connector.upstream import Upstream
 from shared.protocol import RegisterRequest, RegisterResponse, Replaced, UploadMode
-from tests.support.net import wait_for
+from tests.support.net import free_port, wait_for
+from tests.support.scripted_llm import scripted_llm
 
 
 def _error(status: int, code: str) -> httpx.Response:
@@ -229,21 +232,20 @@ async def test_unreachable_broker_is_retried_about_every_second(
 
 async def test_capacity_asked_again_once_the_llm_answers(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(models, "EMPTY_MODELS_REFRESH", 0.1)
-    llm_up = False
 
-    def llm(request: httpx.Request) -> httpx.Response:
-        if not llm_up:
-            raise httpx.ConnectError("refused")
-        if request.url.path == "/props":
-            return httpx.Response(200, content=b'{"total_slots": 3}')
-        return httpx.Response(404, content=b"{}")
+    async def llm(request: web.Request) -> web.StreamResponse:
+        if request.path == "/props":
+            return web.Response(body=b'{"total_slots": 3}')
+        return web.Response(status=404, body=b"{}")
 
+    # The local LLM is down (nothing listens on its port) until the first registration.
+    port = free_port()
     relay = ScriptedRelay()
-    settings = _settings(capacity="auto")
+    settings = _settings(capacity="auto", llm_url=f"http://127.0.0.1:{port}")
     connector = Connector(
         settings,
         broker=BrokerClient(settings, httpx.MockTransport(relay.handle)),
-        upstream=Upstream(settings, transport=httpx.MockTransport(llm)),
+        upstream=Upstream(settings),
     )
     task = asyncio.create_task(connector.run())
     try:
@@ -251,8 +253,8 @@ async def test_capacity_asked_again_once_the_llm_answers(monkeypatch: pytest.Mon
         first = relay.registrations[0][1]
         assert (first.capacity, first.capacity_source) == (64, connector.capacity.source)
         assert "did not answer" in first.capacity_source
-        llm_up = True
-        await _until(lambda: len(relay.registrations) == 2)
+        async with scripted_llm(llm, port=port):
+            await _until(lambda: len(relay.registrations) == 2)
     finally:
         connector.request_stop()
         await asyncio.wait_for(task, 10)

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 
-import httpx
 import pytest
+from aiohttp import web
 
 from connector import capacity
 from connector.capacity import AUTO_MAX, DEFAULT_CAPACITY, Capacity, from_engine
 from connector.settings import ConnectorSettings
 from connector.upstream import Upstream, UpstreamError
+from tests.support.net import free_port
+from tests.support.scripted_llm import scripted_llm
 
 SLOT = {"id": 0, "n_ctx": 4096, "is_processing": False}
 
@@ -56,13 +60,16 @@ def test_configured_and_initial() -> None:
     assert capacity.pool_size("auto") == AUTO_MAX
 
 
-def _upstream(handler: httpx.MockTransport) -> Upstream:
-    settings = ConnectorSettings(broker_url="http://b", broker_token="t", llm_url="http://llm")
-    return Upstream(settings, transport=handler)
+def _upstream(url: str) -> Upstream:
+    settings = ConnectorSettings(broker_url="http://b", broker_token="t", llm_url=url)
+    return Upstream(settings)
 
 
-def _json(status: int, body: object) -> httpx.Response:
-    return httpx.Response(status, content=json.dumps(body).encode())
+Answer = tuple[int, bytes]
+
+
+def _json(status: int, body: object) -> Answer:
+    return status, json.dumps(body).encode()
 
 
 @pytest.mark.parametrize(
@@ -85,39 +92,69 @@ def _json(status: int, body: object) -> httpx.Response:
             ["/props", "/slots"],
         ),
         # Not JSON at all.
-        ({"/props": httpx.Response(200, content=b"<html>")}, (DEFAULT_CAPACITY, True), None),
+        ({"/props": (200, b"<html>")}, (DEFAULT_CAPACITY, True), None),
     ],
 )
 async def test_detect_asks_the_engine(
-    routes: dict[str, httpx.Response], expected: tuple[int, bool], asked: list[str] | None
+    routes: dict[str, Answer], expected: tuple[int, bool], asked: list[str] | None
 ) -> None:
-    seen: list[str] = []
+    async def handle(request: web.Request) -> web.StreamResponse:
+        status, body = routes.get(request.path, _json(404, {"error": "not found"}))
+        return web.Response(status=status, body=body)
 
-    def handle(request: httpx.Request) -> httpx.Response:
-        seen.append(request.url.path)
-        return routes.get(request.url.path, _json(404, {"error": "not found"}))
-
-    upstream = _upstream(httpx.MockTransport(handle))
-    try:
-        found = await capacity.detect(upstream.get_json)
-    finally:
-        await upstream.aclose()
+    async with scripted_llm(handle) as llm:
+        upstream = _upstream(llm.url)
+        try:
+            found = await capacity.detect(upstream.get_json)
+        finally:
+            await upstream.aclose()
     assert (found.value, found.detected) == expected
     if asked is not None:
-        assert seen == asked
+        assert [seen.target for seen in llm.seen] == asked
+        assert {seen.method for seen in llm.seen} == {"GET"}
 
 
-@pytest.mark.parametrize("error", [httpx.ConnectError("refused"), httpx.ConnectTimeout("slow")])
-async def test_detect_an_llm_that_is_down_stays_undetected(error: Exception) -> None:
-    def handle(request: httpx.Request) -> httpx.Response:
-        raise error
+async def _hang_up(request: web.Request) -> web.StreamResponse:
+    assert request.transport is not None
+    request.transport.close()
+    return web.Response()
 
-    upstream = _upstream(httpx.MockTransport(handle))
-    try:
-        found = await capacity.detect(upstream.get_json)
-        with pytest.raises(UpstreamError) as info:
-            await upstream.get_json("/props")
-    finally:
-        await upstream.aclose()
+
+@pytest.mark.parametrize("llm_is", ["down", "hanging up"])
+async def test_detect_an_llm_that_is_down_stays_undetected(llm_is: str) -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        if llm_is == "down":
+            url = f"http://127.0.0.1:{free_port()}"
+        else:
+            url = (await stack.enter_async_context(scripted_llm(_hang_up))).url
+        upstream = _upstream(url)
+        try:
+            found = await capacity.detect(upstream.get_json)
+            with pytest.raises(UpstreamError) as info:
+                await upstream.get_json("/props")
+        finally:
+            await upstream.aclose()
     assert (found.value, found.detected) == (DEFAULT_CAPACITY, False)
     assert not info.value.answered
+
+
+async def test_get_json_sends_the_api_key_and_times_out() -> None:
+    async def slow(request: web.Request) -> web.StreamResponse:
+        if request.path == "/p/slow":
+            await asyncio.sleep(5)
+        return web.Response(body=b'{"data": [{"id": "m1"}, {"x": 1}]}')
+
+    async with scripted_llm(slow) as llm:
+        settings = ConnectorSettings(
+            broker_url="http://b", broker_token="t", llm_url=llm.url + "/p/", llm_api_key="k"
+        )
+        upstream = Upstream(settings)
+        try:
+            assert await upstream.models() == ["m1"]
+            with pytest.raises(UpstreamError) as info:
+                await upstream.get_json("/slow", timeout=0.2)
+        finally:
+            await upstream.aclose()
+    assert not info.value.answered
+    assert llm.seen[0].target == "/p/v1/models"
+    assert llm.seen[0].headers["authorization"] == "Bearer k"

@@ -1,16 +1,16 @@
 """A relayed response is freed when it ends, not at the next full garbage collection.
 
-httpx's response and its stream point at each other; left alone, that cycle keeps the
-whole aiohttp response (reader, protocol, buffers) until a rare full collection, which
-raised the connector's peak RSS at 1,000 streams (docs/performance.md, "A lighter
-process"). A real local LLM (the fake one, on a socket) and the real transport.
+A response left in a reference cycle (as httpx's response and stream once were) keeps the
+whole aiohttp response (reader, buffers) until a rare full collection, which raised the
+connector's peak RSS at 1,000 streams (docs/performance.md, "A lighter process"). A real
+local LLM (the fake one, on a socket) and the real client.
 """
 
 from __future__ import annotations
 
 import gc
 
-import httpx
+import aiohttp
 
 from connector.pipe import FramePipe
 from connector.settings import ConnectorSettings
@@ -36,7 +36,9 @@ async def test_finished_responses_leave_no_reference_cycle(fake_llm: FakeLLM) ->
             assert pipe.ended and b"data:" in pipe.drain()
         gc.set_debug(gc.DEBUG_SAVEALL)
         gc.collect()
-        left = [o for o in gc.garbage if isinstance(o, httpx.Response)]
+        left = [
+            o for o in gc.garbage if isinstance(o, aiohttp.ClientResponse | aiohttp.StreamReader)
+        ]
     finally:
         gc.set_debug(0)
         gc.garbage.clear()
