@@ -359,6 +359,20 @@ class ChatStore:
             ).fetchone()
         return Counts(int(row[0]), int(row[1]))
 
+    def counts_by_user(self) -> dict[str, Counts]:
+        """Every user's counts (the operator's users page): numbers only."""
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT c.user_id, COUNT(DISTINCT c.id), COUNT(m.id) FROM conversations c "
+                "LEFT JOIN messages m ON m.conversation = c.id "
+                "WHERE c.deleted IS NULL GROUP BY c.user_id"
+            ).fetchall()
+        return _counted(rows)
+
+
+def _counted(rows: list[tuple[str, int, int]]) -> dict[str, Counts]:
+    return {user: Counts(int(c), int(m)) for user, c, m in rows}
+
 
 def _copied(conversation: str, m: Message) -> tuple[object, ...]:
     state = "stopped" if m.state == "streaming" else m.state

@@ -81,8 +81,10 @@
     }
     $("list-empty").hidden = data.conversations.length > 0;
     if (app.dataset.day) {
+      const all = el("a", "", "show all");
+      all.href = "/portal/chat";
+      $("day-filter").replaceChildren("used on " + app.dataset.day + " (UTC) · ", all);
       $("day-filter").hidden = false;
-      $("day-filter").textContent = "used on " + app.dataset.day + " (UTC)";
     }
   }
 
