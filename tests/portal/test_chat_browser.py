@@ -10,6 +10,7 @@ one. Every step leaves a screenshot in ``test-artifacts/portal/chat/`` (PORTAL_A
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import AsyncIterator
@@ -74,6 +75,13 @@ async def fits(page: Page, width: int) -> None:
 async def send(page: Page, text: str) -> None:
     await page.fill("#prompt", text)
     await page.press("#prompt", "Control+Enter")
+
+
+async def downloaded(page: Page, selector: str) -> str:
+    async with page.expect_download() as got:
+        await page.click(selector)
+    path = await (await got.value).path()
+    return await asyncio.to_thread(Path(path).read_text)
 
 
 def last_reply(page: Page):  # type: ignore[no-untyped-def]
@@ -167,14 +175,10 @@ async def test_phone_login_to_a_saved_continued_conversation(
     await shot("list")
     await page.get_by_role("link", name="Phone chat", exact=True).click()
     await expect(page.locator("#conv-title")).to_have_text("Phone chat")
-    async with page.expect_download() as got:
-        await page.click("#export-json")
-    exported = json.loads(Path(await (await got.value).path()).read_text())
+    exported = json.loads(await downloaded(page, "#export-json"))
     assert [m["role"] for m in exported["messages"]] == ["user", "assistant"] * 4
     assert exported["messages"][0]["content"] == "hello there"
-    async with page.expect_download() as got:
-        await page.click("#export-md")
-    markdown = Path(await (await got.value).path()).read_text()
+    markdown = await downloaded(page, "#export-md")
     assert markdown.startswith("# Phone chat") and "[stopped]" in markdown
     await fits(page, PHONE["width"])
     assert watch.errors == []
