@@ -87,13 +87,26 @@ class Replies:
         self.flush_bytes = flush_bytes
         self.clock = clock
         self._running: dict[str, Reply] = {}
+        self._claimed: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
     def busy(self, conversation: str) -> bool:
-        return conversation in self._running
+        return conversation in self._running or conversation in self._claimed
+
+    def claim(self, conversation: str) -> bool:
+        """Reserve the conversation for one reply (False if one is on its way already);
+        ``start`` takes the claim over, ``release`` gives it back."""
+        if self.busy(conversation):
+            return False
+        self._claimed.add(conversation)
+        return True
+
+    def release(self, conversation: str) -> None:
+        self._claimed.discard(conversation)
 
     def start(self, job: ReplyJob) -> Reply:
         reply = Reply(job)
+        self._claimed.discard(job.conversation)
         self._running[job.conversation] = reply
         task = asyncio.create_task(self._run(reply), name="chat-reply")
         self._tasks.add(task)
@@ -106,6 +119,13 @@ class Replies:
             return False
         reply.stop()
         return True
+
+    def stop_user(self, user: str) -> int:
+        """Stop every reply of ``user`` (they deleted all their conversations)."""
+        mine = [r for r in self._running.values() if r.job.user == user]
+        for reply in mine:
+            reply.stop()
+        return len(mine)
 
     async def close(self) -> None:
         """At shutdown: every reply stopped (saved as ``stopped``) and waited for."""

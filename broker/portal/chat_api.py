@@ -89,7 +89,9 @@ async def delete_all() -> Response:
     body = await json_body()
     if body.text("confirm", 64) != "delete all":
         raise ApiRefusal(400, 'send {"confirm": "delete all"} to delete every conversation')
-    gone = await asyncio.to_thread(chat_of().store.delete_all, who.user.user_id)
+    chat = chat_of()
+    chat.replies.stop_user(who.user.user_id)
+    gone = await asyncio.to_thread(chat.store.delete_all, who.user.user_id)
     log.info("chat_deleted_all", user=who.user.username, conversations=gone)
     return reply_json({"deleted": gone}, 200)
 

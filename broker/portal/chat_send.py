@@ -70,11 +70,20 @@ async def send_message(who: Viewer, found: Conversation, body: Body) -> Response
     if not is_model_name(model):
         raise ApiRefusal(400, "model is not a model name")
     content = body.text("content", MAX_MESSAGE)
-    cid, user = found.summary.id, who.user.user_id
-    if chat.replies.busy(cid):
-        raise ApiRefusal(409, "a reply is still being written in this conversation; stop it first")
+    cid = found.summary.id
     if len(found.messages) + 2 > MAX_MESSAGES:
         raise ApiRefusal(409, f"a conversation holds at most {MAX_MESSAGES} messages")
+    if not chat.replies.claim(cid):
+        raise ApiRefusal(409, "a reply is still being written in this conversation; stop it first")
+    try:
+        return await _send(who, found, model, content)
+    finally:
+        chat.replies.release(cid)  # a no-op once the reply started
+
+
+async def _send(who: Viewer, found: Conversation, model: str, content: str) -> Response:
+    chat = chat_of()
+    cid, user = found.summary.id, who.user.user_id
     key_hash = await chat_key_hash(who.user)
     now = time.time()
     store = chat.store

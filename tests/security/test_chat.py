@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from broker.usage.query import UsageFilter, totals
+from shared.bench.upstream import FakeLLM
 from tests.portal.conftest import fake_gitlab, portal_overrides, portal_stack
 from tests.portal.fake_gitlab import FakeGitLab, FakeUser
 from tests.portal.helpers import csrf_of, login, portal_client
@@ -199,3 +200,67 @@ async def test_a_reply_counts_like_api_use_and_content_stays_out_of_the_ledger(
     assert rows[0].tokens_out == 5
     raw = usage.read_bytes() + usage.with_name(usage.name + "-wal").read_bytes()
     assert b"a private question" not in raw
+
+
+async def test_one_reply_at_a_time_and_stop_cancels_the_upstream(
+    callers: tuple[Caller, Caller], fake_llm: FakeLLM
+) -> None:
+    alice, _ = callers
+    made = await alice.post(API, {"model": "fake-model", "title": "long one"})
+    cid = made.json()["conversation"]["id"]
+    fake_llm.chunk_delay = 0.05
+    body = json.dumps({"content": "tokens:400", "model": "fake-model"})
+    headers = {"X-CSRF-Token": alice.csrf, "Content-Type": "application/json"}
+    path = f"{API}/{cid}/messages"
+    async with alice.http.stream("POST", path, content=body, headers=headers) as answer:
+        lines = answer.aiter_lines()
+        assert "user" in json.loads(await anext(lines))
+        assert "delta" in json.loads(await anext(lines))  # streaming now
+        # A second message (or a flood of them) while it streams: refused, nothing saved.
+        again = await asyncio.gather(
+            *(alice.post(path, {"content": "more", "model": "fake-model"}) for _ in range(5))
+        )
+        assert [a.status_code for a in again] == [409] * 5
+        assert (await alice.post(f"{API}/{cid}/stop", {})).json() == {"stopped": True}
+        events = [json.loads(line) async for line in lines if line]
+    assert events[-1]["end"]["state"] == "stopped"
+    await wait_for(lambda: fake_llm.disconnects >= 1, 10)  # the upstream call was closed
+    saved = (await alice.http.get(f"{API}/{cid}")).json()
+    assert [m["role"] for m in saved["messages"]] == ["user", "assistant"]
+    reply = saved["messages"][1]
+    assert reply["state"] == "stopped" and reply["content"].startswith("tok0 ")
+    assert saved["busy"] is False
+
+
+async def test_a_dropped_connection_leaves_the_partial_reply_saved_as_stopped(
+    callers: tuple[Caller, Caller], fake_llm: FakeLLM
+) -> None:
+    alice, _ = callers
+    made = await alice.post(API, {"model": "fake-model", "title": "on a train"})
+    cid = made.json()["conversation"]["id"]
+    fake_llm.chunk_delay = 0.05
+    body = json.dumps({"content": "tokens:400", "model": "fake-model"})
+    headers = {"X-CSRF-Token": alice.csrf, "Content-Type": "application/json"}
+    async with httpx.AsyncClient(base_url=str(alice.http.base_url)) as phone:
+        phone.cookies = alice.http.cookies
+        async with phone.stream(
+            "POST", f"{API}/{cid}/messages", content=body, headers=headers
+        ) as a:
+            lines = a.aiter_lines()
+            await anext(lines)
+            await anext(lines)  # a piece of the reply arrived; then the network goes
+    # The connection is closed: the broker stops the reply and cancels the upstream.
+    saved: dict[str, object] = {}
+
+    async def settled() -> bool:
+        saved.update((await alice.http.get(f"{API}/{cid}")).json())
+        return saved["busy"] is False
+
+    for _ in range(100):
+        if await settled():
+            break
+        await asyncio.sleep(0.1)
+    reply = saved["messages"][1]  # type: ignore[index]
+    assert reply["state"] == "stopped" and reply["content"].startswith("tok0 "), reply
+    assert "tok399" not in reply["content"]
+    await wait_for(lambda: fake_llm.disconnects >= 1, 10)
