@@ -20,16 +20,21 @@ import pytest
 
 from broker.usage.query import UsageFilter, totals
 from shared.bench.upstream import FakeLLM
-from tests.portal.conftest import fake_gitlab, portal_overrides, portal_stack
+from tests.portal.conftest import fake_gitlab, portal_stack
 from tests.portal.fake_gitlab import FakeGitLab, FakeUser
 from tests.portal.helpers import csrf_of, login, portal_client
 from tests.support.net import wait_for
 from tests.support.stack import Stack
 
-__all__ = ["fake_gitlab", "portal_overrides", "portal_stack"]
+__all__ = ["fake_gitlab", "portal_stack"]
 
 API = "/portal/api/conversations"
 BOB = FakeUser(2002, "bob", "Bob B.", ["team"])
+
+
+@pytest.fixture
+def portal_overrides() -> dict[str, object]:
+    return {"admin_ids": [1001]}  # alice is the operator: she may see counts, never content
 
 
 @dataclass
@@ -136,6 +141,24 @@ async def test_hostile_titles_are_kept_as_plain_one_line_text(
     assert re.fullmatch(
         r'attachment; filename="[A-Za-z0-9-]+\.md"', md.headers["content-disposition"]
     )
+
+
+async def test_the_operator_sees_counts_and_no_log_line_holds_content(
+    callers: tuple[Caller, Caller], capfd: pytest.CaptureFixture[str]
+) -> None:
+    alice, bob = callers
+    made = await bob.post(API, {"model": "fake-model", "title": "bob's diary"})
+    cid = made.json()["conversation"]["id"]
+    await talk(bob, cid, "my secret diary entry")
+    page = await alice.http.get("/portal/admin/users")
+    assert page.status_code == 200
+    row = re.search(r'<tr data-user="bob">.*?</tr>', page.text, re.S)
+    assert row is not None and "1 conversations" in row.group(0) and "2 messages" in row.group(0)
+    assert "diary" not in page.text
+    assert (await alice.http.get(f"{API}/{cid}")).status_code == 404  # an admin too
+    logged = capfd.readouterr()
+    assert "action=chat" in logged.out  # the broker's log is here (the chat key made)...
+    assert "diary" not in logged.out + logged.err  # ...and holds no title or message
 
 
 async def test_another_users_conversation_answers_like_an_unknown_one(
