@@ -387,5 +387,10 @@
     fit();
   }
 
+  // From the usage page's day link: the list of that day's conversations is what to show.
+  if (app.dataset.day && !current) {
+    document.body.classList.add("list-open");
+    $("show-list").setAttribute("aria-expanded", "true");
+  }
   open(current);
 })();
