@@ -34,6 +34,15 @@ HOSTILE = (
 
 
 @pytest.fixture
+async def fake_llm() -> AsyncIterator[FakeLLM]:
+    """Two models, to switch between in one conversation."""
+    fake = FakeLLM(models=["fake-model", "other-model"])
+    await fake.start()
+    yield fake
+    await fake.stop()
+
+
+@pytest.fixture
 def shots(artifacts: Path) -> Path:
     folder = artifacts / "chat"
     folder.mkdir(parents=True, exist_ok=True)
@@ -56,6 +65,8 @@ async def phone(browser: Browser, portal_stack: Stack) -> AsyncIterator[BrowserC
 class Shots:
     def __init__(self, page: Page, folder: Path, prefix: str) -> None:
         self.page, self.folder, self.prefix, self.n = page, folder, prefix, 0
+        for old in folder.glob(f"{prefix}-*.png"):  # only this run's steps are kept
+            old.unlink()
 
     async def __call__(self, name: str) -> None:
         self.n += 1
@@ -138,13 +149,24 @@ async def test_phone_login_to_a_saved_continued_conversation(
     await expect(page.locator("article.msg.user").last).to_have_text(re.compile("tokens:80"))
     await shot("reloaded-partial")
 
-    # Continue the conversation after the reload.
+    # Continue the conversation after the reload, with another model: shown per reply.
     fake_llm.chunk_delay = 0.0
+    await page.select_option("#model", "other-model")
     await send(page, "and now the rest")
     await expect(last_reply(page).locator(".meta")).to_contain_text("5 out", timeout=15000)
+    await expect(last_reply(page).locator(".meta")).to_contain_text("other-model")
+    await expect(page.locator("article.msg.assistant").first.locator(".meta")).to_contain_text(
+        "fake-model"
+    )
     assert await page.locator("article.msg").count() == 8
     await shot("continued")
     await fits(page, PHONE["width"])
+    # The on-screen keyboard takes half the screen: the message box stays above it.
+    await page.set_viewport_size({"width": PHONE["width"], "height": 380})
+    await page.focus("#prompt")
+    await fits(page, PHONE["width"])
+    await shot("keyboard-open")
+    await page.set_viewport_size(PHONE)
 
     # Rename.
     await page.click("#rename")

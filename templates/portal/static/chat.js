@@ -381,8 +381,17 @@
     if (event.key === "Escape") { closeList(); hideRename(); }
   });
 
+  // When the keyboard opens the log shrinks: keep its end in view if it was there.
+  let atEnd = true;
+  const log = $("messages");
+  log.addEventListener("scroll", () => { atEnd = log.scrollHeight - log.scrollTop - log.clientHeight < 40; });
+  const keepEnd = () => { if (atEnd) log.scrollTop = log.scrollHeight; };
+  window.addEventListener("resize", keepEnd);
   if (window.visualViewport) {
-    const fit = () => document.documentElement.style.setProperty("--vvh", window.visualViewport.height + "px");
+    const fit = () => {
+      document.documentElement.style.setProperty("--vvh", window.visualViewport.height + "px");
+      keepEnd();
+    };
     window.visualViewport.addEventListener("resize", fit);
     fit();
   }
