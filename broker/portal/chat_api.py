@@ -12,6 +12,7 @@ import json
 import time
 
 from quart import Response, request
+from werkzeug.exceptions import HTTPException
 
 from broker.chat.export import as_markdown, as_openai, filename
 from broker.chat.store import ID_PATTERN, Conversation, Summary
@@ -43,6 +44,8 @@ async def refused(exc: ApiRefusal) -> Response:
 
 @bp.errorhandler(Exception)
 async def unexpected(exc: Exception) -> Response:
+    if isinstance(exc, HTTPException):  # a slow body (408), say: its status, as JSON
+        return reply_json({"error": exc.description or exc.name}, exc.code or 500)
     log.exception("chat_api_error", error_type=type(exc).__name__)
     return reply_json({"error": "the portal hit an internal error; it has been logged"}, 500)
 
@@ -178,5 +181,8 @@ async def export(cid: str) -> Response:
     return Response(
         body,
         content_type=media,
-        headers={"Content-Disposition": f'attachment; filename="{name}"'},
+        headers={
+            "Content-Disposition": f'attachment; filename="{name}"',
+            "Cache-Control": "no-store",  # personal content: never kept by a cache
+        },
     )

@@ -138,6 +138,8 @@ async def test_hostile_titles_are_kept_as_plain_one_line_text(
     page = await alice.http.get(f"/portal/chat/{cid}")
     assert "<script>alert(1)" not in page.text  # the page fills titles in with textContent
     md = await alice.http.get(f"{API}/{cid}/export?format=md")
+    assert md.headers["cache-control"] == "no-store"
+    assert "default-src 'none'" in md.headers["content-security-policy"]
     assert re.fullmatch(
         r'attachment; filename="[A-Za-z0-9-]+\.md"', md.headers["content-disposition"]
     )
