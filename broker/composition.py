@@ -26,6 +26,8 @@ from broker.api.ollama import OllamaApi
 from broker.api.relay import ApiRelay
 from broker.asgi import BrokerASGI
 from broker.broker_state import BrokerState
+from broker.chat import Chat, ChatStore, Replies
+from broker.chat.retention import keep_tidy
 from broker.core import StateUnavailable, Timings
 from broker.core.aliases import NO_ALIASES
 from broker.core.errors import BrokerError
@@ -242,6 +244,15 @@ def build_portal(state: BrokerState) -> PortalContext:
     )
 
 
+def build_chat(state: BrokerState, api: ApiRelay) -> Chat | None:
+    """The portal's chat (docs/chat.md): its store, and replies written through ``api``,
+    the same relay that serves POST /v1/* (limits, ledger, metrics). Off with the portal."""
+    if not state.settings.portal_enabled:
+        return None
+    store = ChatStore(state.settings.chat_path)
+    return Chat(store, Replies(store, api, lambda: state.prices))
+
+
 def create_app(settings: BrokerSettings, state: BrokerState | None = None) -> Quart:
     """The public app: OpenAI API under /v1, the connector relay under /relay/v1, the
     portal under /portal/."""
@@ -257,11 +268,13 @@ def create_app(settings: BrokerSettings, state: BrokerState | None = None) -> Qu
     app.register_blueprint(create_api_blueprint(state))
     app.register_blueprint(admin_api_blueprint())
     portal = build_portal(state)
+    api = ApiRelay(state)
+    portal.chat = build_chat(state, api)
     install_portal(app, portal)
     # /relay/v1/*, POST /v1/* and /api/* are plain ASGI in front of Quart
     # (docs/architecture.md).
     app.asgi_app = BrokerASGI(  # type: ignore[method-assign]
-        app.asgi_app, RelayApp(state), ApiRelay(state), OllamaApi(state)
+        app.asgi_app, RelayApp(state), api, OllamaApi(state)
     )
     _add_lifecycle(app, state, portal)
     _add_index_and_errors(app, state)
@@ -288,6 +301,12 @@ def _add_lifecycle(app: Quart, state: BrokerState, portal: PortalContext) -> Non
         if state.revocations is not None:
             await state.revocations.sync()  # before the first request: else it answers 503
             spawn("sync-revocations", _sync_revocations(state))
+        if portal.chat is not None:
+            await asyncio.to_thread(portal.chat.store.open)
+            await asyncio.to_thread(portal.chat.store.recover)  # cut off by a restart
+            spawn(
+                "chat-retention", keep_tidy(portal.chat.store, state.settings.chat_retention_days)
+            )
 
     @app.after_serving
     async def stop() -> None:
@@ -296,6 +315,9 @@ def _add_lifecycle(app: Quart, state: BrokerState, portal: PortalContext) -> Non
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await asyncio.to_thread(state.users.flush_last_used)
+        if portal.chat is not None:
+            await portal.chat.replies.close()  # saved as stopped
+            portal.chat.store.close()
         if portal.oauth is not None:
             await portal.oauth.http.aclose()
         for oidc in portal.oidc.values():

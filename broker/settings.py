@@ -81,6 +81,13 @@ class BrokerSettings(FileAwareSettings):
         description="SQLite file for usage records.",
         json_schema_extra={"doc_default": "<data-dir>/usage.sqlite3"},
     )
+    chat_retention_days: float | None = Field(
+        None,
+        gt=0,
+        description="Delete portal chat conversations not written to for this many days "
+        "(checked every minute; default: keep them until their user deletes them; "
+        "docs/chat.md).",
+    )
     ask_stream_usage: bool = Field(
         True,
         description="Ask the LLM for a usage chunk on streams whose client did not "
@@ -505,6 +512,10 @@ class BrokerSettings(FileAwareSettings):
     @property
     def usage_path(self) -> Path:
         return self.usage_db or self.data_dir / "usage.sqlite3"
+
+    @property
+    def chat_path(self) -> Path:
+        return self.data_dir / "chat.sqlite3"
 
     @property
     def enrolled_path(self) -> Path:

@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 log = get_logger("broker.accounts.keys")
 
 CREDENTIALS_FILE = "credentials.yaml"
+# The ASGI scope extension naming a user key by its SHA-256: set only by the broker's own
+# in-process requests (the chat's replies, docs/chat.md); no network request can set it.
+INTERNAL_KEY_HASH = "remotellm.key_sha256"
 
 
 def hash_secret(secret: str) -> str:
@@ -297,7 +300,10 @@ class KeyStore:
         return bool(self._connectors)
 
     def user(self, key: str) -> UserKey | None:
-        digest = hash_secret(key)
+        return self.user_by_hash(hash_secret(key))
+
+    def user_by_hash(self, digest: str) -> UserKey | None:
+        """The key's user by the key's SHA-256 (revocations, scopes and blocks applied)."""
         found = self._users.get(digest)
         if found is None and self._more_users is not None:
             found = self._more_users(digest)

@@ -85,6 +85,22 @@ def authenticate(
             "missing_api_key",
             headers=headers,
         )
+    return checked_user(keys, keys.user(key), rid, clock)
+
+
+def authenticate_hash(
+    keys: KeyStore, digest: str, rid: str, clock: Callable[[], float] = time.time
+) -> UserKey:
+    """Like ``authenticate`` for a key named by its SHA-256: the broker's own in-process
+    requests (``INTERNAL_KEY_HASH``), with the same checks."""
+    return checked_user(keys, keys.user_by_hash(digest), rid, clock)
+
+
+def checked_user(
+    keys: KeyStore, user: UserKey | None, rid: str, clock: Callable[[], float]
+) -> UserKey:
+    """``user`` if the key may call now; else ApiError 401 (unknown, expired) or 403."""
+    headers = {REQUEST_ID_HEADER: rid}
     if keys.revocations_stale():
         raise ApiError(
             503,
@@ -92,7 +108,6 @@ def authenticate(
             "revocations_unavailable",
             headers=headers | {"Retry-After": "2"},
         )
-    user = keys.user(key)
     if user is None:
         raise ApiError(401, "Incorrect API key provided.", "invalid_api_key", headers=headers)
     if user.blocked:

@@ -17,12 +17,13 @@ from dataclasses import dataclass
 
 import structlog
 
-from broker.accounts.keys import UserKey
+from broker.accounts.keys import INTERNAL_KEY_HASH, UserKey
 from broker.api.aliasing import SERVED_MODEL_HEADER, Resolved, submit_alias
 from broker.api.input import (
     CLIENT_REQUEST_ID_HEADER,
     ApiError,
     authenticate,
+    authenticate_hash,
     authorize_model,
     client_label,
     new_request_id,
@@ -206,8 +207,7 @@ class ApiRelay:
         self, scope: Scope, receive: Receive, send: Send, rid: str, started: float
     ) -> None:
         state = self.state
-        authorization = _header(scope, b"authorization")
-        user = authenticate(state.keys, authorization, rid, _header(scope, b"x-api-key"))
+        user = self._user(scope, rid)
         if self.hub.draining:
             raise ApiError(
                 503,
@@ -326,6 +326,16 @@ class ApiRelay:
             self._done(rid, user, item, pending, machine.outcome, address, started, resolved)
             if self.trace is not None:
                 self.trace.done(rid)
+
+    def _user(self, scope: Scope, rid: str) -> UserKey:
+        """The caller's key: the request's headers, or (the broker's own in-process requests
+        only: the chat, docs/chat.md) the scope's extension naming the key by its hash."""
+        keys = self.state.keys
+        internal = (scope.get("extensions") or {}).get(INTERNAL_KEY_HASH)
+        if isinstance(internal, str):
+            return authenticate_hash(keys, internal, rid)
+        authorization = _header(scope, b"authorization")
+        return authenticate(keys, authorization, rid, _header(scope, b"x-api-key"))
 
     # -- what a route family changes -----------------------------------------------------
 

@@ -1,8 +1,10 @@
-"""The key portal at /portal/: GitLab or OpenID Connect login, personal API keys, a playground.
+"""The key portal at /portal/: GitLab or OpenID Connect login, personal API keys, a playground
+and the team chat.
 
 Routes are module-level functions on one blueprint per page group: ``login`` (login page,
 GitLab round trip, logout), ``oidc_login`` (OpenID Connect round trips), ``keys``,
-``playground`` (playground, its key, connect, static files); the operator's pages in
+``playground`` (playground, its key, connect, static files), ``chat`` (the chat page)
+and ``chat_api`` (its JSON API, with ``chat_common`` and ``chat_send``); the operator's pages in
 ``admin_connectors`` (overview, connectors, queues, enrollment forms), ``admin_users``
 and ``admin_reports`` (usage, request log), sharing ``admin`` (admin check, CSRF, form
 plumbing). Every route gets what it needs from the ``PortalContext`` (``context``) that
@@ -22,6 +24,8 @@ from broker.portal import (
     admin_connectors,
     admin_reports,
     admin_users,
+    chat,
+    chat_api,
     form_limits,
     keys,
     login,
@@ -36,6 +40,8 @@ BLUEPRINTS: tuple[Blueprint, ...] = (
     oidc_login.bp,
     keys.bp,
     playground.bp,
+    chat.bp,
+    chat_api.bp,
     admin_connectors.bp,
     admin_users.bp,
     admin_reports.bp,

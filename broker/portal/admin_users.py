@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from quart import Response, request
 
 from broker.accounts.key_scope import ScopeAsk
 from broker.admin.operations import run
+from broker.chat.store import Counts
 from broker.portal import admin_actions, admin_views
 from broker.portal.admin import Admin, Refused, admin, admin_blueprint, form_action, section
 from broker.portal.context import portal_context
@@ -38,7 +40,16 @@ async def users_page() -> Response:
         defaults=admin_views.default_values(state.settings.default_limits),
         labels=admin_views.LIMIT_LABELS,
         limited=limited[:50],
+        chat=await _chat_counts(),
     )
+
+
+async def _chat_counts() -> dict[str, Counts]:
+    """How many conversations and messages each user keeps: counts, never content."""
+    chat = portal_context().chat
+    if chat is None:
+        return {}
+    return await asyncio.to_thread(chat.store.counts_by_user)
 
 
 def known_user(form: dict[str, str]) -> str:

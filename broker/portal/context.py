@@ -23,6 +23,7 @@ from broker.state.portal_sessions import SessionRecord, Sessions
 from shared.logging import get_logger
 
 if TYPE_CHECKING:  # httpx and joserfc load only with a provider configured
+    from broker.chat import Chat
     from broker.portal.oidc import OidcLogin
 
 log = get_logger("broker.portal")
@@ -63,6 +64,7 @@ class PortalContext:
     sessions: Sessions
     oidc: dict[str, OidcLogin] = field(default_factory=dict)  # by provider name, in order
     reveals: Reveals = field(default_factory=Reveals)
+    chat: Chat | None = None  # with the portal on (broker.composition)
 
     @property
     def base_url(self) -> str:

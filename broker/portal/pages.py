@@ -14,7 +14,7 @@ from quart import Response
 from broker.broker_state import BrokerState
 from shared.templates import render, template_dir
 
-STATIC_FILES = ("portal.css", "portal.js", "playground.js", "markdown.js")
+STATIC_FILES = ("portal.css", "portal.js", "playground.js", "markdown.js", "chat.js")
 
 
 async def live_models(state: BrokerState) -> list[str]:

@@ -125,6 +125,12 @@ def test_accounts_and_usage_are_leaves(leaf: str) -> None:
     assert _violations((leaf,), tuple(o for o in others if o != leaf)) == []
 
 
+def test_chat_imports_no_route_state_or_builder() -> None:
+    """broker.chat drives the API relay it is handed (an ASGI callable), never imports it."""
+    outside = (*ROUTES, "broker.state", "broker.composition", "broker.broker_state")
+    assert _violations(("broker.chat",), (*outside, *ENTRY_POINTS)) == []
+
+
 def test_only_entry_points_import_the_cli_and_the_composition_root() -> None:
     importers = [
         (s, d)
