@@ -5,6 +5,11 @@ and exits the process on a bind or startup failure; the broker keeps its own sig
 handlers and drain (broker/server.py), so this runs the public steps ``startup`` /
 ``on_tick`` / ``shutdown`` itself, on a socket it binds (a bind failure raises OSError).
 
+Every accepted connection gets ``TCP_NODELAY``. asyncio's own loop sets it only for
+sockets it created with ``IPPROTO_TCP``, and one bound here (``socket.create_server``,
+protocol 0) is not one: without uvloop (Windows, ``REMOTELLM_EVENT_LOOP=asyncio``) each
+first byte then waited out a delayed ACK, +45 ms at one stream.
+
 uvicorn has no head timeout (its keep-alive timer is cancelled by any byte, so a head
 trickled a byte at a time would hold a socket for ever), no read timeout and no bound on
 the head with httptools: ``_BoundedHttpTools`` adds the three Hypercorn has, with one
@@ -48,6 +53,7 @@ class _BoundedHttpTools(HttpToolsProtocol):
     read_timeout: float = 31.0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        _no_delay(transport)
         super().connection_made(transport)
         self._reading_head = True
         self._head_bytes = 0
@@ -102,6 +108,16 @@ class _BoundedHttpTools(HttpToolsProtocol):
             self._timer.cancel()
             self._timer = None
         super().connection_lost(exc)
+
+
+def _no_delay(transport: asyncio.Transport) -> None:
+    """Small writes go out at once (no Nagle), whichever event loop made the transport."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:  # already closed by the peer: nothing to speed up
+            pass
 
 
 def _protocol(listen: Listen) -> type[_BoundedHttpTools]:
