@@ -4,8 +4,8 @@ A key scoped to one model and given a minute: refused for another model at once 
 ``model_not_allowed``, in Anthropic's shape on /v1/messages), listed models cut to its
 scope, and refused for everything once its time is over (401 ``key_expired``), with
 ``remotellm-broker users keys`` listing it as expired rather than deleting it. Here an
-operator then shortens its expiry to a few seconds in the file, so the suite does not wait
-out the minute (the expiry's arithmetic is tested with a fake clock in tests/unit).
+operator then shortens its expiry to a few seconds in the file: the browser test
+(tests/portal/test_key_scope_browser.py) waits out the whole minute, once in the suite.
 """
 
 from __future__ import annotations

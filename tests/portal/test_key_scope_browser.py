@@ -1,9 +1,5 @@
 """Scoped and expiring keys in headless Chromium: a user limits their key to one model and
-a minute, the SDK is refused another model at once and everything once the key expired.
-
-The minute set on the page is checked in the users file, then shortened there to a few
-seconds as an operator would, so the suite does not wait it out (the expiry's arithmetic
-is tested with a fake clock in tests/unit)."""
+a minute, the SDK is refused another model at once and everything after the minute."""
 
 from __future__ import annotations
 
@@ -19,11 +15,9 @@ from playwright.async_api import Browser, BrowserContext, Page, expect
 from shared.bench.upstream import FakeLLM
 from tests.portal.helpers import sdk
 from tests.support.stack import Stack
-from tests.support.users_file import expire_in_file, key_expiry
 
 HI = [{"role": "user", "content": "hi"}]
 DAY = 86400
-SHORT = 3.0  # seconds: the expiry the operator writes into the file
 
 
 @pytest.fixture
@@ -62,7 +56,7 @@ async def _chat(stack: Stack, key: str, model: str) -> None:
         await client.chat.completions.create(model=model, messages=HI, max_tokens=1)
 
 
-async def test_a_key_scoped_in_the_portal_is_refused_for_another_model_and_once_expired(
+async def test_a_key_scoped_in_the_portal_is_refused_for_another_model_and_after_its_minute(
     page: Page, portal_stack: Stack
 ) -> None:
     await page.goto("/portal/")
@@ -104,18 +98,16 @@ async def test_a_key_scoped_in_the_portal_is_refused_for_another_model_and_once_
     async with sdk(portal_stack, key) as client:
         assert [m.id for m in (await client.models.list()).data] == ["fake-model"]
 
-    users_path = portal_stack.broker.settings.users_path
-    expiry = key_expiry(users_path, "default")
-    assert expiry is not None and scoped_at + 55 <= expiry <= time.time() + 61
-    deadline = expire_in_file(users_path, "default", SHORT) + 30
+    deadline = scoped_at + 90
     while True:
         try:
             await _chat(portal_stack, key, "fake-model")
         except openai.AuthenticationError as exc:
             assert exc.code == "key_expired"
             break
-        assert time.time() < deadline, "the key still worked after its expiry"
+        assert time.time() < deadline, "the key still worked after its minute"
         await asyncio.sleep(0.5)
+    assert time.time() >= scoped_at + 59
     await page.goto("/portal/keys")
     await expect(default.locator(".key-expiry")).to_contain_text("expired")
 
