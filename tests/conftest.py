@@ -81,8 +81,14 @@ def _relay_state_for_brokers(request: pytest.FixtureRequest) -> Iterator[None]:
 
 
 @pytest.fixture
-async def fake_llm() -> AsyncIterator[FakeLLM]:
-    fake = FakeLLM()
+def llm_models() -> list[str]:
+    """The models ``fake_llm`` lists (override it in a module to serve others)."""
+    return ["fake-model"]
+
+
+@pytest.fixture
+async def fake_llm(llm_models: list[str]) -> AsyncIterator[FakeLLM]:
+    fake = FakeLLM(models=llm_models)
     await fake.start()
     yield fake
     await fake.stop()

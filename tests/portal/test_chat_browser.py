@@ -34,12 +34,9 @@ HOSTILE = (
 
 
 @pytest.fixture
-async def fake_llm() -> AsyncIterator[FakeLLM]:
+def llm_models() -> list[str]:
     """Two models, to switch between in one conversation."""
-    fake = FakeLLM(models=["fake-model", "other-model"])
-    await fake.start()
-    yield fake
-    await fake.stop()
+    return ["fake-model", "other-model"]
 
 
 @pytest.fixture

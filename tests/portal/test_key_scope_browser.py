@@ -12,7 +12,6 @@ import openai
 import pytest
 from playwright.async_api import Browser, BrowserContext, Page, expect
 
-from shared.bench.upstream import FakeLLM
 from tests.portal.helpers import sdk
 from tests.support.stack import Stack
 
@@ -21,11 +20,8 @@ DAY = 86400
 
 
 @pytest.fixture
-async def fake_llm() -> AsyncIterator[FakeLLM]:
-    fake = FakeLLM(models=["fake-model", "other-model"])
-    await fake.start()
-    yield fake
-    await fake.stop()
+def llm_models() -> list[str]:
+    return ["fake-model", "other-model"]
 
 
 @pytest.fixture

@@ -228,15 +228,23 @@ async def test_a_reply_counts_like_api_use_and_content_stays_out_of_the_ledger(
     assert b"a private question" not in raw
 
 
+async def _long_reply(
+    alice: Caller, fake_llm: FakeLLM, title: str
+) -> tuple[str, str, dict[str, str]]:
+    """A new conversation and the body and headers of a message whose reply streams for
+    seconds (400 tokens 50 ms apart)."""
+    made = await alice.post(API, {"model": "fake-model", "title": title})
+    fake_llm.chunk_delay = 0.05
+    body = json.dumps({"content": "tokens:400", "model": "fake-model"})
+    headers = {"X-CSRF-Token": alice.csrf, "Content-Type": "application/json"}
+    return made.json()["conversation"]["id"], body, headers
+
+
 async def test_one_reply_at_a_time_and_stop_cancels_the_upstream(
     callers: tuple[Caller, Caller], fake_llm: FakeLLM
 ) -> None:
     alice, _ = callers
-    made = await alice.post(API, {"model": "fake-model", "title": "long one"})
-    cid = made.json()["conversation"]["id"]
-    fake_llm.chunk_delay = 0.05
-    body = json.dumps({"content": "tokens:400", "model": "fake-model"})
-    headers = {"X-CSRF-Token": alice.csrf, "Content-Type": "application/json"}
+    cid, body, headers = await _long_reply(alice, fake_llm, "long one")
     path = f"{API}/{cid}/messages"
     async with alice.http.stream("POST", path, content=body, headers=headers) as answer:
         lines = answer.aiter_lines()
@@ -262,11 +270,7 @@ async def test_a_dropped_connection_leaves_the_partial_reply_saved_as_stopped(
     callers: tuple[Caller, Caller], fake_llm: FakeLLM
 ) -> None:
     alice, _ = callers
-    made = await alice.post(API, {"model": "fake-model", "title": "on a train"})
-    cid = made.json()["conversation"]["id"]
-    fake_llm.chunk_delay = 0.05
-    body = json.dumps({"content": "tokens:400", "model": "fake-model"})
-    headers = {"X-CSRF-Token": alice.csrf, "Content-Type": "application/json"}
+    cid, body, headers = await _long_reply(alice, fake_llm, "on a train")
     async with httpx.AsyncClient(base_url=str(alice.http.base_url)) as phone:
         phone.cookies = alice.http.cookies
         async with phone.stream(
